@@ -1,0 +1,26 @@
+"""Configuration dataclasses owned by the data_shards package (validated by `launcher.config`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class DataConfig:
+    # Brace-expandable shard patterns, e.g. "data/shards/pairs-train-{000000..000009}.tar".
+    train_shards: str = ""
+    val_shards: str = ""
+    # Notes-only shards (one note per sample) used for embedding and evaluation.
+    notes_shards: str = ""
+    # Pairs per rank per micro-step (each pair gives 2 notes: query and target).
+    pairs_per_rank: int = field(default=16, metadata={"check": lambda v: v > 0, "allowed": "an integer > 0"})
+    num_workers: int = field(default=2, metadata={"check": lambda v: v >= 0, "allowed": "an integer >= 0"})
+    shuffle_buffer: int = field(default=1000, metadata={"check": lambda v: v >= 0, "allowed": "an integer >= 0"})
+    seed: int = 0
+    # Sample shards with replacement (endless stream) instead of epochs over the shard list.
+    resampled: bool = False
+    # What happens to a pair whose image cannot be decoded or whose sample is malformed.
+    bad_sample_policy: Literal["drop", "blank_image"] = "drop"
+    # Images with more pixels than this are rejected before decoding (decompression-bomb guard).
+    max_image_pixels: int = field(default=40_000_000, metadata={"check": lambda v: v > 0, "allowed": "an integer > 0"})
+    random_flip: bool = False

@@ -1,0 +1,280 @@
+"""The run schema: one dataclass tree, filled from YAML files and `a.b=c` overrides.
+
+`modeling` and `data_shards` own the dataclasses of their sections; this module composes them
+and validates everything before any work starts. Every error names the dotted key, the value
+and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from data_shards.config import DataConfig
+from modeling.config import LossConfig, ModelConfig
+
+
+class ConfigError(ValueError):
+    """A config key, type or value that the schema does not allow."""
+
+
+def _pos(allowed="an integer > 0"):
+    return {"check": lambda v: v > 0, "allowed": allowed}
+
+
+def _nonneg(allowed="a number >= 0"):
+    return {"check": lambda v: v >= 0, "allowed": allowed}
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    # DeepSpeed JSON (relative paths are looked up from the working directory, then the repo).
+    ds_config: str = "ds_configs/zero3_bf16.json"
+    max_steps: int = field(default=100, metadata=_pos())
+    grad_accum_steps: int = field(default=1, metadata=_pos())
+    lr_llm: float = field(default=3e-5, metadata=_pos("a number > 0"))
+    # Learning rate of the new modules: connector, fusion gate, head, temperature.
+    lr_new: float = field(default=1e-4, metadata=_pos("a number > 0"))
+    weight_decay: float = field(default=0.0, metadata=_nonneg())
+    warmup_steps: int = field(default=0, metadata=_nonneg("an integer >= 0"))
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = field(default=0.0, metadata={"check": lambda v: 0 <= v <= 1, "allowed": "a number in [0, 1]"})
+    grad_clip: float = field(default=1.0, metadata=_nonneg())
+    precision: Literal["fp32", "bf16"] = "bf16"
+    seed: int = 0
+    # A dead or stuck rank ends the job after this many seconds without a finished collective.
+    collective_timeout_s: int = field(default=600, metadata=_pos())
+
+
+@dataclass
+class EvalConfig:
+    # Recall@K cut-offs of the I2I protocol.
+    k_values: list[int] = field(default_factory=lambda: [10, 100, 1000])
+    batch_size: int = field(default=32, metadata=_pos())
+    # Evaluate every N training steps (0: only when `notellm2 eval` is run).
+    every_steps: int = field(default=0, metadata=_nonneg("an integer >= 0"))
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    log_every_steps: int = field(default=1, metadata=_pos())
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = field(default=100, metadata=_pos())
+    keep_last: int = field(default=2, metadata=_pos())
+    # "auto": continue from the latest complete checkpoint if any; "none"; or a checkpoint path.
+    resume: str = "auto"
+    # Resume even when the checkpoint's config hash differs from this run's.
+    allow_config_mismatch: bool = False
+
+
+@dataclass
+class RunConfig:
+    name: str = "notellm2"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        return f"a list of {_type_name(inner)}"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _convert(value: Any, tp, path: str) -> Any:
+    """Return `value` as type `tp`, or raise ConfigError naming `path`."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{path}: got {value!r} ({type(value).__name__}); allowed: {_type_name(tp)}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad
+        return _build(tp, value, path)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise bad
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise bad
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, path)
+            except ConfigError:
+                continue
+        raise bad
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise bad
+        return [_convert(v, inner, f"{path}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    raise ConfigError(f"{path}: unsupported schema type {tp}")
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            where = f"{prefix}.{key}" if prefix else key
+            raise ConfigError(f"{where}: unknown key; allowed keys here: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, f in fields.items():
+        path = f"{prefix}.{name}" if prefix else name
+        if name in data:
+            value = _convert(data[name], hints[name], path)
+        elif f.default is not dataclasses.MISSING:
+            value = f.default
+        else:
+            value = f.default_factory()  # type: ignore[misc]
+        check = f.metadata.get("check")
+        if check is not None and value is not None and not check(value):
+            raise ConfigError(f"{path}: got {value!r}; allowed: {f.metadata.get('allowed', 'see the schema')}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _cross_checks(cfg: RunConfig) -> None:
+    if cfg.loss.init_scale > cfg.loss.max_scale:
+        raise ConfigError(f"loss.init_scale: got {cfg.loss.init_scale}; allowed: <= loss.max_scale ({cfg.loss.max_scale})")
+    if cfg.model.variant in ("micl", "notellm2") and cfg.loss.micl_weight_mm + cfg.loss.micl_weight_vis <= 0:
+        raise ConfigError("loss.micl_weight_mm: weights sum to 0; allowed: micl_weight_mm + micl_weight_vis > 0")
+    if cfg.model.vision.kind == "plugin" and ":" not in cfg.model.vision.factory:
+        raise ConfigError(f"model.vision.factory: got {cfg.model.vision.factory!r}; allowed: 'module:function' when model.vision.kind is 'plugin'")
+    if any(k <= 0 for k in cfg.eval.k_values):
+        raise ConfigError(f"eval.k_values: got {cfg.eval.k_values}; allowed: integers > 0")
+
+
+# ----------------------------------------------------------------------------- loading
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse `a.b.c=value`; the value is read as a YAML scalar (so 3 -> int, true -> bool, null)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected dotted.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key}: cannot parse value {raw!r}: {e}") from None
+    return key.split("."), value
+
+
+def _set_dotted(tree: dict, parts: list[str], value: Any) -> None:
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        elif not isinstance(nxt, dict):
+            raise ConfigError(f"{'.'.join(parts[: i + 1])}: is a value, cannot set {'.'.join(parts)}")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: top level must be a mapping, got {type(data).__name__}")
+    cfg = _build(RunConfig, data)
+    _cross_checks(cfg)
+    return cfg
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> RunConfig:
+    """Read a YAML file (optional), apply dotted overrides, validate, return the RunConfig."""
+    data: dict = {}
+    if path:
+        if not os.path.exists(path):
+            raise ConfigError(f"config file {path}: does not exist")
+        with open(path) as fh:
+            try:
+                data = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"config file {path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path}: top level must be a mapping")
+    for ov in overrides or []:
+        parts, value = parse_override(ov)
+        _set_dotted(data, parts, value)
+    try:
+        return config_from_dict(data)
+    except ConfigError as e:
+        if path:
+            raise ConfigError(f"{path}: {e}") from None
+        raise
+
+
+def config_to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_hash(cfg: RunConfig, ignore: tuple[str, ...] = ("train.output_dir", "train.max_steps", "checkpoint", "logging", "eval")) -> str:
+    """Hash of the settings that change what a checkpoint means (paths and run length excluded)."""
+    d = config_to_dict(cfg)
+    for key in ignore:
+        parts = key.split(".")
+        node = d
+        for p in parts[:-1]:
+            node = node[p]
+        node.pop(parts[-1], None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def save_resolved(cfg: RunConfig, run_dir: str) -> str:
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, "config.resolved.yaml")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        yaml.safe_dump(config_to_dict(cfg), fh, sort_keys=False)
+    os.replace(tmp, path)
+    return path

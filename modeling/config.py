@@ -1,0 +1,82 @@
+"""Configuration dataclasses owned by the modeling package.
+
+These are plain data: the launcher composes them into the run schema and validates them
+(`launcher.config`). Field metadata keys understood by the validator:
+
+- ``check``: a callable ``value -> bool``; ``allowed``: a text saying what passes the check.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+VARIANTS = ("text_only", "basic_mm", "micl", "late_fusion", "late_early_fusion", "notellm2")
+
+
+def positive(allowed: str = "an integer > 0"):
+    return {"check": lambda v: v > 0, "allowed": allowed}
+
+
+def non_negative(allowed: str = "a number >= 0"):
+    return {"check": lambda v: v >= 0, "allowed": allowed}
+
+
+@dataclass
+class LLMConfig:
+    # Local Hugging Face causal-LM directory (Llama, Qwen2, ... anything AutoModel loads).
+    path: str = ""
+    # Tokenizer directory; empty means the same as `path`.
+    tokenizer_path: str = ""
+    # Keep only the first k pretrained decoder layers (small-budget runs); null keeps all.
+    num_layers: Optional[int] = field(default=None, metadata=positive("null or an integer > 0"))
+    # auto: flash_attention_2 when flash-attn imports and CUDA is present, sdpa otherwise.
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class VisionConfig:
+    # hf: a local CLIP or SigLIP directory (vision part is used); plugin: `factory`.
+    kind: Literal["hf", "plugin"] = "hf"
+    path: str = ""
+    # "module:function" returning a module whose forward(pixel_values) -> (tokens [B,T,D], pooled [B,D]).
+    factory: str = ""
+    # Index into the tower's hidden states used for image tokens (-1 last, -2 penultimate).
+    hidden_layer: int = -2
+    tokens: Literal["cls_patches", "patches"] = "patches"
+    image_size: int = field(default=224, metadata=positive())
+
+
+@dataclass
+class ConnectorConfig:
+    kind: Literal["qformer", "mlp"] = "qformer"
+    num_query_tokens: int = field(default=16, metadata=positive())
+    num_layers: int = field(default=2, metadata=positive())
+    hidden_size: int = field(default=768, metadata=positive())
+    num_heads: int = field(default=12, metadata=positive())
+    cross_attention_frequency: int = field(default=1, metadata=positive())
+
+
+@dataclass
+class ModelConfig:
+    variant: Literal[VARIANTS] = "notellm2"  # type: ignore[valid-type]
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    prompt_language: Literal["en", "zh"] = "en"
+    # Token budget for the note's text fields (title, topics, content) inside one prompt.
+    max_text_tokens: int = field(default=96, metadata=positive())
+    # Output representation width after the linear head.
+    embed_dim: int = field(default=64, metadata=positive())
+
+
+@dataclass
+class LossConfig:
+    init_scale: float = field(default=20.0, metadata=positive("a number > 0"))
+    max_scale: float = field(default=100.0, metadata=positive("a number > 0"))
+    learnable_temperature: bool = True
+    # mICL: L = (w_mm * L_mm + w_vis * L_vis) / (w_mm + w_vis)
+    micl_weight_mm: float = field(default=9.0, metadata=non_negative())
+    micl_weight_vis: float = field(default=1.0, metadata=non_negative())
+    # The paper's extra 1/world_size scaling of the gathered loss.
+    scale_by_world_size: bool = False
