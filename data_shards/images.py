@@ -1,0 +1,61 @@
+"""Image decoding and the CLIP-style transform, shared by the catalog checks, the shard writer and
+the streaming reader (PIL + numpy only: torchvision does not import beside the pinned torch)."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class BadImage(ValueError):
+    """An image that cannot be used: undecodable, truncated, or over the pixel limit."""
+
+
+def open_image(data: bytes, max_pixels: int = 40_000_000) -> Image.Image:
+    """Decode `data` into an RGB image with EXIF orientation applied.
+
+    The pixel count is checked from the header before any pixel is decoded, so a decompression
+    bomb (a small file that would expand into gigabytes) is rejected cheaply.
+    """
+    try:
+        img = Image.open(io.BytesIO(data))
+        w, h = img.size
+    except Exception as e:  # PIL raises many types for garbage input
+        raise BadImage(f"undecodable image ({type(e).__name__}: {e})") from None
+    if w * h > max_pixels:
+        raise BadImage(f"image of {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
+    try:
+        img = ImageOps.exif_transpose(img)
+        img.load()
+        return img.convert("RGB")
+    except Exception as e:
+        raise BadImage(f"undecodable image ({type(e).__name__}: {e})") from None
+
+
+def resize_shorter_side(img: Image.Image, size: int, resample=Image.Resampling.BICUBIC) -> Image.Image:
+    w, h = img.size
+    if min(w, h) == size:
+        return img
+    scale = size / min(w, h)
+    return img.resize((max(1, round(w * scale)), max(1, round(h * scale))), resample)
+
+
+def center_crop(img: Image.Image, size: int) -> Image.Image:
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def clip_transform(img: Image.Image, size: int = 224, flip: bool = False) -> torch.Tensor:
+    """Shorter side to `size` (bicubic), centre crop, CLIP mean/std -> float tensor [3, size, size]."""
+    img = center_crop(resize_shorter_side(img, size), size)
+    if flip:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    arr = (arr - np.asarray(CLIP_MEAN, dtype=np.float32)) / np.asarray(CLIP_STD, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
