@@ -1,0 +1,124 @@
+"""The config schema: YAML + dotted overrides, and errors that name the key, value and what is allowed."""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from launcher.config import (ConfigError, RunConfig, config_hash, load_config, parse_override,
+                             save_resolved)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_yaml(tmp_path, data, name="c.yaml"):
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(data))
+    return str(p)
+
+
+def test_yaml_and_overrides_fill_the_schema_with_types(tmp_path):
+    path = write_yaml(tmp_path, {"model": {"variant": "micl", "llm": {"num_layers": 4}}, "train": {"lr_llm": 1e-5}})
+    cfg = load_config(path, ["train.max_steps=7", "train.lr_new=2e-4", "data.resampled=true",
+                             "model.llm.num_layers=null", "eval.k_values=[5, 50]", "name=run a"])
+    assert isinstance(cfg, RunConfig)
+    assert cfg.model.variant == "micl"
+    assert cfg.model.llm.num_layers is None  # override wins over the YAML
+    assert cfg.train.max_steps == 7 and isinstance(cfg.train.max_steps, int)
+    assert cfg.train.lr_new == pytest.approx(2e-4) and isinstance(cfg.train.lr_new, float)
+    assert cfg.train.lr_llm == pytest.approx(1e-5)
+    assert cfg.data.resampled is True
+    assert cfg.eval.k_values == [5, 50]
+    assert cfg.name == "run a"
+    # untouched keys keep their defaults
+    assert cfg.loss.init_scale == 20.0 and cfg.loss.max_scale == 100.0
+
+
+def test_int_is_accepted_where_a_float_is_expected():
+    assert load_config(None, ["train.lr_llm=1"]).train.lr_llm == 1.0
+
+
+@pytest.mark.parametrize("override, key, fragment", [
+    ("model.llm.num_layerz=4", "model.llm.num_layerz", "unknown key; allowed keys here: attn_implementation"),
+    ("trian.max_steps=4", "trian", "unknown key; allowed keys here: checkpoint, data, eval"),
+    ("train.max_steps=ten", "train.max_steps", "got 'ten' (str); allowed: an integer"),
+    ("train.max_steps=2.5", "train.max_steps", "allowed: an integer"),
+    ("train.lr_llm=fast", "train.lr_llm", "got 'fast' (str); allowed: a number"),
+    ("data.resampled=1", "data.resampled", "allowed: true or false"),
+    ("model.variant=clip", "model.variant", "allowed: one of 'text_only', 'basic_mm', 'micl'"),
+    ("train.max_steps=0", "train.max_steps", "got 0; allowed: an integer > 0"),
+    ("train.min_lr_ratio=1.5", "train.min_lr_ratio", "got 1.5; allowed: a number in [0, 1]"),
+    ("eval.k_values=[10, x]", "eval.k_values[1]", "allowed: an integer"),
+    ("model.llm=3", "model.llm", "allowed: a mapping"),
+    ("loss.init_scale=200", "loss.init_scale", "<= loss.max_scale"),
+])
+def test_bad_values_name_the_dotted_key_value_and_allowed(override, key, fragment):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    msg = str(e.value)
+    assert msg.startswith(key + ":"), msg
+    assert fragment in msg, msg
+
+
+def test_errors_from_a_file_name_the_file(tmp_path):
+    path = write_yaml(tmp_path, {"train": {"max_steps": "many"}})
+    with pytest.raises(ConfigError, match=r"c\.yaml: train\.max_steps: got 'many'"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad))
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ConfigError, match="expected dotted.key=value"):
+        parse_override("train.max_steps")
+    with pytest.raises(ConfigError, match="empty key part"):
+        parse_override("train..max_steps=3")
+    with pytest.raises(ConfigError, match="name: got {'sub': 3}"):
+        load_config(None, ["name.sub=3"])
+    with pytest.raises(ConfigError, match="train.max_steps: is a value"):
+        load_config(None, ["train.max_steps=3", "train.max_steps.x=1"])
+
+
+def test_resolved_config_roundtrips_and_hash_ignores_run_length(tmp_path):
+    cfg = load_config(None, ["model.variant=micl", "train.max_steps=3"])
+    path = save_resolved(cfg, str(tmp_path / "run"))
+    again = load_config(path)
+    assert again == cfg
+    longer = load_config(None, ["model.variant=micl", "train.max_steps=300", "train.output_dir=elsewhere"])
+    assert config_hash(longer) == config_hash(cfg)
+    other = load_config(None, ["model.variant=notellm2", "train.max_steps=3"])
+    assert config_hash(other) != config_hash(cfg)
+
+
+def test_cli_rejects_bad_config_before_any_work(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "launcher", "config", "train.max_steps=-1"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 2
+    assert "train.max_steps: got -1; allowed: an integer > 0" in out.stderr
+
+
+def test_every_shipped_yaml_validates():
+    paths = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
+    assert paths, "configs/ holds no YAML"
+    for path in paths:
+        load_config(path)
+
+
+def test_every_shipped_deepspeed_json_is_valid():
+    paths = sorted(glob.glob(os.path.join(REPO, "ds_configs", "*.json")))
+    assert paths, "ds_configs/ holds no JSON"
+    for path in paths:
+        with open(path) as fh:
+            ds = json.load(fh)
+        where = os.path.basename(path)
+        # Batch sizes come from the YAML: the launcher writes them, the JSON must not hold them.
+        for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+            assert key not in ds, f"{where}: {key} must come from the YAML"
+        assert ds.get("zero_optimization", {}).get("stage") in (2, 3), where
