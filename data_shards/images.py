@@ -32,6 +32,11 @@ def open_image(data: bytes, max_pixels: int = 40_000_000) -> Image.Image:
     try:
         img = ImageOps.exif_transpose(img)
         img.load()
+        if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+            # Transparent clip art: composite on white rather than letting alpha fall to black.
+            rgba = img.convert("RGBA")
+            canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(canvas, rgba).convert("RGB")
         return img.convert("RGB")
     except Exception as e:
         raise BadImage(f"undecodable image ({type(e).__name__}: {e})") from None
