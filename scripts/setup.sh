@@ -6,6 +6,23 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 TORCH_PIN="torch==2.13.0"
+# Debian packages: a local Slurm for the Slurm tests, numactl for the deepspeed launcher's core
+# binding, and the openclipart catalog used by the demo and a data test.
+APT_PACKAGES=(slurmctld slurmd slurm-client munge numactl openclipart-svg openclipart-png)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "[setup] apt-get install ${missing[*]}"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    echo "[setup] warning: missing Debian packages (${missing[*]}) and no root apt-get; tests that need them skip"
+  fi
+fi
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating $VENV"
