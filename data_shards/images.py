@@ -3,6 +3,7 @@ the streaming reader (PIL + numpy only: torchvision does not import beside the p
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 import torch
@@ -23,8 +24,13 @@ def open_image(data: bytes, max_pixels: int = 40_000_000) -> Image.Image:
     bomb (a small file that would expand into gigabytes) is rejected cheaply.
     """
     try:
-        img = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():
+            # We enforce our own limit below; PIL's warning (at 89M pixels) would only be noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
         w, h = img.size
+    except Image.DecompressionBombError as e:  # PIL refuses > 179M pixels before we see the size
+        raise BadImage(f"image exceeds the pixel limit of {max_pixels} ({e})") from None
     except Exception as e:  # PIL raises many types for garbage input
         raise BadImage(f"undecodable image ({type(e).__name__}: {e})") from None
     if w * h > max_pixels:
