@@ -1,0 +1,179 @@
+"""The LLM backbone: a local Hugging Face causal-LM directory loaded as its base model (no LM head),
+its tokenizer, and the two placeholder tokens of the note prompts.
+
+Loading always goes through ``AutoModel.from_pretrained(path, config=...)`` so that the launcher's
+DeepSpeed ZeRO-3 ``HfDeepSpeedConfig`` partitions weights while they load; a truncated backbone
+(``llm.num_layers: k``) sets ``config.num_hidden_layers = k`` before loading, so the layers past k
+are never materialised.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+import sys
+from typing import Optional
+
+import torch
+
+from modeling.config import LLMConfig
+
+log = logging.getLogger(__name__)
+
+# Placeholder strings. They are added as special tokens; prompts insert them by id only, and user
+# text is encoded with special-token parsing disabled, so typing them in a note does nothing special.
+IMG_TOKEN = "<IMG>"          # one image slot position (repeated num_image_tokens times)
+IMG_EMB_TOKEN = "<IMG_EMB>"  # mICL visual marker: the representation is the hidden state just before it
+PLACEHOLDER_TOKENS = (IMG_TOKEN, IMG_EMB_TOKEN)
+
+
+class BackboneError(ValueError):
+    """A backbone directory, tokenizer or setting that cannot be used."""
+
+
+def flash_attention_available() -> bool:
+    """True when flash-attn imports and a CUDA device is present."""
+    if not torch.cuda.is_available():
+        return False
+    if importlib.util.find_spec("flash_attn") is None:
+        return False
+    try:
+        import flash_attn  # noqa: F401
+    except Exception:  # a broken build raises all sorts of errors on import
+        return False
+    return True
+
+
+def resolve_attn_implementation(requested: str) -> str:
+    """Map `llm.attn_implementation` to what transformers gets.
+
+    auto -> flash_attention_2 if flash-attn imports and CUDA is present, else sdpa.
+    flash_attention_2 where it is unavailable -> BackboneError saying why.
+    """
+    if requested == "auto":
+        return "flash_attention_2" if flash_attention_available() else "sdpa"
+    if requested == "flash_attention_2" and not flash_attention_available():
+        why = "no CUDA device is present" if not torch.cuda.is_available() else "the flash_attn package does not import"
+        raise BackboneError(
+            f"model.llm.attn_implementation: 'flash_attention_2' was requested but {why}; "
+            "use 'auto' (falls back to sdpa) or 'sdpa', or install flash-attn on a CUDA machine")
+    if requested not in ("sdpa", "eager", "flash_attention_2"):
+        raise BackboneError(f"model.llm.attn_implementation: got {requested!r}; allowed: auto, sdpa, eager, flash_attention_2")
+    return requested
+
+
+def _zero3_gathered(params):
+    """Context that materialises ZeRO-3 partitioned `params` for an in-place edit on every rank.
+
+    modeling/ never imports deepspeed: when transformers reports ZeRO-3 active, deepspeed has already
+    been imported by the launcher and is taken from sys.modules.
+    """
+    try:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+        active = is_deepspeed_zero3_enabled()
+    except Exception:
+        active = False
+    ds = sys.modules.get("deepspeed")
+    if active and ds is not None:
+        return ds.zero.GatheredParameters(params, modifier_rank=None)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Silence transformers' load report (a base model loaded from a causal-LM dir lists lm_head as
+    unexpected; a vision model from a full CLIP dir lists every text weight)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _check_dir(path: str, key: str) -> None:
+    if not path:
+        raise BackboneError(f"{key}: empty; allowed: a local Hugging Face model directory")
+    if not os.path.isdir(path):
+        raise BackboneError(f"{key}: {path!r} is not a directory")
+    if key.endswith(".path") and not os.path.exists(os.path.join(path, "config.json")):
+        raise BackboneError(f"{key}: {path!r} has no config.json (not a Hugging Face model directory)")
+
+
+def load_tokenizer(path: str):
+    """The tokenizer of a model dir with the placeholder tokens added and a pad token set."""
+    from transformers import AddedToken, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.add_tokens([AddedToken(t, special=True, normalized=False, single_word=False, lstrip=False, rstrip=False)
+                    for t in PLACEHOLDER_TOKENS], special_tokens=True)
+    if tok.pad_token_id is None:
+        # The pad id only fills masked positions; representations are read by position and mask.
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    if tok.pad_token_id is None:
+        raise BackboneError(f"tokenizer at {path!r}: has neither a pad, eos nor unk token to pad with")
+    return tok
+
+
+def load_llm(cfg: LLMConfig, dtype: Optional[torch.dtype] = None):
+    """Load the base model (no LM head) and tokenizer from local dirs; returns (base_model, tokenizer).
+
+    The placeholder tokens get embedding rows initialised to the mean of the original vocabulary's rows.
+    """
+    from transformers import AutoConfig, AutoModel
+
+    _check_dir(cfg.path, "model.llm.path")
+    tok_path = cfg.tokenizer_path or cfg.path
+    _check_dir(tok_path, "model.llm.tokenizer_path" if cfg.tokenizer_path else "model.llm.path")
+
+    config = AutoConfig.from_pretrained(cfg.path)
+    if not hasattr(config, "num_hidden_layers") or not hasattr(config, "hidden_size"):
+        raise BackboneError(f"model.llm.path: {cfg.path!r} holds a {type(config).__name__}, not a decoder LLM config")
+    if cfg.num_layers is not None:
+        total = config.num_hidden_layers
+        if cfg.num_layers > total:
+            raise BackboneError(f"model.llm.num_layers: got {cfg.num_layers}; the model at {cfg.path!r} has only {total} layers")
+        config.num_hidden_layers = cfg.num_layers
+        # Per-layer lists (Qwen2's layer_types: full vs sliding attention) must match the new depth.
+        layer_types = getattr(config, "layer_types", None)
+        if isinstance(layer_types, (list, tuple)) and len(layer_types) > cfg.num_layers:
+            config.layer_types = list(layer_types[: cfg.num_layers])
+    attn = resolve_attn_implementation(cfg.attn_implementation)
+    kwargs = {"config": config, "attn_implementation": attn}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    with quiet_transformers():
+        model = AutoModel.from_pretrained(cfg.path, **kwargs)
+    model.config.use_cache = False
+
+    tokenizer = load_tokenizer(tok_path)
+    _add_placeholder_rows(model, tokenizer)
+
+    if cfg.gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, tokenizer
+
+
+def _add_placeholder_rows(model, tokenizer) -> None:
+    """Make room for the placeholder ids and set their rows to the mean of the original rows."""
+    new_ids = tokenizer.convert_tokens_to_ids(list(PLACEHOLDER_TOKENS))
+    emb = model.get_input_embeddings()
+    with _zero3_gathered([emb.weight]):
+        rows = emb.weight.shape[0]
+    needed = max(new_ids) + 1
+    if needed > rows:
+        # mean_resizing=False: we set the rows ourselves, to exactly the mean.
+        model.resize_token_embeddings(needed, mean_resizing=False)
+        emb = model.get_input_embeddings()
+    # The original vocabulary: every id below the first placeholder id, bounded by the old matrix.
+    n_old = min(min(new_ids), rows)
+    with _zero3_gathered([emb.weight]), torch.no_grad():
+        mean = emb.weight[:n_old].float().mean(dim=0)
+        for i in new_ids:
+            emb.weight[i] = mean.to(emb.weight.dtype)

@@ -1,0 +1,240 @@
+"""The note encoder family: LLM + connector + late-fusion gate + head + contrastive loss.
+
+    note_model, tower, prompter = build_all(cfg.model, cfg.loss)
+    batch = prompter.collate([prompter.encode(n) for n in notes])           # + note_ids
+    with torch.no_grad():
+        image_tokens, image_pooled = tower(pixel_values)                     # frozen, outside the model
+    out = note_model(batch, image_tokens, image_pooled)                      # out["loss"].backward()
+    emb = note_model.encode(batch, image_tokens, image_pooled, mode="both")  # [N, embed_dim], L2-normalised
+
+NoteModel holds everything trainable (LLM, connector, gate, head, temperature) and nothing of the
+frozen vision tower. image_tokens / image_pooled have one row per batch row (rows whose note has no
+image may hold anything, e.g. a blank image's features: they are ignored).
+
+Variants (`model.variant`), from the registry VARIANT_SPECS:
+
+    text_only          text prompt; no image anywhere
+    basic_mm           image tokens inside the note prompt
+    micl               mICL prompt (image note, then text note); loss mixes note and visual representations
+    late_fusion        text prompt; pooled ViT feature fused by the gate
+    late_early_fusion  basic_mm prompt + gate
+    notellm2           mICL prompt + gate on both representations
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from modeling.backbone import IMG_EMB_TOKEN, IMG_TOKEN, load_llm
+from modeling.config import LossConfig, ModelConfig
+from modeling.connector import build_connector
+from modeling.fusion import EmbeddingHead, LateFusionGate
+from modeling.loss import GatheredContrastiveLoss
+from modeling.prompts import VARIANT_PROMPT, NotePrompter, marker_positions
+from modeling.vision import VisionTower, build_vision_tower
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    prompt: str            # which template (modeling.prompts): text, basic_mm, micl
+    image_in_prompt: bool  # a connector feeds image tokens into the LLM
+    micl: bool             # mICL: a second (visual) representation and the mixed loss
+    late_fusion: bool      # the gate mixes the pooled ViT feature into the representation(s)
+
+
+# Registry of variants (looked up by `model.variant`).
+VARIANT_SPECS: dict[str, VariantSpec] = {
+    "text_only": VariantSpec("text", False, False, False),
+    "basic_mm": VariantSpec("basic_mm", True, False, False),
+    "micl": VariantSpec("micl", True, True, False),
+    "late_fusion": VariantSpec("text", False, False, True),
+    "late_early_fusion": VariantSpec("basic_mm", True, False, True),
+    "notellm2": VariantSpec("micl", True, True, True),
+}
+assert all(VARIANT_PROMPT[k] == v.prompt for k, v in VARIANT_SPECS.items())
+
+PROBES = {
+    "both": "the variant's training representation (note representation, fused where the variant fuses)",
+    "text": "text prompt only; no image tokens, no fusion",
+    "image": "image only: the image-only prompt (mICL: equals the visual representation), fused where the "
+             "variant fuses; late_fusion: the text prompt with empty fields, fused with the pooled image feature",
+}
+
+
+class ModelInputError(ValueError):
+    """A batch that does not match what the model variant needs."""
+
+
+def _llm_width(llm) -> int:
+    cfg = llm.config
+    if hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
+    return int(cfg.hidden_size)
+
+
+class NoteModel(nn.Module):
+    def __init__(self, variant: str, llm: nn.Module, connector: Optional[nn.Module], late_fusion: Optional[LateFusionGate],
+                 head: EmbeddingHead, loss_fn: GatheredContrastiveLoss, img_id: int, img_emb_id: int,
+                 num_image_tokens: int, micl_weight_mm: float = 9.0, micl_weight_vis: float = 1.0):
+        super().__init__()
+        self.variant = variant
+        self.spec = VARIANT_SPECS[variant]
+        self.llm = llm
+        self.connector = connector
+        self.late_fusion = late_fusion
+        self.head = head
+        self.loss_fn = loss_fn
+        self.img_id = int(img_id)
+        self.img_emb_id = int(img_emb_id)
+        self.num_image_tokens = int(num_image_tokens)
+        self.micl_weight_mm = float(micl_weight_mm)
+        self.micl_weight_vis = float(micl_weight_vis)
+
+    # ------------------------------------------------------------------ representations
+
+    def _embed_inputs(self, input_ids, mask, image_tokens):
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        slot = (input_ids == self.img_id) & mask.bool()
+        rows = slot.any(dim=1)
+        if self.connector is None:
+            if rows.any():
+                raise ModelInputError(f"variant {self.variant!r} takes no image tokens, but the batch has {IMG_TOKEN} slots")
+            return embeds
+        if image_tokens is None:
+            if rows.any():
+                raise ModelInputError(f"the batch has {IMG_TOKEN} slots in {int(rows.sum())} rows but image_tokens is None")
+            return embeds
+        if image_tokens.shape[0] != input_ids.shape[0]:
+            raise ModelInputError(f"image_tokens has {image_tokens.shape[0]} rows for a batch of {input_ids.shape[0]}")
+        counts = slot.sum(dim=1)[rows]
+        if (counts != self.num_image_tokens).any():
+            raise ModelInputError(f"image slots must hold {self.num_image_tokens} {IMG_TOKEN} tokens; found "
+                                  f"{sorted(set(counts.tolist()))} (was the prompter built with this model's num_image_tokens?)")
+        if rows.any():
+            proj = self.connector(image_tokens[rows].to(embeds.device))  # [n, K, H]
+            embeds = embeds.masked_scatter(slot.unsqueeze(-1), proj.to(embeds.dtype))
+        else:
+            # Keep the connector in the graph (zero contribution) so every rank reduces the same gradients.
+            embeds = embeds + 0.0 * self.connector(image_tokens[:1].to(embeds.device)).sum().to(embeds.dtype)
+        return embeds
+
+    def represent(self, batch: dict, image_tokens=None, image_pooled=None) -> dict:
+        """Hidden-state representations before the head: note [N,H], visual [N,H] (mICL), gate values."""
+        input_ids, mask = batch["input_ids"], batch["attention_mask"]
+        if input_ids.shape != mask.shape:
+            raise ModelInputError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(mask.shape)} differ")
+        embeds = self._embed_inputs(input_ids, mask, image_tokens)
+        # Positions count real tokens only, so left and right padding give the same result.
+        position_ids = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        out = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=False)
+        hs = out.last_hidden_state
+        if "last_pos" in batch and "vis_pos" in batch:
+            last_pos, vis_pos = batch["last_pos"].to(hs.device), batch["vis_pos"].to(hs.device)
+        else:
+            last_pos, vis_pos = marker_positions(input_ids, mask, self.img_emb_id)
+        rows = torch.arange(hs.shape[0], device=hs.device)
+        note = hs[rows, last_pos]
+        result = {"note": note}
+        if self.spec.micl:
+            vis = hs[rows, vis_pos.clamp(min=0)]
+            # A row without the visual marker (a note without an image) uses its note representation.
+            result["visual"] = torch.where((vis_pos >= 0).view(-1, 1), vis, note)
+        if self.late_fusion is not None:
+            has_image = batch.get("has_image")
+            has_image = torch.zeros(hs.shape[0], dtype=torch.bool, device=hs.device) if has_image is None else has_image.to(hs.device).bool()
+            if image_pooled is None:
+                if has_image.any():
+                    raise ModelInputError(f"variant {self.variant!r} fuses the pooled image feature, but image_pooled is None "
+                                          f"for a batch with {int(has_image.sum())} image rows")
+                return result
+            if image_pooled.shape[0] != hs.shape[0]:
+                raise ModelInputError(f"image_pooled has {image_pooled.shape[0]} rows for a batch of {hs.shape[0]}")
+            pooled = image_pooled.to(hs.device)
+            result["note"], z = self.late_fusion(note, pooled, has_image)
+            if self.spec.micl:
+                result["visual"], _ = self.late_fusion(result["visual"], pooled, has_image)
+            zi = z[has_image].float()
+            result["gate_mean"] = zi.mean().detach() if zi.numel() else torch.tensor(float("nan"))
+            result["gate_std"] = zi.std().detach() if zi.numel() > 1 else torch.tensor(float("nan"))
+        return result
+
+    # ------------------------------------------------------------------ training and inference
+
+    def forward(self, batch: dict, image_tokens=None, image_pooled=None) -> dict:
+        if "note_ids" not in batch:
+            raise ModelInputError("batch: missing note_ids (int64 hashes of the note ids, used for duplicate masking)")
+        reps = self.represent(batch, image_tokens, image_pooled)
+        note_emb = self.head(reps["note"])
+        ids = batch["note_ids"]
+        mm = self.loss_fn(note_emb, ids)
+        out = {"logit_scale": mm["logit_scale"], "embeddings": note_emb.detach()}
+        if self.spec.micl:
+            vis = self.loss_fn(self.head(reps["visual"]), ids)
+            w_mm, w_vis = self.micl_weight_mm, self.micl_weight_vis
+            out["loss"] = (w_mm * mm["loss"] + w_vis * vis["loss"]) / (w_mm + w_vis)
+            out["loss_mm"], out["loss_vis"] = mm["loss"].detach(), vis["loss"].detach()
+        else:
+            out["loss"] = mm["loss"]
+        if "gate_mean" in reps:
+            out["gate_mean"], out["gate_std"] = reps["gate_mean"], reps["gate_std"]
+        return out
+
+    @torch.no_grad()
+    def encode(self, batch: dict, image_tokens=None, image_pooled=None, mode: str = "both") -> torch.Tensor:
+        """Normalised embeddings [N, embed_dim] of a batch collated by the prompter with the same `mode`
+        (see PROBES)."""
+        if mode not in PROBES:
+            raise ModelInputError(f"encode: mode {mode!r}; allowed: {', '.join(PROBES)}")
+        if mode == "image" and self.variant == "text_only":
+            raise ModelInputError("encode: variant 'text_only' has no image probe")
+        if mode == "text":
+            image_pooled = None
+            batch = dict(batch, has_image=torch.zeros_like(batch["input_ids"][:, 0], dtype=torch.bool))
+        return self.head(self.represent(batch, image_tokens, image_pooled)["note"])
+
+    def make_prompter(self, tokenizer, language: str = "en", max_text_tokens: int = 96) -> NotePrompter:
+        return NotePrompter(tokenizer, self.variant, language=language, max_text_tokens=max_text_tokens,
+                            num_image_tokens=self.num_image_tokens if self.spec.image_in_prompt else 0)
+
+
+def build_note_model(model_cfg: ModelConfig, loss_cfg: LossConfig, vision_tower: Optional[VisionTower] = None,
+                     llm=None, tokenizer=None) -> NoteModel:
+    """Assemble the trainable model. Loads the LLM (load_llm) unless `llm` and `tokenizer` are given.
+    Image variants need `vision_tower` for its widths (token_dim, pooled_dim, num_tokens); the tower
+    itself is not kept."""
+    spec = VARIANT_SPECS.get(model_cfg.variant)
+    if spec is None:
+        raise ValueError(f"model.variant: got {model_cfg.variant!r}; allowed: {', '.join(VARIANT_SPECS)}")
+    if (llm is None) != (tokenizer is None):
+        raise ValueError("build_note_model: pass both llm and tokenizer (from load_llm), or neither")
+    if llm is None:
+        llm, tokenizer = load_llm(model_cfg.llm)
+    uses_images = spec.image_in_prompt or spec.late_fusion
+    if uses_images and vision_tower is None:
+        raise ValueError(f"model.variant: {model_cfg.variant!r} uses images; pass vision_tower=build_vision_tower(cfg.model.vision) "
+                         "(its widths size the connector and the gate)")
+    llm_dim = _llm_width(llm)
+    connector = None
+    num_image_tokens = 0
+    if spec.image_in_prompt:
+        connector = build_connector(model_cfg.connector, vision_tower.token_dim, llm_dim, vision_tower.num_tokens)
+        num_image_tokens = connector.num_output_tokens
+    gate = LateFusionGate(llm_dim, vision_tower.pooled_dim) if spec.late_fusion else None
+    head = EmbeddingHead(llm_dim, model_cfg.embed_dim)
+    img_id, img_emb_id = tokenizer.convert_tokens_to_ids([IMG_TOKEN, IMG_EMB_TOKEN])
+    if img_id is None or img_id == tokenizer.unk_token_id:
+        raise ValueError("build_note_model: the tokenizer lacks the placeholder tokens; load it with modeling.backbone.load_llm/load_tokenizer")
+    return NoteModel(model_cfg.variant, llm, connector, gate, head, GatheredContrastiveLoss(loss_cfg), img_id, img_emb_id,
+                     num_image_tokens, loss_cfg.micl_weight_mm, loss_cfg.micl_weight_vis)
+
+
+def build_all(model_cfg: ModelConfig, loss_cfg: LossConfig, dtype: Optional[torch.dtype] = None):
+    """(note_model, vision_tower or None, prompter): everything for `model_cfg`, loaded from local dirs."""
+    llm, tokenizer = load_llm(model_cfg.llm, dtype=dtype)
+    tower = build_vision_tower(model_cfg.vision, variant=model_cfg.variant)
+    note_model = build_note_model(model_cfg, loss_cfg, tower, llm=llm, tokenizer=tokenizer)
+    prompter = note_model.make_prompter(tokenizer, model_cfg.prompt_language, model_cfg.max_text_tokens)
+    return note_model, tower, prompter

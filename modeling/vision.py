@@ -1,0 +1,200 @@
+"""The frozen vision tower: Hugging Face CLIP / SigLIP vision models, or a plugin encoder.
+
+A tower holds no trainable parameter, stays in eval mode and runs under no_grad. It is NOT a
+submodule of the trainable NoteModel: the launcher keeps it replicated outside the DeepSpeed engine
+and outside checkpoints, runs it on the batch's pixel values and passes its outputs to the model.
+
+    tower = build_vision_tower(cfg.model.vision)
+    tokens, pooled = tower(pixel_values)      # [N, T, D], [N, Dp]
+    tower.token_dim, tower.pooled_dim, tower.num_tokens, tower.image_size
+
+Widths are read from the model's config (HF) or probed with one blank image (plugins).
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from modeling.backbone import quiet_transformers
+from modeling.config import VisionConfig
+
+log = logging.getLogger(__name__)
+
+
+class VisionError(ValueError):
+    """A vision tower setting or directory that cannot be used."""
+
+
+class VisionTower(nn.Module):
+    """Base class: a frozen encoder with forward(pixel_values) -> (tokens [N,T,D], pooled [N,Dp])."""
+
+    token_dim: int
+    pooled_dim: int
+    num_tokens: int
+    image_size: int
+
+    def _freeze(self) -> None:
+        for p in self.parameters():
+            p.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True):  # noqa: D401 - the tower is always in eval mode
+        return super().train(False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        for p in self.parameters():
+            return p.dtype
+        return torch.float32
+
+    def encode(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
+            raise VisionError(f"vision tower: pixel_values must be [N, 3, H, W], got {tuple(pixel_values.shape)}")
+        if pixel_values.shape[-2:] != (self.image_size, self.image_size):
+            raise VisionError(f"vision tower: images are {tuple(pixel_values.shape[-2:])} but the tower takes "
+                              f"{self.image_size}x{self.image_size} (model.vision.image_size)")
+        return self.encode(pixel_values.to(self.dtype))
+
+
+# ----------------------------------------------------------------------------- Hugging Face towers
+
+_HF_FAMILIES = {
+    # config.model_type -> (vision model class name, has a CLS token)
+    "clip": ("CLIPVisionModel", True),
+    "clip_vision_model": ("CLIPVisionModel", True),
+    "siglip": ("SiglipVisionModel", False),
+    "siglip_vision_model": ("SiglipVisionModel", False),
+}
+
+
+class HFVisionTower(VisionTower):
+    """CLIP or SigLIP vision transformer (ViT-B/16 ... ViT-bigG) from a local directory of a full
+    model or a vision-only model."""
+
+    def __init__(self, cfg: VisionConfig, dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        import transformers
+        from transformers import AutoConfig
+
+        if not cfg.path:
+            raise VisionError("model.vision.path: empty; allowed: a local CLIP or SigLIP model directory")
+        if not os.path.exists(os.path.join(cfg.path, "config.json")):
+            raise VisionError(f"model.vision.path: {cfg.path!r} has no config.json (not a Hugging Face model directory)")
+        top = AutoConfig.from_pretrained(cfg.path)
+        family = _HF_FAMILIES.get(top.model_type)
+        if family is None:
+            raise VisionError(f"model.vision.path: {cfg.path!r} is a {top.model_type!r} model; allowed: "
+                              f"{', '.join(sorted(_HF_FAMILIES))} (or use model.vision.kind: plugin)")
+        cls_name, has_cls = family
+        if cfg.tokens == "cls_patches" and not has_cls:
+            raise VisionError(f"model.vision.tokens: 'cls_patches' but the {top.model_type} model at {cfg.path!r} has no "
+                              "CLS token; allowed here: 'patches'")
+        vcfg = getattr(top, "vision_config", top)
+        self.kind = top.model_type
+        self.has_cls = has_cls
+        self.drop_cls = has_cls and cfg.tokens == "patches"
+        self.image_size = int(vcfg.image_size)
+        if cfg.image_size != self.image_size:
+            raise VisionError(f"model.vision.image_size: got {cfg.image_size} but the model at {cfg.path!r} takes "
+                              f"{self.image_size}px images; set model.vision.image_size: {self.image_size}")
+        n_layers = int(vcfg.num_hidden_layers)
+        # hidden_states holds the embeddings output then one entry per layer: n_layers + 1 entries.
+        if not -(n_layers + 1) <= cfg.hidden_layer <= n_layers:
+            raise VisionError(f"model.vision.hidden_layer: got {cfg.hidden_layer}; the model has {n_layers} layers "
+                              f"(allowed: {-(n_layers + 1)}..{n_layers})")
+        self.hidden_layer = cfg.hidden_layer
+        kwargs = {"dtype": dtype} if dtype is not None else {}
+        with quiet_transformers():
+            self.model = getattr(transformers, cls_name).from_pretrained(cfg.path, **kwargs)
+        self.token_dim = int(vcfg.hidden_size)
+        self.pooled_dim = int(vcfg.hidden_size)
+        patches = (self.image_size // int(vcfg.patch_size)) ** 2
+        self.num_tokens = patches + (1 if has_cls and not self.drop_cls else 0)
+        self._freeze()
+
+    def encode(self, pixel_values):
+        out = self.model(pixel_values=pixel_values, output_hidden_states=True)
+        tokens = out.hidden_states[self.hidden_layer]
+        if self.drop_cls:
+            tokens = tokens[:, 1:]
+        return tokens, out.pooler_output
+
+
+# ----------------------------------------------------------------------------- plugin towers
+
+def resolve_factory(spec: str) -> Callable:
+    """Look up "package.module:function" with importlib (never eval)."""
+    if spec.count(":") != 1 or not all(spec.split(":")):
+        raise VisionError(f"model.vision.factory: got {spec!r}; allowed: 'module:function'")
+    mod_name, fn_name = spec.split(":")
+    try:
+        module = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise VisionError(f"model.vision.factory: cannot import module {mod_name!r} ({e})") from None
+    fn = getattr(module, fn_name, None)
+    if fn is None or not callable(fn):
+        raise VisionError(f"model.vision.factory: module {mod_name!r} has no callable {fn_name!r}")
+    return fn
+
+
+class PluginVisionTower(VisionTower):
+    """Wraps any module whose forward(pixel_values) returns (tokens [B,T,D], pooled [B,D])."""
+
+    def __init__(self, cfg: VisionConfig, dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        fn = resolve_factory(cfg.factory)
+        try:
+            encoder = fn(cfg)
+        except Exception as e:
+            raise VisionError(f"model.vision.factory: {cfg.factory!r} raised {type(e).__name__}: {e}") from e
+        if not isinstance(encoder, nn.Module):
+            raise VisionError(f"model.vision.factory: {cfg.factory!r} returned {type(encoder).__name__}, not a torch nn.Module")
+        self.model = encoder
+        if dtype is not None:
+            self.model.to(dtype)
+        self.image_size = cfg.image_size
+        self._freeze()
+        probe = torch.zeros(1, 3, cfg.image_size, cfg.image_size, dtype=self.dtype)
+        with torch.no_grad():
+            out = self.model(probe)
+        if not (isinstance(out, (tuple, list)) and len(out) == 2 and out[0].dim() == 3 and out[1].dim() == 2):
+            raise VisionError(f"model.vision.factory: {cfg.factory!r}'s module must return (tokens [B,T,D], pooled [B,D]); "
+                              f"got {_describe(out)}")
+        self.num_tokens, self.token_dim = int(out[0].shape[1]), int(out[0].shape[2])
+        self.pooled_dim = int(out[1].shape[1])
+
+    def encode(self, pixel_values):
+        tokens, pooled = self.model(pixel_values)
+        return tokens, pooled
+
+
+def _describe(out) -> str:
+    if isinstance(out, torch.Tensor):
+        return f"a tensor of shape {tuple(out.shape)}"
+    if isinstance(out, (tuple, list)):
+        return "(" + ", ".join(_describe(o) for o in out) + ")"
+    return type(out).__name__
+
+
+# Registry of vision kinds (looked up by `model.vision.kind`).
+VISION_KINDS: dict[str, type[VisionTower]] = {"hf": HFVisionTower, "plugin": PluginVisionTower}
+
+
+def build_vision_tower(cfg: VisionConfig, variant: Optional[str] = None,
+                       dtype: Optional[torch.dtype] = None) -> Optional[VisionTower]:
+    """The frozen tower for `cfg`, or None when `variant` is text_only (no image is used)."""
+    if variant == "text_only":
+        return None
+    cls = VISION_KINDS.get(cfg.kind)
+    if cls is None:
+        raise VisionError(f"model.vision.kind: got {cfg.kind!r}; allowed: {', '.join(VISION_KINDS)}")
+    return cls(cfg, dtype=dtype)

@@ -1,0 +1,24 @@
+"""Session-wide tiny models for the modeling tests (built once per session, offline)."""
+import pytest
+
+from tests import fixtures
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {
+        "tokenizer": fixtures.make_tokenizer(root),
+        "llama": fixtures.make_tiny_llm_dir(root, arch="llama"),
+        "qwen2": fixtures.make_tiny_llm_dir(root, arch="qwen2"),
+        "clip": fixtures.make_tiny_clip_dir(root),
+        "clip_vision": fixtures.make_tiny_clip_dir(root, vision_only=True),
+        "siglip": fixtures.make_tiny_siglip_dir(root),
+        "siglip_vision": fixtures.make_tiny_siglip_dir(root, vision_only=True),
+    }
+
+
+@pytest.fixture(scope="session")
+def llama_tok(tiny):
+    from modeling.backbone import load_tokenizer
+    return load_tokenizer(tiny["llama"])

