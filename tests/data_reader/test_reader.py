@@ -1,0 +1,177 @@
+"""PairLoader in one process: batch layout, image transform, shuffling, exact resume, errors."""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+
+import pytest
+import torch
+
+import data_shards.reader as reader
+from data_shards.config import DataConfig
+from data_shards.ids import note_id_hash
+from data_shards.images import clip_transform, open_image
+from data_shards.reader import PairLoader, expand_shards
+from tests.data_reader.helpers import CharCollate, CharEncoder, batch_digest, jpeg_bytes, write_pair_shards
+
+
+def make_loader(shards, B=4, image_size=32, rank=0, world_size=1, manifest=None, **cfg):
+    cfg.setdefault("num_workers", 0)
+    cfg.setdefault("shuffle_buffer", 8)
+    return PairLoader(shards, manifest, data_cfg=DataConfig(**cfg), encode_fn=CharEncoder(), collate_text_fn=CharCollate(),
+                      rank=rank, world_size=world_size, pairs_per_rank=B, image_size=image_size)
+
+
+def pair_numbers(batch) -> list[int]:
+    B = len(batch["note_id_strs"]) // 2
+    return [int(s[1:]) for s in batch["note_id_strs"][:B]]
+
+
+def test_batch_layout_queries_then_targets(tmp_path):
+    paths = write_pair_shards(str(tmp_path), [6, 6])
+    loader = make_loader(str(tmp_path / "pairs-train-{000000..000001}.tar"), B=4, image_size=224, shuffle_buffer=0)
+    batch = next(iter(loader))
+    B = 4
+    assert batch["pixel_values"].shape == (2 * B, 3, 224, 224) and batch["pixel_values"].dtype == torch.float32
+    assert batch["input_ids"].shape[0] == 2 * B and batch["attention_mask"].shape == batch["input_ids"].shape
+    assert batch["has_image"].dtype == torch.bool and batch["note_ids"].dtype == torch.long
+    ids = batch["note_id_strs"]
+    for i in range(B):  # query i pairs with target i
+        assert ids[i].startswith("q") and ids[B + i] == "t" + ids[i][1:]
+    assert batch["note_ids"].tolist() == [note_id_hash(s) for s in ids]
+    # every 7th pair's query (j % 7 == 3) has no image: flag and blank pixels, and the prompt knows it
+    for row, s in enumerate(ids):
+        expect = not (s.startswith("q") and int(s[1:]) % 7 == 3)
+        assert bool(batch["has_image"][row]) == expect
+        assert int(batch["input_ids"][row, 0]) == (2 if expect else 1)
+        if not expect:
+            assert float(batch["pixel_values"][row].abs().sum()) == 0.0
+    # pixels are exactly the CLIP transform of the stored JPEG (no flip by default)
+    import tarfile
+    shard, key = batch["sample_keys"][0].split("/", 1)
+    with tarfile.open(tmp_path / shard) as tf:
+        raw = tf.extractfile(f"{key}.t.jpg").read()
+    assert torch.equal(batch["pixel_values"][B], clip_transform(open_image(raw), 224))
+    assert len(batch["sample_keys"]) == B and shard in [os.path.basename(p) for p in paths]
+
+
+def test_epoch_uses_each_pair_at_most_once_and_shuffles_by_seed_and_epoch(tmp_path):
+    write_pair_shards(str(tmp_path), [10, 10, 10])
+    pattern = str(tmp_path / "pairs-train-*.tar")
+    loader = make_loader(pattern, B=4)
+    assert loader.batches_per_epoch == 30 // 4
+    ep0 = [pair_numbers(b) for b in loader]
+    assert len(ep0) == 7 and loader.epoch == 1
+    flat = [n for b in ep0 for n in b]
+    assert len(set(flat)) == len(flat) == 28
+    ep1 = [pair_numbers(b) for b in loader]
+    assert ep1 != ep0  # a new epoch, a new order
+    again = make_loader(pattern, B=4)
+    assert [pair_numbers(b) for b in again] == ep0  # same seed and epoch, same order
+    other = make_loader(pattern, B=4, seed=1)
+    assert [pair_numbers(b) for b in other] != ep0
+
+
+def test_worker_count_does_not_change_batches(tmp_path):
+    write_pair_shards(str(tmp_path), [9, 7, 8])
+    pattern = str(tmp_path / "pairs-train-*.tar")
+    inproc = [batch_digest(b) for b in make_loader(pattern, B=3, num_workers=0)]
+    workers = [batch_digest(b) for b in make_loader(pattern, B=3, num_workers=2)]
+    assert len(inproc) == 8 and inproc == workers
+
+
+def _corrupt_one(s, i, sample):
+    if s == 1 and i == 2:
+        sample["t.jpg"] = b"\xff\xd8\xff\xe0 this is not a jpeg"
+    return sample
+
+
+@pytest.mark.parametrize("split_at", [5, 6])
+def test_resume_continues_with_exactly_the_next_batches(tmp_path, split_at):
+    # 2 shards x 12 pairs, 4 pairs per batch: 6 batches per epoch, so 10 batches cross an epoch
+    # boundary; a bad image makes worker cursors differ from batch arithmetic; random flips on.
+    write_pair_shards(str(tmp_path), [12, 12], mutate=_corrupt_one)
+    pattern = str(tmp_path / "pairs-train-*.tar")
+    cfg = dict(num_workers=2, random_flip=True)
+    whole = make_loader(pattern, **cfg)
+    full = [batch_digest(b) for b in itertools.islice(whole.endless(), 10)]
+    first = make_loader(pattern, **cfg)
+    head = [batch_digest(b) for b in itertools.islice(first.endless(), split_at)]
+    state = json.loads(json.dumps(first.state_dict()))
+    assert state["epoch"] == (0 if split_at < 6 else 1)
+    resumed = make_loader(pattern, **cfg)
+    resumed.load_state_dict(state)
+    tail = [batch_digest(b) for b in itertools.islice(resumed.endless(), 10 - split_at)]
+    assert head + tail == full
+    assert whole.stats()["dropped"]["bad_image"] >= 1
+    assert resumed.stats() == whole.stats()  # counters travel with the state
+
+
+def test_resume_skips_consumed_samples_without_decoding(tmp_path, monkeypatch):
+    write_pair_shards(str(tmp_path), [16, 16], no_image_every=1000)
+    pattern = str(tmp_path / "pairs-train-*.tar")
+    first = make_loader(pattern, B=4)
+    list(itertools.islice(iter(first), 6))
+    state = first.state_dict()
+    decoded = []
+    real = reader.open_image
+    monkeypatch.setattr(reader, "open_image", lambda data, max_pixels: decoded.append(1) or real(data, max_pixels))
+    resumed = make_loader(pattern, B=4)
+    resumed.load_state_dict(state)
+    next(iter(resumed))
+    assert len(decoded) == 2 * 4  # only the 4 pairs of the next batch, none of the 24 skipped
+
+
+def test_random_flip_is_off_by_default_and_seeded_when_on(tmp_path):
+    write_pair_shards(str(tmp_path), [8], no_image_every=1000)
+    pattern = str(tmp_path / "pairs-train-*.tar")
+    plain = next(iter(make_loader(pattern, B=8, shuffle_buffer=0)))
+    flipped = next(iter(make_loader(pattern, B=8, shuffle_buffer=0, random_flip=True)))
+    mirrored = plain["pixel_values"].flip(-1)
+    same = [torch.equal(flipped["pixel_values"][r], plain["pixel_values"][r]) for r in range(16)]
+    flip = [torch.equal(flipped["pixel_values"][r], mirrored[r]) for r in range(16)]
+    assert all(a or b for a, b in zip(same, flip)) and any(flip) and any(same)
+    again = next(iter(make_loader(pattern, B=8, shuffle_buffer=0, random_flip=True)))
+    assert torch.equal(again["pixel_values"], flipped["pixel_values"])
+
+
+def test_resampled_mode_is_endless_and_resumable(tmp_path):
+    write_pair_shards(str(tmp_path), [6, 6, 6])
+    pattern = str(tmp_path / "pairs-train-*.tar")
+    loader = make_loader(pattern, B=4, resampled=True)
+    assert loader.batches_per_epoch == 18 // 4
+    full = [batch_digest(b) for b in itertools.islice(make_loader(pattern, B=4, resampled=True).endless(), 9)]
+    assert len(full) == 9
+    head = [batch_digest(b) for b in itertools.islice(loader.endless(), 3)]
+    resumed = make_loader(pattern, B=4, resampled=True)
+    resumed.load_state_dict(loader.state_dict())
+    assert head + [batch_digest(b) for b in itertools.islice(resumed.endless(), 6)] == full
+
+
+def test_shard_patterns_and_clear_errors(tmp_path):
+    paths = write_pair_shards(str(tmp_path), [5, 5, 5])
+    assert expand_shards(str(tmp_path / "pairs-train-{000000..000002}.tar")) == paths
+    assert expand_shards(str(tmp_path / "pairs-train-*.tar")) == paths
+    assert expand_shards([paths[2], paths[0]]) == [paths[0], paths[2]]
+    with pytest.raises(FileNotFoundError, match="pairs-val"):
+        expand_shards(str(tmp_path / "pairs-val-*.tar"))
+    with pytest.raises(FileNotFoundError, match="000009"):
+        expand_shards(str(tmp_path / "pairs-train-{000000..000009}.tar"))
+    with pytest.raises(ValueError, match="fewer than pairs_per_rank"):
+        make_loader(paths, B=8, world_size=2)
+    with open(tmp_path / "manifest.json", "w") as fh:
+        fh.write('{"shards": [{"name": "x.tar"}]}')
+    with pytest.raises(ValueError, match=r"manifest.json: shards\[0\]"):
+        make_loader(paths, B=2)
+    state = make_loader(paths[:2], B=2, manifest={"shards": []}).state_dict()
+    with pytest.raises(ValueError, match="rank 0 on rank 1"):
+        make_loader(paths[:2], B=2, world_size=2, rank=1, manifest={"shards": []}).load_state_dict(
+            dict(state, world_size=2))
+
+
+def test_missing_manifest_counts_from_tar_headers(tmp_path):
+    paths = write_pair_shards(str(tmp_path), [5, 7], manifest=False)
+    loader = make_loader(paths, B=3)
+    assert loader.counts == {os.path.basename(paths[0]): 5, os.path.basename(paths[1]): 7}
+    assert loader.batches_per_epoch == 4 and len(list(loader)) == 4
