@@ -97,7 +97,8 @@ def reencode_image(data: bytes, image_size: int = 256, quality: int = 90,
     img = open_image(data, max_pixels=max_pixels)
     size = bounded_size(*img.size, image_size)
     if size != img.size:
-        img = img.resize(size, Image.Resampling.BICUBIC)
+        # reducing_gap: a fast box reduction first, bicubic for the last factor <= 2 (large sources).
+        img = img.resize(size, Image.Resampling.BICUBIC, reducing_gap=2.0)
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=quality, optimize=False, progressive=False, subsampling="4:2:0")
     return buf.getvalue()
