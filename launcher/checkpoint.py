@@ -1,0 +1,286 @@
+"""Sharded ZeRO checkpoints: atomic save, keep-last-k, manifest, resume (same or other world size).
+
+Layout under `<run_dir>/checkpoints/`:
+
+    step_00000040/            one complete checkpoint (DeepSpeed shards of every rank)
+        manifest.json         step, samples seen, world size, config hash, versions, reader states
+        rank00000.pt ...      per-rank RNG states and data-reader state
+        <DeepSpeed files>     zero_pp_rank_*_model_states.pt, *_optim_states.pt
+    step_00000040.universal/  made on demand when a later run has another world size
+    latest                    name of the newest complete checkpoint (written last, atomically)
+
+A save first goes to `.tmp-step_XXXXXXXX/`; only when every rank has written its part does rank 0
+write the manifest, rename the directory and then replace `latest`. A job killed during a save
+leaves the `.tmp-` directory behind (ignored, removed by the next run) and `latest` pointing at the
+previous complete checkpoint.
+
+The frozen vision tower is not part of the DeepSpeed engine, so it is never in a checkpoint.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+MANIFEST = "manifest.json"
+LATEST = "latest"
+TMP_PREFIX = ".tmp-"
+# Test hook: "RANK:PHASE:STEP" makes that rank SIGKILL itself inside the save of STEP.
+# PHASE: after_shards (DeepSpeed files written, ours not) or before_manifest (all files, no manifest).
+KILL_HOOK_ENV = "NOTELLM2_TEST_DIE_IN_SAVE"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def checkpoint_root(run_dir: str) -> str:
+    return os.path.join(run_dir, "checkpoints")
+
+
+def package_versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("torch", "deepspeed", "transformers", "webdataset", "notellm2"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+# ----------------------------------------------------------------------------- RNG
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- finding checkpoints
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def read_manifest(path: str) -> dict:
+    mpath = os.path.join(path, MANIFEST)
+    if not os.path.isfile(mpath):
+        raise CheckpointError(f"checkpoint {path}: no {MANIFEST} (incomplete save?)")
+    with open(mpath) as fh:
+        try:
+            return json.load(fh)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"checkpoint {mpath}: unreadable manifest: {e}") from None
+
+
+def list_complete(root: str) -> list[tuple[int, str]]:
+    """(step, path) of every complete checkpoint under `root`, oldest first."""
+    out = []
+    for path in glob.glob(os.path.join(root, "step_*")):
+        name = os.path.basename(path)
+        if not os.path.isdir(path) or "." in name or not os.path.isfile(os.path.join(path, MANIFEST)):
+            continue
+        try:
+            out.append((int(name.split("_")[1]), path))
+        except ValueError:
+            continue
+    return sorted(out)
+
+
+def latest_complete(root: str) -> Optional[str]:
+    """The checkpoint named by `latest` when it is complete, else the newest complete one."""
+    pointer = os.path.join(root, LATEST)
+    if os.path.isfile(pointer):
+        with open(pointer) as fh:
+            name = fh.read().strip()
+        path = os.path.join(root, name)
+        if name and os.path.isfile(os.path.join(path, MANIFEST)):
+            return path
+    found = list_complete(root)
+    return found[-1][1] if found else None
+
+
+def remove_partial(root: str) -> list[str]:
+    """Remove `.tmp-*` leftovers of interrupted saves (rank 0, before training)."""
+    removed = []
+    for path in glob.glob(os.path.join(root, TMP_PREFIX + "*")):
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+# ----------------------------------------------------------------------------- saving
+
+def _maybe_die(rank: int, phase: str, step: int) -> None:
+    hook = os.environ.get(KILL_HOOK_ENV, "")
+    if hook and hook == f"{rank}:{phase}:{step}":
+        print(f"[test hook] rank {rank} kills itself during the save of step {step} ({phase})", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def save(engine, root: str, step: int, *, rank: int, world_size: int, samples_seen: int,
+         reader_state: Any, config_hash: str, resolved_config: dict, keep_last: int,
+         extra: Optional[dict] = None, log=print) -> str:
+    """Collective: every rank calls it. Returns the final checkpoint path."""
+    name = step_name(step)
+    tmp_tag = TMP_PREFIX + name
+    tmp_path = os.path.join(root, tmp_tag)
+    final = os.path.join(root, name)
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        if os.path.isdir(tmp_path):
+            shutil.rmtree(tmp_path)
+    dist.barrier()
+    t0 = time.monotonic()
+    engine.save_checkpoint(root, tag=tmp_tag, save_latest=False)
+    _maybe_die(rank, "after_shards", step)
+    torch.save({"rank": rank, "rng": rng_state(), "reader": reader_state},
+               os.path.join(tmp_path, f"rank{rank:05d}.pt"))
+    # Reader states also go into the manifest so that another world size can read all of them.
+    states = [None] * world_size
+    dist.all_gather_object(states, reader_state)
+    _maybe_die(rank, "before_manifest", step)
+    dist.barrier()
+    if rank == 0:
+        manifest = {
+            "format": 1,
+            "step": step,
+            "samples_seen": samples_seen,
+            "world_size": world_size,
+            "config_hash": config_hash,
+            "zero_stage": engine.zero_optimization_stage(),
+            "saved_at": time.time(),
+            "versions": package_versions(),
+            "reader_states": states,
+            "rng_files": [f"rank{r:05d}.pt" for r in range(world_size)],
+            "config": resolved_config,
+            **(extra or {}),
+        }
+        _write_atomic(os.path.join(tmp_path, MANIFEST), json.dumps(manifest, indent=1, default=str))
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        for stale in (final + ".universal",):
+            shutil.rmtree(stale, ignore_errors=True)
+        os.replace(tmp_path, final)
+        _write_atomic(os.path.join(root, LATEST), name)
+        for old_step, old_path in list_complete(root)[:-keep_last]:
+            shutil.rmtree(old_path, ignore_errors=True)
+            shutil.rmtree(old_path + ".universal", ignore_errors=True)
+        log(f"checkpoint {final} saved in {time.monotonic() - t0:.1f}s (step {step}, keeps last {keep_last})")
+    dist.barrier()
+    return final
+
+
+# ----------------------------------------------------------------------------- resuming
+
+@dataclass
+class ResumePlan:
+    path: str  # the complete checkpoint directory
+    manifest: dict
+    universal: bool  # world size differs: load through a universal checkpoint
+
+    @property
+    def step(self) -> int:
+        return int(self.manifest["step"])
+
+
+def plan_resume(resume: str, root: str, world_size: int, config_hash: str, allow_mismatch: bool) -> Optional[ResumePlan]:
+    """Decide what to resume from: None (fresh start) or a plan. Raises CheckpointError on a mismatch."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        path = latest_complete(root)
+        if path is None:
+            return None
+    else:
+        path = resume.rstrip("/")
+        if not os.path.isdir(path):
+            raise CheckpointError(f"checkpoint.resume: {path} is not a directory")
+    manifest = read_manifest(path)
+    if manifest.get("config_hash") != config_hash and not allow_mismatch:
+        raise CheckpointError(
+            f"checkpoint {path}: config hash {manifest.get('config_hash')} differs from this run's {config_hash}; "
+            "the model, loss or data settings changed. Use another train.output_dir, or set "
+            "checkpoint.allow_config_mismatch=true to resume anyway")
+    return ResumePlan(path, manifest, universal=int(manifest["world_size"]) != world_size)
+
+
+def universal_path(plan: ResumePlan) -> str:
+    return plan.path + ".universal"
+
+
+def convert_to_universal(plan: ResumePlan, log=print) -> str:
+    """Rank 0 only: run DeepSpeed's ds_to_universal on the checkpoint (once; reused afterwards)."""
+    out = universal_path(plan)
+    done_flag = os.path.join(out, ".complete")
+    if os.path.isfile(done_flag):
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    tmp_out = out + ".tmp"
+    shutil.rmtree(tmp_out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", plan.path,
+           "--output_folder", tmp_out, "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    log(f"world size changed ({plan.manifest['world_size']} -> this run): converting {plan.path} to a "
+        f"DeepSpeed universal checkpoint: {' '.join(cmd)}")
+    env = dict(os.environ)
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
+        env.pop(key, None)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise CheckpointError(f"ds_to_universal failed on {plan.path} (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    # DeepSpeed looks for the model-state files next to zero/; copy our manifest and rank files too.
+    for f in os.listdir(plan.path):
+        src = os.path.join(plan.path, f)
+        if os.path.isfile(src) and not os.path.exists(os.path.join(tmp_out, f)):
+            shutil.copy2(src, os.path.join(tmp_out, f))
+    open(os.path.join(tmp_out, ".complete"), "w").close()
+    os.replace(tmp_out, out)
+    return out
+
+
+def load(engine, plan: ResumePlan, rank: int) -> dict:
+    """Collective: load model + optimizer + scheduler state; restore this rank's RNG when the world
+    size is unchanged. Returns {"reader": this rank's reader state or None, "reader_states": all}."""
+    path = universal_path(plan) if plan.universal else plan.path
+    root, tag = os.path.dirname(path), os.path.basename(path)
+    load_path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed could not load checkpoint {path}")
+    reader = None
+    if not plan.universal:
+        state = torch.load(os.path.join(plan.path, f"rank{rank:05d}.pt"), map_location="cpu", weights_only=False)
+        set_rng_state(state["rng"])
+        reader = state["reader"]
+    return {"reader": reader, "reader_states": plan.manifest.get("reader_states")}

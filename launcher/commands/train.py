@@ -1,0 +1,35 @@
+"""`notellm2 train --config run.yaml [a.b=c ...]`: start under torchrun, the deepspeed launcher or srun."""
+from __future__ import annotations
+
+import sys
+
+from launcher.cli import add_config_args, config_from_args
+
+
+def _run(args) -> int:
+    from launcher import checkpoint as ckpt
+    from launcher.train import load_factory, train
+
+    cfg = config_from_args(args)
+    factory = load_factory(args.components) if args.components else None
+    try:
+        train(cfg, factory=factory)
+    except ckpt.CheckpointError as e:
+        print(f"notellm2 train: checkpoint error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train the note encoder (DeepSpeed ZeRO; start with torchrun/deepspeed/srun)")
+    add_config_args(p)
+    p.add_argument("--components", default="",
+                   help="advanced: 'module:function' building the model and loader (default: the NoteModel + PairLoader)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse_suppress())
+    p.set_defaults(handler=_run)
+
+
+def argparse_suppress():
+    import argparse
+
+    return argparse.SUPPRESS

@@ -1,0 +1,440 @@
+"""The training loop (`notellm2 train`): DeepSpeed ZeRO engine around the note model, our own loop.
+
+    rank/world from torchrun or Slurm -> process group (gloo on CPU, nccl on GPU) + watchdog
+    DeepSpeed JSON + YAML batch sizes -> HfDeepSpeedConfig alive -> build model (LLM partitioned)
+    client AdamW (param groups) + LR schedule -> deepspeed.initialize
+    resume (same world size: exact; other world size: universal checkpoint)
+    loop: batch -> frozen vision tower (no_grad, replicated) -> engine forward/backward/step
+          -> metrics (rank 0) -> checkpoint every N steps and at the end
+
+The pieces the loop drives are built by a *components factory* `fn(cfg, rank, world_size) ->
+Components`; the default one (`default_components`) builds the real NoteModel, vision tower,
+prompter and PairLoader. Tests pass their own factory through `train(cfg, factory=...)`.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import signal
+import sys
+import warnings
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from launcher import checkpoint as ckpt
+from launcher.config import ConfigError, RunConfig, config_hash, config_to_dict, save_resolved
+from launcher.distributed import Topology, Watchdog, detect_topology, init_distributed
+from launcher.metrics import MetricsWriter, memory_mb
+from launcher.optim import build_optimizer, build_scheduler, param_groups
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Keys of a DeepSpeed JSON that the launcher fills from the YAML; a JSON that sets them is refused.
+LAUNCHER_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
+                 "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler")
+# Test hooks: "RANK:STEP" -> that rank sleeps forever / dies at the start of that step.
+HANG_HOOK_ENV = "NOTELLM2_TEST_HANG_AT"
+DIE_HOOK_ENV = "NOTELLM2_TEST_DIE_AT"
+
+
+@dataclass
+class Components:
+    """What the loop trains. `make_loader(epoch)` returns an iterable of batch dicts with
+    `state_dict()` / `load_state_dict()`; `evaluate(step)` (optional) returns eval metrics."""
+
+    note_model: torch.nn.Module
+    vision_tower: Optional[torch.nn.Module]
+    prompter: Any
+    make_loader: Callable[[int], Any]
+    evaluate: Optional[Callable[[int], dict]] = None
+    extra: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- DeepSpeed config
+
+def resolve_path(path: str) -> str:
+    if os.path.isabs(path) or os.path.exists(path):
+        return path
+    alt = os.path.join(REPO, path)
+    return alt if os.path.exists(alt) else path
+
+
+def build_ds_config(cfg: RunConfig, world_size: int, load_universal: bool = False) -> dict:
+    """Read the DeepSpeed JSON named by train.ds_config and fill what comes from the YAML."""
+    path = resolve_path(cfg.train.ds_config)
+    if not os.path.isfile(path):
+        raise ConfigError(f"train.ds_config: {cfg.train.ds_config} does not exist (looked in the working directory and {REPO})")
+    with open(path) as fh:
+        try:
+            ds = json.load(fh)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"train.ds_config: {path} is not valid JSON: {e}") from None
+    ds = {k: v for k, v in ds.items() if not k.startswith("_")}
+    for key in LAUNCHER_KEYS:
+        if key in ds:
+            raise ConfigError(f"train.ds_config: {path} sets {key!r}; batch sizes, clipping, precision and the "
+                              "optimizer come from the YAML (data.pairs_per_rank, train.grad_accum_steps, "
+                              "train.grad_clip, train.precision, train.lr_*): remove it from the JSON")
+    ds["train_micro_batch_size_per_gpu"] = cfg.data.pairs_per_rank
+    ds["gradient_accumulation_steps"] = cfg.train.grad_accum_steps
+    ds["train_batch_size"] = cfg.data.pairs_per_rank * cfg.train.grad_accum_steps * world_size
+    ds["gradient_clipping"] = cfg.train.grad_clip
+    ds["bf16"] = {"enabled": cfg.train.precision == "bf16"}
+    ds["fp16"] = {"enabled": False}
+    ds.setdefault("zero_allow_untested_optimizer", True)
+    if load_universal:
+        ds.setdefault("checkpoint", {})["load_universal"] = True
+    return ds
+
+
+# ----------------------------------------------------------------------------- components
+
+def default_components(cfg: RunConfig, rank: int, world_size: int) -> Components:
+    """The real pieces: NoteModel + frozen vision tower + prompter (modeling) and PairLoader (data_shards)."""
+    from modeling.encoder import build_all
+    from data_shards.reader import PairLoader
+
+    if not cfg.data.train_shards:
+        raise ConfigError("data.train_shards: empty; point it at pairs-train-*.tar shards (notellm2 data write-shards)")
+    note_model, vision_tower, prompter = build_all(cfg.model, cfg.loss)
+
+    def make_loader(epoch: int):
+        return PairLoader(cfg.data.train_shards, data_cfg=cfg.data, encode_fn=prompter.encode,
+                          collate_text_fn=prompter.collate, rank=rank, world_size=world_size,
+                          pairs_per_rank=cfg.data.pairs_per_rank, image_size=cfg.model.vision.image_size,
+                          epoch=epoch)
+
+    return Components(note_model, vision_tower, prompter, make_loader)
+
+
+def load_factory(spec: str) -> Callable:
+    if ":" not in spec:
+        raise ConfigError(f"components factory {spec!r}: expected 'module:function'")
+    mod, fn = spec.split(":", 1)
+    return getattr(importlib.import_module(mod), fn)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _hook_hit(env_name: str, rank: int, step: int) -> bool:
+    spec = os.environ.get(env_name, "")
+    if not spec:
+        return False
+    r, _, s = spec.partition(":")
+    return int(r) == rank and int(s) == step
+
+
+def move_batch(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def count_tokens(batch: dict) -> int:
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if torch.is_tensor(mask) else 0
+
+
+def model_state_bytes(engine) -> dict:
+    """Bytes of model state this rank actually holds: its parameter partitions, fp32 master
+    partitions, gradient partitions and optimizer states (ZeRO-3 and ZeRO-1/2)."""
+    def nbytes(t):
+        return t.numel() * t.element_size() if torch.is_tensor(t) else 0
+
+    params = 0
+    for p in engine.module.parameters():
+        held = getattr(p, "ds_tensor", None)
+        params += nbytes(held) if held is not None else nbytes(p.data)
+    opt = engine.optimizer
+    master = 0
+    for name in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups"):
+        for t in getattr(opt, name, None) or []:
+            master += nbytes(t)
+    grads = 0
+    for name in ("grad_partitions_flat_buffer",):
+        grads += nbytes(getattr(opt, name, None))
+    if grads == 0:
+        for group in getattr(opt, "averaged_gradients", {}) or {}:
+            value = opt.averaged_gradients[group]
+            grads += sum(nbytes(t) for t in (value if isinstance(value, list) else [value]))
+    inner = getattr(opt, "optimizer", opt)
+    states = 0
+    for st in inner.state.values():
+        for v in st.values():
+            if torch.is_tensor(v) and v.dim() > 0:
+                states += nbytes(v)
+    total = params + master + grads + states
+    return {"params": params, "master": master, "grads": grads, "optimizer": states, "total": total}
+
+
+class _Timer:
+    def __init__(self):
+        self.totals: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - t0
+
+    def pop(self) -> dict:
+        out, self.totals = self.totals, {}
+        return out
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def train(cfg: RunConfig, factory: Optional[Callable] = None, topo: Optional[Topology] = None,
+          on_step: Optional[Callable[[int, dict], None]] = None) -> dict:
+    """Run training to cfg.train.max_steps. Returns a summary dict (rank-local)."""
+    topo = topo or detect_topology()
+    # torch 2.13 deprecation notices from inside DeepSpeed, once per collective call: keep the console readable.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed", category=FutureWarning)
+    rank, world = topo.rank, topo.world_size
+    timeout = cfg.train.collective_timeout_s
+    # The watchdog speaks first; the gloo timeout is the second line of defence.
+    init_distributed(topo, timeout_s=int(timeout * 1.5) + 10)
+    watchdog = Watchdog(rank, world, timeout).start()
+    log = (lambda *a: print(f"[rank 0]", *a, flush=True)) if rank == 0 else (lambda *a: None)
+    step = 0
+    try:
+        summary = _train(cfg, factory or default_components, topo, watchdog, log, on_step)
+        step = summary["step"]
+        watchdog.progress(step, "done")
+        watchdog.stop()
+        dist.barrier()
+        return summary
+    except BaseException as e:
+        msg = f"rank {rank} failed at step {watchdog.step} ({watchdog.phase}): {type(e).__name__}: {e}"
+        print(f"[rank {rank}] {msg}", file=sys.stderr, flush=True)
+        watchdog.mark_failed(f"{type(e).__name__}: {e}")
+        if world > 1 and not isinstance(e, (ConfigError, ckpt.CheckpointError)):
+            # A collective failed because of another rank: say which one.
+            time.sleep(1.0)
+            try:
+                print(f"[rank {rank}] {watchdog.diagnose()}", file=sys.stderr, flush=True)
+            except Exception:
+                pass
+        raise
+
+
+def _train(cfg: RunConfig, factory: Callable, topo: Topology, watchdog: Watchdog, log, on_step) -> dict:
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    rank, world = topo.rank, topo.world_size
+    run_dir = cfg.train.output_dir
+    root = ckpt.checkpoint_root(run_dir)
+    chash = config_hash(cfg)
+    device = torch.device("cuda", topo.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+    if rank == 0:
+        save_resolved(cfg, run_dir)
+        for path in ckpt.remove_partial(root):
+            log(f"removed the leftovers of an interrupted save: {path}")
+    plan = ckpt.plan_resume(cfg.checkpoint.resume, root, world, chash, cfg.checkpoint.allow_config_mismatch)
+    if plan is not None and plan.universal:
+        if rank == 0:
+            ckpt.convert_to_universal(plan, log=log)
+        watchdog.progress(0, "universal-conversion")
+        dist.barrier()
+
+    ds_config = build_ds_config(cfg, world, load_universal=bool(plan and plan.universal))
+    hf_ds = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"].get("stage") == 3 else None  # noqa: F841
+    torch.manual_seed(cfg.train.seed)
+    comps = factory(cfg, rank, world)
+    model = comps.note_model
+    if comps.vision_tower is not None:
+        comps.vision_tower.to(device).eval()
+        for p in comps.vision_tower.parameters():
+            p.requires_grad_(False)
+
+    groups = param_groups(model, cfg.train.lr_llm, cfg.train.lr_new, cfg.train.weight_decay)
+    group_names = [g["name"] for g in groups]
+    optimizer = build_optimizer(groups, ds_config)
+    sched_fn = lambda opt: build_scheduler(opt, cfg.train.lr_schedule, cfg.train.warmup_steps,  # noqa: E731
+                                           cfg.train.max_steps, cfg.train.min_lr_ratio)
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=sched_fn,
+                                                   config=ds_config, dist_init_required=False)
+    watchdog.progress(0, "initialised")
+
+    start_step, samples_seen, epoch, reader_state = 0, 0, 0, None
+    if plan is not None:
+        restored = ckpt.load(engine, plan, rank)
+        start_step = plan.step
+        samples_seen = int(plan.manifest.get("samples_seen", 0))
+        reader_state = restored["reader"]
+        states = restored["reader_states"] or []
+        epoch_src = reader_state if reader_state is not None else (states[0] if states else None)
+        epoch = int(epoch_src.get("epoch", 0)) if isinstance(epoch_src, dict) else 0
+        if plan.universal:
+            log(f"resumed step {start_step} from {plan.path} through a universal checkpoint "
+                f"(world size {plan.manifest['world_size']} -> {world}); the data reader restarts epoch {epoch}'s shards")
+        else:
+            log(f"resumed step {start_step} from {plan.path} (exact: model, optimizer, scheduler, RNG, data reader)")
+    else:
+        torch.manual_seed(cfg.train.seed + 1000 + rank)
+
+    loader = comps.make_loader(epoch)
+    if reader_state is not None:
+        loader.load_state_dict(reader_state)
+    elif plan is not None and plan.universal and hasattr(loader, "load_state_dict_other_world"):
+        loader.load_state_dict_other_world(plan.manifest.get("reader_states") or [])
+    it = iter(loader)
+
+    metrics = MetricsWriter(run_dir, enabled=rank == 0, tensorboard=cfg.logging.tensorboard,
+                            max_steps=cfg.train.max_steps, start_step=start_step)
+    timer = _Timer()
+    cast = torch.bfloat16 if cfg.train.precision == "bf16" else None
+    last_saved = start_step if plan is not None else -1
+    step = start_step
+    accum = cfg.train.grad_accum_steps
+    log(f"training steps {start_step + 1}..{cfg.train.max_steps} on {world} rank(s), "
+        f"{cfg.data.pairs_per_rank} pairs/rank x {accum} accumulation; run dir {run_dir}")
+
+    def next_batch():
+        nonlocal it, loader, epoch
+        try:
+            return next(it)
+        except StopIteration:
+            epoch += 1
+            loader = comps.make_loader(epoch)
+            it = iter(loader)
+            try:
+                return next(it)
+            except StopIteration:
+                raise RuntimeError(f"the data loader yields no batch (epoch {epoch}); check data.train_shards") from None
+
+    try:
+        while step < cfg.train.max_steps:
+            step += 1
+            if _hook_hit(HANG_HOOK_ENV, rank, step):
+                print(f"[test hook] rank {rank} hangs at step {step}", flush=True)
+                while True:
+                    time.sleep(3600)
+            if _hook_hit(DIE_HOOK_ENV, rank, step):
+                print(f"[test hook] rank {rank} kills itself (SIGKILL) at step {step}", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+            watchdog.progress(step, "data")
+            t_step = time.perf_counter()
+            parts = {"loss": 0.0, "loss_mm": 0.0, "loss_vis": 0.0}
+            seen_parts, extras, tokens, notes = set(), {}, 0, 0
+            for _ in range(accum):
+                with timer("data_wait"):
+                    batch = next_batch()
+                batch = move_batch(batch, device)
+                tokens += count_tokens(batch)
+                notes += int(batch["note_ids"].shape[0]) if "note_ids" in batch else 0
+                watchdog.progress(step, "forward")
+                with timer("forward"):
+                    image_tokens = image_pooled = None
+                    if comps.vision_tower is not None and "pixel_values" in batch:
+                        with torch.no_grad():
+                            image_tokens, image_pooled = comps.vision_tower(batch["pixel_values"])
+                        if cast is not None:
+                            image_tokens, image_pooled = image_tokens.to(cast), image_pooled.to(cast)
+                    out = engine(batch, image_tokens=image_tokens, image_pooled=image_pooled)
+                watchdog.progress(step, "backward")
+                with timer("backward"):
+                    engine.backward(out["loss"])
+                watchdog.progress(step, "optimizer")
+                with timer("optimizer"):
+                    engine.step()
+                for key in ("loss", "loss_mm", "loss_vis"):
+                    if out.get(key) is not None:
+                        parts[key] += float(out[key].detach().float()) / accum
+                        seen_parts.add(key)
+                for key in ("logit_scale", "gate_mean", "gate_std"):
+                    if out.get(key) is not None:
+                        extras[key] = float(torch.as_tensor(out[key]).detach().float().mean())
+            step_time = time.perf_counter() - t_step
+            timings = timer.pop()
+            watchdog.progress(step, "metrics")
+
+            # One all-reduce for the figures that differ per rank.
+            local = torch.tensor([parts["loss"], parts["loss_mm"], parts["loss_vis"], float(tokens), float(notes),
+                                  timings.get("data_wait", 0.0), step_time], dtype=torch.float64)
+            dist.all_reduce(local)
+            loss, loss_mm, loss_vis = (local[0] / world).item(), (local[1] / world).item(), (local[2] / world).item()
+            mem = [None] * world
+            dist.all_gather_object(mem, memory_mb())
+            counters = {}
+            if hasattr(loader, "stats"):
+                st = loader.stats() or {}
+                all_st = [None] * world
+                dist.all_gather_object(all_st, {k: v for k, v in st.items() if isinstance(v, (int, float))})
+                for s in all_st:
+                    for k, v in (s or {}).items():
+                        counters[k] = counters.get(k, 0) + v
+            samples_seen += cfg.data.pairs_per_rank * accum * world
+
+            grad_norm = engine.get_global_grad_norm()
+            scalars = {"loss/total": loss}
+            if "loss_mm" in seen_parts:
+                scalars["loss/mm"] = loss_mm
+            if "loss_vis" in seen_parts:
+                scalars["loss/vis"] = loss_vis
+            lrs = scheduler.get_last_lr() if scheduler is not None else [g["lr"] for g in engine.optimizer.param_groups]
+            for name, lr in zip(group_names, lrs):
+                scalars[f"lr/{name}"] = lr
+            for part in ("llm", "new"):
+                found = [lr for name, lr in zip(group_names, lrs) if name.startswith(part)]
+                if found:
+                    scalars[f"lr/{part}"] = found[0]
+            if "logit_scale" in extras:
+                scalars["model/logit_scale"] = extras["logit_scale"]
+            if "gate_mean" in extras:
+                scalars["model/gate_mean"] = extras["gate_mean"]
+            if "gate_std" in extras:
+                scalars["model/gate_std"] = extras["gate_std"]
+            if grad_norm is not None:
+                scalars["optim/grad_norm"] = float(grad_norm)
+            max_time = local[6].item() / world
+            scalars["perf/step_time_s"] = step_time
+            scalars["perf/samples_per_s"] = local[4].item() / max(step_time, 1e-9)
+            scalars["perf/tokens_per_s"] = local[3].item() / max(step_time, 1e-9)
+            scalars["perf/data_wait_frac"] = local[5].item() / max(local[6].item(), 1e-9)
+            for r, m in enumerate(mem):
+                scalars[f"memory/rank{r}_mb"] = m
+            for k, v in counters.items():
+                scalars[f"data/{k}"] = v
+
+            if cfg.eval.every_steps and comps.evaluate is not None and step % cfg.eval.every_steps == 0:
+                watchdog.progress(step, "eval")
+                for k, v in (comps.evaluate(step) or {}).items():
+                    scalars[f"eval/{k}"] = v
+
+            timing_extra = {"timings": {k: round(v, 6) for k, v in timings.items()}, "mean_step_time_s": max_time}
+            metrics.log(step, scalars, extra=timing_extra)
+            if step % cfg.logging.log_every_steps == 0 or step == cfg.train.max_steps:
+                metrics.progress(step, scalars)
+            if on_step is not None:
+                on_step(step, {"scalars": scalars, "timings": timings, "engine": engine})
+
+            if step % cfg.checkpoint.every_steps == 0 or step == cfg.train.max_steps:
+                watchdog.progress(step, "checkpoint")
+                ckpt.save(engine, root, step, rank=rank, world_size=world, samples_seen=samples_seen,
+                          reader_state=_reader_state(loader, epoch), config_hash=chash,
+                          resolved_config=config_to_dict(cfg), keep_last=cfg.checkpoint.keep_last, log=log)
+                last_saved = step
+    finally:
+        metrics.close()
+    if last_saved != step and step > 0:
+        ckpt.save(engine, root, step, rank=rank, world_size=world, samples_seen=samples_seen,
+                  reader_state=_reader_state(loader, epoch), config_hash=chash,
+                  resolved_config=config_to_dict(cfg), keep_last=cfg.checkpoint.keep_last, log=log)
+    log(f"done: step {step}, {samples_seen} pairs seen")
+    return {"step": step, "samples_seen": samples_seen, "engine": engine, "components": comps}
+
+
+def _reader_state(loader, epoch: int):
+    state = loader.state_dict() if hasattr(loader, "state_dict") else {}
+    if isinstance(state, dict):
+        state = dict(state)
+        state.setdefault("epoch", epoch)
+    return state
