@@ -256,7 +256,7 @@ def _decode_image(raw: Optional[bytes], member: str, max_pixels: int, image_size
         img = open_image(raw, max_pixels)
     except BadImage as e:
         msg = str(e)
-        reason = "image_over_pixel_limit" if ("exceeds the limit" in msg or "DecompressionBomb" in msg) else "bad_image"
+        reason = "image_over_pixel_limit" if ("exceeds" in msg or "DecompressionBomb" in msg) else "bad_image"
         raise _BadSample(reason, f"{member}: {msg}") from None
     return clip_transform(img, image_size, flip=flip)
 
