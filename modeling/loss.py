@@ -3,8 +3,10 @@
 Layout. Each rank holds N = 2B local notes laid out as [queries (B); targets (B)]; query i pairs
 with target i. All ranks' notes are gathered (with gradient) into the global batch of G = world * N
 columns. Every local note is an anchor; its positive is its pair partner; every other gathered note
-is a negative, except: the anchor itself (self is excluded) and any column holding the same note id
-as the anchor or as its partner (a duplicate is not a negative; the partner column itself stays).
+is a negative, except: the anchor itself (self is excluded), any column holding the same note id
+as the anchor or as its partner (a duplicate is not a negative; the partner column itself stays),
+and any later copy of a note id already present (a note gathered twice counts once). So injecting
+a duplicate note leaves every other anchor's loss exactly as in the de-duplicated batch.
 
 Convention (what makes multi-rank training equal to one big batch). Rank r's loss is the MEAN of
 the cross-entropies of its LOCAL anchors, each computed against all G gathered columns:
@@ -107,9 +109,13 @@ class GatheredContrastiveLoss(nn.Module):
         logits = scale * (emb @ all_emb.t())  # [N, G] fp32
         cols = torch.arange(g, device=emb.device).view(1, g)
         partner_ids = note_ids[(local + n // 2) % n]
+        # A note gathered more than once counts once: every later copy of an id is not a negative.
+        same = all_ids.view(-1, 1) == all_ids.view(1, -1)
+        later_copy = (same & (cols.view(-1, 1) < cols)).any(dim=0)  # [G]
         excluded = (cols == self_col.view(-1, 1)) \
             | (all_ids.view(1, g) == note_ids.view(-1, 1)) \
-            | (all_ids.view(1, g) == partner_ids.view(-1, 1))
+            | (all_ids.view(1, g) == partner_ids.view(-1, 1)) \
+            | later_copy.view(1, g)
         excluded &= cols != partner_col.view(-1, 1)
         logits = logits.masked_fill(excluded, float("-inf"))
         per_anchor = F.cross_entropy(logits, partner_col, reduction="none")

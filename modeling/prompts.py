@@ -40,7 +40,7 @@ VARIANT_PROMPT = {
     "notellm2": "micl",
 }
 
-IMG, EMB = object(), object()  # segment markers for the image slot and the mICL visual marker
+IMG, EMB = "\x00IMG", "\x00EMB"  # segment markers for the image slot and the mICL visual marker
 FIELDS = ("title", "topic", "content")
 
 _TEMPLATES = {
@@ -104,6 +104,12 @@ def marker_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor, mark
     return last, vis
 
 
+def _nid(note) -> str:
+    if isinstance(note, dict):
+        return str(note.get("note_id", note.get("id", "?")))
+    return "?"
+
+
 class NotePrompter:
     """Encodes notes into prompt ids (in DataLoader workers: plain lists, picklable) and collates them.
 
@@ -145,8 +151,7 @@ class NotePrompter:
         tpl = _TEMPLATES[language]
         self.topic_sep = tpl["topic_sep"]
         # Literal template pieces encoded once.
-        self.templates = {name: [self._encode_literal(s) if isinstance(s, str) and s not in FIELDS else s
-                                 for s in tpl[name]] for name in ("text", "basic_mm", "micl", "image")}
+        self.templates = {name: [self._segment(s) for s in tpl[name]] for name in ("text", "basic_mm", "micl", "image")}
 
     # ------------------------------------------------------------------ encoding
 
@@ -161,8 +166,15 @@ class NotePrompter:
                 return list(full[:start])
         return []
 
-    def _encode_literal(self, text: str) -> tuple:
-        return ("lit", tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"]))
+    def _segment(self, seg: str) -> tuple:
+        """Template piece -> ("img",) | ("emb",) | ("field", name) | ("lit", ids) (plain data: picklable)."""
+        if seg == IMG:
+            return ("img",)
+        if seg == EMB:
+            return ("emb",)
+        if seg in FIELDS:
+            return ("field", seg)
+        return ("lit", tuple(self.tokenizer(seg, add_special_tokens=False)["input_ids"]))
 
     def _encode_user(self, text: str) -> list[int]:
         if not text:
@@ -178,11 +190,11 @@ class NotePrompter:
         uses_image = False
         if mode == "text" or not self.uses_images:
             if mode == "image":
-                raise PromptError(f"note {note.get('id', '?')}: variant {self.variant!r} has no image probe (no image is used)")
+                raise PromptError(f"note {_nid(note)}: variant {self.variant!r} has no image probe (no image is used)")
             name = "text"
         elif mode == "image":
             if not has_image:
-                raise PromptError(f"note {note.get('id', '?')}: the image probe needs a note with has_image true")
+                raise PromptError(f"note {_nid(note)}: the image probe needs a note with has_image true")
             uses_image = True
             name = "text" if self.kind == "text" else "image"
             if name == "text":  # late_fusion's image probe: empty fields, pooled feature through the gate
@@ -197,18 +209,18 @@ class NotePrompter:
             fields[f] = fields[f][:cap]
         ids = list(self.prefix)
         for seg in self.templates[name]:
-            if seg is IMG:
+            if seg[0] == "img":
                 ids.extend([self.img_id] * self.num_image_tokens)
-            elif seg is EMB:
+            elif seg[0] == "emb":
                 ids.append(self.img_emb_id)
-            elif isinstance(seg, str):
-                ids.extend(fields[seg])
+            elif seg[0] == "field":
+                ids.extend(fields[seg[1]])
             else:
                 ids.extend(seg[1])
         return {"input_ids": ids, "has_image": bool(uses_image)}
 
     def _check_note(self, note: dict):
-        nid = note.get("id", "?") if isinstance(note, dict) else "?"
+        nid = _nid(note)
         if not isinstance(note, dict):
             raise PromptError(f"note: expected a dict with title, content, topics, has_image; got {type(note).__name__}")
         title = note.get("title", "")

@@ -52,7 +52,7 @@ def make_tokenizer(tmp_path, vocab_size: int = 300) -> str:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(_corpus()), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
         character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False,
-        minloglevel=2, num_threads=1)
+        minloglevel=2, num_threads=1, normalization_rule_name="identity")
     with open(os.path.join(out, "tokenizer.model"), "wb") as fh:
         fh.write(buf.getvalue())
     tok = LlamaTokenizer.from_pretrained(out)

@@ -1,0 +1,94 @@
+"""Rank functions for the multi-rank modeling tests (run by tests.multirank.run_ranks)."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from modeling.config import ConnectorConfig, LLMConfig, LossConfig, ModelConfig, VisionConfig
+from modeling.encoder import build_all
+
+
+def _note(k: int, role: str, has_image: bool = True) -> dict:
+    words = ["cooking pasta", "travel diary", "lipstick review", "cute kitten", "coffee garden", "city night"]
+    return {"note_id": f"{role}{k}", "title": f"{words[k % 6]} {k}", "content": f"{words[(k + 2) % 6]} " * (1 + k % 3),
+            "topics": [words[(k + 4) % 6]], "has_image": has_image}
+
+
+def _pairs(num_pairs: int):
+    pairs = []
+    for k in range(num_pairs):
+        q, t = _note(k, "q"), _note(k, "t", has_image=k % 4 != 2)
+        pairs.append((q, t))
+    # The last pair's target is the same note as the first pair's query (it lands on another rank).
+    pairs[-1] = (pairs[-1][0], pairs[0][0])
+    return pairs
+
+
+def _pixels(note_id: str, size: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(sum(ord(c) * 31 ** i for i, c in enumerate(note_id)) % (2 ** 31))
+    return torch.randn(3, size, size, generator=g)
+
+
+def _batch(prompter, tower, pairs):
+    notes = [q for q, _ in pairs] + [t for _, t in pairs]
+    batch = prompter.collate([prompter.encode(n) for n in notes])
+    batch["note_ids"] = torch.tensor([hash_id(n["note_id"]) for n in notes], dtype=torch.long)
+    px = torch.stack([_pixels(n["note_id"], tower.image_size) for n in notes])
+    tokens, pooled = tower(px)
+    return batch, tokens, pooled
+
+
+def hash_id(s: str) -> int:
+    return sum(ord(c) * 131 ** i for i, c in enumerate(s)) % (2 ** 62)
+
+
+def _detached_gather(x):
+    """The classic bug: remote parts come back without gradient."""
+    from torch.distributed import _functional_collectives as fc
+    if x.is_floating_point():
+        full = fc.all_gather_tensor(x.detach().contiguous(), gather_dim=0, group=dist.group.WORLD)
+        parts = list(torch.as_tensor(full).chunk(dist.get_world_size()))
+        parts[dist.get_rank()] = x
+        return torch.cat(parts)
+    return torch.as_tensor(fc.all_gather_tensor(x.contiguous(), gather_dim=0, group=dist.group.WORLD))
+
+
+def gathered_gradients(llm_dir: str, clip_dir: str, variant: str = "notellm2", pairs_per_rank: int = 2,
+                       scale_by_world_size: bool = False) -> dict:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    cfg = ModelConfig(variant=variant, llm=LLMConfig(path=llm_dir), vision=VisionConfig(path=clip_dir, image_size=32),
+                      connector=ConnectorConfig(num_query_tokens=4, num_layers=2, hidden_size=32, num_heads=4),
+                      max_text_tokens=24, embed_dim=16)
+    model, tower, prompter = build_all(cfg, LossConfig(scale_by_world_size=scale_by_world_size))
+    model.train()
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    pairs = _pairs(world * pairs_per_rank)
+    local = pairs[rank * pairs_per_rank:(rank + 1) * pairs_per_rank]
+
+    def grads(gather_fn, which_pairs, reduce: bool):
+        model.zero_grad(set_to_none=True)
+        model.loss_fn.gather_fn = gather_fn
+        batch, tokens, pooled = _batch(prompter, tower, which_pairs)
+        out = model(batch, tokens, pooled)
+        out["loss"].backward()
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for _, p in params])
+        loss = out["loss"].detach().clone()
+        if reduce:  # what DeepSpeed does: average gradients over ranks
+            dist.all_reduce(flat)
+            flat /= world
+            dist.all_reduce(loss)
+            loss /= world
+        missing = [n for n, p in params if p.grad is None]
+        return flat, loss.item(), missing
+
+    good, good_loss, missing = grads(None, local, reduce=True)
+    bad, _, _ = grads(_detached_gather, local, reduce=True)
+    ref, ref_loss, _ = grads(lambda x: x, pairs, reduce=False)
+    return {
+        "rank": rank, "world": world, "n_params": int(ref.numel()),
+        "good_max_diff": (good - ref).abs().max().item(),
+        "bad_max_diff": (bad - ref).abs().max().item(),
+        "ref_grad_max": ref.abs().max().item(),
+        "good_loss": good_loss, "ref_loss": ref_loss, "missing_grads": missing,
+    }

@@ -1,0 +1,75 @@
+import pytest
+import torch
+from torch import nn
+
+from modeling.config import ConnectorConfig
+from modeling.connector import CONNECTORS, MLPConnector, QFormerConnector, build_connector
+from modeling.fusion import EmbeddingHead, LateFusionGate
+
+
+def test_qformer_connector_shapes_and_init():
+    torch.manual_seed(0)
+    cfg = ConnectorConfig(kind="qformer", num_query_tokens=6, num_layers=3, hidden_size=32, num_heads=4,
+                          cross_attention_frequency=2)
+    conn = build_connector(cfg, token_dim=24, llm_dim=40, num_vision_tokens=17)
+    assert isinstance(conn, QFormerConnector) and conn.num_output_tokens == 6
+    q = conn.qformer.config
+    assert (q.encoder_hidden_size, q.num_hidden_layers, q.hidden_size, q.num_attention_heads,
+            q.cross_attention_frequency) == (24, 3, 32, 4, 2)
+    cross = [layer.has_cross_attention for layer in conn.qformer.encoder.layer]
+    assert cross == [True, False, True]  # every 2nd layer cross-attends, starting with the first
+    std = conn.query_tokens.std().item()
+    assert 0.01 < std < 0.03  # N(0, 0.02), not zeros
+    linears = [m for m in conn.proj if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(32, 40), (40, 40)]
+    assert any(isinstance(m, nn.GELU) for m in conn.proj)
+    x = torch.randn(3, 17, 24)
+    out = conn(x)
+    assert out.shape == (3, 6, 40)
+    # The queries read the image: different images give different outputs.
+    assert not torch.allclose(conn(torch.randn(3, 17, 24)), out)
+    out.sum().backward()
+    assert conn.query_tokens.grad is not None and conn.query_tokens.grad.abs().sum() > 0
+
+
+def test_mlp_connector_is_per_token():
+    torch.manual_seed(0)
+    conn = build_connector(ConnectorConfig(kind="mlp"), token_dim=24, llm_dim=40, num_vision_tokens=17)
+    assert isinstance(conn, MLPConnector) and conn.num_output_tokens == 17
+    x = torch.randn(2, 17, 24)
+    out = conn(x)
+    assert out.shape == (2, 17, 40)
+    torch.testing.assert_close(conn(x[:, 3:4]), out[:, 3:4])  # token 3 depends only on token 3
+
+
+def test_connector_registry():
+    assert set(CONNECTORS) == {"qformer", "mlp"}
+    cfg = ConnectorConfig()
+    object.__setattr__(cfg, "kind", "perceiver")
+    with pytest.raises(ValueError, match="model.connector.kind: got 'perceiver'"):
+        build_connector(cfg, 8, 8, 4)
+    with pytest.raises(ValueError, match="model.connector.hidden_size: 30 is not divisible"):
+        build_connector(ConnectorConfig(hidden_size=30, num_heads=4), 8, 8, 4)
+
+
+def test_late_fusion_gate_math():
+    torch.manual_seed(0)
+    gate = LateFusionGate(llm_dim=8, pooled_dim=5)
+    assert gate.vision_proj.bias is None  # the pooled feature projection has no bias
+    h, pooled = torch.randn(4, 8), torch.randn(4, 5)
+    has_image = torch.tensor([True, True, False, True])
+    fused, z = gate(h, pooled, has_image)
+    v = pooled @ gate.vision_proj.weight.t()
+    z_ref = torch.sigmoid(torch.cat([h, v], dim=-1) @ gate.gate.weight.t() + gate.gate.bias)
+    ref = z_ref * h + (1 - z_ref) * v
+    torch.testing.assert_close(fused[has_image], ref[has_image])
+    torch.testing.assert_close(fused[2], h[2])  # no image: the LLM representation passes through
+    torch.testing.assert_close(z[has_image], z_ref[has_image])
+    assert z.shape == (4, 8) and ((z > 0) & (z <= 1)).all()
+
+
+def test_embedding_head_normalises():
+    head = EmbeddingHead(8, 3)
+    out = head(torch.randn(5, 8, dtype=torch.bfloat16).float())
+    assert out.shape == (5, 3) and out.dtype == torch.float32
+    torch.testing.assert_close(out.norm(dim=-1), torch.ones(5))
