@@ -42,7 +42,8 @@ BAD_IMAGE_POLICIES = ("drop_image", "skip_pair")
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 _SHARD_RE = re.compile(r"^(pairs|notes)-[A-Za-z0-9_]+-\d{6}\.tar$")
-_TMP_RE = re.compile(r"^\.(pairs|notes)-[A-Za-z0-9_]+-\d{6}\.tar\.tmp-\d+$")
+# Temporary files of a run (a shard or the manifest being written, the image spool).
+_TMP_RE = re.compile(r"^\.((pairs|notes)-[A-Za-z0-9_]+-\d{6}\.tar\.tmp|manifest\.json\.tmp|images\.spool)-\d+$")
 
 
 class ShardWriteError(ValueError):

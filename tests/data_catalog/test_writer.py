@@ -207,7 +207,8 @@ def test_interrupted_run_leaves_no_truncated_shard_and_rerun_recovers(inputs, tm
 
     out = str(tmp_path / "s")
     os.makedirs(out)
-    open(os.path.join(out, ".pairs-train-000000.tar.tmp-99999"), "wb").write(b"left by a killed run")
+    for junk in (".pairs-train-000000.tar.tmp-99999", ".manifest.json.tmp-99999", ".images.spool-99999"):
+        open(os.path.join(out, junk), "wb").write(b"left by a killed run")  # removed at start
     calls = {"n": 0}
     real = w._json_bytes
 
