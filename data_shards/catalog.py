@@ -295,14 +295,14 @@ def _check_image_task(args):
 
 
 def validate_catalog(path: str, image_root: Optional[str] = None, fmt: Optional[str] = None,
-                     max_pixels: int = 40_000_000, workers: int = 1, check_images: bool = True,
+                     max_pixels: int = 40_000_000, workers: Optional[int] = 1, check_images: bool = True,
                      progress: bool = False, keep: int = 5) -> ValidationReport:
     """Check a catalog and return a report (never raises for content problems).
 
     Errors: malformed records, duplicate note ids, images that are referenced but missing, and
     images that do not decode (or exceed `max_pixels`). Warnings: notes whose title and content
     are both empty (``empty_text``), or only one of them (``empty_title`` / ``empty_content``).
-    Images are fully decoded with `workers` processes.
+    Images are fully decoded with `workers` processes (None: `default_workers()`).
     """
     from tqdm import tqdm
 
@@ -334,8 +334,9 @@ def validate_catalog(path: str, image_root: Optional[str] = None, fmt: Optional[
                 to_check.append((n.note_id, n.image_path))
     if to_check:
         tasks = [(p, max_pixels) for _, p in to_check]
-        with _maybe_pool(workers) as pool:
-            results = pool.imap(_check_image_task, tasks, chunksize=8)
+        workers = default_workers() if workers is None else workers
+        with _maybe_pool(min(workers, len(tasks))) as pool:
+            results = ordered_imap(pool, _check_image_task, tasks, chunksize=8)
             for (nid, _), reason in tqdm(zip(to_check, results), total=len(to_check), desc="decoding images",
                                          unit=" img", disable=not progress):
                 if reason is not None:
@@ -354,6 +355,28 @@ class _InlinePool:
 
     def __exit__(self, *exc):
         return False
+
+
+def default_workers() -> int:
+    """The cores this process may run on (a Slurm allocation, a taskset), not the machine's count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def ordered_imap(pool, fn, items: list, chunksize: int = 8, window: int = 2048):
+    """`pool.imap(fn, items)` in order, but with at most two windows of `window` items queued at a
+    time (a plain imap queues every task up front: millions for a large catalog). The next window
+    is submitted before the current one is drained, so the workers never wait on the consumer."""
+    starts = list(range(0, len(items), window))
+    pending = [pool.imap(fn, items[s:s + window], chunksize) for s in starts[:2]]
+    for k in range(len(starts)):
+        current = pending.pop(0)
+        if k + 2 < len(starts):
+            s = starts[k + 2]
+            pending.append(pool.imap(fn, items[s:s + window], chunksize))
+        yield from current
 
 
 def _maybe_pool(workers: int):

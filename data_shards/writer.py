@@ -33,7 +33,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from data_shards.catalog import CatalogError, Note, _maybe_pool, index_catalog, load_catalog
+from data_shards.catalog import CatalogError, _maybe_pool, default_workers, index_catalog, load_catalog, ordered_imap
 
 log = logging.getLogger("notellm2.data")
 
@@ -316,7 +316,7 @@ def write_shards(pairs_dir: str, catalog: str, out_dir: str, image_root: Optiona
     st = settings or ShardSettings()
     st.splits = tuple(st.splits)
     st.check()
-    workers = (os.cpu_count() or 1) if workers is None else max(1, int(workers))
+    workers = default_workers() if workers is None else max(1, int(workers))
 
     pairs_path = os.path.join(pairs_dir, "pairs.parquet") if os.path.isdir(pairs_dir) else pairs_dir
     df = read_pairs(pairs_dir)
@@ -363,7 +363,7 @@ def write_shards(pairs_dir: str, catalog: str, out_dir: str, image_root: Optiona
     try:
         tasks = [(notes[nid].image_path, st.image_size, st.jpeg_quality, st.max_image_pixels) for nid in with_image]
         with _maybe_pool(min(workers, max(1, len(tasks)))) as pool:
-            results = pool.imap(_encode_task, tasks, chunksize=4)
+            results = ordered_imap(pool, _encode_task, tasks, chunksize=4)
             for nid, (raw_sha, jpeg, reason) in tqdm(zip(with_image, results), total=len(tasks), unit=" img",
                                                      desc="re-encoding images", disable=not progress):
                 image_digest.update(f"{nid}\t{raw_sha}\n".encode())

@@ -19,8 +19,8 @@ def register(sub) -> None:
                         "(default: the catalog's folder)")
     p.add_argument("--format", choices=["jsonl", "csv"], default=None,
                    help="catalog format (default: from the file extension)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="processes decoding images (default: all cores)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes decoding images (default: the cores this process may use)")
     p.add_argument("--max-pixels", type=int, default=40_000_000,
                    help="images with more pixels are reported as unreadable")
     p.add_argument("--no-image-decode", action="store_true",

@@ -22,8 +22,8 @@ def register(sub) -> None:
     p.add_argument("--bad-image-policy", choices=["drop_image", "skip_pair"], default="drop_image",
                    help="drop_image: write the note without image; skip_pair: skip its pairs")
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="larger source images count as bad")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="processes re-encoding images (default: all cores)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes re-encoding images (default: the cores this process may use)")
     p.add_argument("--overwrite", action="store_true", help="replace a complete earlier shard set in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(handler=run)

@@ -172,3 +172,30 @@ def test_validate_without_decoding_only_checks_existence(tmp_path):
     cat = _problem_catalog(tmp_path)
     r = validate_catalog(cat, check_images=False)
     assert "unreadable_image" not in r.problems and r.problems["missing_image"].count == 1
+
+
+def _square(x):
+    return x * x
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ordered_imap_keeps_order_across_windows(workers):
+    from data_shards.catalog import _maybe_pool, default_workers, ordered_imap
+
+    items = list(range(23))
+    with _maybe_pool(workers) as pool:
+        assert list(ordered_imap(pool, _square, items, chunksize=2, window=5)) == [i * i for i in items]
+        assert list(ordered_imap(pool, _square, [], window=5)) == []
+    assert default_workers() >= 1
+
+
+def test_validate_csv_catalog_reports_missing_image(tmp_path):
+    imgs = tmp_path / "images"
+    imgs.mkdir()
+    write_plain_jpeg(imgs / "1.jpg", 8, 8)
+    p = tmp_path / "notes.csv"
+    p.write_text("n1,t,c,1,food\nn2,t,c,2,food\nn2,t,,,food\nbroken,row\n", encoding="utf-8")
+    d = validate_catalog(str(p), image_root=str(imgs), workers=None).to_dict()
+    assert d["problems"]["missing_image"]["first"] == ["n2"]
+    assert d["problems"]["duplicate_id"]["first"] == ["n2"] and d["problems"]["empty_content"]["first"] == ["n2"]
+    assert d["problems"]["malformed_record"]["first"] == ["line 4"] and d["errors"] == 3
