@@ -122,7 +122,7 @@ def iter_catalog(path: str, image_root: Optional[str] = None, fmt: Optional[str]
     if image_root is not None and not os.path.isdir(image_root):
         raise CatalogError(f"{image_root}: image root is not a directory")
     if fmt == "jsonl":
-        with open(path, encoding="utf-8") as fh:
+        with open(path, encoding="utf-8-sig") as fh:  # -sig: a leading BOM is dropped
             for lineno, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
@@ -137,7 +137,7 @@ def iter_catalog(path: str, image_root: Optional[str] = None, fmt: Optional[str]
                 except CatalogError as e:
                     yield lineno, e
         return
-    with open(path, encoding="utf-8", newline="") as fh:
+    with open(path, encoding="utf-8-sig", newline="") as fh:
         reader = csv.reader(fh)
         first = True
         start = 1

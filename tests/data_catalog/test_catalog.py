@@ -199,3 +199,12 @@ def test_validate_csv_catalog_reports_missing_image(tmp_path):
     assert d["problems"]["missing_image"]["first"] == ["n2"]
     assert d["problems"]["duplicate_id"]["first"] == ["n2"] and d["problems"]["empty_content"]["first"] == ["n2"]
     assert d["problems"]["malformed_record"]["first"] == ["line 4"] and d["errors"] == 3
+
+
+def test_byte_order_mark_is_ignored(tmp_path):
+    j = tmp_path / "bom.jsonl"
+    j.write_bytes("\ufeff".encode() + b'{"note_id": "a", "title": "t", "content": "c"}\n')
+    assert [n.note_id for n in load_catalog(str(j))] == ["a"]
+    c = tmp_path / "bom.csv"
+    c.write_bytes("\ufeff".encode() + b"note_id,title,content,image_id,category\nn1,t,c,,food\n")
+    assert [n.note_id for n in load_catalog(str(c))] == ["n1"]
