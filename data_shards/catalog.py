@@ -122,11 +122,18 @@ def iter_catalog(path: str, image_root: Optional[str] = None, fmt: Optional[str]
     if image_root is not None and not os.path.isdir(image_root):
         raise CatalogError(f"{image_root}: image root is not a directory")
     if fmt == "jsonl":
-        with open(path, encoding="utf-8-sig") as fh:  # -sig: a leading BOM is dropped
-            for lineno, line in enumerate(fh, 1):
+        with open(path, "rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                where = f"{path}:{lineno}"
+                if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]  # a byte order mark (spreadsheet exports)
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield lineno, CatalogError(f"{where}: not UTF-8 text (byte {e.start}: {e.reason})")
+                    continue
                 if not line.strip():
                     continue
-                where = f"{path}:{lineno}"
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
@@ -137,30 +144,38 @@ def iter_catalog(path: str, image_root: Optional[str] = None, fmt: Optional[str]
                 except CatalogError as e:
                     yield lineno, e
         return
-    with open(path, encoding="utf-8-sig", newline="") as fh:
+    with open(path, encoding="utf-8-sig", newline="") as fh:  # -sig: a leading BOM is dropped
         reader = csv.reader(fh)
-        first = True
-        start = 1
-        for row in reader:
-            lineno, where = start, f"{path}:{start}"
-            start = reader.line_num + 1  # a quoted field may span lines
-            if first:
-                first = False
-                if [c.strip().lower() for c in row] == list(CSV_COLUMNS):
-                    continue
-            if not row or (len(row) == 1 and not row[0].strip()):
+        try:
+            yield from _iter_csv_rows(reader, path, base)
+        except UnicodeDecodeError as e:
+            raise CatalogError(f"{path}:{reader.line_num + 1}: not UTF-8 text ({e.reason}); "
+                               f"re-save the CSV as UTF-8") from None
+
+
+def _iter_csv_rows(reader, path: str, base: str):
+    first = True
+    start = 1
+    for row in reader:
+        lineno, where = start, f"{path}:{start}"
+        start = reader.line_num + 1  # a quoted field may span lines
+        if first:
+            first = False
+            if [c.strip().lower() for c in row] == list(CSV_COLUMNS):
                 continue
-            if len(row) != len(CSV_COLUMNS):
-                yield lineno, CatalogError(
-                    f"{where}: expected {len(CSV_COLUMNS)} columns ({','.join(CSV_COLUMNS)}), got {len(row)}")
-                continue
-            nid, title, content, image_id, category = row
-            if not nid:
-                yield lineno, CatalogError(f"{where}: empty note_id")
-                continue
-            yield lineno, Note(note_id=nid, title=title, content=content, topics=[],
-                                        image_path=_resolve_csv_image(image_id.strip(), base),
-                                        category=category or None, timestamp=None)
+        if not row or (len(row) == 1 and not row[0].strip()):
+            continue
+        if len(row) != len(CSV_COLUMNS):
+            yield lineno, CatalogError(
+                f"{where}: expected {len(CSV_COLUMNS)} columns ({','.join(CSV_COLUMNS)}), got {len(row)}")
+            continue
+        nid, title, content, image_id, category = row
+        if not nid:
+            yield lineno, CatalogError(f"{where}: empty note_id")
+            continue
+        yield lineno, Note(note_id=nid, title=title, content=content, topics=[],
+                           image_path=_resolve_csv_image(image_id.strip(), base),
+                           category=category or None, timestamp=None)
 
 
 def load_catalog(path: str, image_root: Optional[str] = None, fmt: Optional[str] = None) -> list[Note]:

@@ -208,3 +208,16 @@ def test_byte_order_mark_is_ignored(tmp_path):
     c = tmp_path / "bom.csv"
     c.write_bytes("\ufeff".encode() + b"note_id,title,content,image_id,category\nn1,t,c,,food\n")
     assert [n.note_id for n in load_catalog(str(c))] == ["n1"]
+
+
+def test_non_utf8_input_names_file_and_line(tmp_path):
+    j = tmp_path / "latin.jsonl"
+    j.write_bytes(b'{"note_id": "a", "title": "t", "content": "c"}\n{"note_id": "b", "title": "caf\xe9", "content": "c"}\n')
+    with pytest.raises(CatalogError, match=rf"{j}:2: not UTF-8 text"):
+        load_catalog(str(j))
+    r = validate_catalog(str(j))  # validate goes on past the bad line
+    assert r.records == 2 and r.problems["malformed_record"].first == ["line 2"]
+    c = tmp_path / "latin.csv"
+    c.write_bytes(b"n1,t,c,,food\nn2,caf\xe9,c,,food\n")
+    with pytest.raises(CatalogError, match=rf"{c}:\d: not UTF-8 text"):
+        load_catalog(str(c))
