@@ -288,3 +288,39 @@ def test_bad_inputs_give_clear_errors(inputs, tmp_path):
         write_shards(pairs, cat, str(tmp_path / "o"), settings=ShardSettings(splits=("dev",)))
     with pytest.raises(ShardWriteError, match="shard_size: got 0"):
         write_shards(pairs, cat, str(tmp_path / "o"), settings=ShardSettings(shard_size=0))
+
+
+_KILL_SCRIPT = """
+import os, signal, sys
+import data_shards.writer as w
+from data_shards.writer import ShardSettings, write_shards
+real_add = w._ShardSink.add
+def add(self, members):
+    real_add(self, members)
+    if self.name == "pairs-train-000002.tar" and self.count == 3:
+        os.kill(os.getpid(), signal.SIGKILL)  # no finally, no clean-up: like a node going away
+w._ShardSink.add = add
+write_shards(sys.argv[1], sys.argv[2], sys.argv[3], settings=ShardSettings(shard_size=8, image_size=32, splits=("train",)), workers=1)
+"""
+
+
+def test_sigkilled_run_leaves_only_complete_shards_under_final_names(inputs, tmp_path):
+    import subprocess
+    import sys
+
+    root, cat, pairs = inputs
+    clean = str(tmp_path / "clean")
+    write_shards(pairs, cat, clean, settings=ShardSettings(shard_size=8, image_size=32, splits=("train",)), workers=1)
+    out = str(tmp_path / "s")
+    proc = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, pairs, cat, out], capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr
+    left = sorted(os.listdir(out))
+    finals = [n for n in left if not n.startswith(".")]
+    assert finals == ["pairs-train-000000.tar", "pairs-train-000001.tar"]
+    for n in finals:
+        assert open(os.path.join(out, n), "rb").read() == open(os.path.join(clean, n), "rb").read()
+    temps = [n for n in left if n.startswith(".")]
+    assert len(temps) == 2 and any(".pairs-train-000002.tar.tmp-" in n for n in temps) \
+        and any(n.startswith(".images.spool-") for n in temps)
+    write_shards(pairs, cat, out, settings=ShardSettings(shard_size=8, image_size=32, splits=("train",)), workers=1)
+    assert _files(out) == _files(clean)  # temp files gone, same bytes as an uninterrupted run
