@@ -20,6 +20,7 @@ Bad-pair policy (counted in the manifest, first ids logged):
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -309,11 +310,14 @@ def write_shards(pairs_dir: str, catalog: str, out_dir: str, image_root: Optiona
                  workers: Optional[int] = None, overwrite: bool = False, progress: bool = False) -> dict:
     """Write pair shards and notes shards for the selected splits; return the manifest dict.
 
-    `workers` processes re-encode images (default: all cores; 1 runs in this process).
+    `workers` processes re-encode images (default: the cores this process may use; 1 runs in
+    this process). Raises `ShardWriteError` on input it refuses, before touching `out_dir`.
     """
     from tqdm import tqdm
 
-    st = settings or ShardSettings()
+    st = dataclasses.replace(settings or ShardSettings())
+    if isinstance(st.splits, str):
+        st.splits = tuple(s.strip() for s in st.splits.split(",") if s.strip())
     st.splits = tuple(st.splits)
     st.check()
     workers = default_workers() if workers is None else max(1, int(workers))
