@@ -1,0 +1,64 @@
+"""`notellm2 embed`: embed every note of a notes shard set with an exported model (or, with
+--config and no --model, with the untrained model the config describes: the zero-shot baseline).
+
+Runs in one process, or under torchrun / srun with several ranks (each embeds its share)."""
+from __future__ import annotations
+
+import os
+
+import torch.distributed as dist
+
+from launcher.cli import add_config_args, config_from_args
+from launcher.embed import MODES, run_embed
+
+
+def _run(args) -> int:
+    from data_shards.config import DataConfig
+    from launcher.distributed import detect_topology
+
+    topo = detect_topology()
+    if topo.world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo", rank=topo.rank, world_size=topo.world_size,
+                                init_method=f"tcp://{topo.master_addr}:{topo.master_port}")
+    if args.model:
+        from launcher.export import load_exported
+
+        note_model, tower, prompter = load_exported(args.model)
+        data_cfg = DataConfig(num_workers=args.num_workers)
+        image_size = tower.image_size if tower is not None else 224
+        source = {"model": os.path.abspath(args.model)}
+        shards = args.shards
+    else:
+        if not args.config:
+            raise SystemExit("notellm2 embed: give --model EXPORT_DIR, or --config for the untrained baseline")
+        from modeling.encoder import build_all
+
+        import torch
+
+        cfg = config_from_args(args)
+        torch.manual_seed(cfg.train.seed)  # the new modules' random init is the same on every rank and run
+        note_model, tower, prompter = build_all(cfg.model, cfg.loss)
+        data_cfg = cfg.data
+        image_size = cfg.model.vision.image_size
+        source = {"model": "untrained", "config": os.path.abspath(args.config)}
+        shards = args.shards or cfg.data.notes_shards
+    if not shards:
+        raise SystemExit("notellm2 embed: no notes shards (--shards, or data.notes_shards in the config)")
+    rc = run_embed(note_model, tower, prompter, shards, args.out, data_cfg, args.batch_size, args.mode,
+                   topo.rank, topo.world_size, image_size, source)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return rc
+
+
+def register(sub) -> None:
+    p = sub.add_parser("embed", help="embed the notes of a notes shard set (exported model or untrained baseline)")
+    p.add_argument("--model", help="directory written by `notellm2 export`")
+    p.add_argument("--shards", help="notes shards (glob, brace pattern); default data.notes_shards of --config")
+    p.add_argument("--out", required=True, help="output folder (embeddings.npy, ids.txt, embeddings.json)")
+    p.add_argument("--mode", choices=MODES, default="both", help="probe: text-only, image-only or both inputs")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--num-workers", type=int, default=1)
+    add_config_args(p)
+    p.set_defaults(handler=_run)
