@@ -7,8 +7,8 @@
     loop: batch -> frozen vision tower (no_grad, replicated) -> engine forward/backward/step
           -> metrics (rank 0) -> checkpoint every N steps and at the end
 
-The pieces the loop drives are built by a *components factory* `fn(cfg, rank, world_size) ->
-Components`; the default one (`default_components`) builds the real NoteModel, vision tower,
+The pieces the loop drives are built by a *components factory* `fn(cfg, rank, world_size, ds_config)
+-> Components`; the default one (`default_components`) builds the real NoteModel, vision tower,
 prompter and PairLoader. Tests pass their own factory through `train(cfg, factory=...)`.
 """
 from __future__ import annotations
@@ -94,22 +94,34 @@ def build_ds_config(cfg: RunConfig, world_size: int, load_universal: bool = Fals
 
 # ----------------------------------------------------------------------------- components
 
-def default_components(cfg: RunConfig, rank: int, world_size: int) -> Components:
-    """The real pieces: NoteModel + frozen vision tower + prompter (modeling) and PairLoader (data_shards)."""
-    from modeling.encoder import build_all
+def default_components(cfg: RunConfig, rank: int, world_size: int, ds_config: dict) -> Components:
+    """The real pieces: NoteModel + frozen vision tower + prompter (modeling) and PairLoader (data_shards).
+
+    The vision tower is built first, with no DeepSpeed context, so that it stays whole and replicated;
+    the LLM is then loaded inside a live HfDeepSpeedConfig so that ZeRO-3 partitions it while loading
+    (a large model never sits whole on one rank)."""
+    from transformers.integrations import HfDeepSpeedConfig
+
     from data_shards.reader import PairLoader
+    from modeling.backbone import load_llm
+    from modeling.encoder import build_note_model
+    from modeling.vision import build_vision_tower
 
     if not cfg.data.train_shards:
         raise ConfigError("data.train_shards: empty; point it at pairs-train-*.tar shards (notellm2 data write-shards)")
-    note_model, vision_tower, prompter = build_all(cfg.model, cfg.loss)
+    tower = build_vision_tower(cfg.model.vision, variant=cfg.model.variant)
+    hf_ds = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"].get("stage") == 3 else None
+    llm, tokenizer = load_llm(cfg.model.llm)
+    note_model = build_note_model(cfg.model, cfg.loss, tower, llm=llm, tokenizer=tokenizer)
+    prompter = note_model.make_prompter(tokenizer, cfg.model.prompt_language, cfg.model.max_text_tokens)
 
     def make_loader(epoch: int):
-        return PairLoader(cfg.data.train_shards, data_cfg=cfg.data, encode_fn=prompter.encode,
+        return PairLoader(cfg.data.train_shards, None, data_cfg=cfg.data, encode_fn=prompter.encode,
                           collate_text_fn=prompter.collate, rank=rank, world_size=world_size,
                           pairs_per_rank=cfg.data.pairs_per_rank, image_size=cfg.model.vision.image_size,
                           epoch=epoch)
 
-    return Components(note_model, vision_tower, prompter, make_loader)
+    return Components(note_model, tower, prompter, make_loader, extra={"hf_ds_config": hf_ds})
 
 
 def load_factory(spec: str) -> Callable:
@@ -170,6 +182,23 @@ def model_state_bytes(engine) -> dict:
     return {"params": params, "master": master, "grads": grads, "optimizer": states, "total": total}
 
 
+def flatten_counters(stats: dict) -> dict:
+    """Loader stats {"dropped": {"bad_image": 2}, "batches": 8} -> {"dropped/bad_image": 2,
+    "dropped_total": 2, "batches": 8}: numbers only, nested groups also summed."""
+    out = {}
+    for key, value in (stats or {}).items():
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)):
+            out[key] = value
+        elif isinstance(value, dict):
+            nums = {k: v for k, v in value.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            for k, v in nums.items():
+                out[f"{key}/{k}"] = v
+            out[f"{key}_total"] = sum(nums.values())
+    return out
+
+
 class _Timer:
     def __init__(self):
         self.totals: dict[str, float] = {}
@@ -225,7 +254,6 @@ def train(cfg: RunConfig, factory: Optional[Callable] = None, topo: Optional[Top
 
 def _train(cfg: RunConfig, factory: Callable, topo: Topology, watchdog: Watchdog, log, on_step) -> dict:
     import deepspeed
-    from transformers.integrations import HfDeepSpeedConfig
 
     rank, world = topo.rank, topo.world_size
     run_dir = cfg.train.output_dir
@@ -245,15 +273,23 @@ def _train(cfg: RunConfig, factory: Callable, topo: Topology, watchdog: Watchdog
         dist.barrier()
 
     ds_config = build_ds_config(cfg, world, load_universal=bool(plan and plan.universal))
-    hf_ds = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"].get("stage") == 3 else None  # noqa: F841
     torch.manual_seed(cfg.train.seed)
-    comps = factory(cfg, rank, world)
+    comps = factory(cfg, rank, world, ds_config)
     model = comps.note_model
     if comps.vision_tower is not None:
         comps.vision_tower.to(device).eval()
         for p in comps.vision_tower.parameters():
             p.requires_grad_(False)
 
+    if cfg.train.precision == "bf16":
+        # The LLM comes partitioned in bf16 (HfDeepSpeedConfig); the new modules are built in fp32.
+        # ZeRO wants one dtype: cast what is not partitioned yet (DeepSpeed keeps fp32 master copies).
+        for p in model.parameters():
+            if not hasattr(p, "ds_id") and p.dtype.is_floating_point:
+                p.data = p.data.to(torch.bfloat16)
+        for b in model.buffers():
+            if b.dtype == torch.float32:
+                b.data = b.data.to(torch.bfloat16)
     groups = param_groups(model, cfg.train.lr_llm, cfg.train.lr_new, cfg.train.weight_decay)
     group_names = [g["name"] for g in groups]
     optimizer = build_optimizer(groups, ds_config)
@@ -283,9 +319,11 @@ def _train(cfg: RunConfig, factory: Callable, topo: Topology, watchdog: Watchdog
     loader = comps.make_loader(epoch)
     if reader_state is not None:
         loader.load_state_dict(reader_state)
-    elif plan is not None and plan.universal and hasattr(loader, "load_state_dict_other_world"):
-        loader.load_state_dict_other_world(plan.manifest.get("reader_states") or [])
-    it = iter(loader)
+    elif plan is not None and plan.universal and plan.manifest.get("reader_states"):
+        # Every old rank's state: the reader restarts the epoch with the shards no old rank had started.
+        loader.load_state_dict(plan.manifest["reader_states"])
+    # A reader that moves over epochs by itself (PairLoader.endless) is used as one endless stream.
+    it = iter(loader.endless()) if hasattr(loader, "endless") else iter(loader)
 
     metrics = MetricsWriter(run_dir, enabled=rank == 0, tensorboard=cfg.logging.tensorboard,
                             max_steps=cfg.train.max_steps, start_step=start_step)
@@ -367,7 +405,7 @@ def _train(cfg: RunConfig, factory: Callable, topo: Topology, watchdog: Watchdog
             if hasattr(loader, "stats"):
                 st = loader.stats() or {}
                 all_st = [None] * world
-                dist.all_gather_object(all_st, {k: v for k, v in st.items() if isinstance(v, (int, float))})
+                dist.all_gather_object(all_st, flatten_counters(st))
                 for s in all_st:
                     for k, v in (s or {}).items():
                         counters[k] = counters.get(k, 0) + v

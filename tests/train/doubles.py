@@ -118,13 +118,16 @@ class SyntheticPairLoader:
         return {"epoch": self.epoch, "index": self.index, "bad": self.bad}
 
     def load_state_dict(self, state):
+        if isinstance(state, list):  # every old rank's state (another world size): restart that epoch
+            self.epoch, self.index, self.bad = state[0]["epoch"], 0, 0
+            return
         self.epoch, self.index, self.bad = state["epoch"], state["index"], state["bad"]
 
     def stats(self):
         return {"bad_samples": self.bad}
 
 
-def components(cfg, rank, world_size):
+def components(cfg, rank, world_size, ds_config):
     # Python's hash of a tuple of ints is stable across processes (no str hashing involved).
     return Components(TinyNoteModel(), TinyVision(), None,
                       lambda epoch: SyntheticPairLoader(cfg.data.pairs_per_rank, rank, world_size, epoch, seed=cfg.data.seed))
