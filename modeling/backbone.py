@@ -168,7 +168,9 @@ def _add_placeholder_rows(model, tokenizer) -> None:
         rows = emb.weight.shape[0]
     needed = max(new_ids) + 1
     if needed > rows:
-        # mean_resizing=False: we set the rows ourselves, to exactly the mean.
+        # mean_resizing=False: we set the rows ourselves, to exactly the mean. Under ZeRO-3,
+        # transformers 5.23 hands back the resized matrix as a plain (replicated) tensor; the
+        # launcher's deepspeed.initialize partitions it (tests/modeling/test_multirank_loss.py).
         model.resize_token_embeddings(needed, mean_resizing=False)
         emb = model.get_input_embeddings()
     # The original vocabulary: every id below the first placeholder id, bounded by the old matrix.

@@ -12,6 +12,7 @@ Widths are read from the model's config (HF) or probed with one blank image (plu
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -65,6 +66,30 @@ class VisionTower(nn.Module):
         return self.encode(pixel_values.to(self.dtype))
 
 
+@contextlib.contextmanager
+def replicated_loading():
+    """Load without ZeRO-3 partitioning even while the launcher's HfDeepSpeedConfig is alive.
+
+    transformers partitions every from_pretrained under an active ZeRO-3 HfDeepSpeedConfig; the
+    tower lives outside the engine, so partitioned weights would never be gathered for its forward.
+    """
+    try:
+        from transformers.integrations import deepspeed as hf_ds
+    except Exception:
+        yield
+        return
+    ref = getattr(hf_ds, "_hf_deepspeed_config_weak_ref", None)
+    held = ref() if ref is not None else None
+    if held is None:
+        yield
+        return
+    hf_ds.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_ds.set_hf_deepspeed_config(held)
+
+
 # ----------------------------------------------------------------------------- Hugging Face towers
 
 _HF_FAMILIES = {
@@ -113,7 +138,7 @@ class HFVisionTower(VisionTower):
                               f"(allowed: {-(n_layers + 1)}..{n_layers})")
         self.hidden_layer = cfg.hidden_layer
         kwargs = {"dtype": dtype} if dtype is not None else {}
-        with quiet_transformers():
+        with quiet_transformers(), replicated_loading():
             self.model = getattr(transformers, cls_name).from_pretrained(cfg.path, **kwargs)
         self.token_dim = int(vcfg.hidden_size)
         self.pooled_dim = int(vcfg.hidden_size)
@@ -153,7 +178,8 @@ class PluginVisionTower(VisionTower):
         super().__init__()
         fn = resolve_factory(cfg.factory)
         try:
-            encoder = fn(cfg)
+            with replicated_loading():
+                encoder = fn(cfg)
         except Exception as e:
             raise VisionError(f"model.vision.factory: {cfg.factory!r} raised {type(e).__name__}: {e}") from e
         if not isinstance(encoder, nn.Module):

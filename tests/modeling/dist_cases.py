@@ -92,3 +92,51 @@ def gathered_gradients(llm_dir: str, clip_dir: str, variant: str = "notellm2", p
         "ref_grad_max": ref.abs().max().item(),
         "good_loss": good_loss, "ref_loss": ref_loss, "missing_grads": missing,
     }
+
+
+def zero3_load_and_step(llm_dir: str, clip_dir: str) -> dict:
+    """Load the encoder under DeepSpeed ZeRO-3 (HfDeepSpeedConfig kept alive, as the launcher does),
+    check the placeholder rows and run one training step through the engine."""
+    import sys
+    import deepspeed.comm.torch  # noqa: F401
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # FACTS: skip the ~90 s shm compile
+    import deepspeed
+    from safetensors.torch import load_file
+    from transformers.integrations import HfDeepSpeedConfig
+    import os
+
+    from modeling.backbone import IMG_EMB_TOKEN, IMG_TOKEN
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+                 "train_batch_size": 2 * dist.get_world_size(), "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+                 "bf16": {"enabled": False}, "zero_allow_untested_optimizer": True}
+    hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841  (must stay alive while loading)
+    torch.manual_seed(0)
+    cfg = ModelConfig(variant="notellm2", llm=LLMConfig(path=llm_dir), vision=VisionConfig(path=clip_dir, image_size=32),
+                      connector=ConnectorConfig(num_query_tokens=4, num_layers=1, hidden_size=32, num_heads=4),
+                      max_text_tokens=16, embed_dim=8)
+    model, tower, prompter = build_all(cfg, LossConfig())
+    emb = model.llm.get_input_embeddings().weight
+    # transformers 5.23 returns the resized embedding as a plain tensor (replicated) under ZeRO-3;
+    # deepspeed.initialize partitions it below. The decoder layers are partitioned while they load.
+    q = model.llm.layers[0].self_attn.q_proj.weight
+    layer_partitioned = hasattr(q, "ds_numel") and q.numel() < q.ds_numel
+    img, img_emb = prompter.tokenizer.convert_tokens_to_ids([IMG_TOKEN, IMG_EMB_TOKEN])
+    saved = load_file(os.path.join(llm_dir, "model.safetensors"))["model.embed_tokens.weight"]
+    with deepspeed.zero.GatheredParameters([emb]):
+        full = emb.detach().clone()
+    mean_err = max((full[img] - saved.mean(0)).abs().max().item(), (full[img_emb] - saved.mean(0)).abs().max().item())
+    old_err = (full[: saved.shape[0]] - saved).abs().max().item()
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
+                                           config=ds_config)
+    pairs = _pairs(2 * dist.get_world_size())
+    local = pairs[2 * dist.get_rank(): 2 * dist.get_rank() + 2]
+    batch, tokens, pooled = _batch(prompter, tower, local)
+    out = engine(batch, tokens, pooled)
+    engine.backward(out["loss"])
+    engine.step()
+    emb = engine.module.llm.get_input_embeddings().weight
+    emb_partitioned = hasattr(emb, "ds_numel") and emb.numel() < emb.ds_numel
+    return {"partitioned": bool(layer_partitioned), "emb_partitioned_by_engine": bool(emb_partitioned), "mean_err": mean_err, "old_err": old_err,
+            "loss": float(out["loss"].item()), "logit_scale": float(out["logit_scale"].item())}
