@@ -107,3 +107,15 @@ def test_gather_is_identity_without_process_group():
 def test_odd_batch_is_rejected():
     with pytest.raises(ValueError, match="even number of rows"):
         GatheredContrastiveLoss(LossConfig())(unit(3), torch.arange(3))
+
+
+def test_scale_by_world_size_divides_the_per_rank_loss(monkeypatch):
+    import modeling.loss as loss_mod
+
+    emb, ids = unit(8, seed=3), torch.arange(8)
+    plain = GatheredContrastiveLoss(LossConfig(), gather_fn=lambda x: x)
+    scaled = GatheredContrastiveLoss(LossConfig(scale_by_world_size=True), gather_fn=lambda x: x)
+    monkeypatch.setattr(loss_mod, "_world", lambda: 4)
+    a, b = plain(emb, ids), scaled(emb, ids)
+    torch.testing.assert_close(b["loss"], a["loss"] / 4)
+    torch.testing.assert_close(b["per_anchor"], a["per_anchor"])
