@@ -116,3 +116,10 @@ def test_gradient_checkpointing_switch(tiny):
 def test_dtype_argument(tiny):
     model, _ = load_llm(LLMConfig(path=tiny["llama"]), dtype=torch.bfloat16)
     assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+
+
+def test_separate_tokenizer_path(tiny, tmp_path):
+    model, tok = load_llm(LLMConfig(path=tiny["llama"], tokenizer_path=tiny["tokenizer"]))
+    assert tok.convert_tokens_to_ids(IMG_TOKEN) == len(tok) - 2
+    with pytest.raises(BackboneError, match="model.llm.tokenizer_path: .* is not a directory"):
+        load_llm(LLMConfig(path=tiny["llama"], tokenizer_path=str(tmp_path / "missing")))
