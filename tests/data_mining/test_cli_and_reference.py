@@ -1,0 +1,91 @@
+"""`notellm2 data mine-pairs` end to end, the product against the benchmark's pandas reference,
+and a tiny run of benchmarks/bench_mining.py so that it cannot rot."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from data_shards.mining import MiningSettings, mine_pairs
+from launcher.cli import main
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BENCH = os.path.join(REPO, "benchmarks", "bench_mining.py")
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+import bench_mining  # noqa: E402
+
+
+def _views(path, n_events=3000, n_users=150, n_notes=80, days=20, seed=0):
+    rng = np.random.default_rng(seed)
+    users = rng.integers(0, n_users, n_events)
+    notes = np.minimum(rng.zipf(1.6, n_events) - 1, n_notes - 1)
+    ts = 1_700_000_000 + rng.integers(0, days * 86_400, n_events)
+    pd.DataFrame({"user_id": users.astype(np.int64), "note_id": [f"note{n}" for n in notes],
+                  "timestamp": ts}).to_parquet(path, index=False)
+    return str(path)
+
+
+def test_cli_mine_pairs_writes_outputs_and_logs_stages(tmp_path, capsys):
+    views = _views(tmp_path / "views.parquet")
+    out = tmp_path / "pairs"
+    rc = main(["data", "mine-pairs", "--views", views, "--out", str(out), "--window-days", "3",
+               "--top-k", "4", "--symmetric", "--max-views-per-user", "6", "--split-by", "hash",
+               "--val-fraction", "0.1", "--test-fraction", "0.2", "--seed", "3", "--memory-limit", "256MB"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "mine-pairs: co-occurrence" in captured.err and "mine-pairs: write" in captured.err
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    manifest = json.loads((out / "mining_manifest.json").read_text())
+    assert manifest["settings"] == {**manifest["settings"], "window_days": 3.0, "top_k": 4, "symmetric": True,
+                                    "max_views_per_user": 6, "split_by": "hash", "seed": 3}
+    pairs = pd.read_parquet(out / "pairs.parquet")
+    assert summary["pairs_by_split"] == manifest["counts"]["pairs_by_split"]
+    assert sum(summary["pairs_by_split"].values()) == len(pairs) > 0
+    assert pairs.groupby("query_id").size().max() <= 4
+    assert set(pairs.split) == {"train", "val", "test"}
+
+
+def test_cli_reports_bad_input_and_settings(tmp_path, capsys):
+    views = tmp_path / "v.csv"
+    views.write_text("user,note_id,timestamp\nu,a,1\n")
+    assert main(["data", "mine-pairs", "--views", str(views), "--out", str(tmp_path / "o")]) == 2
+    assert "v.csv: missing column(s) ['user_id']" in capsys.readouterr().err
+    good = _views(tmp_path / "good.parquet", n_events=50)
+    assert main(["data", "mine-pairs", "--views", good, "--out", str(tmp_path / "o"), "--top-k", "0"]) == 2
+    assert "'top_k' = 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kw", [
+    dict(),
+    dict(weighting=False, symmetric=True, top_k=3),
+    dict(max_views_per_user=2, window_days=2.0, min_score=0.02, max_score=0.3),
+    dict(split_by="hash", seed=7, val_fraction=0.2, test_fraction=0.3, weighting=False, min_score=2),
+])
+def test_product_equals_pandas_reference(tmp_path, kw):
+    views = _views(tmp_path / "views.parquet", seed=len(kw))
+    s = MiningSettings(memory_limit="256MB", **kw)
+    mine_pairs(views, tmp_path / "duck", s)
+    n = bench_mining.mine_pairs_pandas(views, str(tmp_path / "ref.parquet"), s)
+    got = pd.read_parquet(tmp_path / "duck" / "pairs.parquet").astype(object)
+    ref = pd.read_parquet(tmp_path / "ref.parquet").astype(object)
+    assert n == len(got) > 0
+    pd.testing.assert_frame_equal(got, ref, check_exact=True)
+
+
+@pytest.mark.timeout(300)
+def test_benchmark_runs_at_tiny_size():
+    proc = subprocess.run([sys.executable, BENCH, "--events", "20000", "--users", "2000", "--notes", "1000",
+                           "--pandas-events", "6000", "--memory-limit", "256MB"],
+                          capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert [r["name"] for r in results] == ["mining_time_s", "mining_peak_rss_gb", "mining_speedup_vs_pandas"]
+    for r in results:
+        assert set(r) == {"name", "figure", "bound_or_baseline", "ratio", "target", "pass"}
+    assert "outputs identical: True" in proc.stdout
+    assert proc.stdout.strip().splitlines()[-1].startswith("RESULT ")
