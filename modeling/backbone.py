@@ -145,8 +145,12 @@ def load_llm(cfg: LLMConfig, dtype: Optional[torch.dtype] = None):
     kwargs = {"config": config, "attn_implementation": attn}
     if dtype is not None:
         kwargs["dtype"] = dtype
-    with quiet_transformers():
-        model = AutoModel.from_pretrained(cfg.path, **kwargs)
+    with quiet_transformers():  # the report would list lm_head as unexpected; missing weights are checked below
+        model, info = AutoModel.from_pretrained(cfg.path, output_loading_info=True, **kwargs)
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise BackboneError(f"model.llm.path: {cfg.path!r} lacks {len(missing)} weights of {type(model).__name__} "
+                            f"(e.g. {', '.join(missing[:5])}); they would be random: is this the right model directory?")
     model.config.use_cache = False
 
     tokenizer = load_tokenizer(tok_path)

@@ -139,7 +139,11 @@ class HFVisionTower(VisionTower):
         self.hidden_layer = cfg.hidden_layer
         kwargs = {"dtype": dtype} if dtype is not None else {}
         with quiet_transformers(), replicated_loading():
-            self.model = getattr(transformers, cls_name).from_pretrained(cfg.path, **kwargs)
+            self.model, info = getattr(transformers, cls_name).from_pretrained(cfg.path, output_loading_info=True, **kwargs)
+        missing = sorted(info.get("missing_keys") or [])
+        if missing:
+            raise VisionError(f"model.vision.path: {cfg.path!r} lacks {len(missing)} weights of {cls_name} "
+                              f"(e.g. {', '.join(missing[:5])}); they would be random: is this the right model directory?")
         self.token_dim = int(vcfg.hidden_size)
         self.pooled_dim = int(vcfg.hidden_size)
         patches = (self.image_size // int(vcfg.patch_size)) ** 2

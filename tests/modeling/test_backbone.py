@@ -123,3 +123,21 @@ def test_separate_tokenizer_path(tiny, tmp_path):
     assert tok.convert_tokens_to_ids(IMG_TOKEN) == len(tok) - 2
     with pytest.raises(BackboneError, match="model.llm.tokenizer_path: .* is not a directory"):
         load_llm(LLMConfig(path=tiny["llama"], tokenizer_path=str(tmp_path / "missing")))
+
+
+def test_missing_weights_are_an_error_not_random_init(tiny, tmp_path):
+    import os
+    import shutil
+
+    from safetensors.torch import save_file
+
+    broken = str(tmp_path / "broken-llm")
+    shutil.copytree(tiny["llama"], broken)
+    state = _saved_weights(broken)
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, os.path.join(broken, "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(BackboneError, match=r"lacks 1 weights of LlamaModel \(e.g. layers.1.mlp.up_proj.weight"):
+        load_llm(LLMConfig(path=broken))
+    # Truncating to the intact first layer does not need the missing weight.
+    model, _ = load_llm(LLMConfig(path=broken, num_layers=1))
+    assert len(model.layers) == 1

