@@ -1,7 +1,8 @@
 """Tiny, offline model fixtures shared by every test area (nothing is downloaded).
 
     tok_dir  = make_tokenizer(tmp_path)                    # SentencePiece BPE trained here (~300 pieces)
-    llm_dir  = make_tiny_llm_dir(tmp_path, arch="llama")   # or "qwen2"; holds the tokenizer too
+    bl_dir   = make_bytelevel_tokenizer(tmp_path)          # Qwen2-style byte-level BPE (~400 pieces)
+    llm_dir  = make_tiny_llm_dir(tmp_path, arch="llama")   # or "qwen2"; holds its tokenizer too
     clip_dir = make_tiny_clip_dir(tmp_path)                # full CLIP (text + vision), 32 px, patch 8
     sig_dir  = make_tiny_siglip_dir(tmp_path)              # full SigLIP, 32 px, patch 8
 
@@ -60,14 +61,36 @@ def make_tokenizer(tmp_path, vocab_size: int = 300) -> str:
     return out
 
 
+def make_bytelevel_tokenizer(tmp_path, vocab_size: int = 400) -> str:
+    """A Qwen2-style byte-level BPE tokenizer (no BOS, <|endoftext|> as EOS) trained in-process."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import Qwen2Tokenizer
+
+    out = os.path.join(str(tmp_path), "tokenizer-bytelevel")
+    if os.path.exists(os.path.join(out, "tokenizer_config.json")):
+        return out
+    raw = os.path.join(str(tmp_path), "tokenizer-bytelevel-raw")
+    os.makedirs(raw, exist_ok=True)
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(_corpus(), vocab_size=vocab_size, min_frequency=1, show_progress=False,
+                            special_tokens=["<|endoftext|>"])
+    bpe.save_model(raw)
+    tok = Qwen2Tokenizer(vocab=os.path.join(raw, "vocab.json"), merges=os.path.join(raw, "merges.txt"))
+    tok.save_pretrained(out)
+    return out
+
+
 def make_tiny_llm_dir(tmp_path, arch: str = "llama", num_layers: int = 2, hidden: int = 32, seed: int = 0) -> str:
-    """A causal-LM checkpoint (with LM head) plus its tokenizer, as a pretrained model dir would be."""
+    """A causal-LM checkpoint (with LM head) plus its tokenizer, as a pretrained model dir would be.
+
+    llama gets the SentencePiece tokenizer (make_tokenizer), qwen2 a byte-level BPE one
+    (make_bytelevel_tokenizer), as the real families have."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     out = os.path.join(str(tmp_path), f"tiny-{arch}-{num_layers}x{hidden}-s{seed}")
     if os.path.exists(os.path.join(out, "config.json")):
         return out
-    tok_dir = make_tokenizer(tmp_path)
+    tok_dir = make_bytelevel_tokenizer(tmp_path) if arch == "qwen2" else make_tokenizer(tmp_path)
     tok = AutoTokenizer.from_pretrained(tok_dir)
     common = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
                   num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,

@@ -22,3 +22,9 @@ def tiny(tmp_path_factory):
 def llama_tok(tiny):
     from modeling.backbone import load_tokenizer
     return load_tokenizer(tiny["llama"])
+
+
+@pytest.fixture(scope="session")
+def qwen_tok(tiny):
+    from modeling.backbone import load_tokenizer
+    return load_tokenizer(tiny["qwen2"])
