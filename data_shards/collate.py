@@ -5,12 +5,16 @@ is paired with row B + i (its target). A notes batch holds one row per note.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import numpy as np
 import torch
+from PIL import Image
 
 from data_shards.ids import note_id_hash
+from data_shards.images import CLIP_MEAN, CLIP_STD, center_crop, resize_shorter_side
 
 # note id hash used for padding rows of the notes loader (real hashes are never negative)
 DUMMY_NOTE_ID = -1
@@ -21,8 +25,37 @@ class NoteItem:
     """One note ready for collation: its text encoding (from encode_fn) and its image tensor."""
     note_id: str
     encoding: dict
-    pixels: Optional[torch.Tensor]  # [3, S, S] normalised, or None when the note has no usable image
+    pixels: Optional[Image.Image]  # RGB, already S x S (see prepare_image), or None: no usable image
     is_dummy: bool = False
+
+
+_MEAN = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(3, 1, 1)
+_STD = torch.tensor(CLIP_STD, dtype=torch.float32).view(3, 1, 1)
+
+
+def prepare_image(img: Image.Image, size: int, flip: bool = False) -> Image.Image:
+    """The geometric half of `images.clip_transform`: shorter side to `size` (bicubic), centre crop, flip."""
+    img = center_crop(resize_shorter_side(img, size), size)
+    if flip:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return img
+
+
+def normalize_pixels(pixels_u8: torch.Tensor, has_image: torch.Tensor) -> torch.Tensor:
+    """uint8 [N,3,S,S] -> CLIP-normalised float32, (x / 255 - mean) / std: the same float32 operations
+    in the same order as `images.clip_transform`, so the values are bit-identical. Rows without an
+    image become zeros (the mean colour)."""
+    out = pixels_u8.to(torch.float32)
+    out.div_(255.0).sub_(_MEAN).div_(_STD)
+    out[~has_image] = 0.0
+    return out
+
+
+def _copy_image(out_u8: torch.Tensor, img: Image.Image) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only view of the PIL buffer; never written
+        hwc = torch.from_numpy(np.asarray(img))
+    out_u8.copy_(hwc.permute(2, 0, 1))
 
 
 def note_text_dict(note: dict, has_image: bool) -> dict:
@@ -36,33 +69,39 @@ def note_text_dict(note: dict, has_image: bool) -> dict:
     }
 
 
-def collate_notes(notes: list[NoteItem], collate_text_fn: Callable[[list[dict]], dict], image_size: int) -> dict:
+def collate_notes(notes: list[NoteItem], collate_text_fn: Callable[[list[dict]], dict], image_size: int,
+                  normalize: bool = True) -> dict:
     """Stack notes into tensors.
 
     Returns the text tensors of `collate_text_fn` plus `pixel_values` [N,3,S,S] float32 (a note
     without a usable image gets zeros, i.e. the CLIP mean colour), `has_image` BoolTensor [N],
     `note_ids` LongTensor [N] (`note_id_hash`, -1 for padding rows) and `note_id_strs` (list of str).
+    With `normalize=False`, `pixel_values` stays uint8 (4x less to move between processes: the loader
+    workers send it so and the loader normalises it on arrival with `normalize_pixels`).
     """
     n = len(notes)
     text = collate_text_fn([item.encoding for item in notes])
     if not isinstance(text, dict):
         raise TypeError(f"collate_text_fn must return a dict of tensors, got {type(text).__name__}")
-    pixel_values = torch.zeros(n, 3, image_size, image_size, dtype=torch.float32)
+    pixels = torch.zeros(n, 3, image_size, image_size, dtype=torch.uint8)
     has_image = torch.zeros(n, dtype=torch.bool)
     for i, item in enumerate(notes):
         if item.pixels is not None:
-            pixel_values[i].copy_(item.pixels)
+            if item.pixels.size != (image_size, image_size) or item.pixels.mode != "RGB":
+                raise ValueError(f"note {item.note_id!r}: image of {item.pixels.size} {item.pixels.mode}, expected "
+                                 f"RGB {image_size}x{image_size} (prepare_image)")
+            _copy_image(pixels[i], item.pixels)
             has_image[i] = True
     note_ids = torch.tensor([DUMMY_NOTE_ID if item.is_dummy else note_id_hash(item.note_id) for item in notes],
                             dtype=torch.long)
     batch = dict(text)
-    batch.update(pixel_values=pixel_values, has_image=has_image, note_ids=note_ids,
-                 note_id_strs=[item.note_id for item in notes])
+    batch.update(pixel_values=normalize_pixels(pixels, has_image) if normalize else pixels, has_image=has_image,
+                 note_ids=note_ids, note_id_strs=[item.note_id for item in notes])
     return batch
 
 
 def collate_pairs(pairs: list[tuple[NoteItem, NoteItem]], collate_text_fn: Callable[[list[dict]], dict],
-                  image_size: int) -> dict:
+                  image_size: int, normalize: bool = True) -> dict:
     """[queries; targets]: row i is the query of pair i, row B + i its target."""
     rows = [q for q, _ in pairs] + [t for _, t in pairs]
-    return collate_notes(rows, collate_text_fn, image_size)
+    return collate_notes(rows, collate_text_fn, image_size, normalize)

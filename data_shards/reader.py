@@ -24,9 +24,9 @@ import glob
 import itertools
 import json
 import logging
+import mmap
 import os
 import random
-import tarfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional, Union
@@ -35,9 +35,10 @@ import braceexpand
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_shards.collate import NoteItem, collate_notes, collate_pairs, note_text_dict
+from data_shards.collate import (NoteItem, collate_notes, collate_pairs, normalize_pixels, note_text_dict,
+                                prepare_image)
 from data_shards.config import DataConfig
-from data_shards.images import BadImage, clip_transform, open_image
+from data_shards.images import BadImage, open_image
 
 log = logging.getLogger("data_shards.reader")
 
@@ -126,8 +127,69 @@ _INDEX_CACHE: "OrderedDict[tuple, ShardIndex]" = OrderedDict()
 _INDEX_CACHE_SHARDS = 512
 
 
+def _octal(field: bytes) -> int:
+    if field[:1] and field[0] & 0x80:  # GNU base-256 for large sizes
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip()
+    return int(text, 8) if text else 0
+
+
+def _scan_tar(path: str, size: int):
+    """Yield (name, data_offset, data_size) of the regular files of a tar, reading headers only.
+
+    Handles ustar, GNU long names ('L') and pax path records ('x'); raises ValueError at the
+    first header that is not a tar header (with its offset).
+    """
+    with open(path, "rb") as fh:
+        if size == 0:
+            raise EOFError("the file is empty")
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            off, long_name = 0, None
+            while off + 512 <= size:
+                hdr = mm[off: off + 512]
+                if hdr.count(0) == 512:
+                    return  # end-of-archive marker
+                try:
+                    stored = _octal(hdr[148:156])
+                except ValueError:
+                    stored = -1
+                if stored != sum(hdr[:148]) + 256 + sum(hdr[156:]):
+                    raise ValueError(f"bad tar header checksum at offset {off}")
+                member_size = _octal(hdr[124:136])
+                kind = hdr[156:157]
+                data_off = off + 512
+                next_off = data_off + (member_size + 511) // 512 * 512
+                if kind == b"L":
+                    long_name = mm[data_off: data_off + member_size].split(b"\0", 1)[0].decode("utf-8", "replace")
+                elif kind == b"x":
+                    for rec in mm[data_off: data_off + member_size].decode("utf-8", "replace").split("\n"):
+                        if " path=" in rec:
+                            long_name = rec.split(" path=", 1)[1]
+                elif kind in (b"0", b"\0", b"7"):
+                    if long_name is not None:
+                        name = long_name
+                    else:
+                        name = hdr[0:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+                        if hdr[257:262] == b"ustar":
+                            prefix = hdr[345:500].split(b"\0", 1)[0].decode("utf-8", "replace")
+                            if prefix:
+                                name = f"{prefix}/{name}"
+                    long_name = None
+                    yield name, data_off, member_size
+                else:
+                    long_name = None  # directories, links, global pax headers
+                off = next_off
+            if off != size:
+                raise EOFError(f"the header at offset {off} is cut off by the end of the file")
+            raise EOFError("the end-of-archive marker is missing")
+
+
 def index_shard(path: str) -> ShardIndex:
-    """Header-only index of a tar shard; never raises for a damaged shard (see `.problem`)."""
+    """Header-only index of a tar shard; never raises for a damaged shard (see `.problem`).
+
+    Cached per process (by path, size and mtime), so a loader that indexes its shards before
+    starting its workers hands the index to them through fork.
+    """
     try:
         st = os.stat(path)
     except OSError as e:
@@ -139,40 +201,28 @@ def index_shard(path: str) -> ShardIndex:
         return hit
     samples, problem = [], None
     cur_key, cur_members = None, []
-    last_end = 0
     try:
-        with tarfile.open(path, "r:") as tf:
-            while True:
-                try:
-                    member = tf.next()
-                except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-                    problem = f"damaged tar after offset {last_end} ({type(e).__name__}: {e})"
-                    break
-                if member is None:
-                    break
-                if not member.isfile():
-                    continue
-                dirname, base = os.path.split(member.name)
-                if "." not in base:
-                    continue
-                stem, ext = base.split(".", 1)
-                key = f"{dirname}/{stem}" if dirname else stem
-                truncated = member.offset_data + member.size > st.st_size
-                last_end = member.offset_data + ((member.size + 511) // 512) * 512
-                if key != cur_key and cur_members:
-                    samples.append((cur_key, tuple(cur_members)))
-                    cur_members = []
-                cur_key = key
-                cur_members.append((ext.lower(), member.offset_data, member.size, truncated))
-                if truncated:
-                    problem = f"truncated: member {member.name} ends past the end of the file"
-                    break
-    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-        problem = f"not a readable tar ({type(e).__name__}: {e})"
+        for name, data_off, size in _scan_tar(path, st.st_size):
+            dirname, base = os.path.split(name)
+            if "." not in base:
+                continue
+            stem, ext = base.split(".", 1)
+            key = f"{dirname}/{stem}" if dirname else stem
+            truncated = data_off + size > st.st_size
+            if key != cur_key and cur_members:
+                samples.append((cur_key, tuple(cur_members)))
+                cur_members = []
+            cur_key = key
+            cur_members.append((ext.lower(), data_off, size, truncated))
+            if truncated:
+                problem = f"truncated: member {name} ends past the end of the file"
+                break
+    except EOFError as e:
+        problem = f"truncated: {e}"
+    except (ValueError, OSError) as e:
+        problem = f"damaged tar ({type(e).__name__}: {e})"
     if cur_members:
         samples.append((cur_key, tuple(cur_members)))
-    if problem is None and samples and st.st_size - last_end < 1024:
-        problem = "truncated: the end-of-archive marker is missing"
     result = ShardIndex(path, samples, problem)
     _INDEX_CACHE[cache_key] = result
     while len(_INDEX_CACHE) > _INDEX_CACHE_SHARDS:
@@ -258,7 +308,7 @@ def _decode_image(raw: Optional[bytes], member: str, max_pixels: int, image_size
         msg = str(e)
         reason = "image_over_pixel_limit" if ("exceeds" in msg or "DecompressionBomb" in msg) else "bad_image"
         raise _BadSample(reason, f"{member}: {msg}") from None
-    return clip_transform(img, image_size, flip=flip)
+    return prepare_image(img, image_size, flip=flip)
 
 
 def _image_member(sample: Sample, prefix: str) -> Optional[str]:
@@ -512,7 +562,7 @@ class _PairEpochStream(IterableDataset):
                     elif plan.resampled and st[2] > 10_000 + 10 * B:
                         raise RuntimeError(f"rank {self.rank}: {st[2]} resampled candidates in a row were "
                                            f"unusable; see the bad-sample log")
-                batch = collate_pairs(pairs, self.source.collate_text_fn, self.source.image_size)
+                batch = collate_pairs(pairs, self.source.collate_text_fn, self.source.image_size, normalize=False)
                 batch["sample_keys"] = keys
                 batch["_meta"] = {"k": k, "lw": lw, "cursor": st[1], **recorder.drain()}
                 yield batch
@@ -610,6 +660,9 @@ class PairLoader:
         if self._batches_done >= end:
             self._next_epoch()
             end = self.batches_per_epoch
+        # index this epoch's shards here: forked workers inherit the index instead of each re-reading it
+        for path in (self._plan.shards if self._plan.resampled else self._plan.rank_shards(self.epoch, self.rank)):
+            index_shard(path)
         stream = _PairEpochStream(self._source, self._plan, self.epoch, self.rank, self._batches_done, end,
                                   dict(self._cursors))
         if self.num_workers > 0:
@@ -619,6 +672,7 @@ class PairLoader:
             it = iter(stream)
         for batch in it:
             meta = batch.pop("_meta")
+            batch["pixel_values"] = normalize_pixels(batch["pixel_values"], batch["has_image"])
             if meta["k"] != self._batches_done:
                 raise RuntimeError(f"PairLoader: got batch {meta['k']} where batch {self._batches_done} was due")
             self._absorb(meta)
@@ -828,7 +882,7 @@ class _NotesStream(IterableDataset):
                                                            f"{os.path.basename(path)}/{sample[0]}"))
                     else:
                         notes.append(self.source.dummy())
-                batch = collate_notes(notes, self.source.collate_text_fn, self.source.image_size)
+                batch = collate_notes(notes, self.source.collate_text_fn, self.source.image_size, normalize=False)
                 batch["is_dummy"] = torch.tensor([n.is_dummy for n in notes], dtype=torch.bool)
                 batch["_meta"] = {"k": k, **recorder.drain()}
                 yield batch
@@ -889,6 +943,7 @@ class NotesLoader:
         expected = 0
         for batch in it:
             meta = batch.pop("_meta")
+            batch["pixel_values"] = normalize_pixels(batch["pixel_values"], batch["has_image"])
             if meta["k"] != expected:
                 raise RuntimeError(f"NotesLoader: got batch {meta['k']} where batch {expected} was due")
             expected += 1

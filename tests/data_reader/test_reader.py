@@ -1,6 +1,7 @@
 """PairLoader in one process: batch layout, image transform, shuffling, exact resume, errors."""
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import os
@@ -175,3 +176,31 @@ def test_missing_manifest_counts_from_tar_headers(tmp_path):
     loader = make_loader(paths, B=3)
     assert loader.counts == {os.path.basename(paths[0]): 5, os.path.basename(paths[1]): 7}
     assert loader.batches_per_epoch == 4 and len(list(loader)) == 4
+
+
+def test_header_index_matches_tarfile(tmp_path):
+    import tarfile
+
+    from data_shards.reader import index_shard
+    from tests.fixtures_data import synthetic_shards
+    out, manifest = synthetic_shards(tmp_path / "w", n_pairs=40, shard_size=16)
+    paths = write_pair_shards(str(tmp_path / "t"), [5])
+    long_path = str(tmp_path / "long.tar")  # a GNU/pax long member name and a directory entry
+    with tarfile.open(long_path, "w", format=tarfile.PAX_FORMAT) as tf:
+        for name in ["d/" + "x" * 120 + ".q.json", "d/" + "x" * 120 + ".t.json", "y.q.json"]:
+            info = tarfile.TarInfo(name)
+            info.size = 3
+            tf.addfile(info, io.BytesIO(b"abc"))
+    for path in [os.path.join(out, s["name"]) for s in manifest["shards"]] + paths + [long_path]:
+        ix = index_shard(path)
+        assert ix.problem is None, (path, ix.problem)
+        with tarfile.open(path) as tf:
+            want = [(m.name, m.offset_data, m.size) for m in tf if m.isfile()]
+        got = [(f"{key}.{ext}", off, size) for key, members in ix.samples for ext, off, size, _ in members]
+        assert got == want
+    with open(paths[0], "rb") as fh:
+        data = fh.read()
+    bad = str(tmp_path / "t" / "bad.tar")
+    with open(bad, "wb") as fh:
+        fh.write(data[:1024] + b"\x01" * 512 + data[1536:])  # the second header
+    assert "damaged" in index_shard(bad).problem
