@@ -65,7 +65,7 @@ class MiningSettings:
     # score(A,B) := score(A,B) + score(B,A) before thresholds and ranking.
     symmetric: bool = False
     # Cap: each view pairs with at most the next M views of the same user (bounds bots to O(M)/view).
-    max_views_per_user: int = 50
+    max_views_per_user: int = 20
     # How notes are held out: "time" (latest first-seen notes) or "hash" (seeded stable bucket).
     split_by: Literal["time", "hash"] = "time"
     val_fraction: float = 0.05
