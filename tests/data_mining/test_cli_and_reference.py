@@ -89,3 +89,14 @@ def test_benchmark_runs_at_tiny_size():
         assert set(r) == {"name", "figure", "bound_or_baseline", "ratio", "target", "pass"}
     assert "outputs identical: True" in proc.stdout
     assert proc.stdout.strip().splitlines()[-1].startswith("RESULT ")
+
+
+def test_output_does_not_depend_on_thread_count(tmp_path):
+    views = _views(tmp_path / "views.parquet", n_events=20000, n_users=800, n_notes=300, seed=5)
+    digests = []
+    for threads in (1, 2):
+        s = MiningSettings(threads=threads, memory_limit="256MB", test_fraction=0.2)
+        summary = mine_pairs(views, tmp_path / f"t{threads}", s)
+        assert summary["engine"]["threads"] == threads
+        digests.append((tmp_path / f"t{threads}" / "pairs.parquet").read_bytes())
+    assert digests[0] == digests[1]

@@ -265,3 +265,16 @@ def test_bad_inputs_name_the_file_and_the_problem(tmp_path):
         mine_pairs(nulls, tmp_path / "o6", MiningSettings(top_k=0))
     with pytest.raises(MiningError, match=r"'test_fraction'"):
         mine_pairs(nulls, tmp_path / "o7", MiningSettings(val_fraction=0.5, test_fraction=0.5))
+
+
+def test_folder_of_parquet_parts_equals_one_file(tmp_path):
+    rows = _split_log()
+    pairs, _ = mine(tmp_path, rows, test_fraction=0.2)
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    write_views(parts / "part-0.parquet", rows[:30])
+    write_views(parts / "part-1.parquet", rows[30:])
+    (parts / "_SUCCESS").write_text("")
+    summary = mine_pairs(parts, tmp_path / "parts_out", MiningSettings(val_fraction=0.0, test_fraction=0.2))
+    assert len(summary["inputs"]) == 2
+    pd.testing.assert_frame_equal(pairs, pd.read_parquet(tmp_path / "parts_out" / "pairs.parquet"))
