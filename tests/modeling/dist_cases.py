@@ -140,3 +140,9 @@ def zero3_load_and_step(llm_dir: str, clip_dir: str) -> dict:
     emb_partitioned = hasattr(emb, "ds_numel") and emb.numel() < emb.ds_numel
     return {"partitioned": bool(layer_partitioned), "emb_partitioned_by_engine": bool(emb_partitioned), "mean_err": mean_err, "old_err": old_err,
             "loss": float(out["loss"].item()), "logit_scale": float(out["logit_scale"].item())}
+
+
+def gradients_and_zero3(llm_dir: str, clip_dir: str) -> dict:
+    """Both checks in one launch (saves a torchrun start): plain gathered gradients first, then ZeRO-3."""
+    return {"gradients": gathered_gradients(llm_dir, clip_dir, variant="notellm2", pairs_per_rank=2),
+            "zero3": zero3_load_and_step(llm_dir, clip_dir)}

@@ -1,5 +1,6 @@
 """The gathered loss with real processes: 2 ranks x B pairs == 1 process x 2B pairs, in full gradients
-of the whole tiny encoder (LLM + Q-Former connector + late-fusion gate + head + temperature)."""
+of the whole tiny encoder (LLM + Q-Former connector + late-fusion gate + head + temperature); and the
+encoder loads and trains under DeepSpeed ZeRO-3. One torchrun launch serves both tests."""
 import math
 
 import pytest
@@ -8,14 +9,20 @@ from tests import fixtures
 from tests.multirank import run_ranks
 
 
+@pytest.fixture(scope="module")
+def two_rank_results(tmp_path_factory):
+    root = tmp_path_factory.mktemp("multirank-modeling")
+    llm = fixtures.make_tiny_llm_dir(root)
+    clip = fixtures.make_tiny_clip_dir(root)
+    res = run_ranks("tests.modeling.dist_cases:gradients_and_zero3", nproc=2, timeout=300,
+                    kwargs={"llm_dir": llm, "clip_dir": clip}, env={"DS_ACCELERATOR": "cpu"})
+    return res.returns
+
+
 @pytest.mark.slow
-def test_two_ranks_match_one_process_and_a_detached_gather_does_not(tmp_path):
-    llm = fixtures.make_tiny_llm_dir(tmp_path)
-    clip = fixtures.make_tiny_clip_dir(tmp_path)
-    res = run_ranks("tests.modeling.dist_cases:gathered_gradients", nproc=2, timeout=240,
-                    kwargs={"llm_dir": llm, "clip_dir": clip, "variant": "notellm2", "pairs_per_rank": 2})
+def test_two_ranks_match_one_process_and_a_detached_gather_does_not(two_rank_results):
     for rank in (0, 1):
-        r = res.returns[rank]
+        r = two_rank_results[rank]["gradients"]
         assert r["world"] == 2 and r["n_params"] > 10_000
         assert r["missing_grads"] == []  # every trainable parameter takes part
         assert r["ref_grad_max"] > 1e-3  # the check compares real, non-vanishing gradients
@@ -24,17 +31,14 @@ def test_two_ranks_match_one_process_and_a_detached_gather_does_not(tmp_path):
         assert r["bad_max_diff"] > 1e-3, r
         # Per-rank losses averaged over ranks equal the single-process loss on the concatenated batch.
         assert r["good_loss"] == pytest.approx(r["ref_loss"], abs=1e-5)
-    assert res.returns[0]["good_max_diff"] == pytest.approx(res.returns[1]["good_max_diff"], abs=1e-6)
+    assert two_rank_results[0]["gradients"]["good_max_diff"] == pytest.approx(
+        two_rank_results[1]["gradients"]["good_max_diff"], abs=1e-6)
 
 
 @pytest.mark.slow
-def test_loads_and_trains_under_zero3(tmp_path):
-    llm = fixtures.make_tiny_llm_dir(tmp_path)
-    clip = fixtures.make_tiny_clip_dir(tmp_path)
-    res = run_ranks("tests.modeling.dist_cases:zero3_load_and_step", nproc=2, timeout=300,
-                    kwargs={"llm_dir": llm, "clip_dir": clip}, env={"DS_ACCELERATOR": "cpu"})
+def test_loads_and_trains_under_zero3(two_rank_results):
     for rank in (0, 1):
-        r = res.returns[rank]
+        r = two_rank_results[rank]["zero3"]
         assert r["partitioned"], r  # the LLM really was loaded partitioned
         assert r["emb_partitioned_by_engine"], r
         assert r["mean_err"] < 1e-6 and r["old_err"] == 0.0, r  # placeholder rows = mean, under ZeRO-3 too
