@@ -238,6 +238,9 @@ def train(cfg: RunConfig, factory: Optional[Callable] = None, topo: Optional[Top
         watchdog.stop()
         dist.barrier()
         return summary
+    except Preempted:
+        watchdog.stop()
+        raise
     except BaseException as e:
         msg = f"rank {rank} failed at step {watchdog.step} ({watchdog.phase}): {type(e).__name__}: {e}"
         print(f"[rank {rank}] {msg}", file=sys.stderr, flush=True)
@@ -325,6 +328,7 @@ def _train(cfg: RunConfig, factory: Callable, topo: Topology, watchdog: Watchdog
     # A reader that moves over epochs by itself (PairLoader.endless) is used as one endless stream.
     it = iter(loader.endless()) if hasattr(loader, "endless") else iter(loader)
 
+    preempt = _install_preemption()
     metrics = MetricsWriter(run_dir, enabled=rank == 0, tensorboard=cfg.logging.tensorboard,
                             max_steps=cfg.train.max_steps, start_step=start_step)
     timer = _Timer()
@@ -395,8 +399,9 @@ def _train(cfg: RunConfig, factory: Callable, topo: Topology, watchdog: Watchdog
             watchdog.progress(step, "metrics")
 
             # One all-reduce for the figures that differ per rank.
+            stop_asked = float(preempt.requested) if preempt is not None else 0.0
             local = torch.tensor([parts["loss"], parts["loss_mm"], parts["loss_vis"], float(tokens), float(notes),
-                                  timings.get("data_wait", 0.0), step_time], dtype=torch.float64)
+                                  timings.get("data_wait", 0.0), step_time, stop_asked], dtype=torch.float64)
             dist.all_reduce(local)
             loss, loss_mm, loss_vis = (local[0] / world).item(), (local[1] / world).item(), (local[2] / world).item()
             mem = [None] * world
@@ -460,6 +465,18 @@ def _train(cfg: RunConfig, factory: Callable, topo: Topology, watchdog: Watchdog
                           reader_state=_reader_state(loader, epoch), config_hash=chash,
                           resolved_config=config_to_dict(cfg), keep_last=cfg.checkpoint.keep_last, log=log)
                 last_saved = step
+            if local[7].item() > 0 and step < cfg.train.max_steps:
+                # A rank got SIGUSR1/SIGTERM (Slurm's time-limit warning, preemption): every rank saw the
+                # flag in the same all-reduce, so all checkpoint after this step and exit together.
+                if last_saved != step:
+                    watchdog.progress(step, "checkpoint")
+                    ckpt.save(engine, root, step, rank=rank, world_size=world, samples_seen=samples_seen,
+                              reader_state=_reader_state(loader, epoch), config_hash=chash,
+                              resolved_config=config_to_dict(cfg), keep_last=cfg.checkpoint.keep_last, log=log)
+                    last_saved = step
+                log(f"stop requested ({preempt.signal_name or 'another rank'}): checkpoint of step {step} written; "
+                    f"exiting with code {preempt_exit_code()} so that the job can be requeued and resume")
+                raise Preempted(step)
     finally:
         metrics.close()
     if last_saved != step and step > 0:
@@ -468,6 +485,33 @@ def _train(cfg: RunConfig, factory: Callable, topo: Topology, watchdog: Watchdog
                   resolved_config=config_to_dict(cfg), keep_last=cfg.checkpoint.keep_last, log=log)
     log(f"done: step {step}, {samples_seen} pairs seen")
     return {"step": step, "samples_seen": samples_seen, "engine": engine, "components": comps}
+
+
+class Preempted(Exception):
+    """Training stopped early on request, after a checkpoint; the process exits with code 75."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped after step {step} on request")
+        self.step = step
+
+
+def preempt_exit_code() -> int:
+    from launcher.preemption import PREEMPTED_EXIT_CODE
+
+    return PREEMPTED_EXIT_CODE
+
+
+def _install_preemption():
+    """SIGUSR1 (Slurm's warning before the time limit) always; SIGTERM (scancel, preemption) only under
+    Slurm: under torchrun alone SIGTERM is how the agent ends the ranks when one of them died."""
+    import threading
+
+    from launcher.preemption import PreemptionFlag
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    sigs = (signal.SIGUSR1, signal.SIGTERM) if os.environ.get("SLURM_JOB_ID") else (signal.SIGUSR1,)
+    return PreemptionFlag.install(signals=sigs)
 
 
 def _reader_state(loader, epoch: int):

@@ -12,11 +12,15 @@ def _run(args) -> int:
 
     cfg = config_from_args(args)
     factory = load_factory(args.components) if args.components else None
+    from launcher.train import Preempted, preempt_exit_code
+
     try:
         train(cfg, factory=factory)
     except ckpt.CheckpointError as e:
         print(f"notellm2 train: checkpoint error: {e}", file=sys.stderr)
         return 2
+    except Preempted:
+        return preempt_exit_code()
     return 0
 
 

@@ -158,3 +158,20 @@ def test_dead_rank_ends_job(tmp_path):
     assert r.returncode != 0 and "[multirank] TIMEOUT" not in r.output, r.describe()
     # torchrun's failure report names the rank whose process died
     assert "rank      : 1" in r.output or "rank(s) 1" in r.output, r.describe()
+
+
+def test_stop_request_checkpoints_and_exits_75_then_resumes(tmp_path, reference_run):
+    """Slurm's warning (SIGUSR1) or a stop file: every rank stops after the same step, checkpoints,
+    exits 75; the requeued run resumes exactly."""
+    stop = tmp_path / "STOP"
+    stop.write_text("")
+    run_dir = str(tmp_path / "run")
+    common = (f"train.max_steps={STEPS}", "checkpoint.every_steps=100")
+    r = train_double(run_dir, *common, env={"NOTELLM2_STOP_FILE": str(stop)}, check=False)
+    assert r.returncode != 0 and "exitcode  : 75" in r.output, r.describe()
+    assert ckpt.latest_complete(ckpt.checkpoint_root(run_dir)).endswith("step_00000001")
+    stop.unlink()
+    r = train_double(run_dir, *common)
+    assert "resumed step 1" in r.output
+    ref, got = read_metrics(reference_run), read_metrics(run_dir)
+    assert [got[s]["loss/total"] for s in range(1, STEPS + 1)] == [ref[s]["loss/total"] for s in range(1, STEPS + 1)]
