@@ -107,14 +107,16 @@ def make_synthetic_catalog(out_dir: str, n_notes: int = 200, n_categories: int =
 
 
 def make_synthetic_views(catalog: str, out_path: str, n_users: int = 50, sessions_per_user: int = 4,
-                         views_per_session: int = 6, p_in_category: float = 0.9, seed: int = 0) -> str:
+                         views_per_session: int = 6, p_in_category: float = 0.9, seed: int = 0,
+                         session_gap_days: float = 8.0) -> str:
     """Write a view log (CSV, or Parquet when `out_path` ends in .parquet) with columns
     ``user_id, note_id, timestamp``; return `out_path`.
 
     Each user prefers two categories; each session picks one of them (or, 1 time in 5, any
     category) and views `views_per_session` notes, each from the session's category with
     probability `p_in_category` and from the whole catalog otherwise. Views within a session are
-    20-300 s apart; sessions are at least a day apart.
+    20-300 s apart; sessions are `session_gap_days` to that plus one day apart, by default more
+    than the miner's default 7-day co-occurrence window, so mined pairs stay within a session.
     """
     import pandas as pd
 
@@ -139,7 +141,7 @@ def make_synthetic_views(catalog: str, out_path: str, n_users: int = 50, session
                     else all_ids[int(rng.integers(len(all_ids)))]
                 rows.append((f"u{u:05d}", nid, t))
                 t += int(rng.integers(20, 301))
-            t += 86400 + int(rng.integers(0, 86400))
+            t += int(session_gap_days * 86400) + int(rng.integers(0, 86400))
     df = pd.DataFrame(rows, columns=["user_id", "note_id", "timestamp"]).astype({"timestamp": "int64"})
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     if out_path.endswith(".parquet"):
