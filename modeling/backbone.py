@@ -63,8 +63,9 @@ def resolve_attn_implementation(requested: str) -> str:
     return requested
 
 
-def _zero3_gathered(params):
-    """Context that materialises ZeRO-3 partitioned `params` for an in-place edit on every rank.
+def _zero3_gathered(params, modify: bool = False):
+    """Context that materialises ZeRO-3 partitioned `params` (for reading, or with `modify` for an
+    in-place edit that rank 0 broadcasts on exit: without a modifier rank DeepSpeed drops edits).
 
     modeling/ never imports deepspeed: when transformers reports ZeRO-3 active, deepspeed has already
     been imported by the launcher and is taken from sys.modules.
@@ -76,7 +77,7 @@ def _zero3_gathered(params):
         active = False
     ds = sys.modules.get("deepspeed")
     if active and ds is not None:
-        return ds.zero.GatheredParameters(params, modifier_rank=None)
+        return ds.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
     return contextlib.nullcontext()
 
 
@@ -179,7 +180,7 @@ def _add_placeholder_rows(model, tokenizer) -> None:
         emb = model.get_input_embeddings()
     # The original vocabulary: every id below the first placeholder id, bounded by the old matrix.
     n_old = min(min(new_ids), rows)
-    with _zero3_gathered([emb.weight]), torch.no_grad():
+    with _zero3_gathered([emb.weight], modify=True), torch.no_grad():
         mean = emb.weight[:n_old].float().mean(dim=0)
         for i in new_ids:
             emb.weight[i] = mean.to(emb.weight.dtype)

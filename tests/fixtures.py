@@ -80,19 +80,21 @@ def make_bytelevel_tokenizer(tmp_path, vocab_size: int = 400) -> str:
     return out
 
 
-def make_tiny_llm_dir(tmp_path, arch: str = "llama", num_layers: int = 2, hidden: int = 32, seed: int = 0) -> str:
+def make_tiny_llm_dir(tmp_path, arch: str = "llama", num_layers: int = 2, hidden: int = 32, seed: int = 0,
+                      spare_rows: int = 0) -> str:
     """A causal-LM checkpoint (with LM head) plus its tokenizer, as a pretrained model dir would be.
 
     llama gets the SentencePiece tokenizer (make_tokenizer), qwen2 a byte-level BPE one
-    (make_bytelevel_tokenizer), as the real families have."""
+    (make_bytelevel_tokenizer), as the real families have. `spare_rows` pads the embedding matrix past
+    the tokenizer (as Qwen2 checkpoints do), so new tokens need no resize."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    out = os.path.join(str(tmp_path), f"tiny-{arch}-{num_layers}x{hidden}-s{seed}")
+    out = os.path.join(str(tmp_path), f"tiny-{arch}-{num_layers}x{hidden}-s{seed}" + (f"-spare{spare_rows}" if spare_rows else ""))
     if os.path.exists(os.path.join(out, "config.json")):
         return out
     tok_dir = make_bytelevel_tokenizer(tmp_path) if arch == "qwen2" else make_tokenizer(tmp_path)
     tok = AutoTokenizer.from_pretrained(tok_dir)
-    common = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+    common = dict(vocab_size=len(tok) + spare_rows, hidden_size=hidden, intermediate_size=2 * hidden,
                   num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=512, tie_word_embeddings=False,
                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)

@@ -105,7 +105,7 @@ def zero3_load_and_step(llm_dir: str, clip_dir: str) -> dict:
     from transformers.integrations import HfDeepSpeedConfig
     import os
 
-    from modeling.backbone import IMG_EMB_TOKEN, IMG_TOKEN
+    from modeling.backbone import IMG_EMB_TOKEN, IMG_TOKEN, load_llm
 
     deepspeed.init_distributed(dist_backend="gloo")
     ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
@@ -128,6 +128,23 @@ def zero3_load_and_step(llm_dir: str, clip_dir: str) -> dict:
         full = emb.detach().clone()
     mean_err = max((full[img] - saved.mean(0)).abs().max().item(), (full[img_emb] - saved.mean(0)).abs().max().item())
     old_err = (full[: saved.shape[0]] - saved).abs().max().item()
+    # A padded vocabulary (Qwen2-like): the placeholder rows are written in place in the partitioned matrix.
+    spare_dir = os.path.join(os.path.dirname(llm_dir), "spare")
+    from tests import fixtures
+    spare_dir = fixtures.make_tiny_llm_dir(spare_dir, arch="qwen2", spare_rows=8) if dist.get_rank() == 0 else None
+    holder = [spare_dir]
+    dist.broadcast_object_list(holder, src=0)
+    spare_llm, spare_tok = load_llm(LLMConfig(path=holder[0]))
+    spare_emb = spare_llm.get_input_embeddings().weight
+    spare_partitioned = hasattr(spare_emb, "ds_numel") and spare_emb.numel() < spare_emb.ds_numel
+    spare_saved = load_file(os.path.join(holder[0], "model.safetensors"))["model.embed_tokens.weight"]
+    s_img, s_emb = spare_tok.convert_tokens_to_ids([IMG_TOKEN, IMG_EMB_TOKEN])
+    n_vocab = min(s_img, s_emb)
+    with deepspeed.zero.GatheredParameters([spare_emb]):
+        spare_full = spare_emb.detach().clone()
+    spare_mean_err = max((spare_full[i] - spare_saved[:n_vocab].mean(0)).abs().max().item() for i in (s_img, s_emb))
+    spare_rows_ok = spare_full.shape[0] == spare_saved.shape[0] and max(s_img, s_emb) < spare_full.shape[0]
+
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
                                            config=ds_config)
     pairs = _pairs(2 * dist.get_world_size())
@@ -138,7 +155,9 @@ def zero3_load_and_step(llm_dir: str, clip_dir: str) -> dict:
     engine.step()
     emb = engine.module.llm.get_input_embeddings().weight
     emb_partitioned = hasattr(emb, "ds_numel") and emb.numel() < emb.ds_numel
-    return {"partitioned": bool(layer_partitioned), "emb_partitioned_by_engine": bool(emb_partitioned), "mean_err": mean_err, "old_err": old_err,
+    return {"spare_partitioned": bool(spare_partitioned), "spare_mean_err": spare_mean_err,
+            "spare_rows_ok": bool(spare_rows_ok),
+            "partitioned": bool(layer_partitioned), "emb_partitioned_by_engine": bool(emb_partitioned), "mean_err": mean_err, "old_err": old_err,
             "loss": float(out["loss"].item()), "logit_scale": float(out["logit_scale"].item())}
 
 

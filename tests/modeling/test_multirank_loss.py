@@ -43,3 +43,6 @@ def test_loads_and_trains_under_zero3(two_rank_results):
         assert r["emb_partitioned_by_engine"], r
         assert r["mean_err"] < 1e-6 and r["old_err"] == 0.0, r  # placeholder rows = mean, under ZeRO-3 too
         assert math.isfinite(r["loss"]) and r["logit_scale"] == pytest.approx(20.0)
+        # Padded vocabulary: no resize, the rows are edited inside the partitioned matrix and kept.
+        assert r["spare_partitioned"] and r["spare_rows_ok"], r
+        assert r["spare_mean_err"] < 1e-6, r
