@@ -1,0 +1,516 @@
+"""Per-GPU memory plan of a run config on N nodes x G GPUs (`notellm2 plan`).
+
+Nothing is loaded: parameter counts come from the model configs alone. The LLM and the vision
+tower are instantiated from their `config.json` on the meta device (so a directory holding only a
+`config.json`, like `configs/arch/*`, is enough); the connector, late-fusion gate and head are the
+real `modeling` modules, also built on the meta device.
+
+Model states (the part DeepSpeed's estimator covers) follow DeepSpeed's own accounting
+(`estimate_zero3_model_states_mem_needs` / `estimate_zero2_model_states_mem_needs`), with P the
+trainable parameters (LLM + connector + gate + head + temperature), Ng the number of GPUs, L the
+largest single module's parameters (ZeRO-3 gathers whole modules):
+
+    bf16, bytes per GPU       parameters   gradients        optimizer (fp32 master + Adam m, v)
+    ZeRO-3                    2P/Ng        4P/Ng (fp32)     12P/Ng         + gathered-module buffer 4L
+    ZeRO-3 offload optimizer  2P/Ng        (CPU)            (CPU)          + 4L
+    ZeRO-3 offload all        (CPU)        (CPU)            (CPU)          + 4L
+    ZeRO-2                    2P           6P/Ng (bf16+fp32) 12P/Ng
+    ZeRO-2 offload optimizer  2P           (CPU)            (CPU)
+    fp32 runs: parameters 4, gradients 4, optimizer 8 (Adam m, v; no master copy) bytes per parameter.
+
+The frozen vision tower is outside the ZeRO engine: every GPU holds all of it in the run precision.
+
+Activations (documented in docs/plan.md), per micro batch of n = 2 * data.pairs_per_rank notes of
+s tokens each (T = n*s tokens), a = bytes per activation element (2 bf16, 4 fp32), per decoder
+layer of width h, key/value width h_kv, MLP width f, q heads H:
+
+    saved per token per layer (bytes): a*(2h + 2h_kv + 4f) + 4H + 2*(4h + 2a*h + 4)
+        q h, k and v 2h_kv, attention output h; SwiGLU: gate, up, act(gate), act(gate)*up = 4f;
+        the attention's log-sum-exp (fp32, one per head); each of the two RMSNorms keeps its input
+        in fp32 (the norm upcasts), the normalised value and its output in the run precision and
+        the fp32 reciprocal RMS
+    eager attention adds the softmax probabilities: n * H * s^2 elements (fp32 softmax: 4 bytes, plus the
+        bf16 copy: 2) per layer; sdpa / flash attention keep O(s) statistics only
+    without gradient checkpointing: layers * T * per_token (+ the final norm's share)
+    with gradient checkpointing:    layers * T * h * a (each layer's input) + one layer recomputed in backward
+    (tests/plan/ measures what autograd saves on a small Qwen2 and checks the formula against it)
+
+Connector (Q-Former: Q queries of width d, V vision tokens of width d_v, H_q heads, per image per layer):
+    Q*(16d + H_q*Q) self-attention + FFN, plus, in cross-attention layers, V*d_v + 2*V*d + Q*(5d + H_q*V),
+    then the output MLP Q*(d + 2*h); MLP connector: V*(d_v + 2h) per image.
+Vision tower forward (no grad): `output_hidden_states` keeps every layer's output until the forward
+returns: images * V' * d_v * (layers + 1) elements (V' tokens incl. CLS), plus one layer's working set.
+Contrastive loss: n rows x (n * world) columns of fp32 logits, three copies (logits, softmax, grad).
+
+Not counted: allocator fragmentation, the CUDA context (~0.5-1 GiB), communication buckets and the
+working memory of the layer being differentiated; keep 10-20% headroom.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from launcher.config import ConfigError, RunConfig
+
+GiB = 1024 ** 3
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class PlanError(ValueError):
+    """A config the planner cannot size (names the key or file)."""
+
+
+# ----------------------------------------------------------------------------- parameter counts
+
+def count_params(module) -> tuple[int, int]:
+    """(total, largest single module's own parameters); shared parameters counted once.
+
+    The same quantities DeepSpeed's `model_to_params` computes, but by parameter identity, so it
+    also works on the meta device (where every data_ptr is 0).
+    """
+    seen: dict[int, int] = {}
+    for p in module.parameters():
+        seen[id(p)] = p.numel()
+    largest = 0
+    for m in module.modules():
+        largest = max(largest, sum(p.numel() for p in m.parameters(recurse=False)))
+    return sum(seen.values()), largest
+
+
+def _arch_config(path: str, key: str):
+    from transformers import AutoConfig
+
+    if not path:
+        raise PlanError(f"{key}: empty; allowed: a directory with a Hugging Face config.json (weights not needed)")
+    resolved = path if os.path.isabs(path) or os.path.exists(path) else os.path.join(REPO, path)
+    if not os.path.isfile(os.path.join(resolved, "config.json")):
+        raise PlanError(f"{key}: {path!r} has no config.json (the planner needs the architecture, not the weights)")
+    try:
+        return AutoConfig.from_pretrained(resolved)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds here
+        raise PlanError(f"{key}: cannot read {os.path.join(resolved, 'config.json')}: {e}") from None
+
+
+def _on_meta(build):
+    import torch
+
+    with torch.device("meta"):
+        return build()
+
+
+@dataclass
+class LLMArch:
+    model_type: str
+    params: int
+    largest_module: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_dim: int
+    ffn: int
+
+
+@dataclass
+class VisionArch:
+    model_type: str
+    params: int
+    hidden: int
+    layers: int
+    heads: int
+    ffn: int
+    tokens_all: int      # tokens the ViT runs on (patches + CLS when it has one)
+    tokens_out: int      # tokens handed to the connector
+    pooled_dim: int
+
+
+def llm_arch(cfg: RunConfig) -> LLMArch:
+    """The LLM base model (no LM head, as modeling.backbone.load_llm loads it) on the meta device."""
+    from transformers import AutoModel
+
+    config = _arch_config(cfg.model.llm.path, "model.llm.path")
+    if not hasattr(config, "num_hidden_layers") or not hasattr(config, "hidden_size"):
+        raise PlanError(f"model.llm.path: {cfg.model.llm.path!r} holds a {type(config).__name__}, not a decoder LLM config")
+    if cfg.model.llm.num_layers is not None:
+        if cfg.model.llm.num_layers > config.num_hidden_layers:
+            raise PlanError(f"model.llm.num_layers: got {cfg.model.llm.num_layers}; the model has only {config.num_hidden_layers} layers")
+        config.num_hidden_layers = cfg.model.llm.num_layers
+        if isinstance(getattr(config, "layer_types", None), (list, tuple)):
+            config.layer_types = list(config.layer_types[: cfg.model.llm.num_layers])
+    model = _on_meta(lambda: AutoModel.from_config(config))
+    total, largest = count_params(model)
+    heads = int(config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    return LLMArch(config.model_type, total, largest, int(config.hidden_size), int(config.num_hidden_layers), heads,
+                   kv_heads * head_dim, int(getattr(config, "intermediate_size", 4 * config.hidden_size)))
+
+
+def vision_arch(cfg: RunConfig) -> VisionArch:
+    import transformers
+
+    from modeling.vision import _HF_FAMILIES
+
+    if cfg.model.vision.kind != "hf":
+        raise PlanError("model.vision.kind: 'plugin' towers cannot be sized from a config; allowed for planning: 'hf'")
+    top = _arch_config(cfg.model.vision.path, "model.vision.path")
+    family = _HF_FAMILIES.get(top.model_type)
+    if family is None:
+        raise PlanError(f"model.vision.path: a {top.model_type!r} model; allowed: {', '.join(sorted(_HF_FAMILIES))}")
+    cls_name, has_cls = family
+    vcfg = getattr(top, "vision_config", top)
+    model = _on_meta(lambda: getattr(transformers, cls_name)(vcfg))
+    total, _ = count_params(model)
+    patches = (int(vcfg.image_size) // int(vcfg.patch_size)) ** 2
+    tokens_all = patches + (1 if has_cls else 0)
+    tokens_out = patches + (1 if has_cls and cfg.model.vision.tokens == "cls_patches" else 0)
+    return VisionArch(top.model_type, total, int(vcfg.hidden_size), int(vcfg.num_hidden_layers),
+                      int(vcfg.num_attention_heads), int(vcfg.intermediate_size), tokens_all, tokens_out,
+                      int(vcfg.hidden_size))
+
+
+@dataclass
+class NewModules:
+    connector_params: int = 0
+    connector_largest: int = 0
+    image_tokens: int = 0       # tokens the connector puts into each prompt
+    other_params: int = 0       # late-fusion gate + head + temperature
+    other_largest: int = 0
+
+
+def new_modules(cfg: RunConfig, llm: LLMArch, vision: Optional[VisionArch]) -> NewModules:
+    """The trainable modules around the LLM, built from `modeling` on the meta device."""
+    from modeling.connector import build_connector
+    from modeling.encoder import VARIANT_SPECS
+    from modeling.fusion import EmbeddingHead, LateFusionGate
+
+    spec = VARIANT_SPECS[cfg.model.variant]
+    out = NewModules()
+    if spec.image_in_prompt:
+        conn = _on_meta(lambda: build_connector(cfg.model.connector, vision.hidden, llm.hidden, vision.tokens_out))
+        out.connector_params, out.connector_largest = count_params(conn)
+        out.image_tokens = int(conn.num_output_tokens)
+    head_total, head_largest = count_params(_on_meta(lambda: EmbeddingHead(llm.hidden, cfg.model.embed_dim)))
+    out.other_params, out.other_largest = head_total + 1, head_largest  # + the (1,)-shaped temperature
+    if spec.late_fusion:
+        gate_total, gate_largest = count_params(_on_meta(lambda: LateFusionGate(llm.hidden, vision.pooled_dim)))
+        out.other_params += gate_total
+        out.other_largest = max(out.other_largest, gate_largest)
+    return out
+
+
+# ----------------------------------------------------------------------------- ZeRO setup
+
+@dataclass
+class ZeroSetup:
+    stage: int
+    offload_optimizer: bool
+    offload_param: bool
+    path: str
+
+    @property
+    def label(self) -> str:
+        off = []
+        if self.offload_optimizer:
+            off.append("optimizer")
+        if self.offload_param:
+            off.append("parameters")
+        return f"ZeRO-{self.stage}" + (f", {' + '.join(off)} offloaded to CPU" if off else "")
+
+
+def zero_setup(cfg: RunConfig) -> ZeroSetup:
+    path = cfg.train.ds_config
+    resolved = path if os.path.isabs(path) or os.path.exists(path) else os.path.join(REPO, path)
+    if not os.path.isfile(resolved):
+        raise PlanError(f"train.ds_config: {path!r} does not exist (looked in the working directory and {REPO})")
+    try:
+        with open(resolved) as fh:
+            ds = json.load(fh)
+    except json.JSONDecodeError as e:
+        raise PlanError(f"train.ds_config: {resolved} is not valid JSON: {e}") from None
+    zero = ds.get("zero_optimization", {}) or {}
+    stage = int(zero.get("stage", 0))
+    if stage not in (2, 3):
+        raise PlanError(f"{resolved}: zero_optimization.stage is {stage}; the planner sizes ZeRO stages 2 and 3")
+
+    def _offloaded(key: str) -> bool:
+        return str((zero.get(key) or {}).get("device", "none")).lower() in ("cpu", "nvme")
+
+    setup = ZeroSetup(stage, _offloaded("offload_optimizer"), _offloaded("offload_param"), resolved)
+    if setup.offload_param and stage != 3:
+        raise PlanError(f"{resolved}: zero_optimization.offload_param needs stage 3")
+    return setup
+
+
+# ----------------------------------------------------------------------------- the plan
+
+@dataclass
+class Row:
+    key: str
+    label: str
+    bytes: float
+    note: str = ""
+
+
+@dataclass
+class Plan:
+    config_name: str
+    nodes: int
+    gpus_per_node: int
+    zero: ZeroSetup
+    precision: str
+    llm: LLMArch
+    vision: Optional[VisionArch]
+    new: NewModules
+    notes_per_micro_batch: int
+    images_per_micro_batch: int
+    seq_len: int
+    seq_parts: dict
+    gradient_checkpointing: bool
+    attn_implementation: str
+    rows: list[Row] = field(default_factory=list)
+    llm_activations_other: float = 0.0  # the LLM activations with the other checkpointing choice
+    cpu_bytes_per_node: float = 0.0
+    deepspeed_model_states: Optional[float] = None
+
+    @property
+    def gpus(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def trainable_params(self) -> int:
+        return self.llm.params + self.new.connector_params + self.new.other_params
+
+    @property
+    def largest_module(self) -> int:
+        return max(self.llm.largest_module, self.new.connector_largest, self.new.other_largest)
+
+    def total(self) -> float:
+        return sum(r.bytes for r in self.rows)
+
+    def model_states(self) -> float:
+        return sum(r.bytes for r in self.rows if r.key in ("parameters", "gradients", "optimizer", "gathered"))
+
+    def row(self, key: str) -> Row:
+        for r in self.rows:
+            if r.key == key:
+                return r
+        raise KeyError(key)
+
+    def to_dict(self) -> dict:
+        return {
+            "config": self.config_name, "nodes": self.nodes, "gpus_per_node": self.gpus_per_node, "gpus": self.gpus,
+            "zero": self.zero.label, "zero_stage": self.zero.stage, "precision": self.precision,
+            "params": {"llm": self.llm.params, "connector": self.new.connector_params, "gate_head": self.new.other_params,
+                       "trainable": self.trainable_params, "largest_module": self.largest_module,
+                       "vision_frozen": self.vision.params if self.vision else 0},
+            "micro_batch": {"notes": self.notes_per_micro_batch, "images": self.images_per_micro_batch,
+                            "seq_len": self.seq_len, "seq_parts": self.seq_parts},
+            "gradient_checkpointing": self.gradient_checkpointing,
+            "bytes_per_gpu": {r.key: r.bytes for r in self.rows},
+            "total_bytes_per_gpu": self.total(),
+            "model_states_bytes_per_gpu": self.model_states(),
+            "llm_activations_other_checkpointing": self.llm_activations_other,
+            "cpu_bytes_per_node": self.cpu_bytes_per_node,
+            "deepspeed_model_states_bytes_per_gpu": self.deepspeed_model_states,
+        }
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+
+
+def _template_tokens(cfg: RunConfig, prompt: str) -> tuple[int, str]:
+    """Tokens of the prompt's fixed text: exact when the LLM directory has a tokenizer, else ~3 chars/token."""
+    from modeling.prompts import _TEMPLATES, EMB, FIELDS, IMG
+
+    pieces = [p for p in _TEMPLATES[cfg.model.prompt_language][prompt] if p not in FIELDS and p not in (IMG, EMB)]
+    markers = sum(1 for p in _TEMPLATES[cfg.model.prompt_language][prompt] if p == EMB)
+    tok_dir = cfg.model.llm.tokenizer_path or cfg.model.llm.path
+    if not os.path.isabs(tok_dir) and not os.path.exists(tok_dir):
+        tok_dir = os.path.join(REPO, tok_dir)
+    has_tokenizer = any(os.path.exists(os.path.join(tok_dir, f)) for f in TOKENIZER_FILES)
+    try:
+        if not has_tokenizer:
+            raise FileNotFoundError(tok_dir)
+        from transformers import AutoTokenizer
+
+        from modeling.backbone import quiet_transformers
+
+        with quiet_transformers():
+            tok = AutoTokenizer.from_pretrained(tok_dir)
+        n = sum(len(tok(p, add_special_tokens=False)["input_ids"]) for p in pieces)
+        return n + markers + 1, "tokenized"  # + BOS/EOS-like special token
+    except Exception:  # noqa: BLE001 - no tokenizer files: estimate
+        chars = sum(len(p) for p in pieces)
+        return math.ceil(chars / 3) + markers + 1, "estimated at 3 characters per token (no tokenizer in model.llm.path)"
+
+
+def llm_activation_bytes(llm: LLMArch, notes: int, seq_len: int, act_bytes: int, checkpointing: bool, attn: str) -> float:
+    """Saved activations of the LLM trunk for one micro batch (formula in the module docstring)."""
+    tokens = notes * seq_len
+    norm = llm.hidden * (4 + 2 * act_bytes) + 4  # RMSNorm: fp32 input, normalised value, output, fp32 rsqrt
+    per_token = act_bytes * (2 * llm.hidden + 2 * llm.kv_dim + 4 * llm.ffn) + 4 * llm.heads + 2 * norm
+    per_layer = tokens * per_token
+    if attn == "eager":
+        per_layer += notes * llm.heads * seq_len ** 2 * (act_bytes + 4 if act_bytes == 2 else 4)
+    final_norm = tokens * norm
+    if checkpointing:
+        return llm.layers * tokens * llm.hidden * act_bytes + per_layer + final_norm
+    return llm.layers * per_layer + final_norm
+
+
+def connector_activation_bytes(cfg: RunConfig, llm: LLMArch, vision: VisionArch, images: int, act_bytes: int) -> float:
+    c = cfg.model.connector
+    if c.kind == "mlp":
+        return images * vision.tokens_out * (vision.hidden + 2 * llm.hidden) * act_bytes
+    q, d, heads, v, dv = c.num_query_tokens, c.hidden_size, c.num_heads, vision.tokens_out, vision.hidden
+    per_image = 0
+    for layer in range(c.num_layers):
+        per_image += q * (16 * d + heads * q)
+        if layer % c.cross_attention_frequency == 0:
+            per_image += v * dv + 2 * v * d + q * (5 * d + heads * v)
+    per_image += q * (d + 2 * llm.hidden)
+    return images * per_image * act_bytes
+
+
+def vision_forward_bytes(vision: VisionArch, images: int, act_bytes: int) -> float:
+    hidden_states = images * vision.tokens_all * vision.hidden * (vision.layers + 1)
+    one_layer = images * (vision.tokens_all * (4 * vision.hidden + vision.ffn) + vision.heads * vision.tokens_all ** 2)
+    return (hidden_states + one_layer) * act_bytes
+
+
+def make_plan(cfg: RunConfig, nodes: int = 1, gpus_per_node: int = 8, seq_len: Optional[int] = None,
+              config_name: str = "") -> Plan:
+    from modeling.encoder import VARIANT_SPECS
+    from modeling.prompts import VARIANT_PROMPT
+
+    if nodes < 1 or gpus_per_node < 1:
+        raise PlanError(f"--nodes and --gpus-per-node: got {nodes} x {gpus_per_node}; allowed: integers >= 1")
+    spec = VARIANT_SPECS[cfg.model.variant]
+    zero = zero_setup(cfg)
+    llm = llm_arch(cfg)
+    vision = vision_arch(cfg) if (spec.image_in_prompt or spec.late_fusion) else None
+    new = new_modules(cfg, llm, vision)
+
+    notes = 2 * cfg.data.pairs_per_rank
+    images = notes if vision is not None else 0
+    template, how = _template_tokens(cfg, VARIANT_PROMPT[cfg.model.variant])
+    parts = {"text": cfg.model.max_text_tokens, "image": new.image_tokens, "template": template, "template_count": how}
+    s = seq_len if seq_len is not None else cfg.model.max_text_tokens + new.image_tokens + template
+    if s < 1:
+        raise PlanError(f"--seq-len: got {s}; allowed: an integer >= 1")
+    attn = cfg.model.llm.attn_implementation
+    attn = "sdpa" if attn in ("auto", "flash_attention_2") else attn
+    plan = Plan(config_name or cfg.name, nodes, gpus_per_node, zero, cfg.train.precision, llm, vision, new, notes, images, s,
+                parts, cfg.model.llm.gradient_checkpointing, attn)
+
+    ng, p_train, big = plan.gpus, plan.trainable_params, plan.largest_module
+    bf16 = cfg.train.precision == "bf16"
+    wb = 2 if bf16 else 4  # bytes of a working-precision parameter or activation element
+    param_b, grad_b, opt_b = (2, (4 if zero.stage == 3 else 6), 12) if bf16 else (4, 4, 8)
+    rows = plan.rows
+    if zero.stage == 3:
+        rows.append(Row("parameters", f"parameters ({'bf16' if bf16 else 'fp32'}, 1/{ng} partition)",
+                        0 if zero.offload_param else param_b * p_train / ng, "on CPU" if zero.offload_param else ""))
+        gathered = 4 * big
+    else:
+        rows.append(Row("parameters", f"parameters ({'bf16' if bf16 else 'fp32'}, replicated)", param_b * p_train))
+        gathered = 0
+    on_cpu = zero.offload_optimizer
+    rows.append(Row("gradients", f"gradients (1/{ng} partition)", 0 if on_cpu else grad_b * p_train / ng, "on CPU" if on_cpu else ""))
+    rows.append(Row("optimizer", "optimizer states (" + ("fp32 master + Adam m, v" if bf16 else "Adam m, v") + f", 1/{ng})",
+                    0 if on_cpu else opt_b * p_train / ng, "on CPU" if on_cpu else ""))
+    if zero.stage == 3:
+        rows.append(Row("gathered", f"ZeRO-3 gathered-module buffer (4 B x {big / 1e6:.0f}M largest module)", gathered))
+    if vision is not None:
+        rows.append(Row("vision_weights", f"frozen vision tower ({'bf16' if bf16 else 'fp32'}, replicated)", wb * vision.params))
+    llm_on = llm_activation_bytes(llm, notes, s, wb, plan.gradient_checkpointing, attn)
+    plan.llm_activations_other = llm_activation_bytes(llm, notes, s, wb, not plan.gradient_checkpointing, attn)
+    rows.append(Row("llm_activations", f"LLM activations (gradient checkpointing {'on' if plan.gradient_checkpointing else 'off'}, {attn})", llm_on))
+    if vision is not None and spec.image_in_prompt:
+        rows.append(Row("connector_activations", f"connector activations ({cfg.model.connector.kind})",
+                        connector_activation_bytes(cfg, llm, vision, images, wb)))
+    if vision is not None:
+        rows.append(Row("vision_forward", "vision forward, no grad (all hidden states + one layer)", vision_forward_bytes(vision, images, wb)))
+    reps = 2 if spec.micl else 1
+    rows.append(Row("loss", "contrastive loss logits (fp32)", 3 * 4 * reps * notes * notes * ng))
+
+    # CPU memory per node for offloaded states (no buffer factor).
+    cpu_per_gpu = 0.0
+    if zero.offload_optimizer:
+        cpu_per_gpu += (grad_b + opt_b) * p_train / ng
+    if zero.offload_param:
+        cpu_per_gpu += param_b * p_train / ng
+    plan.cpu_bytes_per_node = cpu_per_gpu * gpus_per_node
+    if bf16:
+        plan.deepspeed_model_states = deepspeed_model_states(plan)
+    return plan
+
+
+def deepspeed_model_states(plan: Plan) -> Optional[float]:
+    """DeepSpeed's own per-GPU model-states estimate for the same setup (None if deepspeed is absent)."""
+    try:
+        if plan.zero.stage == 3:
+            from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+            _, gpu, _ = estimate_zero3_model_states_mem_needs(
+                plan.trainable_params, plan.largest_module, num_gpus_per_node=plan.gpus_per_node, num_nodes=plan.nodes,
+                cpu_offload=plan.zero.offload_optimizer, cpu_offload_params=plan.zero.offload_param, zero_init=True)
+        else:
+            from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+            _, gpu = estimate_zero2_model_states_mem_needs(plan.trainable_params, num_gpus_per_node=plan.gpus_per_node,
+                                                           num_nodes=plan.nodes, cpu_offload=plan.zero.offload_optimizer)
+        return float(gpu)
+    except ImportError:
+        return None
+
+
+def _fmt_params(n: float) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M" if n >= 1e5 else f"{int(n)}"
+
+
+def format_plan(plan: Plan, gpu_memory_gib: Optional[float] = None) -> str:
+    L = []
+    L.append(f"notellm2 plan: {plan.config_name} on {plan.nodes} node(s) x {plan.gpus_per_node} GPU(s) = {plan.gpus} ranks; "
+             f"{plan.zero.label} ({os.path.relpath(plan.zero.path, REPO) if plan.zero.path.startswith(REPO) else plan.zero.path}); "
+             f"{plan.precision}")
+    L.append("")
+    L.append("| module | parameters | training |")
+    L.append("|---|---:|---|")
+    L.append(f"| LLM ({plan.llm.model_type}, {plan.llm.layers} layers, width {plan.llm.hidden}) | {_fmt_params(plan.llm.params)} | full fine-tune, ZeRO-{plan.zero.stage} |")
+    if plan.new.connector_params:
+        L.append(f"| connector ({plan.new.image_tokens} image tokens per note) | {_fmt_params(plan.new.connector_params)} | trained, ZeRO-{plan.zero.stage} |")
+    L.append(f"| late-fusion gate, head, temperature | {_fmt_params(plan.new.other_params)} | trained, ZeRO-{plan.zero.stage} |")
+    if plan.vision is not None:
+        L.append(f"| vision tower ({plan.vision.model_type}, {plan.vision.layers} layers, width {plan.vision.hidden}) | {_fmt_params(plan.vision.params)} | frozen, replicated |")
+    L.append(f"| trainable total (largest module {_fmt_params(plan.largest_module)}) | {_fmt_params(plan.trainable_params)} | |")
+    L.append("")
+    sp = plan.seq_parts
+    L.append(f"micro batch per GPU: {plan.notes_per_micro_batch // 2} pairs = {plan.notes_per_micro_batch} notes x {plan.seq_len} tokens "
+             f"(text {sp['text']} + image {sp['image']} + template {sp['template']}, {sp['template_count']}); "
+             f"{plan.images_per_micro_batch} images")
+    L.append("")
+    L.append("| per-GPU memory | GiB | |")
+    L.append("|---|---:|---|")
+    for r in plan.rows:
+        L.append(f"| {r.label} | {r.bytes / GiB:.2f} | {r.note} |")
+    L.append(f"| **total** | **{plan.total() / GiB:.2f}** | |")
+    L.append("")
+    other = "off" if plan.gradient_checkpointing else "on"
+    L.append(f"LLM activations with gradient checkpointing {other}: {plan.llm_activations_other / GiB:.2f} GiB "
+             f"(total would be {(plan.total() - plan.row('llm_activations').bytes + plan.llm_activations_other) / GiB:.2f} GiB)")
+    if plan.deepspeed_model_states is not None:
+        ours = plan.model_states()
+        L.append(f"model states: {ours / GiB:.2f} GiB here vs DeepSpeed's estimator {plan.deepspeed_model_states / GiB:.2f} GiB "
+                 f"(ratio {ours / plan.deepspeed_model_states:.3f})")
+    if plan.cpu_bytes_per_node:
+        L.append(f"CPU memory per node for offloaded states: {plan.cpu_bytes_per_node / GiB:.1f} GiB (before pinned-buffer overhead)")
+    if gpu_memory_gib:
+        head = gpu_memory_gib - plan.total() / GiB
+        L.append(f"GPU memory {gpu_memory_gib:.0f} GiB: {'fits' if head >= 0 else 'DOES NOT FIT'}, headroom {head:.1f} GiB "
+                 f"({100 * head / gpu_memory_gib:.0f}%; keep 10-20% for fragmentation, CUDA context and buffers)")
+    return "\n".join(L)
+
