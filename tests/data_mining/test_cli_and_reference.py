@@ -100,3 +100,38 @@ def test_output_does_not_depend_on_thread_count(tmp_path):
         assert summary["engine"]["threads"] == threads
         digests.append((tmp_path / f"t{threads}" / "pairs.parquet").read_bytes())
     assert digests[0] == digests[1]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_spills_to_disk_under_a_small_memory_limit_with_identical_output(tmp_path):
+    import threading
+
+    views = str(tmp_path / "views.parquet")
+    bench_mining.generate_views(views, events=300_000, users=30_000, notes=20_000, days=30, seed=1)
+    mine_pairs(views, tmp_path / "roomy", MiningSettings(memory_limit="1GB"))
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    peak, stop = [0], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            total = 0
+            for root, _, files in os.walk(spill):
+                for f in files:
+                    try:
+                        total += os.path.getsize(os.path.join(root, f))
+                    except OSError:
+                        pass
+            peak[0] = max(peak[0], total)
+            stop.wait(0.005)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        mine_pairs(views, tmp_path / "tight", MiningSettings(memory_limit="60MB", temp_directory=str(spill)))
+    finally:
+        stop.set()
+        watcher.join()
+    assert peak[0] > 1_000_000, "expected DuckDB to spill to the temp directory"
+    assert (tmp_path / "tight" / "pairs.parquet").read_bytes() == (tmp_path / "roomy" / "pairs.parquet").read_bytes()
