@@ -142,33 +142,44 @@ FROM (SELECT user_id, COUNT(*) AS n_notes FROM first_views GROUP BY user_id) s
 # rn: 1-based position of the view in the user's (ts, note_id) order. blk = floor(rn / M) puts
 # the next M views of any view into its own block or the block after, which turns "the next M
 # views" into an equality join (bounded work: at most 2M candidates per view, never n^2).
+# Users with a single note cannot form a pair and are left out here.
 SQL_EVENTS = """
 CREATE TABLE events AS
 SELECT uidx, nidx, ts, w, CAST(rn AS INTEGER) AS rn, CAST(FLOOR(rn / {m}) AS INTEGER) AS blk
 FROM (SELECT u.uidx, f.nidx, f.ts, u.w,
              ROW_NUMBER() OVER (PARTITION BY u.uidx ORDER BY f.ts, f.nidx) AS rn
-      FROM first_views f JOIN users u ON f.user_id = u.user_id) s
+      FROM first_views f JOIN users u ON f.user_id = u.user_id
+      WHERE u.n_notes >= 2) s
 """
 
 # (A, B) for B among the next M views of the same user, at most `window` seconds later.
-SQL_PAIR_SCORES = """
-CREATE TABLE pair_scores AS
-SELECT e1.nidx AS a, e2.nidx AS b, CAST(SUM(e1.w) AS BIGINT) AS units, CAST(COUNT(*) AS INTEGER) AS users
+SQL_CO_OCCURRENCES = """
 FROM events e1
 JOIN (SELECT uidx, rn, ts, nidx, blk FROM events
       UNION ALL
       SELECT uidx, rn, ts, nidx, blk - 1 AS blk FROM events) e2
   ON e2.uidx = e1.uidx AND e2.blk = e1.blk
 WHERE e2.rn > e1.rn AND e2.rn <= e1.rn + {m} AND e2.ts - e1.ts <= {window}
+"""
+
+SQL_PAIR_SCORES = """
+CREATE TABLE pair_scores AS
+SELECT e1.nidx AS a, e2.nidx AS b, CAST(SUM(e1.w) AS BIGINT) AS units
+{co_occurrences}
 GROUP BY e1.nidx, e2.nidx
+"""
+
+# Counted in a separate streaming pass: a COUNT(*) inside the aggregation above costs more.
+SQL_COUNT_CO_OCCURRENCES = """
+SELECT COUNT(*) {co_occurrences}
 """
 
 SQL_SYMMETRIC = """
 CREATE TABLE pair_scores_sym AS
-SELECT a, b, CAST(SUM(units) AS BIGINT) AS units, CAST(SUM(users) AS INTEGER) AS users
-FROM (SELECT a, b, units, users FROM pair_scores
+SELECT a, b, CAST(SUM(units) AS BIGINT) AS units
+FROM (SELECT a, b, units FROM pair_scores
       UNION ALL
-      SELECT b AS a, a AS b, units, users FROM pair_scores) s
+      SELECT b AS a, a AS b, units FROM pair_scores) s
 GROUP BY a, b
 """
 
@@ -436,14 +447,16 @@ def _mine(con, files: list[Path], kind: str, out: Path, settings: MiningSettings
         con.execute(SQL_EVENTS.format(m=settings.max_views_per_user))
         con.execute("DROP TABLE first_views")
         return con.execute("SELECT (SELECT COUNT(*) FROM notes), (SELECT COUNT(*) FROM users), "
-                           "(SELECT COUNT(*) FROM events)").fetchall()[0]
+                           "(SELECT SUM(n_notes) FROM users)").fetchall()[0]
 
     n_notes, n_users, n_first_views = stages.run("first-views", users_and_views)
 
     def co_occurrence():
-        con.execute(SQL_PAIR_SCORES.format(m=settings.max_views_per_user, window=settings.window_seconds))
+        co = SQL_CO_OCCURRENCES.format(m=settings.max_views_per_user, window=settings.window_seconds)
+        n_co = con.execute(SQL_COUNT_CO_OCCURRENCES.format(co_occurrences=co)).fetchall()[0][0]
+        con.execute(SQL_PAIR_SCORES.format(co_occurrences=co))
         con.execute("DROP TABLE events")
-        return con.execute("SELECT COUNT(*), COALESCE(SUM(users), 0) FROM pair_scores").fetchall()[0]
+        return con.execute("SELECT COUNT(*) FROM pair_scores").fetchall()[0][0], n_co
 
     n_scored, n_cooc = stages.run("co-occurrence", co_occurrence)
 
