@@ -19,6 +19,7 @@ import io
 import json
 import multiprocessing as mp
 import os
+import resource
 import shutil
 import sys
 import tarfile
@@ -86,6 +87,11 @@ def _raw_worker(paths, size, start, out):
                     center_crop(resize_shorter_side(img, size), size)
                     n += 1
     out.put(n)
+
+
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def measure_raw(paths, procs: int, size: int) -> tuple[float, int]:
@@ -186,9 +192,15 @@ def main(argv=None) -> dict:
         procs = args.ranks * args.workers
         raw_best, loader_best, raw_images, loader_pairs, per_rank = None, None, 0, 0, []
         for rep in range(args.repeats):
+            c0 = _children_cpu()
             t_raw, raw_images = measure_raw(paths, procs, args.size)
+            c1 = _children_cpu()
             t_loader, loader_pairs, per_rank = measure_loader(pattern, args.ranks, args.workers, args.batch, args.size)
-            print(f"repeat {rep}: raw {raw_images} images in {t_raw:.2f}s; loader {loader_pairs} pairs in {t_loader:.2f}s")
+            c2 = _children_cpu()
+            # CPU seconds (all processes, user + sys) tell how much of a wall-time gap is the machine's load
+            print(f"repeat {rep}: raw {raw_images} images in {t_raw:.2f}s ({1e3 * (c1 - c0) / raw_images:.2f} "
+                  f"CPU-ms/image); loader {loader_pairs} pairs in {t_loader:.2f}s "
+                  f"({1e3 * (c2 - c1) / (2 * loader_pairs):.2f} CPU-ms/image, setup included)")
             raw_best = t_raw if raw_best is None else min(raw_best, t_raw)
             loader_best = t_loader if loader_best is None else min(loader_best, t_loader)
         bound = raw_images / 2 / raw_best

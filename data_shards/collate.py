@@ -83,7 +83,7 @@ def collate_notes(notes: list[NoteItem], collate_text_fn: Callable[[list[dict]],
     text = collate_text_fn([item.encoding for item in notes])
     if not isinstance(text, dict):
         raise TypeError(f"collate_text_fn must return a dict of tensors, got {type(text).__name__}")
-    pixels = torch.zeros(n, 3, image_size, image_size, dtype=torch.uint8)
+    pixels = torch.empty(n, 3, image_size, image_size, dtype=torch.uint8)
     has_image = torch.zeros(n, dtype=torch.bool)
     for i, item in enumerate(notes):
         if item.pixels is not None:
@@ -92,6 +92,8 @@ def collate_notes(notes: list[NoteItem], collate_text_fn: Callable[[list[dict]],
                                  f"RGB {image_size}x{image_size} (prepare_image)")
             _copy_image(pixels[i], item.pixels)
             has_image[i] = True
+        else:
+            pixels[i].zero_()
     note_ids = torch.tensor([DUMMY_NOTE_ID if item.is_dummy else note_id_hash(item.note_id) for item in notes],
                             dtype=torch.long)
     batch = dict(text)

@@ -574,6 +574,11 @@ def _worker_init(_):
     torch.set_num_threads(1)
 
 
+def _start_workers(stream: IterableDataset, num_workers: int):
+    return iter(DataLoader(stream, batch_size=None, num_workers=num_workers, worker_init_fn=_worker_init,
+                           prefetch_factor=2))
+
+
 def _new_stats() -> dict:
     return {"batches": 0, "dropped": {}, "blanked": {}, "refill": {}, "shard_problems": 0}
 
@@ -666,8 +671,7 @@ class PairLoader:
         stream = _PairEpochStream(self._source, self._plan, self.epoch, self.rank, self._batches_done, end,
                                   dict(self._cursors))
         if self.num_workers > 0:
-            it = iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers,
-                                 worker_init_fn=_worker_init, prefetch_factor=2))
+            it = _start_workers(stream, self.num_workers)
         else:
             it = iter(stream)
         for batch in it:
@@ -936,8 +940,7 @@ class NotesLoader:
         stream = _NotesStream(self._source, self._items, self.rank, self.world_size, self.batch_size,
                               self._n_batches, max(1, self.num_workers))
         if self.num_workers > 0:
-            it = iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers,
-                                 worker_init_fn=_worker_init, prefetch_factor=2))
+            it = _start_workers(stream, self.num_workers)
         else:
             it = iter(stream)
         expected = 0
