@@ -155,7 +155,10 @@ class HFVisionTower(VisionTower):
         tokens = out.hidden_states[self.hidden_layer]
         if self.drop_cls:
             tokens = tokens[:, 1:]
-        return tokens, out.pooler_output
+        pooled = out.pooler_output
+        if pooled is None:  # SigLIP built without its attention-pooling head
+            pooled = out.last_hidden_state.mean(dim=1)
+        return tokens, pooled
 
 
 # ----------------------------------------------------------------------------- plugin towers

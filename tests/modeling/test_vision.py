@@ -180,3 +180,18 @@ def test_missing_vision_weights_are_an_error(tiny, tmp_path):
     save_file(state, os.path.join(broken, "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(VisionError, match="model.vision.path: .* lacks 1 weights of CLIPVisionModel"):
         build_vision_tower(VisionConfig(path=broken, image_size=32))
+
+
+def test_siglip_without_pooling_head_pools_by_mean(tmp_path):
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(0)
+    path = str(tmp_path / "siglip-nohead")
+    SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                         image_size=32, patch_size=8, vision_use_head=False)).save_pretrained(path)
+    tower = build_vision_tower(VisionConfig(path=path, image_size=32, hidden_layer=-1))
+    _, pooled = tower(PX)
+    with torch.no_grad():
+        ref = SiglipVisionModel.from_pretrained(path).eval()(pixel_values=PX)
+    assert ref.pooler_output is None
+    torch.testing.assert_close(pooled, ref.last_hidden_state.mean(dim=1))
