@@ -153,3 +153,7 @@ def test_notes_loader_blanks_bad_images_and_flags_unreadable_notes(tmp_path):
     assert batch["is_dummy"].tolist() == [False, False, False, True, False, False]
     assert int(batch["note_ids"][3]) == -1
     assert loader.stats()["blanked"] == {"bad_image": 1} and loader.stats()["unusable"] == {"missing_field": 1}
+    # never a random flip at inference, whatever data.random_flip says
+    from data_shards.images import clip_transform, open_image
+    from tests.data_reader.helpers import jpeg_bytes
+    assert torch.equal(batch["pixel_values"][0], clip_transform(open_image(jpeg_bytes(0)), 32))
