@@ -122,6 +122,7 @@ def load_tokenizer(path: str):
 def load_llm(cfg: LLMConfig, dtype: Optional[torch.dtype] = None):
     """Load the base model (no LM head) and tokenizer from local dirs; returns (base_model, tokenizer).
 
+    `dtype` defaults to float32 whatever the checkpoint stores.
     The placeholder tokens get embedding rows initialised to the mean of the original vocabulary's rows.
     """
     from transformers import AutoConfig, AutoModel
@@ -143,9 +144,9 @@ def load_llm(cfg: LLMConfig, dtype: Optional[torch.dtype] = None):
         if isinstance(layer_types, (list, tuple)) and len(layer_types) > cfg.num_layers:
             config.layer_types = list(layer_types[: cfg.num_layers])
     attn = resolve_attn_implementation(cfg.attn_implementation)
-    kwargs = {"config": config, "attn_implementation": attn}
-    if dtype is not None:
-        kwargs["dtype"] = dtype
+    # dtype None means float32, not transformers' "auto" (the checkpoint's bf16/fp16): precision is
+    # the launcher's choice (the DeepSpeed engine casts to bf16 when asked).
+    kwargs = {"config": config, "attn_implementation": attn, "dtype": dtype or torch.float32}
     with quiet_transformers():  # the report would list lm_head as unexpected; missing weights are checked below
         model, info = AutoModel.from_pretrained(cfg.path, output_loading_info=True, **kwargs)
     missing = sorted(info.get("missing_keys") or [])

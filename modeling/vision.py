@@ -137,7 +137,7 @@ class HFVisionTower(VisionTower):
             raise VisionError(f"model.vision.hidden_layer: got {cfg.hidden_layer}; the model has {n_layers} layers "
                               f"(allowed: {-(n_layers + 1)}..{n_layers})")
         self.hidden_layer = cfg.hidden_layer
-        kwargs = {"dtype": dtype} if dtype is not None else {}
+        kwargs = {"dtype": dtype or torch.float32}  # not the checkpoint's fp16: CPU convolutions need fp32
         with quiet_transformers(), replicated_loading():
             self.model, info = getattr(transformers, cls_name).from_pretrained(cfg.path, output_loading_info=True, **kwargs)
         missing = sorted(info.get("missing_keys") or [])

@@ -113,9 +113,18 @@ def test_gradient_checkpointing_switch(tiny):
     assert on.layers[0].self_attn.q_proj.weight.grad is not None
 
 
-def test_dtype_argument(tiny):
+def test_dtype_argument(tiny, tmp_path):
     model, _ = load_llm(LLMConfig(path=tiny["llama"]), dtype=torch.bfloat16)
     assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+    # A bf16 checkpoint still loads as float32 unless a dtype is asked for.
+    from transformers import AutoModelForCausalLM
+    bf16_dir = str(tmp_path / "bf16")
+    AutoModelForCausalLM.from_pretrained(tiny["llama"], dtype=torch.bfloat16).save_pretrained(bf16_dir)
+    import shutil
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(f"{tiny['llama']}/{name}", bf16_dir)
+    model, _ = load_llm(LLMConfig(path=bf16_dir))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
 def test_separate_tokenizer_path(tiny, tmp_path):
