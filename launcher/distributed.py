@@ -123,15 +123,20 @@ class Watchdog:
         self.log = log
         self.step = -1
         self.phase = "start"
+        self.armed = False
         self._last_progress = time.monotonic()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._publish()
 
     # -- called by the training loop
-    def progress(self, step: int, phase: str = "step") -> None:
+    def progress(self, step: int, phase: str = "step", arm: bool = False) -> None:
+        """Record progress. The timeout is enforced once armed (the loop arms it at its first step:
+        start-up, model loading and a resume may legitimately take longer; their collectives are
+        bounded by the process-group timeout)."""
         self.step, self.phase = step, phase
         self._last_progress = time.monotonic()
+        self.armed = self.armed or arm
         self._publish()
 
     def mark_failed(self, message: str) -> None:
@@ -173,8 +178,9 @@ class Watchdog:
                 out[r] = None
         return out
 
-    def diagnose(self) -> str:
-        """A one-paragraph account of which ranks stopped making progress."""
+    def diagnose(self, exclude: tuple = ()) -> str:
+        """A one-paragraph account of which ranks stopped making progress (`exclude`: ranks not to
+        blame, e.g. the caller whose collective failed because of a peer)."""
         records = self.read_all()
         now = time.time()
         silent = [r for r, rec in records.items() if rec is None or now - rec["t"] > max(5.0, 5 * self.poll_s)]
@@ -184,6 +190,9 @@ class Watchdog:
         if steps:
             top = max(steps.values())
             behind = sorted(r for r, s in steps.items() if s < top)
+        silent = [r for r in silent if r not in exclude]
+        failed = [r for r in failed if r not in exclude]
+        behind = [r for r in behind if r not in exclude]
         culprits = sorted(set(silent) | set(failed) | set(behind))
         parts = []
         if failed:
@@ -191,7 +200,7 @@ class Watchdog:
         if silent:
             parts.append("no heartbeat (dead or unreachable): " + ", ".join(f"rank {r}" for r in silent))
         if behind:
-            parts.append("behind (stuck before the collective): " + ", ".join(
+            parts.append("behind (never reached the collective: stuck or dead): " + ", ".join(
                 f"rank {r} at step {steps[r]} ({records[r]['phase']})" for r in behind))
         if not culprits:
             parts.append("all ranks alive at the same step; a collective is stuck on every rank")
@@ -204,7 +213,7 @@ class Watchdog:
         while not self._stop.wait(self.poll_s):
             self._publish_heartbeat_only()
             stalled = time.monotonic() - self._last_progress
-            if stalled > self.timeout_s:
+            if self.armed and stalled > self.timeout_s:
                 try:
                     msg = self.diagnose()
                 except Exception as e:  # the store itself may be gone with rank 0

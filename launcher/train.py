@@ -182,6 +182,16 @@ def model_state_bytes(engine) -> dict:
     return {"params": params, "master": master, "grads": grads, "optimizer": states, "total": total}
 
 
+PEER_ERROR_MARKERS = ("connection closed by peer", "connection reset by peer", "read error", "timed out",
+                      "broken pipe", "nccl", "socket", "distbackenderror")
+
+
+def is_peer_error(e: BaseException) -> bool:
+    """A collective that failed because another rank died or hung (not this rank's own fault)."""
+    text = f"{type(e).__name__}: {e}".lower()
+    return isinstance(e, RuntimeError) and any(m in text for m in PEER_ERROR_MARKERS)
+
+
 def flatten_counters(stats: dict) -> dict:
     """Loader stats {"dropped": {"bad_image": 2}, "batches": 8} -> {"dropped/bad_image": 2,
     "dropped_total": 2, "batches": 8}: numbers only, nested groups also summed."""
@@ -242,14 +252,18 @@ def train(cfg: RunConfig, factory: Optional[Callable] = None, topo: Optional[Top
         watchdog.stop()
         raise
     except BaseException as e:
-        msg = f"rank {rank} failed at step {watchdog.step} ({watchdog.phase}): {type(e).__name__}: {e}"
+        peer_error = world > 1 and is_peer_error(e)
+        where = f"at step {watchdog.step} ({watchdog.phase})"
+        msg = (f"rank {rank}: a collective failed {where}, most likely because of another rank: {e}" if peer_error
+               else f"rank {rank} failed {where}: {type(e).__name__}: {e}")
+        if not peer_error:
+            # Our own failure: say so in the store first, so that the other ranks' messages name us.
+            watchdog.mark_failed(f"{type(e).__name__}: {e}")
         print(f"[rank {rank}] {msg}", file=sys.stderr, flush=True)
-        watchdog.mark_failed(f"{type(e).__name__}: {e}")
         if world > 1 and not isinstance(e, (ConfigError, ckpt.CheckpointError)):
-            # A collective failed because of another rank: say which one.
-            time.sleep(1.0)
+            time.sleep(1.0)  # let a failing peer publish its mark
             try:
-                print(f"[rank {rank}] {watchdog.diagnose()}", file=sys.stderr, flush=True)
+                print(f"[rank {rank}] {watchdog.diagnose(exclude=(rank,))}", file=sys.stderr, flush=True)
             except Exception:
                 pass
         raise
@@ -362,7 +376,7 @@ def _train(cfg: RunConfig, factory: Callable, topo: Topology, watchdog: Watchdog
             if _hook_hit(DIE_HOOK_ENV, rank, step):
                 print(f"[test hook] rank {rank} kills itself (SIGKILL) at step {step}", flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)
-            watchdog.progress(step, "data")
+            watchdog.progress(step, "data", arm=True)
             t_step = time.perf_counter()
             parts = {"loss": 0.0, "loss_mm": 0.0, "loss_vis": 0.0}
             seen_parts, extras, tokens, notes = set(), {}, 0, 0

@@ -175,3 +175,47 @@ def test_stop_request_checkpoints_and_exits_75_then_resumes(tmp_path, reference_
     assert "resumed step 1" in r.output
     ref, got = read_metrics(reference_run), read_metrics(run_dir)
     assert [got[s]["loss/total"] for s in range(1, STEPS + 1)] == [ref[s]["loss/total"] for s in range(1, STEPS + 1)]
+
+
+def _launch_like_srun(args: list[str], nproc: int, env_extra: dict, timeout: float) -> list[tuple[int, str]]:
+    """One plain process per rank with Slurm's variables (what `srun -n N` gives), no torchrun agent
+    to end the others: the engine itself must notice a dead peer."""
+    import subprocess
+    import sys
+
+    from tests.multirank import REPO, base_env, free_port
+
+    port = str(free_port())
+    procs = []
+    for r in range(nproc):
+        env = base_env({"SLURM_PROCID": str(r), "SLURM_LOCALID": str(r), "SLURM_NTASKS": str(nproc),
+                        "SLURM_JOB_ID": "4242", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, **env_extra})
+        for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+            env.pop(key, None)
+        procs.append(subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True))
+    out = []
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            text, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            text, _ = p.communicate()
+            text += "\n[test] TIMEOUT: killed\n"
+        out.append((p.returncode, text))
+    return out
+
+
+def test_dead_rank_named_without_torchrun(tmp_path):
+    from tests.train.common import double_args
+
+    t0 = time.monotonic()
+    res = _launch_like_srun(double_args(str(tmp_path / "srun"), "train.max_steps=4", "train.collective_timeout_s=20"),
+                            nproc=2, env_extra={"NOTELLM2_TEST_DIE_AT": "1:2"}, timeout=150)
+    (rc0, out0), (rc1, _) = res
+    assert rc1 == -9
+    assert rc0 != 0 and "TIMEOUT" not in out0, out0[-3000:]
+    assert "rank(s) 1 stopped reporting" in out0, out0[-3000:]
+    assert time.monotonic() - t0 < 120

@@ -120,3 +120,26 @@ def test_metrics_resume_forgets_steps_after_the_checkpoint(tmp_path):
 def test_flatten_counters():
     got = flatten_counters({"batches": 8, "dropped": {"bad_image": 2, "bad_json": 1}, "blanked": {}, "flag": True})
     assert got == {"batches": 8, "dropped/bad_image": 2, "dropped/bad_json": 1, "dropped_total": 3, "blanked_total": 0}
+
+
+def test_watchdog_ends_a_stalled_process_only_once_armed():
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import sys, time, torch.distributed as dist
+        from launcher.distributed import Watchdog
+        dog = Watchdog(0, 1, timeout_s=1, store=dist.HashStore(), poll_s=0.1).start()
+        time.sleep(2.5)  # start-up longer than the timeout: not armed yet, nothing happens
+        print("survived start-up", flush=True)
+        dog.progress(1, "data", arm=True)
+        time.sleep(30)
+        print("not reached", flush=True)
+    """)
+    from tests.multirank import REPO, base_env
+
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "survived start-up" in r.stdout and "not reached" not in r.stdout
+    assert "no training progress" in r.stdout and "at step 1 (data)" in r.stdout
