@@ -191,7 +191,7 @@ class NoteModel(nn.Module):
         if mode == "image" and self.variant == "text_only":
             raise ModelInputError("encode: variant 'text_only' has no image probe")
         if mode == "text":
-            image_pooled = None
+            image_tokens, image_pooled = None, None
             batch = dict(batch, has_image=torch.zeros_like(batch["input_ids"][:, 0], dtype=torch.bool))
         return self.head(self.represent(batch, image_tokens, image_pooled)["note"])
 
