@@ -21,8 +21,9 @@ The rules (docs/mining.md holds the full text and the SQL):
   else train. So train pairs only hold train notes.
 
 The engine is DuckDB (spills to `temp_directory` past `memory_limit`). The core queries use only
-standard SQL with window functions (portable to Spark SQL); reading, writing and the top-k
-filter are the DuckDB-specific parts and live in their own small functions.
+standard SQL with window functions (portable to Spark SQL); reading (file scans, timestamp
+parsing), writing (COPY) and the hash split (Python, registered as a table) are the DuckDB- or
+Python-specific parts and live in their own small functions.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -266,7 +267,7 @@ def hash_split_of(note_id: str, settings: MiningSettings) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# DuckDB-specific parts: sources, the offsets table, sinks.
+# DuckDB-specific parts: sources, timestamp parsing, the connection, sinks.
 # --------------------------------------------------------------------------------------------
 
 _PARQUET_EXT = (".parquet", ".pq")
