@@ -241,7 +241,7 @@ def universal_path(plan: ResumePlan) -> str:
     return plan.path + ".universal"
 
 
-def convert_to_universal(plan: ResumePlan, log=print) -> str:
+def convert_to_universal(plan: ResumePlan, world_size: int, log=print) -> str:
     """Rank 0 only: run DeepSpeed's ds_to_universal on the checkpoint (once; reused afterwards)."""
     out = universal_path(plan)
     done_flag = os.path.join(out, ".complete")
@@ -252,7 +252,7 @@ def convert_to_universal(plan: ResumePlan, log=print) -> str:
     shutil.rmtree(tmp_out, ignore_errors=True)
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", plan.path,
            "--output_folder", tmp_out, "--num_extract_workers", "1", "--num_merge_workers", "1"]
-    log(f"world size changed ({plan.manifest['world_size']} -> this run): converting {plan.path} to a "
+    log(f"world size changed ({plan.manifest['world_size']} -> {world_size}): converting {plan.path} to a "
         f"DeepSpeed universal checkpoint: {' '.join(cmd)}")
     env = dict(os.environ)
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):

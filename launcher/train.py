@@ -285,7 +285,7 @@ def _train(cfg: RunConfig, factory: Callable, topo: Topology, watchdog: Watchdog
     plan = ckpt.plan_resume(cfg.checkpoint.resume, root, world, chash, cfg.checkpoint.allow_config_mismatch)
     if plan is not None and plan.universal:
         if rank == 0:
-            ckpt.convert_to_universal(plan, log=log)
+            ckpt.convert_to_universal(plan, world, log=log)
         watchdog.progress(0, "universal-conversion")
         dist.barrier()
 

@@ -219,3 +219,26 @@ def test_dead_rank_named_without_torchrun(tmp_path):
     assert rc0 != 0 and "TIMEOUT" not in out0, out0[-3000:]
     assert "rank(s) 1 stopped reporting" in out0, out0[-3000:]
     assert time.monotonic() - t0 < 120
+
+
+def accumulate(run_dir: str) -> dict:
+    from launcher.config import load_config
+    from launcher.train import train
+    from tests.train.doubles import components
+
+    cfg = load_config(None, [f"train.output_dir={run_dir}", "train.ds_config=ds_configs/cpu_zero3.json",
+                             "train.precision=fp32", "data.pairs_per_rank=4", "train.grad_accum_steps=3",
+                             "train.max_steps=2", "train.lr_schedule=constant"])
+    engine = train(cfg, factory=components)["engine"]
+    m = ckpt.read_manifest(ckpt.latest_complete(ckpt.checkpoint_root(run_dir)))
+    return {"global_steps": engine.global_steps, "micro_steps": engine.micro_steps,
+            "train_batch_size": engine.train_batch_size(), "reader_index": m["reader_states"][0]["index"],
+            "samples_seen": m["samples_seen"]}
+
+
+def test_gradient_accumulation_batches_from_the_yaml(tmp_path):
+    r = run_ranks("tests.train.test_engine:accumulate", nproc=2, timeout=180, kwargs={"run_dir": str(tmp_path / "acc")})
+    got = r.returns[0]
+    # 2 optimizer steps of 3 micro-batches each; 4 pairs x 3 x 2 ranks per optimizer step
+    assert got == {"global_steps": 2, "micro_steps": 6, "train_batch_size": 24, "reader_index": 6,
+                   "samples_seen": 48}, got
