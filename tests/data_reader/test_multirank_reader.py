@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 
 from data_shards.config import DataConfig
 from data_shards.reader import PairLoader

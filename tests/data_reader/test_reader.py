@@ -14,7 +14,7 @@ from data_shards.config import DataConfig
 from data_shards.ids import note_id_hash
 from data_shards.images import clip_transform, open_image
 from data_shards.reader import PairLoader, expand_shards
-from tests.data_reader.helpers import CharCollate, CharEncoder, batch_digest, jpeg_bytes, write_pair_shards
+from tests.data_reader.helpers import CharCollate, CharEncoder, batch_digest, write_pair_shards
 
 
 def make_loader(shards, B=4, image_size=32, rank=0, world_size=1, manifest=None, **cfg):
