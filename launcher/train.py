@@ -304,8 +304,9 @@ def _train(cfg: RunConfig, factory: Callable, topo: Topology, watchdog: Watchdog
         for p in model.parameters():
             if not hasattr(p, "ds_id") and p.dtype.is_floating_point:
                 p.data = p.data.to(torch.bfloat16)
-        for b in model.buffers():
-            if b.dtype == torch.float32:
+        for name, b in model.named_buffers():
+            # The LLM's own buffers (e.g. RoPE frequencies) keep the dtype transformers chose.
+            if b.dtype == torch.float32 and not name.startswith("llm."):
                 b.data = b.data.to(torch.bfloat16)
     groups = param_groups(model, cfg.train.lr_llm, cfg.train.lr_new, cfg.train.weight_decay)
     group_names = [g["name"] for g in groups]
