@@ -74,7 +74,10 @@ def collate_notes(notes: list[NoteItem], collate_text_fn: Callable[[list[dict]],
     """Stack notes into tensors.
 
     Returns the text tensors of `collate_text_fn` plus `pixel_values` [N,3,S,S] float32 (a note
-    without a usable image gets zeros, i.e. the CLIP mean colour), `has_image` BoolTensor [N],
+    without a usable image gets zeros, i.e. the CLIP mean colour), `image_present` BoolTensor [N]
+    (the note has a usable image), `has_image` BoolTensor [N] (the `has_image` of `collate_text_fn`
+    when it gives one, i.e. whether image features enter the model for that row, e.g. all False
+    for a text-only variant; else `image_present`),
     `note_ids` LongTensor [N] (`note_id_hash`, -1 for padding rows) and `note_id_strs` (list of str).
     With `normalize=False`, `pixel_values` stays uint8 (4x less to move between processes: the loader
     workers send it so and the loader normalises it on arrival with `normalize_pixels`).
@@ -84,21 +87,28 @@ def collate_notes(notes: list[NoteItem], collate_text_fn: Callable[[list[dict]],
     if not isinstance(text, dict):
         raise TypeError(f"collate_text_fn must return a dict of tensors, got {type(text).__name__}")
     pixels = torch.empty(n, 3, image_size, image_size, dtype=torch.uint8)
-    has_image = torch.zeros(n, dtype=torch.bool)
+    present = torch.zeros(n, dtype=torch.bool)
     for i, item in enumerate(notes):
         if item.pixels is not None:
             if item.pixels.size != (image_size, image_size) or item.pixels.mode != "RGB":
                 raise ValueError(f"note {item.note_id!r}: image of {item.pixels.size} {item.pixels.mode}, expected "
                                  f"RGB {image_size}x{image_size} (prepare_image)")
             _copy_image(pixels[i], item.pixels)
-            has_image[i] = True
+            present[i] = True
         else:
             pixels[i].zero_()
+    has_image = present
+    if "has_image" in text:  # the prompter says which rows feed image features to the model
+        has_image = torch.as_tensor(text["has_image"]).bool()
+        wrong = (has_image & ~present).nonzero().flatten().tolist()
+        if has_image.shape != present.shape or wrong:
+            raise ValueError(f"collate_text_fn's has_image marks rows {wrong[:5]} (notes "
+                             f"{[notes[i].note_id for i in wrong[:5]]}) as using an image they do not have")
     note_ids = torch.tensor([DUMMY_NOTE_ID if item.is_dummy else note_id_hash(item.note_id) for item in notes],
                             dtype=torch.long)
     batch = dict(text)
-    batch.update(pixel_values=normalize_pixels(pixels, has_image) if normalize else pixels, has_image=has_image,
-                 note_ids=note_ids, note_id_strs=[item.note_id for item in notes])
+    batch.update(pixel_values=normalize_pixels(pixels, present) if normalize else pixels, has_image=has_image,
+                 image_present=present, note_ids=note_ids, note_id_strs=[item.note_id for item in notes])
     return batch
 
 

@@ -676,7 +676,7 @@ class PairLoader:
             it = iter(stream)
         for batch in it:
             meta = batch.pop("_meta")
-            batch["pixel_values"] = normalize_pixels(batch["pixel_values"], batch["has_image"])
+            batch["pixel_values"] = normalize_pixels(batch["pixel_values"], batch["image_present"])
             if meta["k"] != self._batches_done:
                 raise RuntimeError(f"PairLoader: got batch {meta['k']} where batch {self._batches_done} was due")
             self._absorb(meta)
@@ -946,7 +946,7 @@ class NotesLoader:
         expected = 0
         for batch in it:
             meta = batch.pop("_meta")
-            batch["pixel_values"] = normalize_pixels(batch["pixel_values"], batch["has_image"])
+            batch["pixel_values"] = normalize_pixels(batch["pixel_values"], batch["image_present"])
             if meta["k"] != expected:
                 raise RuntimeError(f"NotesLoader: got batch {meta['k']} where batch {expected} was due")
             expected += 1

@@ -204,3 +204,36 @@ def test_header_index_matches_tarfile(tmp_path):
     with open(bad, "wb") as fh:
         fh.write(data[:1024] + b"\x01" * 512 + data[1536:])  # the second header
     assert "damaged" in index_shard(bad).problem
+
+
+class _TextOnlyCollate(CharCollate):
+    """Like a text-only prompter: its own has_image says no row feeds image features to the model."""
+
+    def __call__(self, encodings):
+        out = super().__call__(encodings)
+        out["has_image"] = torch.zeros(len(encodings), dtype=torch.bool)
+        return out
+
+
+class _LyingCollate(CharCollate):
+    def __call__(self, encodings):
+        out = super().__call__(encodings)
+        out["has_image"] = torch.ones(len(encodings), dtype=torch.bool)
+        return out
+
+
+def test_prompters_has_image_wins_and_image_present_stays(tmp_path):
+    write_pair_shards(str(tmp_path), [8])
+    pattern = str(tmp_path / "pairs-train-*.tar")
+    cfg = DataConfig(num_workers=0, shuffle_buffer=0)
+    plain = next(iter(make_loader(pattern, B=8, shuffle_buffer=0)))
+    assert torch.equal(plain["has_image"], plain["image_present"])
+    text_only = next(iter(PairLoader(pattern, data_cfg=cfg, encode_fn=CharEncoder(), collate_text_fn=_TextOnlyCollate(),
+                                     rank=0, world_size=1, pairs_per_rank=8, image_size=32)))
+    assert not text_only["has_image"].any()
+    assert torch.equal(text_only["image_present"], plain["image_present"]) and not plain["image_present"].all()
+    assert torch.equal(text_only["pixel_values"], plain["pixel_values"])
+    # query 3 has no image: a collate that claims it uses one is a bug, reported with the note id
+    with pytest.raises(ValueError, match="q3"):
+        next(iter(PairLoader(pattern, data_cfg=cfg, encode_fn=CharEncoder(), collate_text_fn=_LyingCollate(),
+                             rank=0, world_size=1, pairs_per_rank=8, image_size=32)))
