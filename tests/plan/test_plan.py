@@ -197,13 +197,19 @@ def test_plan_cli_on_paper_scale_runs_offline_and_prints_the_table():
     assert "| 7.07 B |" in out and "| 1.84 B |" in out
     ratio = float(re.search(r"DeepSpeed's estimator [\d.]+ GiB \(ratio ([\d.]+)\)", out).group(1))
     assert abs(ratio - 1) < 0.01
-    js = subprocess.run([sys.executable, "-m", "launcher", "plan", "--config", "configs/paper_scale.yaml", "--json"],
-                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    data = json.loads(js.stdout)
-    assert data["gpus"] == 8 and data["total_bytes_per_gpu"] == pytest.approx(sum(data["bytes_per_gpu"].values()))
 
 
-def test_plan_errors_name_the_key_or_file(tmp_path):
+def test_plan_json_output_is_consistent(capsys):
+    from launcher.cli import main
+
+    assert main(["plan", "--config", PAPER, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["gpus"] == 8 and data["zero_stage"] == 3
+    assert data["total_bytes_per_gpu"] == pytest.approx(sum(data["bytes_per_gpu"].values()))
+    assert data["params"]["trainable"] == data["params"]["llm"] + data["params"]["connector"] + data["params"]["gate_head"]
+
+
+def test_plan_errors_name_the_key_or_file(tmp_path, capsys):
     empty = tmp_path / "nollm"
     empty.mkdir()
     with pytest.raises(PlanError, match=r"model\.llm\.path: .* has no config\.json"):
@@ -214,9 +220,10 @@ def test_plan_errors_name_the_key_or_file(tmp_path):
         make_plan(load_config(PAPER, [f"train.ds_config={ds}"]))
     with pytest.raises(PlanError, match=r"train\.ds_config: .*missing\.json.* does not exist"):
         make_plan(load_config(PAPER, ["train.ds_config=missing.json"]))
-    p = subprocess.run([sys.executable, "-m", "launcher", "plan", "--config", "configs/paper_scale.yaml",
-                        f"model.vision.path={empty}"], cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=300)
-    assert p.returncode == 2 and "model.vision.path" in p.stderr
+    from launcher.cli import main
+
+    assert main(["plan", "--config", PAPER, f"model.vision.path={empty}"]) == 2
+    assert "model.vision.path" in capsys.readouterr().err
 
 
 def test_format_mentions_fit_and_offload_cpu_memory():

@@ -3,7 +3,7 @@ import pytest
 from tests.slurm.cluster import start_cluster, stop_cluster
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def slurm_cluster():
     cluster = start_cluster()
     try:

@@ -1,0 +1,27 @@
+"""Functions run in every rank by tests.multirank.run_ranks (gloo already initialised)."""
+from __future__ import annotations
+
+import os
+import signal
+
+import torch.distributed as dist
+
+from launcher.preemption import PreemptionFlag
+
+
+def stop_agreed_across_ranks(signal_rank: int, signal_step: int, steps: int) -> dict:
+    flag = PreemptionFlag.install()
+    try:
+        stopped_at = None
+        local_at = None
+        for step in range(1, steps + 1):
+            if dist.get_rank() == signal_rank and step == signal_step:
+                os.kill(os.getpid(), signal.SIGUSR1)  # what torchrun forwards from Slurm's warning
+            if flag.requested and local_at is None:
+                local_at = step
+            if flag.should_stop():
+                stopped_at = step
+                break
+        return {"stopped_at": stopped_at, "local_at": local_at, "signal": flag.signal_name}
+    finally:
+        flag.uninstall()

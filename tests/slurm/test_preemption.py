@@ -1,0 +1,60 @@
+"""launcher.preemption: a signal only sets a flag; ranks agree on the stop; the exit code is 75."""
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from launcher.preemption import PREEMPTED_EXIT_CODE, STOP_FILE_ENV, PreemptionFlag
+from tests.multirank import run_ranks
+
+
+@pytest.fixture
+def flag():
+    f = PreemptionFlag.install()
+    yield f
+    f.uninstall()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_signal_sets_the_flag_and_nothing_else(flag, sig):
+    assert not flag.requested and not flag.should_stop()
+    os.kill(os.getpid(), sig)  # the process survives: the handler only records it
+    assert flag.requested and flag.should_stop()
+    assert flag.signal_name == signal.Signals(sig).name
+
+
+def test_install_is_idempotent_and_uninstall_restores_handlers():
+    before = signal.getsignal(signal.SIGUSR1)
+    f = PreemptionFlag.install()
+    assert PreemptionFlag.install() is f
+    assert signal.getsignal(signal.SIGUSR1) == f._on_signal
+    f.uninstall()
+    assert signal.getsignal(signal.SIGUSR1) == before
+    assert PreemptionFlag.install() is not f
+    PreemptionFlag._installed.uninstall()
+
+
+def test_stop_file_counts_as_a_request(tmp_path, monkeypatch):
+    path = tmp_path / "stop"
+    monkeypatch.setenv(STOP_FILE_ENV, str(path))
+    f = PreemptionFlag()
+    assert not f.requested
+    path.write_text("")
+    assert f.requested and "stop file" in f.signal_name
+
+
+def test_exit_uses_the_preempted_code():
+    with pytest.raises(SystemExit) as e:
+        PreemptionFlag().exit()
+    assert e.value.code == PREEMPTED_EXIT_CODE == 75
+
+
+def test_only_one_rank_signalled_yet_both_stop_after_the_same_step():
+    r = run_ranks("tests.slurm.preemption_cases:stop_agreed_across_ranks", nproc=2, timeout=120,
+                  kwargs={"signal_rank": 1, "signal_step": 3, "steps": 10})
+    assert r.returns[0]["stopped_at"] == r.returns[1]["stopped_at"] == 3
+    assert r.returns[1]["local_at"] == 3 and r.returns[1]["signal"] == "SIGUSR1"
+    assert r.returns[0]["local_at"] is None  # rank 0 never got a signal; it stopped by agreement
+    assert r.returns[0]["signal"] == "another rank was asked to stop"

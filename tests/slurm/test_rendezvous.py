@@ -1,0 +1,78 @@
+"""Multi-node rendezvous without Slurm: two torchrun launchers on loopback act as two nodes
+(--nnodes 2, node ranks 0 and 1), meeting at the endpoint slurm/rendezvous.sh derives from a node
+list, exactly as slurm/train.sbatch does. Plus the helper's own parsing."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+
+import pytest
+
+from tests.multirank import REPO, free_port, run_command
+from tests.slurm.cluster import RENDEZVOUS
+from tests.slurm.real_inputs import TINY_CPU, tiny_cpu_overrides
+
+
+def rendezvous(nodelist: str, job_id: str = "", port: int | None = None, path_without_scontrol: bool = False) -> str:
+    env = dict(os.environ)
+    env.pop("RDZV_PORT", None)
+    if port is not None:
+        env["RDZV_PORT"] = str(port)
+    if path_without_scontrol:
+        env["PATH"] = "/usr/local/bin:/bin"  # a machine without Slurm's client tools: the bash fallback
+    args = [RENDEZVOUS, nodelist] + ([job_id] if job_id else [])
+    p = subprocess.run(args, env=env, capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    return p.stdout.strip()
+
+
+@pytest.mark.parametrize("fallback", [True, False])
+def test_rendezvous_helper_takes_the_first_host(fallback):
+    if not fallback and not os.path.exists("/usr/bin/scontrol"):
+        pytest.skip("scontrol is not installed (the Slurm tests install it)")
+    # Without a slurm.conf, scontrol cannot run and the helper falls back to its own parser either way.
+    assert rendezvous("gpu[07-09,12],login3", "123", path_without_scontrol=fallback) == "gpu07:20123"
+    assert rendezvous("localhost", "40001", path_without_scontrol=fallback) == "localhost:20001"
+    assert rendezvous("nodeA,nodeB", port=31337, path_without_scontrol=fallback) == "nodeA:31337"
+
+
+def test_rendezvous_helper_rejects_a_missing_node_list():
+    env = {k: v for k, v in os.environ.items() if k != "SLURM_JOB_NODELIST"}
+    p = subprocess.run([RENDEZVOUS], env=env, capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2 and "no node list" in p.stderr
+
+
+def _two_nodes(args: list[str], endpoint: str, timeout: float = 300) -> list:
+    results: list = [None, None]
+
+    def node(rank: int) -> None:
+        results[rank] = run_command(args, nproc=1, nnodes=2, node_rank=rank, rdzv=endpoint, timeout=timeout, check=False)
+
+    threads = [threading.Thread(target=node, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for rank, r in enumerate(results):
+        assert r is not None and r.returncode == 0, f"node {rank}:\n{r.describe() if r else 'no result'}"
+    return results
+
+
+@pytest.mark.slow
+def test_two_launchers_as_two_nodes_train_together(tmp_path):
+    endpoint = rendezvous("localhost", port=free_port())
+    assert endpoint.startswith("localhost:")
+    run_dir = str(tmp_path / "run")
+    args = ["-m", "launcher", "train", "--config", TINY_CPU, *tiny_cpu_overrides(str(tmp_path / "inputs")),
+            f"train.output_dir={run_dir}", "train.max_steps=3", "checkpoint.every_steps=3"]
+    results = _two_nodes(args, endpoint)
+    with open(os.path.join(run_dir, "checkpoints", "step_00000003", "manifest.json")) as fh:
+        manifest = json.load(fh)
+    assert manifest["world_size"] == 2 and manifest["step"] == 3
+    # One rank per launcher: exactly one of them hosts global rank 0 (with the c10d backend the
+    # rendezvous, not --node-rank, orders the nodes).
+    assert sum("[rank 0] done: step 3" in r.output for r in results) == 1, [r.output[-2000:] for r in results]
+    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
+        assert [json.loads(line)["step"] for line in fh] == [1, 2, 3]
