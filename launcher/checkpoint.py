@@ -219,6 +219,12 @@ class ResumePlan:
 def plan_resume(resume: str, root: str, world_size: int, config_hash: str, allow_mismatch: bool) -> Optional[ResumePlan]:
     """Decide what to resume from: None (fresh start) or a plan. Raises CheckpointError on a mismatch."""
     if resume == "none":
+        found = list_complete(root)
+        if found:
+            raise CheckpointError(
+                f"checkpoint.resume=none, but {root} already holds checkpoints (steps {[s for s, _ in found]}); "
+                "a fresh run there would mix with them (keep_last could even delete its own newer saves). "
+                "Use another train.output_dir, remove the old checkpoints, or resume with checkpoint.resume=auto")
         return None
     if resume == "auto":
         path = latest_complete(root)

@@ -88,6 +88,14 @@ def test_config_mismatch_refused(reference_run):
     plan = ckpt.plan_resume("auto", root, 2, config_hash(cfg), allow_mismatch=True)
     assert plan.step == 6 and not plan.universal
     assert ckpt.plan_resume("auto", root, 1, config_hash(cfg), allow_mismatch=True).universal
+    with pytest.raises(ckpt.CheckpointError, match=r"checkpoint.resume=none, but .*\(steps \[4, 6\]\)"):
+        ckpt.plan_resume("none", root, 2, config_hash(cfg), allow_mismatch=False)
+    explicit = ckpt.plan_resume(os.path.join(root, "step_00000004"), root, 2, m_hash(reference_run), False)
+    assert explicit.step == 4
+
+
+def m_hash(run_dir):
+    return config_hash(load_config(os.path.join(run_dir, "config.resolved.yaml")))
 
 
 def test_tensorboard_scalars(reference_run):
