@@ -341,10 +341,10 @@ def _template_tokens(cfg: RunConfig, prompt: str) -> tuple[int, str]:
         with quiet_transformers():
             tok = AutoTokenizer.from_pretrained(tok_dir)
         n = sum(len(tok(p, add_special_tokens=False)["input_ids"]) for p in pieces)
-        return n + markers + 1, "tokenized"  # + BOS/EOS-like special token
+        return n + markers + 1, "template tokenized"  # + BOS/EOS-like special token
     except Exception:  # noqa: BLE001 - no tokenizer files: estimate
         chars = sum(len(p) for p in pieces)
-        return math.ceil(chars / 3) + markers + 1, "estimated at 3 characters per token (no tokenizer in model.llm.path)"
+        return math.ceil(chars / 3) + markers + 1, "template estimated at ~3 characters per token, no tokenizer in model.llm.path"
 
 
 def llm_activation_bytes(llm: LLMArch, notes: int, seq_len: int, act_bytes: int, checkpointing: bool, attn: str) -> float:
@@ -490,7 +490,7 @@ def format_plan(plan: Plan, gpu_memory_gib: Optional[float] = None) -> str:
     L.append("")
     sp = plan.seq_parts
     L.append(f"micro batch per GPU: {plan.notes_per_micro_batch // 2} pairs = {plan.notes_per_micro_batch} notes x {plan.seq_len} tokens "
-             f"(text {sp['text']} + image {sp['image']} + template {sp['template']}, {sp['template_count']}); "
+             f"(text {sp['text']} + image {sp['image']} + template {sp['template']}; {sp['template_count']}); "
              f"{plan.images_per_micro_batch} images")
     L.append("")
     L.append("| per-GPU memory | GiB | |")
