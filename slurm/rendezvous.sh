@@ -7,8 +7,8 @@
 # the c10d store); NODELIST defaults to $SLURM_JOB_NODELIST. PORT is $RDZV_PORT when set, else
 # 20000 + JOB_ID % 20000 (JOB_ID defaults to $SLURM_JOB_ID, else 0), so that two jobs sharing a
 # head node do not collide. The node list is expanded by `scontrol show hostnames`; where
-# scontrol cannot run (no slurm.conf, e.g. a laptop) a plain-bash fallback expands the first
-# entry of lists like "node[07-09,12],gpu3" or "localhost".
+# scontrol cannot run (no slurm.conf, e.g. a laptop) a plain-bash fallback takes the first host
+# of lists like "node[07-09,12],gpu3", "rack[3-4]-gpu[1-2]" or "localhost".
 # Used by slurm/train.sbatch and by the tests (tests/slurm/), so both derive it the same way.
 set -euo pipefail
 
@@ -24,12 +24,22 @@ if command -v scontrol >/dev/null 2>&1; then
     head_host="$(scontrol show hostnames "$nodelist" 2>/dev/null | head -n1 || true)"
 fi
 if [ -z "$head_host" ]; then
-    first="${nodelist%%,*}"                       # "node[07-09" when the list is "node[07-09,12],x"
-    if [[ "$nodelist" =~ ^([^,\[]+)\[([0-9]+) ]]; then
-        head_host="${BASH_REMATCH[1]}${BASH_REMATCH[2]}"
-    else
-        head_host="$first"
-    fi
+    # The first top-level entry (commas inside brackets do not split), then every bracket group
+    # replaced by its first number: "rack[3-4]-gpu[01-02],x" -> "rack3-gpu01".
+    entry="" depth=0
+    for ((i = 0; i < ${#nodelist}; i++)); do
+        c="${nodelist:i:1}"
+        case "$c" in
+            "[") depth=$((depth + 1)) ;;
+            "]") depth=$((depth - 1)) ;;
+            ",") [ "$depth" -eq 0 ] && break ;;
+        esac
+        entry+="$c"
+    done
+    while [[ "$entry" =~ ^([^\[]*)\[([0-9]+)[^]]*\](.*)$ ]]; do
+        entry="${BASH_REMATCH[1]}${BASH_REMATCH[2]}${BASH_REMATCH[3]}"
+    done
+    head_host="$entry"
 fi
 if ! [[ "$job_id" =~ ^[0-9]+$ ]]; then
     echo "rendezvous.sh: job id '$job_id' is not a number" >&2

@@ -15,27 +15,39 @@ from tests.slurm.cluster import RENDEZVOUS
 from tests.slurm.real_inputs import TINY_CPU, tiny_cpu_overrides
 
 
-def rendezvous(nodelist: str, job_id: str = "", port: int | None = None, path_without_scontrol: bool = False) -> str:
+def rendezvous(nodelist: str, job_id: str = "", port: int | None = None, path_without_scontrol: bool = False,
+               slurm_conf: str | None = None) -> str:
     env = dict(os.environ)
     env.pop("RDZV_PORT", None)
     if port is not None:
         env["RDZV_PORT"] = str(port)
     if path_without_scontrol:
         env["PATH"] = "/usr/local/bin:/bin"  # a machine without Slurm's client tools: the bash fallback
+    if slurm_conf:
+        env["SLURM_CONF"] = slurm_conf
     args = [RENDEZVOUS, nodelist] + ([job_id] if job_id else [])
     p = subprocess.run(args, env=env, capture_output=True, text=True, timeout=30)
     assert p.returncode == 0, p.stderr
     return p.stdout.strip()
 
 
-@pytest.mark.parametrize("fallback", [True, False])
-def test_rendezvous_helper_takes_the_first_host(fallback):
-    if not fallback and not os.path.exists("/usr/bin/scontrol"):
-        pytest.skip("scontrol is not installed (the Slurm tests install it)")
-    # Without a slurm.conf, scontrol cannot run and the helper falls back to its own parser either way.
-    assert rendezvous("gpu[07-09,12],login3", "123", path_without_scontrol=fallback) == "gpu07:20123"
-    assert rendezvous("localhost", "40001", path_without_scontrol=fallback) == "localhost:20001"
-    assert rendezvous("nodeA,nodeB", port=31337, path_without_scontrol=fallback) == "nodeA:31337"
+CASES = [("gpu[07-09,12],login3", "123", None, "gpu07:20123"), ("rack[3-4]-gpu[01-02],x", "7", None, "rack3-gpu01:20007"),
+         ("localhost", "40001", None, "localhost:20001"), ("nodeA,nodeB", "", 31337, "nodeA:31337")]
+
+
+def test_rendezvous_helper_bash_fallback_takes_the_first_host():
+    for nodelist, job, port, want in CASES:
+        assert rendezvous(nodelist, job, port, path_without_scontrol=True) == want
+
+
+def test_rendezvous_helper_with_scontrol_agrees(slurm_cluster):
+    # With a reachable slurm.conf the helper uses `scontrol show hostnames`; both paths must agree.
+    env = dict(slurm_cluster.env)
+    hosts = subprocess.run(["scontrol", "show", "hostnames", "rack[3-4]-gpu[01-02],x"], env=env, capture_output=True,
+                           text=True, timeout=30).stdout.split()
+    assert hosts[0] == "rack3-gpu01" and len(hosts) == 5
+    for nodelist, job, port, want in CASES:
+        assert rendezvous(nodelist, job, port, slurm_conf=slurm_cluster.conf) == want
 
 
 def test_rendezvous_helper_rejects_a_missing_node_list():
