@@ -80,7 +80,7 @@ def test_product_equals_pandas_reference(tmp_path, kw):
 @pytest.mark.timeout(300)
 def test_benchmark_runs_at_tiny_size():
     proc = subprocess.run([sys.executable, BENCH, "--events", "20000", "--users", "2000", "--notes", "1000",
-                           "--pandas-events", "6000", "--memory-limit", "256MB"],
+                           "--pandas-events", "6000", "--memory-limit", "256MB", "--sub-repeat", "1"],
                           capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
