@@ -14,6 +14,7 @@ prompter and PairLoader. Tests pass their own factory through `train(cfg, factor
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import json
 import os
@@ -45,13 +46,15 @@ DIE_HOOK_ENV = "NOTELLM2_TEST_DIE_AT"
 @dataclass
 class Components:
     """What the loop trains. `make_loader(epoch)` returns an iterable of batch dicts with
-    `state_dict()` / `load_state_dict()`; `evaluate(step)` (optional) returns eval metrics."""
+    `state_dict()` / `load_state_dict()`; `make_val_loader()` (optional) returns one pass of
+    validation batches (the same number on every rank) for the validation loss every
+    `eval.every_steps` steps."""
 
     note_model: torch.nn.Module
     vision_tower: Optional[torch.nn.Module]
     prompter: Any
     make_loader: Callable[[int], Any]
-    evaluate: Optional[Callable[[int], dict]] = None
+    make_val_loader: Optional[Callable[[], Any]] = None
     extra: dict = field(default_factory=dict)
 
 
@@ -121,7 +124,17 @@ def default_components(cfg: RunConfig, rank: int, world_size: int, ds_config: di
                           pairs_per_rank=cfg.data.pairs_per_rank, image_size=cfg.model.vision.image_size,
                           epoch=epoch)
 
-    return Components(note_model, tower, prompter, make_loader, extra={"hf_ds_config": hf_ds})
+    make_val_loader = None
+    if cfg.data.val_shards:
+        val_cfg = dataclasses.replace(cfg.data, random_flip=False, resampled=False)
+
+        def make_val_loader():
+            return PairLoader(cfg.data.val_shards, None, data_cfg=val_cfg, encode_fn=prompter.encode,
+                              collate_text_fn=prompter.collate, rank=rank, world_size=world_size,
+                              pairs_per_rank=cfg.data.pairs_per_rank, image_size=cfg.model.vision.image_size, epoch=0)
+
+    return Components(note_model, tower, prompter, make_loader, make_val_loader=make_val_loader,
+                      extra={"hf_ds_config": hf_ds})
 
 
 def load_factory(spec: str) -> Callable:
@@ -180,6 +193,38 @@ def model_state_bytes(engine) -> dict:
                 states += nbytes(v)
     total = params + master + grads + states
     return {"params": params, "master": master, "grads": grads, "optimizer": states, "total": total}
+
+
+def validation_loss(engine, comps: Components, device, cast, tick: Callable[[], None]) -> dict:
+    """Mean loss (and mICL parts) over one pass of the validation pairs, averaged over ranks.
+    In-batch negatives come from the validation batch, as in training."""
+    engine.module.eval()
+    sums = torch.zeros(4, dtype=torch.float64)  # loss, loss_mm, loss_vis, batches
+    try:
+        with torch.no_grad():
+            for batch in comps.make_val_loader():
+                tick()
+                batch = move_batch(batch, device)
+                image_tokens = image_pooled = None
+                if comps.vision_tower is not None and "pixel_values" in batch:
+                    image_tokens, image_pooled = comps.vision_tower(batch["pixel_values"])
+                    if cast is not None:
+                        image_tokens, image_pooled = image_tokens.to(cast), image_pooled.to(cast)
+                out = engine(batch, image_tokens=image_tokens, image_pooled=image_pooled)
+                for i, key in enumerate(("loss", "loss_mm", "loss_vis")):
+                    if out.get(key) is not None:
+                        sums[i] += float(out[key].float())
+                sums[3] += 1
+    finally:
+        engine.module.train()
+    dist.all_reduce(sums)
+    if sums[3] == 0:
+        return {}
+    result = {"val_loss": (sums[0] / sums[3]).item()}
+    if sums[1] != 0:
+        result["val_loss_mm"] = (sums[1] / sums[3]).item()
+        result["val_loss_vis"] = (sums[2] / sums[3]).item()
+    return result
 
 
 PEER_ERROR_MARKERS = ("connection closed by peer", "connection reset by peer", "read error", "timed out",
@@ -343,6 +388,11 @@ def _train(cfg: RunConfig, factory: Callable, topo: Topology, watchdog: Watchdog
     # A reader that moves over epochs by itself (PairLoader.endless) is used as one endless stream.
     it = iter(loader.endless()) if hasattr(loader, "endless") else iter(loader)
 
+    if cfg.eval.every_steps and comps.make_val_loader is not None:
+        try:  # fail now, not at the first evaluation
+            comps.make_val_loader()
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"data.val_shards: cannot evaluate every {cfg.eval.every_steps} steps: {e}") from None
     preempt = _install_preemption()
     metrics = MetricsWriter(run_dir, enabled=rank == 0, tensorboard=cfg.logging.tensorboard,
                             max_steps=cfg.train.max_steps, start_step=start_step)
@@ -462,9 +512,8 @@ def _train(cfg: RunConfig, factory: Callable, topo: Topology, watchdog: Watchdog
             for k, v in counters.items():
                 scalars[f"data/{k}"] = v
 
-            if cfg.eval.every_steps and comps.evaluate is not None and step % cfg.eval.every_steps == 0:
-                watchdog.progress(step, "eval")
-                for k, v in (comps.evaluate(step) or {}).items():
+            if cfg.eval.every_steps and comps.make_val_loader is not None and step % cfg.eval.every_steps == 0:
+                for k, v in validation_loss(engine, comps, device, cast, lambda: watchdog.progress(step, "eval")).items():
                     scalars[f"eval/{k}"] = v
 
             timing_extra = {"timings": {k: round(v, 6) for k, v in timings.items()}, "mean_step_time_s": max_time}

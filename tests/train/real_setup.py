@@ -16,15 +16,16 @@ def build_inputs(root: str) -> dict:
     llm = make_tiny_llm_dir(root, arch="llama", num_layers=2, hidden=64)
     clip = make_tiny_clip_dir(root, hidden=32, layers=2)
     shard_dir, manifest = synthetic_shards(os.path.join(root, "data"), n_notes=80, n_categories=4, n_pairs=160,
-                                           shard_size=16, image_size=32, splits=("train",))
+                                           shard_size=8, image_size=32, splits=("train", "val"))
     pattern = os.path.join(shard_dir, manifest["patterns"]["pairs-train"])
-    return {"llm": llm, "clip": clip, "train_shards": pattern}
+    val = os.path.join(shard_dir, manifest["patterns"]["pairs-val"])
+    return {"llm": llm, "clip": clip, "train_shards": pattern, "val_shards": val}
 
 
 def write_config(path: str, inputs: dict, run_dir: str, **train) -> str:
     cfg = {
         "name": "engine-e2e",
-        "data": {"train_shards": inputs["train_shards"], "pairs_per_rank": 4, "num_workers": 1,
+        "data": {"train_shards": inputs["train_shards"], "val_shards": inputs["val_shards"], "pairs_per_rank": 4, "num_workers": 1,
                  "shuffle_buffer": 16, "seed": 3},
         "model": {"variant": "notellm2", "llm": {"path": inputs["llm"], "attn_implementation": "sdpa"},
                   "vision": {"kind": "hf", "path": inputs["clip"], "image_size": 32},
@@ -35,6 +36,7 @@ def write_config(path: str, inputs: dict, run_dir: str, **train) -> str:
                   "lr_llm": 1e-3, "lr_new": 3e-3, "warmup_steps": 1, "precision": "bf16",
                   "collective_timeout_s": 120, **train},
         "checkpoint": {"every_steps": 2, "keep_last": 3},
+        "eval": {"every_steps": 2},
     }
     with open(path, "w") as fh:
         yaml.safe_dump(cfg, fh)

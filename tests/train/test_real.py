@@ -52,6 +52,10 @@ def test_real_training_logs_tensorboard_and_progress(reference):
     gate = [e.value for e in acc.Scalars("model/gate_mean")]
     assert all(0 < g < 1 for g in gate)
     assert acc.Scalars("data/batches")[-1].value == 8  # 4 steps x 2 ranks
+    # validation loss on the val shards every eval.every_steps=2 steps
+    val = acc.Scalars("eval/val_loss")
+    assert [e.step for e in val] == [2, 4] and all(0 < e.value < 10 for e in val)
+    assert "eval/val_loss_mm" in tags and "eval/val_loss_vis" in tags
 
 
 def test_real_checkpoint_has_no_vision_weights(reference):
