@@ -33,6 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from PIL import Image  # noqa: E402
 
 from data_shards.images import center_crop, resize_shorter_side  # noqa: E402
+# the tests' char-level stand-in for the prompter: text encoding costs next to nothing here
+from tests.data_reader.helpers import CharCollate, CharEncoder  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- synthetic shards
@@ -111,24 +113,6 @@ def measure_raw(paths, procs: int, size: int) -> tuple[float, int]:
 
 # ----------------------------------------------------------------------------- the loader
 
-class _Encode:
-    def __call__(self, note):
-        text = f"{note['title']} {note['content']} {' '.join(note['topics'])}"
-        return {"input_ids": [1 + (ord(c) % 250) for c in text[:96]]}
-
-
-class _Collate:
-    def __call__(self, encodings):
-        import torch
-        n = max(len(e["input_ids"]) for e in encodings)
-        ids = torch.zeros(len(encodings), n, dtype=torch.long)
-        mask = torch.zeros(len(encodings), n, dtype=torch.long)
-        for i, e in enumerate(encodings):
-            ids[i, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
-            mask[i, : len(e["input_ids"])] = 1
-        return {"input_ids": ids, "attention_mask": mask}
-
-
 def _rank_main(pattern, rank, world, workers, batch, size, start, out):
     import torch
 
@@ -137,7 +121,7 @@ def _rank_main(pattern, rank, world, workers, batch, size, start, out):
 
     torch.set_num_threads(1)
     loader = PairLoader(pattern, data_cfg=DataConfig(num_workers=workers, shuffle_buffer=100),
-                        encode_fn=_Encode(), collate_text_fn=_Collate(), rank=rank, world_size=world,
+                        encode_fn=CharEncoder(max_len=96), collate_text_fn=CharCollate(), rank=rank, world_size=world,
                         pairs_per_rank=batch, image_size=size)
     start.wait()
     pairs = 0

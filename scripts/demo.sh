@@ -8,7 +8,12 @@
 # DEMO_SMOKE=1 runs a few-minute version on a small slice (what the tests run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+# set-up output minus one harmless pip line; a failed set-up stops here with its exit code
+set +o pipefail
+bash scripts/setup.sh 2>&1 | grep -v "is ignored: it is neither a file nor a directory"
+setup_rc=${PIPESTATUS[0]}
+set -o pipefail
+[ "$setup_rc" -eq 0 ] || { echo "[setup] failed with exit code $setup_rc" >&2; exit "$setup_rc"; }
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 PY=.venv/bin/python
 NL=.venv/bin/notellm2
@@ -64,8 +69,9 @@ stage "export (consolidated safetensors, loads without DeepSpeed)"
 $NL export --run-dir "$A/run" --out "$A/export" --overwrite
 
 stage "embeddings of the held-out test notes: untrained baseline and trained model"
-[ -f "$A/emb_untrained/embeddings.npy" ] || $NL embed --config "$CONFIG" "${OV[@]}" --out "$A/emb_untrained"
-$NL embed --model "$A/export" --shards "$A/shards/notes-test-*.tar" --out "$A/emb_trained"
+RUN2=(.venv/bin/torchrun --standalone --nproc-per-node 2 -m launcher)   # each rank embeds half the notes
+[ -f "$A/emb_untrained/embeddings.npy" ] || "${RUN2[@]}" embed --config "$CONFIG" "${OV[@]}" --out "$A/emb_untrained"
+"${RUN2[@]}" embed --model "$A/export" --shards "$A/shards/notes-test-*.tar" --out "$A/emb_trained"
 
 stage "I2I Recall@K on the test split"
 echo "--- untrained (pretrained LLM and ViT, random connector) ---"
