@@ -17,8 +17,7 @@ from tqdm import tqdm
 from data_shards.config import DataConfig
 from data_shards.reader import NotesLoader
 from launcher.evaluate import save_embeddings
-
-MODES = ("both", "text", "image")
+from modeling.prompts import MODES
 
 
 @torch.no_grad()

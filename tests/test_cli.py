@@ -38,3 +38,13 @@ def test_every_verb_answers_help():
 def test_no_verb_prints_help_and_fails():
     out = subprocess.run([sys.executable, "-m", "launcher"], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 2 and "<verb>" in out.stdout
+
+
+def test_building_the_cli_imports_no_heavy_library():
+    """`notellm2 --help` and the light verbs start in a fraction of a second: torch, pandas,
+    deepspeed and transformers are imported only by the verbs that run them."""
+    code = ("import sys; from launcher.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'pandas', 'deepspeed', 'transformers', 'duckdb') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", f"imported while building the CLI: {out.stdout.strip()}"

@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import os
 
-import torch.distributed as dist
-
 from launcher.cli import add_config_args, config_from_args
-from launcher.embed import MODES, run_embed
+
+# the probes of modeling.prompts.MODES, spelled here so that `notellm2 --help` imports no torch
+MODES = ("both", "text", "image")
 
 
 def _run(args) -> int:
+    import torch.distributed as dist
+
     from data_shards.config import DataConfig
     from launcher.distributed import detect_topology
+    from launcher.embed import run_embed
 
     topo = detect_topology()
     if topo.world_size > 1 and not dist.is_initialized():

@@ -4,12 +4,10 @@ from __future__ import annotations
 import json
 import os
 
-import pandas as pd
-
-from launcher.evaluate import load_embeddings, recall_at_k
-
 
 def read_split_pairs(pairs_dir: str, split: str) -> list[tuple[str, str]]:
+    import pandas as pd
+
     path = os.path.join(pairs_dir, "pairs.parquet") if os.path.isdir(pairs_dir) else pairs_dir
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no pairs file (run `notellm2 data mine-pairs` first)")
@@ -21,6 +19,8 @@ def read_split_pairs(pairs_dir: str, split: str) -> list[tuple[str, str]]:
 
 
 def _run(args) -> int:
+    from launcher.evaluate import load_embeddings, recall_at_k
+
     ids, emb = load_embeddings(args.embeddings)
     pairs = read_split_pairs(args.pairs, args.split)
     report = recall_at_k(emb, ids, pairs, args.k)

@@ -6,12 +6,13 @@ same-category: a stand-in for real logs, clearly not one.
 """
 from __future__ import annotations
 
-import pandas as pd
-
-from data_shards.synthetic import make_synthetic_views
 
 
 def _run(args) -> int:
+    import pandas as pd
+
+    from data_shards.synthetic import make_synthetic_views
+
     path = make_synthetic_views(args.catalog, args.out, n_users=args.users, sessions_per_user=args.sessions_per_user,
                                 views_per_session=args.views_per_session, p_in_category=args.p_in_category,
                                 seed=args.seed)
