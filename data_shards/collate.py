@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from data_shards.ids import note_id_hash
-from data_shards.images import CLIP_MEAN, CLIP_STD, center_crop, resize_shorter_side
+from data_shards.images import CLIP_BIAS, CLIP_SCALE, center_crop, resize_shorter_side
 
 # note id hash used for padding rows of the notes loader (real hashes are never negative)
 DUMMY_NOTE_ID = -1
@@ -29,8 +29,8 @@ class NoteItem:
     is_dummy: bool = False
 
 
-_MEAN = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(3, 1, 1)
-_STD = torch.tensor(CLIP_STD, dtype=torch.float32).view(3, 1, 1)
+_SCALE = torch.from_numpy(CLIP_SCALE).view(3, 1, 1)
+_BIAS = torch.from_numpy(CLIP_BIAS).view(3, 1, 1)
 
 
 def prepare_image(img: Image.Image, size: int, flip: bool = False) -> Image.Image:
@@ -42,12 +42,13 @@ def prepare_image(img: Image.Image, size: int, flip: bool = False) -> Image.Imag
 
 
 def normalize_pixels(pixels_u8: torch.Tensor, has_image: torch.Tensor) -> torch.Tensor:
-    """uint8 [N,3,S,S] -> CLIP-normalised float32, (x / 255 - mean) / std: the same float32 operations
-    in the same order as `images.clip_transform`, so the values are bit-identical. Rows without an
-    image become zeros (the mean colour)."""
+    """uint8 [N,3,S,S] -> CLIP-normalised float32, (x / 255 - mean) / std, on the tensor's device:
+    the same float32 operations in the same order as `images.clip_transform`, so the values are
+    bit-identical. Rows without an image become zeros (the mean colour)."""
+    dev = pixels_u8.device
     out = pixels_u8.to(torch.float32)
-    out.div_(255.0).sub_(_MEAN).div_(_STD)
-    out[~has_image] = 0.0
+    out.mul_(_SCALE.to(dev)).add_(_BIAS.to(dev))
+    out[~has_image.to(dev)] = 0.0
     return out
 
 

@@ -588,14 +588,16 @@ class PairLoader:
 
     Iterating yields the rest of the current epoch (exactly `batches_per_epoch` batches per epoch
     on every rank) and then moves to the next epoch; `endless()` goes on over epochs.
-    Each batch: the text tensors of `collate_text_fn`, `pixel_values` [2B,3,S,S], `has_image` [2B]
+    Each batch: the text tensors of `collate_text_fn`, `pixel_values` [2B,3,S,S] (CLIP-normalised
+    float32; with `normalize=False` the uint8 pixels, for the consumer to normalise with
+    `collate.normalize_pixels` on its own device: 4x less to copy there), `has_image` [2B]
     bool, `note_ids` [2B] long (note_id_hash), `note_id_strs` (2B str), `sample_keys` (B str,
     "shard/key" of each pair): rows 0..B-1 are the queries, row B+i the target of query i.
     """
 
     def __init__(self, shards, manifest=None, *, data_cfg: DataConfig, encode_fn: Callable[[dict], dict],
                  collate_text_fn: Callable[[list], dict], rank: int, world_size: int, pairs_per_rank: int,
-                 image_size: int = 224, epoch: int = 0):
+                 image_size: int = 224, epoch: int = 0, normalize: bool = True):
         if not (0 <= rank < world_size):
             raise ValueError(f"PairLoader: rank {rank} is not in [0, world_size={world_size})")
         if pairs_per_rank <= 0:
@@ -603,6 +605,7 @@ class PairLoader:
         self.paths = expand_shards(shards)
         self.data_cfg = data_cfg
         self.rank, self.world_size, self.image_size = rank, world_size, image_size
+        self.normalize = normalize
         self.num_workers = data_cfg.num_workers
         self.counts = self._counts(manifest)
         self._plan = _Plan(tuple(self.paths), data_cfg.seed, world_size, max(1, self.num_workers), pairs_per_rank,
@@ -676,7 +679,8 @@ class PairLoader:
             it = iter(stream)
         for batch in it:
             meta = batch.pop("_meta")
-            batch["pixel_values"] = normalize_pixels(batch["pixel_values"], batch["image_present"])
+            if self.normalize:
+                batch["pixel_values"] = normalize_pixels(batch["pixel_values"], batch["image_present"])
             if meta["k"] != self._batches_done:
                 raise RuntimeError(f"PairLoader: got batch {meta['k']} where batch {self._batches_done} was due")
             self._absorb(meta)
@@ -904,13 +908,14 @@ class NotesLoader:
 
     def __init__(self, shards, data_cfg: DataConfig, encode_fn: Callable[[dict], dict],
                  collate_text_fn: Callable[[list], dict], rank: int, world_size: int, batch_size: int,
-                 image_size: int = 224):
+                 image_size: int = 224, normalize: bool = True):
         if not (0 <= rank < world_size):
             raise ValueError(f"NotesLoader: rank {rank} is not in [0, world_size={world_size})")
         if batch_size <= 0:
             raise ValueError(f"NotesLoader: batch_size must be > 0, got {batch_size}")
         self.paths = expand_shards(shards)
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
+        self.normalize = normalize  # False: uint8 pixel_values, as in PairLoader
         self.num_workers = data_cfg.num_workers
         self.data_cfg = data_cfg
         self._source = _NotesSource(data_cfg, encode_fn, collate_text_fn, image_size)
@@ -946,7 +951,8 @@ class NotesLoader:
         expected = 0
         for batch in it:
             meta = batch.pop("_meta")
-            batch["pixel_values"] = normalize_pixels(batch["pixel_values"], batch["image_present"])
+            if self.normalize:
+                batch["pixel_values"] = normalize_pixels(batch["pixel_values"], batch["image_present"])
             if meta["k"] != expected:
                 raise RuntimeError(f"NotesLoader: got batch {meta['k']} where batch {expected} was due")
             expected += 1

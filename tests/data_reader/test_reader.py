@@ -57,6 +57,27 @@ def test_batch_layout_queries_then_targets(tmp_path):
     assert len(batch["sample_keys"]) == B and shard in [os.path.basename(p) for p in paths]
 
 
+def test_uint8_pixels_for_the_device_normalise_to_the_same_values(tmp_path):
+    """normalize=False (what the trainer uses) yields the uint8 pixels; the trainer's move_batch
+    normalises them on its device to exactly the values the loader would have produced."""
+    from launcher.train import move_batch
+
+    write_pair_shards(str(tmp_path), [6, 6])
+    pattern = str(tmp_path / "pairs-train-{000000..000001}.tar")
+    refs = list(make_loader(pattern, B=4, image_size=32))
+    raws = list(PairLoader(pattern, data_cfg=DataConfig(num_workers=0, shuffle_buffer=8), encode_fn=CharEncoder(),
+                           collate_text_fn=CharCollate(), rank=0, world_size=1, pairs_per_rank=4, image_size=32,
+                           normalize=False))
+    assert len(raws) == len(refs) == 3
+    for ref, raw in zip(refs, raws):
+        assert raw["pixel_values"].dtype == torch.uint8 and raw["note_id_strs"] == ref["note_id_strs"]
+        moved = move_batch(raw, torch.device("cpu"))
+        assert moved["pixel_values"].dtype == torch.float32
+        assert torch.equal(moved["pixel_values"], ref["pixel_values"])
+    # rows without an image (zeros on both paths) were among them
+    assert not all(bool(ref["image_present"].all()) for ref in refs)
+
+
 def test_epoch_uses_each_pair_at_most_once_and_shuffles_by_seed_and_epoch(tmp_path):
     write_pair_shards(str(tmp_path), [10, 10, 10])
     pattern = str(tmp_path / "pairs-train-*.tar")

@@ -92,7 +92,7 @@ def live_vs_export(config: str, out_dir: str) -> dict:
 
     from launcher.config import load_config
     from launcher.export import load_exported, export
-    from launcher.train import train
+    from launcher.train import move_batch, train
 
     cfg = load_config(config, ["train.precision=fp32", "train.max_steps=2"])
     summary = train(cfg)
@@ -101,7 +101,7 @@ def live_vs_export(config: str, out_dir: str) -> dict:
     total = sum(p.ds_numel for p in engine.module.parameters())
     n_params = sum(1 for _ in engine.module.parameters())
     full_now = sum(p.numel() for p in engine.module.parameters())  # 0: gathered only inside forward
-    batch = next(iter(comps.make_loader(0)))
+    batch = move_batch(next(iter(comps.make_loader(0))), torch.device("cpu"))  # uint8 pixels -> normalised
     tokens, pooled = comps.vision_tower(batch["pixel_values"])
     engine.module.eval()
     live = engine.module.encode(batch, tokens, pooled)
