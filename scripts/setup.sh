@@ -34,14 +34,15 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   echo "[setup] $VENV is up to date"
 else
   start=$(date +%s)
-  # torch first, pinned: an unpinned torch pulled in by another package would be a multi-GB CUDA build.
-  "$VENV/bin/pip" install -q --disable-pip-version-check "$TORCH_PIN"
-  "$VENV/bin/pip" install -q --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
+  # pip, minus one harmless warning line; with pipefail a failing pip still fails the set-up
+  pipq() { "$VENV/bin/pip" "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; }
+  pipq install -q --disable-pip-version-check "$TORCH_PIN"
+  pipq install -q --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
   # Packages whose own metadata would drag in unpinned deps are installed without them.
   if [ -f requirements-nodeps.txt ]; then
-    "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps -r requirements-nodeps.txt
+    pipq install -q --disable-pip-version-check --no-deps -r requirements-nodeps.txt
   fi
-  "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+  pipq install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
   echo "$want" > "$stamp"
   echo "[setup] installed in $(( $(date +%s) - start )) s"
 fi
