@@ -250,3 +250,27 @@ def test_gradient_accumulation_batches_from_the_yaml(tmp_path):
     # 2 optimizer steps of 3 micro-batches each; 4 pairs x 3 x 2 ranks per optimizer step
     assert got == {"global_steps": 2, "micro_steps": 6, "train_batch_size": 24, "reader_index": 6,
                    "samples_seen": 48}, got
+
+
+def test_deepspeed_launcher_trains_like_torchrun(reference_run, tmp_path):
+    """The same run started by DeepSpeed's own launcher (it sets RANK/WORLD_SIZE/MASTER_* like
+    torchrun; --no_local_rank because our CLI reads LOCAL_RANK) gives the same per-step losses."""
+    import subprocess
+    import sys
+
+    from tests.multirank import REPO, free_port
+    from tests.train.common import double_args
+
+    run_dir = str(tmp_path / "ds-launcher")
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    cmd = [launcher, "--num_gpus", "2", "--no_local_rank", "--master_port", str(free_port()),
+           *double_args(run_dir, f"train.max_steps={STEPS}", "checkpoint.every_steps=2", "checkpoint.keep_last=2")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    assert "dist_world_size=2" in out and "on 2 rank(s)" in out
+    ref, got = read_metrics(reference_run), read_metrics(run_dir)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in got:
+        assert got[step]["loss/total"] == ref[step]["loss/total"], step
