@@ -48,3 +48,10 @@ def test_building_the_cli_imports_no_heavy_library():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", f"imported while building the CLI: {out.stdout.strip()}"
+
+
+def test_embed_cli_offers_exactly_the_model_probes():
+    from launcher.commands.embed import MODES as cli_modes
+    from modeling.prompts import MODES
+
+    assert cli_modes == MODES

@@ -7,7 +7,6 @@ same-category: a stand-in for real logs, clearly not one.
 from __future__ import annotations
 
 
-
 def _run(args) -> int:
     import pandas as pd
 
