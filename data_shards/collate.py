@@ -29,8 +29,15 @@ class NoteItem:
     is_dummy: bool = False
 
 
-_SCALE = torch.from_numpy(CLIP_SCALE).view(3, 1, 1)
-_BIAS = torch.from_numpy(CLIP_BIAS).view(3, 1, 1)
+_AFFINE: dict = {torch.device("cpu"): (torch.from_numpy(CLIP_SCALE).view(3, 1, 1),
+                                        torch.from_numpy(CLIP_BIAS).view(3, 1, 1))}
+
+
+def _affine(dev: torch.device) -> tuple:
+    """CLIP_SCALE, CLIP_BIAS on `dev`, copied there once (not on every training step)."""
+    if dev not in _AFFINE:
+        _AFFINE[dev] = tuple(t.to(dev) for t in _AFFINE[torch.device("cpu")])
+    return _AFFINE[dev]
 
 
 def prepare_image(img: Image.Image, size: int, flip: bool = False) -> Image.Image:
@@ -45,10 +52,11 @@ def normalize_pixels(pixels_u8: torch.Tensor, has_image: torch.Tensor) -> torch.
     """uint8 [N,3,S,S] -> CLIP-normalised float32, (x / 255 - mean) / std, on the tensor's device:
     the same float32 operations in the same order as `images.clip_transform`, so the values are
     bit-identical. Rows without an image become zeros (the mean colour)."""
-    dev = pixels_u8.device
+    scale, bias = _affine(pixels_u8.device)
     out = pixels_u8.to(torch.float32)
-    out.mul_(_SCALE.to(dev)).add_(_BIAS.to(dev))
-    out[~has_image.to(dev)] = 0.0
+    out.mul_(scale).add_(bias)
+    # masked_fill_ with a broadcast mask: no boolean indexing, so no device sync in the training step
+    out.masked_fill_(~has_image.to(out.device).view(-1, 1, 1, 1), 0.0)
     return out
 
 
