@@ -20,6 +20,7 @@ Design (details and the reasons in docs/reader.md):
 """
 from __future__ import annotations
 
+import gc
 import glob
 import itertools
 import json
@@ -127,18 +128,23 @@ _INDEX_CACHE: "OrderedDict[tuple, ShardIndex]" = OrderedDict()
 _INDEX_CACHE_SHARDS = 512
 
 
+_ZERO_BLOCK = bytes(512)
+
+
 def _octal(field: bytes) -> int:
-    if field[:1] and field[0] & 0x80:  # GNU base-256 for large sizes
+    if field[0] & 0x80:  # GNU base-256 for large sizes
         return int.from_bytes(field[1:], "big")
     text = field.split(b"\0", 1)[0].strip()
-    return int(text, 8) if text else 0
+    return int(text, 8) if text else 0  # int() parses ASCII bytes directly
 
 
 def _scan_tar(path: str, size: int):
     """Yield (name, data_offset, data_size) of the regular files of a tar, reading headers only.
 
     Handles ustar, GNU long names ('L') and pax path records ('x'); raises ValueError at the
-    first header that is not a tar header (with its offset).
+    first header that is not a tar header (with its offset). Every rank indexes its shards before
+    its workers start, so this loop is kept lean (one pass of C-level `sum` per header for the
+    checksum, no per-field helper calls on the common path).
     """
     with open(path, "rb") as fh:
         if size == 0:
@@ -147,13 +153,14 @@ def _scan_tar(path: str, size: int):
             off, long_name = 0, None
             while off + 512 <= size:
                 hdr = mm[off: off + 512]
-                if hdr.count(0) == 512:
+                if hdr == _ZERO_BLOCK:
                     return  # end-of-archive marker
                 try:
                     stored = _octal(hdr[148:156])
                 except ValueError:
                     stored = -1
-                if stored != sum(hdr[:148]) + 256 + sum(hdr[156:]):
+                # the checksum counts its own 8-byte field as spaces (8 * 32 = 256)
+                if stored != sum(hdr) - sum(hdr[148:156]) + 256:
                     raise ValueError(f"bad tar header checksum at offset {off}")
                 member_size = _octal(hdr[124:136])
                 kind = hdr[156:157]
@@ -170,7 +177,7 @@ def _scan_tar(path: str, size: int):
                         name = long_name
                     else:
                         name = hdr[0:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-                        if hdr[257:262] == b"ustar":
+                        if hdr[257:262] == b"ustar" and hdr[345]:
                             prefix = hdr[345:500].split(b"\0", 1)[0].decode("utf-8", "replace")
                             if prefix:
                                 name = f"{prefix}/{name}"
@@ -199,16 +206,32 @@ def index_shard(path: str) -> ShardIndex:
     if hit is not None:
         _INDEX_CACHE.move_to_end(cache_key)
         return hit
+    # The index is thousands of small tuples that all live on: with the collector on, a process with a
+    # big heap (torch imported) spends more time in collections that find nothing than in the scan.
+    gc_was_on = gc.isenabled()
+    gc.disable()
+    try:
+        result = _index_uncached(path, st.st_size)
+    finally:
+        if gc_was_on:
+            gc.enable()
+    _INDEX_CACHE[cache_key] = result
+    while len(_INDEX_CACHE) > _INDEX_CACHE_SHARDS:
+        _INDEX_CACHE.popitem(last=False)
+    return result
+
+
+def _index_uncached(path: str, file_size: int) -> ShardIndex:
     samples, problem = [], None
     cur_key, cur_members = None, []
     try:
-        for name, data_off, size in _scan_tar(path, st.st_size):
+        for name, data_off, size in _scan_tar(path, file_size):
             dirname, base = os.path.split(name)
             if "." not in base:
                 continue
             stem, ext = base.split(".", 1)
             key = f"{dirname}/{stem}" if dirname else stem
-            truncated = data_off + size > st.st_size
+            truncated = data_off + size > file_size
             if key != cur_key and cur_members:
                 samples.append((cur_key, tuple(cur_members)))
                 cur_members = []
@@ -223,11 +246,7 @@ def index_shard(path: str) -> ShardIndex:
         problem = f"damaged tar ({type(e).__name__}: {e})"
     if cur_members:
         samples.append((cur_key, tuple(cur_members)))
-    result = ShardIndex(path, samples, problem)
-    _INDEX_CACHE[cache_key] = result
-    while len(_INDEX_CACHE) > _INDEX_CACHE_SHARDS:
-        _INDEX_CACHE.popitem(last=False)
-    return result
+    return ShardIndex(path, samples, problem)
 
 
 class _BadSample(Exception):
