@@ -5,11 +5,9 @@ is paired with row B + i (its target). A notes batch holds one row per note.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -51,20 +49,21 @@ def prepare_image(img: Image.Image, size: int, flip: bool = False) -> Image.Imag
 def normalize_pixels(pixels_u8: torch.Tensor, has_image: torch.Tensor) -> torch.Tensor:
     """uint8 [N,3,S,S] -> CLIP-normalised float32, (x / 255 - mean) / std, on the tensor's device:
     the same float32 operations in the same order as `images.clip_transform`, so the values are
-    bit-identical. Rows without an image become zeros (the mean colour)."""
+    bit-identical. Rows without an image become zeros (the mean colour). Any memory layout in
+    (e.g. the loaders' channels-last view); a contiguous [N,3,S,S] tensor out."""
     scale, bias = _affine(pixels_u8.device)
-    out = pixels_u8.to(torch.float32)
+    # the loaders' uint8 pixels are a channels-last view: made [N,3,S,S]-contiguous while still uint8
+    out = pixels_u8.contiguous().to(torch.float32)
     out.mul_(scale).add_(bias)
     # masked_fill_ with a broadcast mask: no boolean indexing, so no device sync in the training step
     out.masked_fill_(~has_image.to(out.device).view(-1, 1, 1, 1), 0.0)
     return out
 
 
-def _copy_image(out_u8: torch.Tensor, img: Image.Image) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # read-only view of the PIL buffer; never written
-        hwc = torch.from_numpy(np.asarray(img))
-    out_u8.copy_(hwc.permute(2, 0, 1))
+def _copy_image(out_hwc: torch.Tensor, img: Image.Image) -> None:
+    """One RGB S x S image into a contiguous uint8 [S, S, 3] row: PIL's own byte order, so a plain
+    memory copy (no transpose in the loader worker; `normalize_pixels` makes it [3, S, S] later)."""
+    memoryview(out_hwc.numpy()).cast("B")[:] = img.tobytes()
 
 
 def note_text_dict(note: dict, has_image: bool) -> dict:
@@ -78,8 +77,13 @@ def note_text_dict(note: dict, has_image: bool) -> dict:
     }
 
 
+def pixel_buffer(n: int, image_size: int) -> torch.Tensor:
+    """An uninitialised uint8 [n, S, S, 3] buffer in the layout `collate_notes` writes."""
+    return torch.empty(n, image_size, image_size, 3, dtype=torch.uint8)
+
+
 def collate_notes(notes: list[NoteItem], collate_text_fn: Callable[[list[dict]], dict], image_size: int,
-                  normalize: bool = True) -> dict:
+                  normalize: bool = True, out: Optional[torch.Tensor] = None) -> dict:
     """Stack notes into tensors.
 
     Returns the text tensors of `collate_text_fn` plus `pixel_values` [N,3,S,S] float32 (a note
@@ -88,14 +92,22 @@ def collate_notes(notes: list[NoteItem], collate_text_fn: Callable[[list[dict]],
     when it gives one, i.e. whether image features enter the model for that row, e.g. all False
     for a text-only variant; else `image_present`),
     `note_ids` LongTensor [N] (`note_id_hash`, -1 for padding rows) and `note_id_strs` (list of str).
-    With `normalize=False`, `pixel_values` stays uint8 (4x less to move between processes: the loader
-    workers send it so and the loader normalises it on arrival with `normalize_pixels`).
+    With `normalize=False`, `pixel_values` stays uint8 (4x fewer bytes to move between processes and
+    to the device; the consumer normalises it with `normalize_pixels`) and is a channels-last view
+    [N,3,S,S] of an [N,S,S,3] buffer: `out` (at least N rows of `pixel_buffer`, e.g. a shared-memory
+    slot) or a new one.
     """
     n = len(notes)
     text = collate_text_fn([item.encoding for item in notes])
     if not isinstance(text, dict):
         raise TypeError(f"collate_text_fn must return a dict of tensors, got {type(text).__name__}")
-    pixels = torch.empty(n, 3, image_size, image_size, dtype=torch.uint8)
+    if out is None:
+        out = pixel_buffer(n, image_size)
+    elif out.dtype != torch.uint8 or out.shape[0] < n or tuple(out.shape[1:]) != (image_size, image_size, 3) \
+            or not out.is_contiguous():
+        raise ValueError(f"collate_notes: out must be a contiguous uint8 [>= {n}, {image_size}, {image_size}, 3] "
+                         f"buffer, got {out.dtype} {tuple(out.shape)}")
+    pixels = out[:n]
     present = torch.zeros(n, dtype=torch.bool)
     for i, item in enumerate(notes):
         if item.pixels is not None:
@@ -116,13 +128,14 @@ def collate_notes(notes: list[NoteItem], collate_text_fn: Callable[[list[dict]],
     note_ids = torch.tensor([DUMMY_NOTE_ID if item.is_dummy else note_id_hash(item.note_id) for item in notes],
                             dtype=torch.long)
     batch = dict(text)
-    batch.update(pixel_values=normalize_pixels(pixels, present) if normalize else pixels, has_image=has_image,
+    nchw = pixels.permute(0, 3, 1, 2)
+    batch.update(pixel_values=normalize_pixels(nchw, present) if normalize else nchw, has_image=has_image,
                  image_present=present, note_ids=note_ids, note_id_strs=[item.note_id for item in notes])
     return batch
 
 
 def collate_pairs(pairs: list[tuple[NoteItem, NoteItem]], collate_text_fn: Callable[[list[dict]], dict],
-                  image_size: int, normalize: bool = True) -> dict:
+                  image_size: int, normalize: bool = True, out: Optional[torch.Tensor] = None) -> dict:
     """[queries; targets]: row i is the query of pair i, row B + i its target."""
     rows = [q for q, _ in pairs] + [t for _, t in pairs]
-    return collate_notes(rows, collate_text_fn, image_size, normalize)
+    return collate_notes(rows, collate_text_fn, image_size, normalize, out)

@@ -24,3 +24,6 @@ class DataConfig:
     # Images with more pixels than this are rejected before decoding (decompression-bomb guard).
     max_image_pixels: int = field(default=40_000_000, metadata={"check": lambda v: v > 0, "allowed": "an integer > 0"})
     random_flip: bool = False
+    # Loader workers hand pixels over through a few reused shared-memory buffers per worker instead of
+    # fresh shared memory per batch (docs/reader.md, "Moving pixels"); off only to compare or debug.
+    pixel_slots: bool = True
