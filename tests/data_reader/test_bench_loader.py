@@ -23,3 +23,6 @@ def test_bench_loader_tiny_run_prints_result():
     assert abs(result["ratio"] - result["figure"] / result["bound_or_baseline"]) < 0.01
     # 48 pairs in 4 shards of 12 over 2 ranks: 24 pairs per rank, 6 batches of 4 each
     assert result["pairs"] == 48
+    # the 12 batches' pixels came through the reused shared slots, as in training
+    assert result["pixels_moved"] == {"slots": 12, "ordinary": 0}
+    assert len(result["paired_ratios"]) == 1
