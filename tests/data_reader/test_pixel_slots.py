@@ -112,3 +112,25 @@ def test_little_shared_memory_or_the_switch_off_use_the_ordinary_way(tmp_path, m
     assert list(small) and small.pixel_transport["slots"] == 0  # the next epoch too, without a second warning
     warnings = [r.getMessage() for r in caplog.records if "pixel slots" in r.getMessage()]
     assert len(warnings) == 1 and "/dev/shm has 0.1 MiB free" in warnings[0] and "--shm-size" in warnings[0]
+
+
+def test_loader_leaves_the_callers_frozen_objects_frozen(tmp_path):
+    """The loaders freeze the heap while forking and when indexing; objects the caller froze itself
+    stay frozen, and the loader leaves nothing frozen behind when the caller froze nothing."""
+    import gc
+
+    write_pair_shards(str(tmp_path), [6, 6])
+    pattern = str(tmp_path / "pairs-train-*.tar")
+    assert gc.get_freeze_count() == 0
+    assert len(list(pair_loader(pattern, 1))) == 4
+    assert gc.get_freeze_count() == 0
+    sentinel = [object()]  # a tracked container; frozen objects are not in gc.get_objects()
+    gc.freeze()
+    try:
+        assert not any(o is sentinel for o in gc.get_objects())
+        reader._INDEX_CACHE.clear()  # index again, under the caller's freeze
+        assert len(list(pair_loader(pattern, 1))) == 4
+        assert not any(o is sentinel for o in gc.get_objects()), "the loader unfroze the caller's objects"
+    finally:
+        gc.unfreeze()
+    assert any(o is sentinel for o in gc.get_objects())
