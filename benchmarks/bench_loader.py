@@ -23,6 +23,7 @@ import io
 import json
 import multiprocessing as mp
 import os
+import queue
 import resource
 import shutil
 import statistics
@@ -98,8 +99,6 @@ def _raw_worker(paths, size, start, out):
 
 def _collect(out, ps, what: str) -> list:
     """One result per process; a process that dies without one fails the benchmark instead of hanging it."""
-    import queue
-
     results = []
     while len(results) < len(ps):
         try:

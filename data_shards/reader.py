@@ -143,8 +143,7 @@ def _scan_tar(path: str, size: int):
 
     Handles ustar, GNU long names ('L') and pax path records ('x'); raises ValueError at the
     first header that is not a tar header (with its offset). Every rank indexes its shards before
-    its workers start, so this loop is kept lean (one pass of C-level `sum` per header for the
-    checksum, no per-field helper calls on the common path).
+    its workers start, so this loop is kept lean: the checksum is one C-level `sum` over the header.
     """
     with open(path, "rb") as fh:
         if size == 0:
@@ -502,11 +501,9 @@ class _PixelSlots:
     """
 
     def __init__(self, workers: int, rows: int, image_size: int, slots: int):
-        self.workers, self.slots, self.rows = workers, slots, rows
         self.pixels = pixel_buffer(workers * slots * rows, image_size).view(
             workers, slots, rows, image_size, image_size, 3).share_memory_()
         self.busy = torch.zeros(workers, slots, dtype=torch.uint8).share_memory_()
-        self._next = 0  # the worker's round-robin start (each worker process has its own copy)
 
     @classmethod
     def create(cls, workers: int, rows: int, image_size: int, shm_dir: str = "/dev/shm") -> Optional["_PixelSlots"]:
@@ -532,11 +529,9 @@ class _PixelSlots:
 
     def claim(self, worker: int) -> Optional[tuple]:
         """(slot, uint8 [rows, S, S, 3] buffer) for worker `worker`, or None when all its slots are taken."""
-        for i in range(self.slots):
-            s = (self._next + i) % self.slots
+        for s in range(self.busy.shape[1]):
             if not self.busy[worker, s]:
                 self.busy[worker, s] = 1
-                self._next = s + 1
                 return s, self.pixels[worker, s]
         return None
 
