@@ -212,7 +212,13 @@ def test_header_index_matches_tarfile(tmp_path):
             info = tarfile.TarInfo(name)
             info.size = 3
             tf.addfile(info, io.BytesIO(b"abc"))
-    for path in [os.path.join(out, s["name"]) for s in manifest["shards"]] + paths + [long_path]:
+    prefix_path = str(tmp_path / "prefix.tar")  # ustar: a 100-255 character name split into prefix + name
+    with tarfile.open(prefix_path, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for name in ["p" * 90 + "/" + "k" * 60 + ".q.json", "short.q.json"]:
+            info = tarfile.TarInfo(name)
+            info.size = 2
+            tf.addfile(info, io.BytesIO(b"ab"))
+    for path in [os.path.join(out, s["name"]) for s in manifest["shards"]] + paths + [long_path, prefix_path]:
         ix = index_shard(path)
         assert ix.problem is None, (path, ix.problem)
         with tarfile.open(path) as tf:
