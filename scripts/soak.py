@@ -1,0 +1,225 @@
+#!/usr/bin/env python
+"""Soak the trainer for native crashes (heap corruption, segfaults) on 2 CPU ranks.
+
+Two modes, each run under glibc's heap checks (`LD_PRELOAD=libc_malloc_debug.so.0 MALLOC_CHECK_=3`,
+`MALLOC_PERTURB_`), with the tiny models and shards of the tests (nothing downloaded):
+
+* `--mode plain --steps N`: one run of N steps per configuration (the tiny data has 16 steps per
+  epoch, so every 16 steps the loader restarts its workers and allocates new pixel slots);
+* `--mode resume --cycles N`: N cycles per configuration of "train a few steps, then stop": SIGUSR1
+  to one rank (every rank checkpoints and exits 75, the requeue path) or kill -9 of the whole job
+  (resume from the last complete checkpoint), alternating, each followed by a resume.
+
+A crash is a rank killed by a signal, or glibc/faulthandler output in the log (`malloc(): ...`,
+`free(): ...`, `corrupted ...`, `Fatal Python error`, ...). Configurations (`--configs`, comma
+separated) flip one suspect at a time, to bisect: see CONFIGS. Prints one line per run and, at the
+end, the crash count per configuration, then a `RESULT {json}` line. Logs of crashed runs are kept
+under --work/logs.
+
+    .venv/bin/python scripts/soak.py --mode plain --steps 2000 --configs default
+    .venv/bin/python scripts/soak.py --mode resume --cycles 50 --configs default,no-slots
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+# name -> (config overrides, extra environment): one suspect flipped at a time
+CONFIGS = {
+    "default": ([], {}),
+    "no-slots": (["data.pixel_slots=false"], {}),
+    "workers0": (["data.num_workers=0"], {}),
+    "workers2": (["data.num_workers=2"], {}),
+    "forkserver": (["data.worker_start_method=forkserver"], {}),
+    "spawn": (["data.worker_start_method=spawn"], {}),
+}
+CRASH_PATTERNS = re.compile(r"malloc\(\)|free\(\)|corrupted|double free|tcache|Fatal Python error|"
+                            r"Segmentation fault|SIGSEGV|SIGABRT|Signal 11|Signal 6|signal: Aborted|"
+                            r"killed by signal|munmap_chunk|realloc\(\)")
+MALLOC_DEBUG = "/lib/x86_64-linux-gnu/libc_malloc_debug.so.0"
+
+
+def malloc_env(perturb: int) -> dict:
+    env = {"MALLOC_PERTURB_": str(perturb)}
+    if os.path.exists(MALLOC_DEBUG):
+        env.update(LD_PRELOAD=MALLOC_DEBUG, MALLOC_CHECK_="3")
+    return env
+
+
+def build_inputs(root: str) -> list[str]:
+    from tests.slurm.real_inputs import tiny_cpu_overrides
+
+    return tiny_cpu_overrides(os.path.join(root, "inputs"))
+
+
+def steps_done(run_dir: str) -> int:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return 0
+    last = 0
+    with open(path) as fh:
+        for line in fh:
+            try:
+                last = json.loads(line)["step"]
+            except (ValueError, KeyError):
+                pass
+    return last
+
+
+class Runner:
+    def __init__(self, work: str, inputs: list[str], perturb: int, timeout_s: float):
+        self.work, self.inputs, self.perturb, self.timeout_s = work, inputs, perturb, timeout_s
+        self.logs = os.path.join(work, "logs")
+        os.makedirs(self.logs, exist_ok=True)
+        self.n = 0
+
+    def start(self, config: str, run_dir: str, overrides: list[str]):
+        extra_over, extra_env = CONFIGS[config]
+        self.n += 1
+        log_path = os.path.join(self.logs, f"{config}-{self.n:04d}.log")
+        env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                   TOKENIZERS_PARALLELISM="false", PYTHONFAULTHANDLER="1", **malloc_env(self.perturb), **extra_env)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "launcher", "train", "--config", os.path.join(REPO, "configs", "tiny_cpu.yaml"),
+               *self.inputs, f"train.output_dir={run_dir}", *extra_over, *overrides]
+        fh = open(log_path, "w")
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        return proc, fh, log_path
+
+    def finish(self, proc, fh, log_path: str, deadline: float) -> tuple[int, str]:
+        try:
+            rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            rc = proc.wait()
+            fh.close()
+            return -999, "timeout"
+        fh.close()
+        text = open(log_path, errors="replace").read()
+        m = CRASH_PATTERNS.search(text)
+        return rc, (m.group(0) if m else "")
+
+
+def rank_pids(root_pid: int) -> list[int]:
+    """The trainer processes (children of torchrun) in torchrun's session."""
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                cmd = fh.read().split(b"\0")
+        except OSError:
+            continue
+        if int(fields[1]) == root_pid and b"launcher" in cmd:  # ppid == torchrun
+            out.append(int(pid))
+    return sorted(out)
+
+
+def run_plain(runner: Runner, config: str, steps: int) -> dict:
+    run_dir = os.path.join(runner.work, f"plain-{config}")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    t0 = time.monotonic()
+    proc, fh, log = runner.start(config, run_dir, [f"train.max_steps={steps}", f"checkpoint.every_steps={max(steps // 4, 1)}",
+                                                   "logging.log_every_steps=100"])
+    rc, hit = runner.finish(proc, fh, log, time.monotonic() + runner.timeout_s + steps * 3)
+    done = steps_done(run_dir)
+    crashed = rc != 0 or bool(hit)
+    print(f"[soak] plain {config}: rc={rc} steps={done}/{steps} {time.monotonic() - t0:.0f}s"
+          + (f" CRASH ({hit or 'exit ' + str(rc)}), log {log}" if crashed else ""), flush=True)
+    if not crashed:
+        os.remove(log)
+    return {"runs": 1, "steps": done, "crashes": int(crashed)}
+
+
+def run_resume(runner: Runner, config: str, cycles: int, steps_per_cycle: int) -> dict:
+    run_dir = os.path.join(runner.work, f"resume-{config}")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    total = cycles * steps_per_cycle + 4
+    counts = {"runs": 0, "steps": 0, "crashes": 0, "cycles": 0}
+    for c in range(cycles):
+        before = steps_done(run_dir)
+        proc, fh, log = runner.start(config, run_dir, [f"train.max_steps={total}", "checkpoint.every_steps=2",
+                                                       "logging.log_every_steps=1000"])
+        how = "usr1" if c % 2 == 0 else "kill9"
+        deadline = time.monotonic() + runner.timeout_s
+        target = before + steps_per_cycle
+        while steps_done(run_dir) < target and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if proc.poll() is None:
+            if how == "usr1":
+                pids = rank_pids(proc.pid)
+                if pids:
+                    os.kill(pids[-1], signal.SIGUSR1)  # one rank only: every rank must stop at the same step
+            else:
+                os.killpg(proc.pid, signal.SIGKILL)
+        rc, hit = runner.finish(proc, fh, log, time.monotonic() + 120)
+        expected = {"usr1": (75, 0), "kill9": (-9, 0, 1)}[how]  # torchrun reports a killed group as 1 or -9
+        crashed = bool(hit) or rc not in expected
+        counts["runs"] += 1
+        counts["cycles"] += 1
+        counts["steps"] = steps_done(run_dir)
+        counts["crashes"] += int(crashed)
+        print(f"[soak] resume {config} cycle {c + 1}/{cycles} ({how}): rc={rc} step {before}->{counts['steps']}"
+              + (f" CRASH ({hit or 'exit ' + str(rc)}), log {log}" if crashed else ""), flush=True)
+        if not crashed:
+            os.remove(log)
+    return counts
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mode", choices=("plain", "resume"), default="plain")
+    ap.add_argument("--configs", default="default", help=f"comma separated, from {sorted(CONFIGS)}")
+    ap.add_argument("--steps", type=int, default=2000, help="plain mode: steps per run")
+    ap.add_argument("--runs", type=int, default=1, help="plain mode: runs per configuration")
+    ap.add_argument("--cycles", type=int, default=50, help="resume mode: stop/resume cycles per configuration")
+    ap.add_argument("--steps-per-cycle", type=int, default=6)
+    ap.add_argument("--perturb", type=int, default=165, help="MALLOC_PERTURB_ byte")
+    ap.add_argument("--timeout-s", type=float, default=300.0, help="per run, on top of the steps' own budget")
+    ap.add_argument("--work", default=os.path.join(REPO, "artifacts", "soak"))
+    args = ap.parse_args(argv)
+    configs = [c for c in args.configs.split(",") if c]
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        ap.error(f"--configs: unknown {unknown}; allowed: {sorted(CONFIGS)}")
+    os.makedirs(args.work, exist_ok=True)
+    inputs = build_inputs(args.work)
+    runner = Runner(args.work, inputs, args.perturb, args.timeout_s)
+    results = {}
+    t0 = time.monotonic()
+    for config in configs:
+        if args.mode == "plain":
+            agg = {"runs": 0, "steps": 0, "crashes": 0}
+            for _ in range(args.runs):
+                r = run_plain(runner, config, args.steps)
+                for k in agg:
+                    agg[k] += r[k]
+            results[config] = agg
+        else:
+            results[config] = run_resume(runner, config, args.cycles, args.steps_per_cycle)
+    print("[soak] crashes per configuration:")
+    for config, r in results.items():
+        print(f"  {config:12s} {r['crashes']} crash(es) in {r['runs']} run(s), {r['steps']} steps"
+              + (f", {r['cycles']} resume cycles" if "cycles" in r else ""))
+    total = sum(r["crashes"] for r in results.values())
+    print("RESULT " + json.dumps({"name": f"soak_{args.mode}", "figure": total, "bound": 0, "target": "0 crashes",
+                                  "ratio": None, "per_config": results, "malloc_checks": os.path.exists(MALLOC_DEBUG),
+                                  "wall_s": round(time.monotonic() - t0, 1)}))
+    return 0 if total == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
