@@ -27,3 +27,6 @@ class DataConfig:
     # Loader workers hand pixels over through a few reused shared-memory buffers per worker instead of
     # fresh shared memory per batch (docs/reader.md, "Moving pixels"); off only to compare or debug.
     pixel_slots: bool = True
+    # How loader workers start: "fork" (the default: cheapest, inherits the shard index) or a fresh
+    # interpreter per worker ("forkserver", "spawn"), for hosts where forking a threaded process is unsafe.
+    worker_start_method: Literal["fork", "forkserver", "spawn"] = "fork"

@@ -702,7 +702,7 @@ def _worker_init(_):
     torch.set_num_threads(1)
 
 
-def _start_workers(stream: IterableDataset, num_workers: int):
+def _start_workers(stream: IterableDataset, num_workers: int, start_method: str = "fork"):
     # Freeze the objects that exist now while the workers fork: they are left out of the workers'
     # garbage collections. Otherwise a worker's first collection walks the whole inherited heap (torch
     # imported) and copies every page it touches: measured 0.16 s and 11,600 page copies before each
@@ -710,7 +710,7 @@ def _start_workers(stream: IterableDataset, num_workers: int):
     frozen = _gc_freeze_if_none_frozen()
     try:
         return iter(DataLoader(stream, batch_size=None, num_workers=num_workers, worker_init_fn=_worker_init,
-                               prefetch_factor=PREFETCH))
+                               prefetch_factor=PREFETCH, multiprocessing_context=start_method))
     finally:
         if frozen:
             gc.unfreeze()
@@ -816,7 +816,7 @@ class PairLoader:
         stream = _PairEpochStream(self._source, self._plan, self.epoch, self.rank, self._batches_done, end,
                                   dict(self._cursors), slots)
         if self.num_workers > 0:
-            it = _start_workers(stream, self.num_workers)
+            it = _start_workers(stream, self.num_workers, self.data_cfg.worker_start_method)
         else:
             it = iter(stream)
         for batch in it:
@@ -1095,7 +1095,7 @@ class NotesLoader:
         stream = _NotesStream(self._source, self._items, self.rank, self.world_size, self.batch_size,
                               self._n_batches, max(1, self.num_workers), slots)
         if self.num_workers > 0:
-            it = _start_workers(stream, self.num_workers)
+            it = _start_workers(stream, self.num_workers, self.data_cfg.worker_start_method)
         else:
             it = iter(stream)
         expected = 0

@@ -57,9 +57,18 @@ def malloc_env(perturb: int) -> dict:
 
 
 def build_inputs(root: str) -> list[str]:
+    """Tiny Llama + tiny CLIP + synthetic shards (as the Slurm tests use), built once per --work."""
     from tests.slurm.real_inputs import tiny_cpu_overrides
 
-    return tiny_cpu_overrides(os.path.join(root, "inputs"))
+    done = os.path.join(root, "inputs.json")
+    if os.path.exists(done):
+        with open(done) as fh:
+            return json.load(fh)
+    shutil.rmtree(os.path.join(root, "inputs"), ignore_errors=True)
+    overrides = tiny_cpu_overrides(os.path.join(root, "inputs"))
+    with open(done, "w") as fh:
+        json.dump(overrides, fh)
+    return overrides
 
 
 def steps_done(run_dir: str) -> int:
@@ -144,6 +153,34 @@ def run_plain(runner: Runner, config: str, steps: int) -> dict:
     return {"runs": 1, "steps": done, "crashes": int(crashed)}
 
 
+def _reap_orphans(run_dir: str) -> None:
+    """No rank of this run may outlive its cycle (it would write checkpoints under the next one)."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                cmd = fh.read()
+        except OSError:
+            continue
+        if b"launcher" in cmd and f"train.output_dir={run_dir}".encode() in cmd:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def _stopped_as_expected(how: str, rc: int, log_path: str) -> bool:
+    """torchrun exits 1 when a rank fails and lists each failed rank's exit code; after SIGUSR1 every
+    rank must have exited 75 (checkpoint, then stop); after kill -9 torchrun itself is gone (-9)."""
+    if how == "kill9":
+        return rc in (-9, 0)
+    if rc == 0:
+        return True  # the run reached max_steps before the signal
+    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", open(log_path, errors="replace").read())
+    return rc == 1 and bool(codes) and all(c == "75" for c in codes)
+
+
 def run_resume(runner: Runner, config: str, cycles: int, steps_per_cycle: int) -> dict:
     run_dir = os.path.join(runner.work, f"resume-{config}")
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -164,10 +201,13 @@ def run_resume(runner: Runner, config: str, cycles: int, steps_per_cycle: int) -
                 if pids:
                     os.kill(pids[-1], signal.SIGUSR1)  # one rank only: every rank must stop at the same step
             else:
+                # torchrun starts each rank in a session of its own: kill the ranks, not just torchrun
+                for pid in rank_pids(proc.pid):
+                    os.kill(pid, signal.SIGKILL)
                 os.killpg(proc.pid, signal.SIGKILL)
         rc, hit = runner.finish(proc, fh, log, time.monotonic() + 120)
-        expected = {"usr1": (75, 0), "kill9": (-9, 0, 1)}[how]  # torchrun reports a killed group as 1 or -9
-        crashed = bool(hit) or rc not in expected
+        _reap_orphans(run_dir)
+        crashed = bool(hit) or not _stopped_as_expected(how, rc, log)
         counts["runs"] += 1
         counts["cycles"] += 1
         counts["steps"] = steps_done(run_dir)
