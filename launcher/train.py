@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
-import torch.distributed as dist
 
 from data_shards.collate import normalize_pixels
 from launcher import checkpoint as ckpt
 from launcher.config import ConfigError, RunConfig, config_hash, config_to_dict, save_resolved
-from launcher.distributed import Topology, Watchdog, detect_topology, init_distributed
+from launcher.distributed import (Topology, Watchdog, all_gather_object, all_reduce, barrier, detect_topology,
+                                  init_distributed)
 from launcher.metrics import MetricsWriter, memory_mb
 from launcher.optim import build_optimizer, build_scheduler, param_groups
 
@@ -225,7 +225,7 @@ def validation_loss(engine, comps: Components, device, cast, tick: Callable[[], 
                 sums[3] += 1
     finally:
         engine.module.train()
-    dist.all_reduce(sums)
+    all_reduce(sums)
     if sums[3] == 0:
         return {}
     result = {"val_loss": (sums[0] / sums[3]).item()}
@@ -299,7 +299,7 @@ def train(cfg: RunConfig, factory: Optional[Callable] = None, topo: Optional[Top
         step = summary["step"]
         watchdog.progress(step, "done")
         watchdog.stop()
-        dist.barrier()
+        barrier()
         return summary
     except Preempted:
         watchdog.stop()
@@ -340,7 +340,7 @@ def _train(cfg: RunConfig, factory: Callable, topo: Topology, watchdog: Watchdog
         if rank == 0:
             ckpt.convert_to_universal(plan, world, log=log)
         watchdog.progress(0, "universal-conversion")
-        dist.barrier()
+        barrier()
 
     ds_config = build_ds_config(cfg, world, load_universal=bool(plan and plan.universal))
     torch.manual_seed(cfg.train.seed)
@@ -475,15 +475,13 @@ def _train(cfg: RunConfig, factory: Callable, topo: Topology, watchdog: Watchdog
             stop_asked = float(preempt.requested) if preempt is not None else 0.0
             local = torch.tensor([parts["loss"], parts["loss_mm"], parts["loss_vis"], float(tokens), float(notes),
                                   timings.get("data_wait", 0.0), step_time, stop_asked], dtype=torch.float64)
-            dist.all_reduce(local)
+            all_reduce(local)
             loss, loss_mm, loss_vis = (local[0] / world).item(), (local[1] / world).item(), (local[2] / world).item()
-            mem = [None] * world
-            dist.all_gather_object(mem, memory_mb())
+            mem = all_gather_object(memory_mb())
             counters = {}
             if hasattr(loader, "stats"):
                 st = loader.stats() or {}
-                all_st = [None] * world
-                dist.all_gather_object(all_st, flatten_counters(st))
+                all_st = all_gather_object(flatten_counters(st))
                 for s in all_st:
                     for k, v in (s or {}).items():
                         counters[k] = counters.get(k, 0) + v
