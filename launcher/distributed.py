@@ -21,6 +21,7 @@ collectives directly.
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import json
 import os
 import re
@@ -96,6 +97,18 @@ def _skip_shm_build() -> None:
     inference. Replace its builder with a no-op (FACTS: identical losses)."""
     import deepspeed.comm.torch  # noqa: F401  (makes sure the module is in sys.modules)
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
+
+def enable_crash_traces() -> None:
+    """faulthandler on, for every thread, into this rank's stderr: a native crash (SIGSEGV, SIGABRT,
+    SIGBUS, SIGFPE, SIGILL) then prints each thread's Python stack into the rank's log before it dies.
+    The trainer and `notellm2 embed` call it first thing."""
+    stream = sys.stderr
+    try:
+        stream.fileno()
+    except (AttributeError, OSError, ValueError):  # a captured stderr (pytest, notebooks) has no fd
+        stream = sys.__stderr__
+    faulthandler.enable(file=stream, all_threads=True)
 
 
 def init_distributed(topo: Topology, timeout_s: float, deepspeed_comm: bool = True) -> str:

@@ -31,7 +31,7 @@ from data_shards.collate import normalize_pixels
 from launcher import checkpoint as ckpt
 from launcher.config import ConfigError, RunConfig, config_hash, config_to_dict, save_resolved
 from launcher.distributed import (Topology, Watchdog, all_gather_object, all_reduce, barrier, detect_topology,
-                                  init_distributed)
+                                  enable_crash_traces, init_distributed)
 from launcher.metrics import MetricsWriter, memory_mb
 from launcher.optim import build_optimizer, build_scheduler, param_groups
 
@@ -284,6 +284,7 @@ class _Timer:
 def train(cfg: RunConfig, factory: Optional[Callable] = None, topo: Optional[Topology] = None,
           on_step: Optional[Callable[[int, dict], None]] = None) -> dict:
     """Run training to cfg.train.max_steps. Returns a summary dict (rank-local)."""
+    enable_crash_traces()  # first: a native crash anywhere below prints every thread's stack to this rank's log
     topo = topo or detect_topology()
     # torch 2.13 deprecation notices from inside DeepSpeed, once per collective call: keep the console readable.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed", category=FutureWarning)

@@ -17,6 +17,7 @@ EMBED_COLLECTIVE_TIMEOUT_S = 1800  # torch's default, what embed had before
 def _run(args) -> int:
     from launcher import distributed
 
+    distributed.enable_crash_traces()  # a native crash prints every thread's stack into this rank's log
     from data_shards.config import DataConfig
     from launcher.embed import run_embed
 

@@ -1,20 +1,24 @@
-"""Collectives that work under NCCL.
+"""Collectives that work under NCCL, crash traces on every rank, and host->device copies.
 
 - every collective under launcher/ goes through launcher/distributed.py (an `ast` check of the tree);
 - the device each backend's collectives take (gloo -> cpu, nccl -> cuda:LOCAL_RANK);
 - the helpers' results on 2 real gloo ranks (dtype and tensor kept);
+- faulthandler on at the trainer's and embed's entries, and a real segfault printing thread stacks;
 """
 from __future__ import annotations
 
 import ast
+import faulthandler
 import os
+import subprocess
+import sys
 import textwrap
 
 import pytest
 import torch
 
 from launcher import distributed as D
-from tests.multirank import REPO, run_ranks
+from tests.multirank import REPO, base_env, run_ranks
 
 # torch.distributed (and deepspeed.comm) functions that talk to other ranks, plus the group start/stop
 # that belongs to launcher/distributed.py too.
@@ -151,3 +155,66 @@ def test_helpers_on_two_gloo_ranks():
         assert r["gathered"] == [{"rank": 0}, {"rank": 1}]
         assert r["box"] == ["from 0", 0]
     assert res.returns[0]["to_zero"] == ["r0", "r1"] and res.returns[1]["to_zero"] is None
+
+
+# ----------------------------------------------------------------------------- crash traces
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(*args, **kwargs):
+    raise _Stop
+
+
+def test_trainer_entry_turns_faulthandler_on_before_anything_else(monkeypatch):
+    import launcher.train as T
+    from launcher.config import config_from_dict
+
+    monkeypatch.setattr(T, "detect_topology", _raise_stop)  # the step after the crash traces
+    faulthandler.disable()
+    try:
+        with pytest.raises(_Stop):
+            T.train(config_from_dict({}))
+        assert faulthandler.is_enabled()
+    finally:
+        faulthandler.enable(file=sys.__stderr__, all_threads=True)
+
+
+def test_embed_entry_turns_faulthandler_on(monkeypatch):
+    from launcher.commands import embed as E
+
+    monkeypatch.setattr(D, "detect_topology", _raise_stop)
+    faulthandler.disable()
+    try:
+        with pytest.raises(_Stop):
+            E._run(None)
+        assert faulthandler.is_enabled()
+    finally:
+        faulthandler.enable(file=sys.__stderr__, all_threads=True)
+
+
+def test_a_segfault_prints_every_threads_python_stack():
+    child = textwrap.dedent("""
+        import ctypes, threading, time
+        from launcher.distributed import enable_crash_traces
+
+        def loader_thread_waits():
+            time.sleep(60)
+
+        def crash_in_main():
+            ctypes.string_at(0)
+
+        enable_crash_traces()
+        threading.Thread(target=loader_thread_waits, daemon=True).start()
+        time.sleep(0.2)
+        crash_in_main()
+    """)
+    env = base_env()
+    env.pop("PYTHONFAULTHANDLER", None)  # only the helper may turn it on
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, env=env, cwd=REPO,
+                         timeout=120)
+    assert out.returncode != 0
+    assert "Fatal Python error: Segmentation fault" in out.stderr, out.stderr
+    assert "crash_in_main" in out.stderr and "Current thread" in out.stderr, out.stderr
+    assert "loader_thread_waits" in out.stderr, out.stderr  # all threads, not only the crashing one
