@@ -156,10 +156,24 @@ def _hook_hit(env_name: str, rank: int, step: int) -> bool:
     return int(r) == rank and int(s) == step
 
 
+def copy_can_be_async(src_device: torch.device, src_pinned: bool, target: torch.device) -> bool:
+    """Whether `tensor.to(target, non_blocking=True)` is safe and useful: only a pinned host tensor
+    going to a CUDA device. From pageable memory CUDA stages the copy synchronously anyway, and a
+    non-blocking copy *to* the host can be read before it has landed."""
+    return torch.device(target).type == "cuda" and torch.device(src_device).type == "cpu" and bool(src_pinned)
+
+
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # is_pinned() only matters (and is only asked) when the copy goes to CUDA.
+    async_ok = torch.device(device).type == "cuda" and copy_can_be_async(t.device, t.is_pinned(), device)
+    return t.to(device, non_blocking=async_ok)
+
+
 def move_batch(batch: dict, device: torch.device) -> dict:
-    """Tensors to `device`; uint8 `pixel_values` (the loaders' normalize=False) are CLIP-normalised
-    there, after the copy: a quarter of the bytes to move and no normalising on the loader's CPU."""
-    out = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    """Tensors to `device` (non-blocking only from pinned memory to CUDA, see `copy_can_be_async`);
+    uint8 `pixel_values` (the loaders' normalize=False) are CLIP-normalised there, after the copy: a
+    quarter of the bytes to move and no normalising on the loader's CPU."""
+    out = {k: (_to(v, device) if torch.is_tensor(v) else v) for k, v in batch.items()}
     pix = out.get("pixel_values")
     if torch.is_tensor(pix) and pix.dtype == torch.uint8:
         out["pixel_values"] = normalize_pixels(pix, out["image_present"])

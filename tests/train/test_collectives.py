@@ -4,6 +4,7 @@
 - the device each backend's collectives take (gloo -> cpu, nccl -> cuda:LOCAL_RANK);
 - the helpers' results on 2 real gloo ranks (dtype and tensor kept);
 - faulthandler on at the trainer's and embed's entries, and a real segfault printing thread stacks;
+- non_blocking copies only from pinned memory to CUDA.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import pytest
 import torch
 
 from launcher import distributed as D
+from launcher.train import copy_can_be_async, move_batch
 from tests.multirank import REPO, base_env, run_ranks
 
 # torch.distributed (and deepspeed.comm) functions that talk to other ranks, plus the group start/stop
@@ -218,3 +220,46 @@ def test_a_segfault_prints_every_threads_python_stack():
     assert "Fatal Python error: Segmentation fault" in out.stderr, out.stderr
     assert "crash_in_main" in out.stderr and "Current thread" in out.stderr, out.stderr
     assert "loader_thread_waits" in out.stderr, out.stderr  # all threads, not only the crashing one
+
+
+# ----------------------------------------------------------------------------- host -> device copies
+
+def test_non_blocking_only_from_pinned_memory_to_cuda():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 1)
+    assert copy_can_be_async(cpu, True, cuda)
+    assert not copy_can_be_async(cpu, False, cuda)  # pageable: CUDA stages it synchronously anyway
+    assert not copy_can_be_async(cpu, True, cpu)
+    assert not copy_can_be_async(cuda, False, cpu)  # device -> host must be complete before it is read
+    assert not copy_can_be_async(cuda, True, cpu)
+    assert copy_can_be_async("cpu", True, "cuda")
+
+
+def test_move_batch_on_cpu_keeps_values_and_normalises_pixels():
+    batch = {"input_ids": torch.arange(6).view(2, 3), "image_present": torch.tensor([True, False]),
+             "pixel_values": torch.full((2, 3, 2, 2), 255, dtype=torch.uint8), "note_id_strs": ["a", "b"]}
+    out = move_batch(batch, torch.device("cpu"))
+    assert torch.equal(out["input_ids"], batch["input_ids"]) and out["note_id_strs"] == ["a", "b"]
+    assert out["pixel_values"].dtype.is_floating_point
+
+
+class _RecordingTensor(torch.Tensor):
+    """A CPU tensor that says whether it is pinned and records how `.to` was called (no CUDA needed)."""
+
+    pinned = False
+    calls: list = []
+
+    def is_pinned(self, *args, **kwargs):
+        return self.pinned
+
+    def to(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+        return self
+
+
+@pytest.mark.parametrize("pinned,target,expected", [
+    (True, torch.device("cuda", 0), True), (False, torch.device("cuda", 0), False), (True, torch.device("cpu"), False)])
+def test_move_batch_passes_non_blocking_from_the_decision(pinned, target, expected):
+    t = torch.Tensor._make_subclass(_RecordingTensor, torch.zeros(2))
+    t.pinned, t.calls = pinned, []
+    move_batch({"input_ids": t}, target)
+    assert t.calls == [((target,), {"non_blocking": expected})]
