@@ -5,6 +5,7 @@ import torch
 import torch.distributed as dist
 
 from launcher import distributed as D
+from launcher.preemption import PreemptionFlag
 
 
 def helpers_on_gloo() -> dict:
@@ -17,6 +18,10 @@ def helpers_on_gloo() -> dict:
     box = [f"from {rank}", rank] if rank == 0 else [None, None]
     D.broadcast_object_list(box, src=0)
     D.barrier()
+    nobody_asked = PreemptionFlag(stop_file="").should_stop()
+    stop = PreemptionFlag(stop_file="")
+    if rank == 1:
+        stop.request("test")
     return {"device": str(D.collective_device()), "same_object": same is sums, "dtype": str(sums.dtype),
             "sums": sums.tolist(), "flag": [flag.dtype == torch.int32, int(flag.item())], "gathered": gathered,
-            "to_zero": to_zero, "box": box}
+            "to_zero": to_zero, "box": box, "should_stop": [nobody_asked, stop.should_stop(), stop.signal_name]}

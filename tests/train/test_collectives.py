@@ -156,6 +156,8 @@ def test_helpers_on_two_gloo_ranks():
         assert r["flag"] == [True, 1]
         assert r["gathered"] == [{"rank": 0}, {"rank": 1}]
         assert r["box"] == ["from 0", 0]
+        assert r["should_stop"][:2] == [False, True]  # preemption's MAX all-reduce: one rank asked, both stop
+    assert res.returns[0]["should_stop"][2] == "another rank was asked to stop"
     assert res.returns[0]["to_zero"] == ["r0", "r1"] and res.returns[1]["to_zero"] is None
 
 
