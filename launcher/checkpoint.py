@@ -32,7 +32,8 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
+
+from launcher.distributed import all_gather_object, barrier
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
@@ -162,17 +163,16 @@ def save(engine, root: str, step: int, *, rank: int, world_size: int, samples_se
         os.makedirs(root, exist_ok=True)
         if os.path.isdir(tmp_path):
             shutil.rmtree(tmp_path)
-    dist.barrier()
+    barrier()
     t0 = time.monotonic()
     engine.save_checkpoint(root, tag=tmp_tag, save_latest=False)
     _maybe_die(rank, "after_shards", step)
     torch.save({"rank": rank, "rng": rng_state(), "reader": reader_state},
                os.path.join(tmp_path, f"rank{rank:05d}.pt"))
     # Reader states also go into the manifest so that another world size can read all of them.
-    states = [None] * world_size
-    dist.all_gather_object(states, reader_state)
+    states = all_gather_object(reader_state)
     _maybe_die(rank, "before_manifest", step)
-    dist.barrier()
+    barrier()
     if rank == 0:
         manifest = {
             "format": 1,
@@ -199,7 +199,7 @@ def save(engine, root: str, step: int, *, rank: int, world_size: int, samples_se
             shutil.rmtree(old_path, ignore_errors=True)
             shutil.rmtree(old_path + ".universal", ignore_errors=True)
         log(f"checkpoint {final} saved in {time.monotonic() - t0:.1f}s (step {step}, keeps last {keep_last})")
-    dist.barrier()
+    barrier()
     return final
 
 

@@ -9,10 +9,19 @@ refreshed by a thread) and the step its training loop has reached. When a rank's
 no progress for `timeout_s`, its watchdog reads every rank's record, prints which ranks are
 behind or silent, and ends the process with exit code 3, so that the launcher tears the job down
 instead of hanging. The gloo process-group timeout is set a little longer as a second line.
+
+Every collective the launcher runs goes through the helpers below (`all_reduce`, `all_gather_object`,
+`gather_object`, `broadcast_object_list`, `barrier`): NCCL accepts only CUDA tensors, gloo only CPU
+ones, so the helpers put a tensor on `collective_device()` (the rank's CUDA device under NCCL, the CPU
+under gloo) and copy the result back into the caller's tensor, which keeps its device and dtype.
+Without a process group they are what one rank would get (sum of one = itself, a list of one).
+`tests/train/test_collectives.py` fails when a file under `launcher/` calls `torch.distributed`
+collectives directly.
 """
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import json
 import os
 import re
@@ -26,6 +35,11 @@ import torch
 import torch.distributed as dist
 
 WATCHDOG_EXIT_CODE = 3
+ReduceOp = dist.ReduceOp
+# Backend name -> the device its collectives take tensors on ("cuda" means this rank's cuda:LOCAL_RANK).
+BACKEND_DEVICES = {"gloo": "cpu", "mpi": "cpu", "nccl": "cuda"}
+# The local rank whose CUDA device init_distributed bound (None: not started here).
+_bound_local_rank: Optional[int] = None
 
 
 @dataclass
@@ -85,8 +99,24 @@ def _skip_shm_build() -> None:
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 
-def init_distributed(topo: Topology, timeout_s: float) -> str:
-    """Start torch.distributed + DeepSpeed comm; returns the backend name."""
+def enable_crash_traces() -> None:
+    """faulthandler on, for every thread, into this rank's stderr: a native crash (SIGSEGV, SIGABRT,
+    SIGBUS, SIGFPE, SIGILL) then prints each thread's Python stack into the rank's log before it dies.
+    The trainer and `notellm2 embed` call it first thing."""
+    stream = sys.stderr
+    try:
+        stream.fileno()
+    except (AttributeError, OSError, ValueError):  # a captured stderr (pytest, notebooks) has no fd
+        stream = sys.__stderr__
+    faulthandler.enable(file=stream, all_threads=True)
+
+
+def init_distributed(topo: Topology, timeout_s: float, deepspeed_comm: bool = True) -> str:
+    """Start torch.distributed (+ DeepSpeed comm unless `deepspeed_comm=False`); returns the backend name.
+
+    Under NCCL the rank's CUDA device is set (and bound to the group) before the group starts, so that
+    object collectives and barriers use cuda:LOCAL_RANK, not cuda:0; nothing may touch CUDA before."""
+    global _bound_local_rank
     os.environ.setdefault("RANK", str(topo.rank))
     os.environ.setdefault("LOCAL_RANK", str(topo.local_rank))
     os.environ.setdefault("WORLD_SIZE", str(topo.world_size))
@@ -96,16 +126,127 @@ def init_distributed(topo: Topology, timeout_s: float) -> str:
     if not use_cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     backend = "nccl" if use_cuda else "gloo"
+    extra = {}
     if use_cuda:
         torch.cuda.set_device(topo.local_rank)
-    _skip_shm_build()
-    import deepspeed
-
+        extra["device_id"] = torch.device("cuda", topo.local_rank)
+    _bound_local_rank = topo.local_rank
+    if deepspeed_comm:
+        _skip_shm_build()
     if not dist.is_initialized():
         dist.init_process_group(backend, rank=topo.rank, world_size=topo.world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s))
-    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+                                timeout=datetime.timedelta(seconds=timeout_s), **extra)
+    if deepspeed_comm:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     return backend
+
+
+def shutdown() -> None:
+    """Barrier, then end the process group (no-op without one)."""
+    if is_distributed():
+        barrier()
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- device-aware collectives
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def collective_device(backend: Optional[str] = None, local_rank: Optional[int] = None) -> torch.device:
+    """The device a collective of `backend` takes tensors on: "gloo"/"mpi" -> cpu, "nccl" ->
+    cuda:local_rank; a per-device spec such as "cpu:gloo,cuda:nccl" -> cpu (the values the launcher
+    reduces live on the host, and torch's object collectives make the same choice).
+
+    Defaults: `backend` is the running group's (gloo when none runs), `local_rank` the one
+    init_distributed bound (else LOCAL_RANK / SLURM_LOCALID). With both given it is a pure function."""
+    if backend is None:
+        backend = dist.get_backend() if is_distributed() else "gloo"
+    name = str(backend).strip().lower()
+    if ":" in name:  # "cpu:gloo,cuda:nccl": device type -> backend
+        pairs = [part.split(":", 1) for part in name.split(",") if part.strip()]
+        if not all(len(p) == 2 and p[0].strip() in ("cpu", "cuda") and p[1].strip() in BACKEND_DEVICES
+                   and BACKEND_DEVICES[p[1].strip()] == p[0].strip() for p in pairs) or not pairs:
+            raise ValueError(f"collective backend {backend!r}: expected 'device:backend' pairs such as "
+                             f"'cpu:gloo,cuda:nccl' (backends: {', '.join(BACKEND_DEVICES)})")
+        kind = "cpu" if any(p[0].strip() == "cpu" for p in pairs) else "cuda"
+    elif name in BACKEND_DEVICES:
+        kind = BACKEND_DEVICES[name]
+    else:
+        raise ValueError(f"collective backend {backend!r}: unknown; allowed {', '.join(BACKEND_DEVICES)} "
+                         "or a 'cpu:gloo,cuda:nccl' spec")
+    if kind == "cpu":
+        return torch.device("cpu")
+    if local_rank is None:
+        local_rank = _bound_local_rank if _bound_local_rank is not None else detect_topology().local_rank
+    return torch.device("cuda", int(local_rank))
+
+
+def _device_checked() -> torch.device:
+    """collective_device(), and under NCCL a check that the current CUDA device is that rank's one
+    (object collectives and barriers use the current device)."""
+    device = collective_device()
+    if device.type == "cuda" and torch.cuda.current_device() != device.index:
+        raise RuntimeError(f"the current CUDA device is cuda:{torch.cuda.current_device()} but this rank's is "
+                           f"{device}: start the process group with launcher.distributed.init_distributed "
+                           "(it calls torch.cuda.set_device(local_rank) first)")
+    return device
+
+
+def all_reduce(tensor: torch.Tensor, op=ReduceOp.SUM) -> torch.Tensor:
+    """In-place all-reduce of `tensor` (any device, dtype kept) through the backend's device; returns it."""
+    if not is_distributed():
+        return tensor
+    device = _device_checked()
+    work = tensor if tensor.device == device else tensor.to(device)
+    dist.all_reduce(work, op=op)
+    if work is not tensor:
+        tensor.copy_(work)  # a device -> host copy: synchronous
+    return tensor
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's `obj` (picklable), in rank order."""
+    if not is_distributed():
+        return [obj]
+    _device_checked()
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_object(obj, dst: int = 0) -> Optional[list]:
+    """Every rank's `obj` in rank order on rank `dst`; None on the other ranks."""
+    if not is_distributed():
+        return [obj]
+    _device_checked()
+    rank = dist.get_rank()
+    out = [None] * dist.get_world_size() if rank == dst else None
+    dist.gather_object(obj, out, dst=dst)
+    return out
+
+
+def broadcast_object_list(objects: list, src: int = 0) -> list:
+    """`objects` (a list, filled in place on the other ranks) as rank `src` holds it; returns it."""
+    if not is_distributed():
+        return objects
+    _device_checked()
+    dist.broadcast_object_list(objects, src=src)
+    return objects
+
+
+def barrier() -> None:
+    """Wait for every rank; under NCCL on this rank's device (no guess from the global rank)."""
+    if not is_distributed():
+        return
+    device = _device_checked()
+    if device.type == "cuda":
+        dist.barrier(device_ids=[device.index])
+    else:
+        dist.barrier()
 
 
 def default_store():

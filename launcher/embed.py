@@ -11,11 +11,11 @@ import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from data_shards.config import DataConfig
 from data_shards.reader import NotesLoader
+from launcher.distributed import gather_object
 from launcher.evaluate import save_embeddings
 from modeling.prompts import MODES
 
@@ -48,11 +48,8 @@ def embed_notes(note_model, vision_tower, prompter, shards, data_cfg: DataConfig
 
 def gather_to_rank0(ids: list[str], vectors: np.ndarray):
     """All ranks' (ids, vectors) on rank 0 (None elsewhere); identity without torch.distributed."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return ids, vectors
-    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object((ids, vectors), parts, dst=0)
-    if dist.get_rank() != 0:
+    parts = gather_object((ids, vectors), dst=0)
+    if parts is None:
         return None
     all_ids = [i for p in parts for i in p[0]]
     return all_ids, np.concatenate([p[1] for p in parts])

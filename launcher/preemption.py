@@ -102,15 +102,13 @@ class PreemptionFlag:
         local = self.requested
         try:
             import torch
-            import torch.distributed as dist
+
+            from launcher.distributed import ReduceOp, all_reduce, is_distributed
         except ImportError:  # pragma: no cover - torch is a hard dependency of the trainer
             return local
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if not is_distributed():
             return local
-        backend = dist.get_backend()
-        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-        t = torch.tensor([1 if local else 0], dtype=torch.int32, device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        t = all_reduce(torch.tensor([1 if local else 0], dtype=torch.int32), op=ReduceOp.MAX)
         agreed = bool(t.item())
         if agreed and not local:
             self.request("another rank was asked to stop")

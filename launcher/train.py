@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
-import torch.distributed as dist
 
 from data_shards.collate import normalize_pixels
 from launcher import checkpoint as ckpt
 from launcher.config import ConfigError, RunConfig, config_hash, config_to_dict, save_resolved
-from launcher.distributed import Topology, Watchdog, detect_topology, init_distributed
+from launcher.distributed import (Topology, Watchdog, all_gather_object, all_reduce, barrier, detect_topology,
+                                  enable_crash_traces, init_distributed)
 from launcher.metrics import MetricsWriter, memory_mb
 from launcher.optim import build_optimizer, build_scheduler, param_groups
 
@@ -156,10 +156,24 @@ def _hook_hit(env_name: str, rank: int, step: int) -> bool:
     return int(r) == rank and int(s) == step
 
 
+def copy_can_be_async(src_device: torch.device, src_pinned: bool, target: torch.device) -> bool:
+    """Whether `tensor.to(target, non_blocking=True)` is safe and useful: only a pinned host tensor
+    going to a CUDA device. From pageable memory CUDA stages the copy synchronously anyway, and a
+    non-blocking copy *to* the host can be read before it has landed."""
+    return torch.device(target).type == "cuda" and torch.device(src_device).type == "cpu" and bool(src_pinned)
+
+
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # is_pinned() only matters (and is only asked) when the copy goes to CUDA.
+    async_ok = torch.device(device).type == "cuda" and copy_can_be_async(t.device, t.is_pinned(), device)
+    return t.to(device, non_blocking=async_ok)
+
+
 def move_batch(batch: dict, device: torch.device) -> dict:
-    """Tensors to `device`; uint8 `pixel_values` (the loaders' normalize=False) are CLIP-normalised
-    there, after the copy: a quarter of the bytes to move and no normalising on the loader's CPU."""
-    out = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    """Tensors to `device` (non-blocking only from pinned memory to CUDA, see `copy_can_be_async`);
+    uint8 `pixel_values` (the loaders' normalize=False) are CLIP-normalised there, after the copy: a
+    quarter of the bytes to move and no normalising on the loader's CPU."""
+    out = {k: (_to(v, device) if torch.is_tensor(v) else v) for k, v in batch.items()}
     pix = out.get("pixel_values")
     if torch.is_tensor(pix) and pix.dtype == torch.uint8:
         out["pixel_values"] = normalize_pixels(pix, out["image_present"])
@@ -225,7 +239,7 @@ def validation_loss(engine, comps: Components, device, cast, tick: Callable[[], 
                 sums[3] += 1
     finally:
         engine.module.train()
-    dist.all_reduce(sums)
+    all_reduce(sums)
     if sums[3] == 0:
         return {}
     result = {"val_loss": (sums[0] / sums[3]).item()}
@@ -284,6 +298,7 @@ class _Timer:
 def train(cfg: RunConfig, factory: Optional[Callable] = None, topo: Optional[Topology] = None,
           on_step: Optional[Callable[[int, dict], None]] = None) -> dict:
     """Run training to cfg.train.max_steps. Returns a summary dict (rank-local)."""
+    enable_crash_traces()  # first: a native crash anywhere below prints every thread's stack to this rank's log
     topo = topo or detect_topology()
     # torch 2.13 deprecation notices from inside DeepSpeed, once per collective call: keep the console readable.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed", category=FutureWarning)
@@ -299,7 +314,7 @@ def train(cfg: RunConfig, factory: Optional[Callable] = None, topo: Optional[Top
         step = summary["step"]
         watchdog.progress(step, "done")
         watchdog.stop()
-        dist.barrier()
+        barrier()
         return summary
     except Preempted:
         watchdog.stop()
@@ -340,7 +355,7 @@ def _train(cfg: RunConfig, factory: Callable, topo: Topology, watchdog: Watchdog
         if rank == 0:
             ckpt.convert_to_universal(plan, world, log=log)
         watchdog.progress(0, "universal-conversion")
-        dist.barrier()
+        barrier()
 
     ds_config = build_ds_config(cfg, world, load_universal=bool(plan and plan.universal))
     torch.manual_seed(cfg.train.seed)
@@ -475,15 +490,13 @@ def _train(cfg: RunConfig, factory: Callable, topo: Topology, watchdog: Watchdog
             stop_asked = float(preempt.requested) if preempt is not None else 0.0
             local = torch.tensor([parts["loss"], parts["loss_mm"], parts["loss_vis"], float(tokens), float(notes),
                                   timings.get("data_wait", 0.0), step_time, stop_asked], dtype=torch.float64)
-            dist.all_reduce(local)
+            all_reduce(local)
             loss, loss_mm, loss_vis = (local[0] / world).item(), (local[1] / world).item(), (local[2] / world).item()
-            mem = [None] * world
-            dist.all_gather_object(mem, memory_mb())
+            mem = all_gather_object(memory_mb())
             counters = {}
             if hasattr(loader, "stats"):
                 st = loader.stats() or {}
-                all_st = [None] * world
-                dist.all_gather_object(all_st, flatten_counters(st))
+                all_st = all_gather_object(flatten_counters(st))
                 for s in all_st:
                     for k, v in (s or {}).items():
                         counters[k] = counters.get(k, 0) + v

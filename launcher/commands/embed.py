@@ -10,19 +10,22 @@ from launcher.cli import add_config_args, config_from_args
 
 # the probes of modeling.prompts.MODES, spelled here so that `notellm2 --help` imports no torch
 MODES = ("both", "text", "image")
+# Ranks wait for each other only at the final gather; the slowest rank's whole share must fit in it.
+EMBED_COLLECTIVE_TIMEOUT_S = 1800  # torch's default, what embed had before
 
 
 def _run(args) -> int:
-    import torch.distributed as dist
+    from launcher import distributed
 
+    distributed.enable_crash_traces()  # a native crash prints every thread's stack into this rank's log
     from data_shards.config import DataConfig
-    from launcher.distributed import detect_topology
     from launcher.embed import run_embed
 
-    topo = detect_topology()
-    if topo.world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo", rank=topo.rank, world_size=topo.world_size,
-                                init_method=f"tcp://{topo.master_addr}:{topo.master_port}")
+    topo = distributed.detect_topology()
+    if topo.world_size > 1:
+        # The trainer's start-up (the rank's CUDA device is set before the group starts under NCCL),
+        # before anything below touches CUDA; DeepSpeed's comm layer is not needed here.
+        distributed.init_distributed(topo, timeout_s=EMBED_COLLECTIVE_TIMEOUT_S, deepspeed_comm=False)
     if args.model:
         from launcher.export import load_exported
 
@@ -49,9 +52,7 @@ def _run(args) -> int:
         raise SystemExit("notellm2 embed: no notes shards (--shards, or data.notes_shards in the config)")
     rc = run_embed(note_model, tower, prompter, shards, args.out, data_cfg, args.batch_size, args.mode,
                    topo.rank, topo.world_size, image_size, source)
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    distributed.shutdown()
     return rc
 
 
