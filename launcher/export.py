@@ -164,7 +164,8 @@ def _load_exported(export_dir: str, device, dtype):
     cfg.model.vision.path = meta["vision"]["path"] or cfg.model.vision.path
     config = AutoConfig.from_pretrained(os.path.join(export_dir, "llm"))
     with quiet_transformers():
-        llm = AutoModel.from_config(config, attn_implementation=resolve_attn_implementation(cfg.model.llm.attn_implementation))
+        llm = AutoModel.from_config(config, attn_implementation=resolve_attn_implementation(
+            cfg.model.llm.attn_implementation, dtype or torch.float32))  # flash-attn only for a bf16/fp16 load
     tokenizer = load_tokenizer(os.path.join(export_dir, "tokenizer"))
     tower = build_vision_tower(cfg.model.vision, variant=cfg.model.variant, dtype=dtype)
     model = build_note_model(cfg.model, cfg.loss, tower, llm=llm, tokenizer=tokenizer)

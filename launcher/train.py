@@ -107,6 +107,7 @@ def default_components(cfg: RunConfig, rank: int, world_size: int, ds_config: di
     from transformers.integrations import HfDeepSpeedConfig
 
     from data_shards.reader import PairLoader
+    from launcher.partitioning import embedding_grower
     from modeling.backbone import load_llm
     from modeling.encoder import build_note_model
     from modeling.vision import build_vision_tower
@@ -115,7 +116,10 @@ def default_components(cfg: RunConfig, rank: int, world_size: int, ds_config: di
         raise ConfigError("data.train_shards: empty; point it at pairs-train-*.tar shards (notellm2 data write-shards)")
     tower = build_vision_tower(cfg.model.vision, variant=cfg.model.variant)
     hf_ds = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"].get("stage") == 3 else None
-    llm, tokenizer = load_llm(cfg.model.llm)
+    # bf16 runs load in bf16 (what ZeRO casts to anyway) so that flash-attn is allowed; under ZeRO-3 the
+    # placeholder rows are added without making the embedding whole on every rank (launcher/partitioning.py).
+    llm, tokenizer = load_llm(cfg.model.llm, dtype=torch.bfloat16 if cfg.train.precision == "bf16" else None,
+                              grow_embeddings=embedding_grower(ds_config))
     note_model = build_note_model(cfg.model, cfg.loss, tower, llm=llm, tokenizer=tokenizer)
     prompter = note_model.make_prompter(tokenizer, cfg.model.prompt_language, cfg.model.max_text_tokens)
 

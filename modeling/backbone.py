@@ -13,7 +13,7 @@ import importlib.util
 import logging
 import os
 import sys
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -32,35 +32,69 @@ class BackboneError(ValueError):
     """A backbone directory, tokenizer or setting that cannot be used."""
 
 
-def flash_attention_available() -> bool:
-    """True when flash-attn imports and a CUDA device is present."""
-    if not torch.cuda.is_available():
-        return False
+# grow_embeddings(model, rows): make the model's input embedding `rows` long, keeping the existing rows
+# unchanged (the values of the new rows do not matter: the placeholder rows are set afterwards). The
+# launcher passes one that keeps a ZeRO-3 matrix partitioned (launcher/partitioning.py); without one,
+# transformers' resize_token_embeddings is used, which under ZeRO-3 hands back a whole, replicated matrix.
+EmbeddingGrower = Callable[[torch.nn.Module, int], None]
+
+
+def _flash_attn_imports() -> bool:
+    """True when the flash_attn package imports (a broken build raises all sorts of errors on import)."""
     if importlib.util.find_spec("flash_attn") is None:
         return False
     try:
         import flash_attn  # noqa: F401
-    except Exception:  # a broken build raises all sorts of errors on import
+    except Exception:
         return False
     return True
 
 
-def resolve_attn_implementation(requested: str) -> str:
-    """Map `llm.attn_implementation` to what transformers gets.
+def flash_attention_available() -> bool:
+    """True when flash-attn imports and a CUDA device is present (the dtype is checked separately)."""
+    return torch.cuda.is_available() and _flash_attn_imports()
 
-    auto -> flash_attention_2 if flash-attn imports and CUDA is present, else sdpa.
-    flash_attention_2 where it is unavailable -> BackboneError saying why.
+
+HALF_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def select_attn_implementation(requested: str, dtype: torch.dtype, flash_attn_imports: bool, cuda: bool) -> str:
+    """The pure selection rule behind `resolve_attn_implementation` (the probes are arguments).
+
+    flash-attn kernels take only bf16/fp16 tensors, so flash_attention_2 needs all three: the package
+    imports, a CUDA device, and a half-precision load dtype (`train.precision: bf16` in training).
+    auto -> flash_attention_2 when all three hold, else sdpa. An explicit flash_attention_2 that
+    misses one of them is a BackboneError naming the key and the reason.
     """
+    if requested not in ("auto", "sdpa", "eager", "flash_attention_2"):
+        raise BackboneError(f"model.llm.attn_implementation: got {requested!r}; allowed: auto, sdpa, eager, flash_attention_2")
+    half = dtype in HALF_PRECISION
     if requested == "auto":
-        return "flash_attention_2" if flash_attention_available() else "sdpa"
-    if requested == "flash_attention_2" and not flash_attention_available():
-        why = "no CUDA device is present" if not torch.cuda.is_available() else "the flash_attn package does not import"
+        return "flash_attention_2" if (flash_attn_imports and cuda and half) else "sdpa"
+    if requested == "flash_attention_2":
+        if not cuda:
+            why = "no CUDA device is present"
+        elif not flash_attn_imports:
+            why = "the flash_attn package does not import"
+        elif not half:
+            raise BackboneError(
+                f"model.llm.attn_implementation: 'flash_attention_2' needs a half-precision dtype (bf16 or fp16), "
+                f"but the LLM would load in {str(dtype).replace('torch.', '')}; set train.precision: bf16 "
+                "(or pass a bf16/fp16 load dtype), or use 'auto' / 'sdpa'")
+        else:
+            return requested
         raise BackboneError(
             f"model.llm.attn_implementation: 'flash_attention_2' was requested but {why}; "
             "use 'auto' (falls back to sdpa) or 'sdpa', or install flash-attn on a CUDA machine")
-    if requested not in ("sdpa", "eager", "flash_attention_2"):
-        raise BackboneError(f"model.llm.attn_implementation: got {requested!r}; allowed: auto, sdpa, eager, flash_attention_2")
     return requested
+
+
+def resolve_attn_implementation(requested: str, dtype: Optional[torch.dtype] = None) -> str:
+    """Map `llm.attn_implementation` to what transformers gets, for an LLM loaded in `dtype`
+    (None: float32, as load_llm defaults). See select_attn_implementation for the rule."""
+    cuda = torch.cuda.is_available()
+    return select_attn_implementation(requested, dtype or torch.float32,
+                                      flash_attn_imports=cuda and _flash_attn_imports(), cuda=cuda)
 
 
 def _zero3_gathered(params, modify: bool = False):
@@ -119,11 +153,13 @@ def load_tokenizer(path: str):
     return tok
 
 
-def load_llm(cfg: LLMConfig, dtype: Optional[torch.dtype] = None):
+def load_llm(cfg: LLMConfig, dtype: Optional[torch.dtype] = None, grow_embeddings: Optional[EmbeddingGrower] = None):
     """Load the base model (no LM head) and tokenizer from local dirs; returns (base_model, tokenizer).
 
-    `dtype` defaults to float32 whatever the checkpoint stores.
-    The placeholder tokens get embedding rows initialised to the mean of the original vocabulary's rows.
+    `dtype` defaults to float32 whatever the checkpoint stores; it also decides whether flash-attn may
+    be used (bf16/fp16 only).
+    The placeholder tokens get embedding rows initialised to the mean of the original vocabulary's rows;
+    when the matrix has no spare rows for them it is grown by `grow_embeddings` (see EmbeddingGrower).
     """
     from transformers import AutoConfig, AutoModel
 
@@ -143,7 +179,7 @@ def load_llm(cfg: LLMConfig, dtype: Optional[torch.dtype] = None):
         layer_types = getattr(config, "layer_types", None)
         if isinstance(layer_types, (list, tuple)) and len(layer_types) > cfg.num_layers:
             config.layer_types = list(layer_types[: cfg.num_layers])
-    attn = resolve_attn_implementation(cfg.attn_implementation)
+    attn = resolve_attn_implementation(cfg.attn_implementation, dtype)
     # dtype None means float32, not transformers' "auto" (the checkpoint's bf16/fp16): precision is
     # the launcher's choice (the DeepSpeed engine casts to bf16 when asked).
     kwargs = {"config": config, "attn_implementation": attn, "dtype": dtype or torch.float32}
@@ -156,7 +192,7 @@ def load_llm(cfg: LLMConfig, dtype: Optional[torch.dtype] = None):
     model.config.use_cache = False
 
     tokenizer = load_tokenizer(tok_path)
-    _add_placeholder_rows(model, tokenizer)
+    _add_placeholder_rows(model, tokenizer, grow_embeddings)
 
     if cfg.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
@@ -166,7 +202,7 @@ def load_llm(cfg: LLMConfig, dtype: Optional[torch.dtype] = None):
     return model, tokenizer
 
 
-def _add_placeholder_rows(model, tokenizer) -> None:
+def _add_placeholder_rows(model, tokenizer, grow_embeddings: Optional[EmbeddingGrower] = None) -> None:
     """Make room for the placeholder ids and set their rows to the mean of the original rows."""
     new_ids = tokenizer.convert_tokens_to_ids(list(PLACEHOLDER_TOKENS))
     emb = model.get_input_embeddings()
@@ -174,11 +210,19 @@ def _add_placeholder_rows(model, tokenizer) -> None:
         rows = emb.weight.shape[0]
     needed = max(new_ids) + 1
     if needed > rows:
-        # mean_resizing=False: we set the rows ourselves, to exactly the mean. Under ZeRO-3,
-        # transformers 5.23 hands back the resized matrix as a plain (replicated) tensor; the
-        # launcher's deepspeed.initialize partitions it (tests/modeling/test_multirank_loss.py).
-        model.resize_token_embeddings(needed, mean_resizing=False)
+        if grow_embeddings is None:
+            # mean_resizing=False: we set the rows ourselves, to exactly the mean. Under ZeRO-3,
+            # transformers 5.23 hands back the resized matrix as a plain (replicated) tensor, whole on
+            # every rank until deepspeed.initialize partitions it: the launcher passes a grower instead.
+            model.resize_token_embeddings(needed, mean_resizing=False)
+        else:
+            grow_embeddings(model, needed)
         emb = model.get_input_embeddings()
+        with _zero3_gathered([emb.weight]):
+            grown = emb.weight.shape[0]
+        if grown < needed:
+            raise BackboneError(f"model.llm.path: the input embedding has {grown} rows after growing it; "
+                                f"the placeholder tokens need {needed}")
     # The original vocabulary: every id below the first placeholder id, bounded by the old matrix.
     n_old = min(min(new_ids), rows)
     with _zero3_gathered([emb.weight], modify=True), torch.no_grad():

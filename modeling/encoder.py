@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from modeling.backbone import IMG_EMB_TOKEN, IMG_TOKEN, load_llm
+from modeling.backbone import IMG_EMB_TOKEN, IMG_TOKEN, EmbeddingGrower, load_llm
 from modeling.config import LossConfig, ModelConfig
 from modeling.connector import build_connector
 from modeling.fusion import EmbeddingHead, LateFusionGate
@@ -231,9 +231,11 @@ def build_note_model(model_cfg: ModelConfig, loss_cfg: LossConfig, vision_tower:
                      num_image_tokens, loss_cfg.micl_weight_mm, loss_cfg.micl_weight_vis)
 
 
-def build_all(model_cfg: ModelConfig, loss_cfg: LossConfig, dtype: Optional[torch.dtype] = None):
-    """(note_model, vision_tower or None, prompter): everything for `model_cfg`, loaded from local dirs."""
-    llm, tokenizer = load_llm(model_cfg.llm, dtype=dtype)
+def build_all(model_cfg: ModelConfig, loss_cfg: LossConfig, dtype: Optional[torch.dtype] = None,
+              grow_embeddings: Optional[EmbeddingGrower] = None):
+    """(note_model, vision_tower or None, prompter): everything for `model_cfg`, loaded from local dirs.
+    `dtype` and `grow_embeddings` go to load_llm."""
+    llm, tokenizer = load_llm(model_cfg.llm, dtype=dtype, grow_embeddings=grow_embeddings)
     tower = build_vision_tower(model_cfg.vision, variant=model_cfg.variant)
     note_model = build_note_model(model_cfg, loss_cfg, tower, llm=llm, tokenizer=tokenizer)
     prompter = note_model.make_prompter(tokenizer, model_cfg.prompt_language, model_cfg.max_text_tokens)

@@ -5,6 +5,14 @@ per-dimension gate z = sigmoid(W_z [h; v] + b) mixes it with the LLM representat
 fused = z * h + (1 - z) * v. Rows without an image keep h unchanged.
 
 EmbeddingHead: a linear map to `model.embed_dim` followed by L2 normalisation.
+
+Both compute in fp32 up to the L2 normalisation whatever dtype their weights are stored in: under
+`train.precision: bf16` the trainer casts every parameter to bf16 for ZeRO (launcher/train.py), and a
+bf16 gate or head would round the representation to bf16 (8 significant bits) right before the
+similarities.
+Fp32Linear upcasts its input AND its weight inside forward. It stays an nn.Module call (not F.linear on
+a child's weight from the parent's forward) so that ZeRO-3's per-module hooks gather its parameters
+on any call, training forward or a later `encode`.
 """
 from __future__ import annotations
 
@@ -15,17 +23,24 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class Fp32Linear(nn.Linear):
+    """nn.Linear computed in fp32 (input, weight and bias upcast); output fp32. Same state_dict keys."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias.float() if self.bias is not None else None
+        return F.linear(x.float(), self.weight.float(), bias)
+
+
 class LateFusionGate(nn.Module):
     def __init__(self, llm_dim: int, pooled_dim: int):
         super().__init__()
-        self.vision_proj = nn.Linear(pooled_dim, llm_dim, bias=False)
-        self.gate = nn.Linear(2 * llm_dim, llm_dim)
+        self.vision_proj = Fp32Linear(pooled_dim, llm_dim, bias=False)
+        self.gate = Fp32Linear(2 * llm_dim, llm_dim)
 
     def forward(self, h: torch.Tensor, pooled: torch.Tensor, has_image: Optional[torch.Tensor] = None):
-        """Returns (fused [N, H], z [N, H]); rows with has_image False pass h through (z = 1 there)."""
-        dtype = self.gate.weight.dtype
-        h = h.to(dtype)
-        v = self.vision_proj(pooled.to(dtype))
+        """Returns (fused [N, H], z [N, H]) in fp32; rows with has_image False pass h through (z = 1 there)."""
+        h = h.float()  # bf16 hidden states are upcast, not the other way round (see the module docstring)
+        v = self.vision_proj(pooled)
         z = torch.sigmoid(self.gate(torch.cat([h, v], dim=-1)))
         fused = z * h + (1 - z) * v
         if has_image is not None:
@@ -38,8 +53,7 @@ class LateFusionGate(nn.Module):
 class EmbeddingHead(nn.Module):
     def __init__(self, llm_dim: int, embed_dim: int):
         super().__init__()
-        self.linear = nn.Linear(llm_dim, embed_dim)
+        self.linear = Fp32Linear(llm_dim, embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.linear(x.to(self.linear.weight.dtype))
-        return F.normalize(out.float(), dim=-1)
+        return F.normalize(self.linear(x), dim=-1)  # fp32 in, fp32 out (Fp32Linear)

@@ -5,7 +5,13 @@ import json
 import os
 import sys
 
-import torch.distributed as dist
+# Run as a script, this file puts tests/ first on sys.path, where the test package tests/modeling would
+# shadow the modeling package; its submodules then came from wherever notellm2 is pip-installed
+# (an editable install of another checkout: a worktree's ranks ran that checkout's modeling code).
+# The repository root goes first instead.
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import torch.distributed as dist  # noqa: E402
 
 
 def main() -> None:

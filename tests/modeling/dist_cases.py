@@ -95,8 +95,9 @@ def gathered_gradients(llm_dir: str, clip_dir: str, variant: str = "notellm2", p
 
 
 def zero3_load_and_step(llm_dir: str, clip_dir: str) -> dict:
-    """Load the encoder under DeepSpeed ZeRO-3 (HfDeepSpeedConfig kept alive, as the launcher does),
-    check the placeholder rows and run one training step through the engine."""
+    """Load the encoder under DeepSpeed ZeRO-3 (HfDeepSpeedConfig kept alive and the embedding grown by
+    the launcher's hook, as the launcher does), check the embedding is partitioned before
+    deepspeed.initialize, check the placeholder and pretrained rows, and run one training step."""
     import sys
     import deepspeed.comm.torch  # noqa: F401
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # FACTS: skip the ~90 s shm compile
@@ -105,6 +106,7 @@ def zero3_load_and_step(llm_dir: str, clip_dir: str) -> dict:
     from transformers.integrations import HfDeepSpeedConfig
     import os
 
+    from launcher.partitioning import embedding_grower
     from modeling.backbone import IMG_EMB_TOKEN, IMG_TOKEN, load_llm
 
     deepspeed.init_distributed(dist_backend="gloo")
@@ -116,10 +118,20 @@ def zero3_load_and_step(llm_dir: str, clip_dir: str) -> dict:
     cfg = ModelConfig(variant="notellm2", llm=LLMConfig(path=llm_dir), vision=VisionConfig(path=clip_dir, image_size=32),
                       connector=ConnectorConfig(num_query_tokens=4, num_layers=1, hidden_size=32, num_heads=4),
                       max_text_tokens=16, embed_dim=8)
-    model, tower, prompter = build_all(cfg, LossConfig())
+    model, tower, prompter = build_all(cfg, LossConfig(), grow_embeddings=embedding_grower(ds_config))
     emb = model.llm.get_input_embeddings().weight
-    # transformers 5.23 returns the resized embedding as a plain tensor (replicated) under ZeRO-3;
-    # deepspeed.initialize partitions it below. The decoder layers are partitioned while they load.
+    # Grown by launcher.partitioning: partitioned from the start, each rank holding its share, nothing
+    # materialised outside a gather. The decoder layers are partitioned while they load.
+    world = dist.get_world_size()
+    emb_before_engine = {"has_ds": hasattr(emb, "ds_numel"), "held": int(emb.ds_tensor.numel()) if hasattr(emb, "ds_tensor") else -1,
+                         "total": int(emb.ds_numel) if hasattr(emb, "ds_numel") else -1, "world": world,
+                         "materialised": int(emb.numel()), "shape": list(getattr(emb, "ds_shape", emb.shape)),
+                         "vocab": len(prompter.tokenizer), "config_vocab": int(model.llm.config.vocab_size)}
+    # Negative control: transformers' own resize (no hook) hands back a whole matrix on every rank.
+    plain_llm, _ = load_llm(LLMConfig(path=llm_dir))
+    plain_emb = plain_llm.get_input_embeddings().weight
+    emb_before_engine["plain_replicated"] = (not hasattr(plain_emb, "ds_numel")) and plain_emb.numel() == emb_before_engine["total"]
+    del plain_llm, plain_emb
     q = model.llm.layers[0].self_attn.q_proj.weight
     layer_partitioned = hasattr(q, "ds_numel") and q.numel() < q.ds_numel
     img, img_emb = prompter.tokenizer.convert_tokens_to_ids([IMG_TOKEN, IMG_EMB_TOKEN])
@@ -147,6 +159,7 @@ def zero3_load_and_step(llm_dir: str, clip_dir: str) -> dict:
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
                                            config=ds_config)
+    assert engine.module.llm.get_input_embeddings().weight is emb  # the grown module is what the engine trains
     pairs = _pairs(2 * dist.get_world_size())
     local = pairs[2 * dist.get_rank(): 2 * dist.get_rank() + 2]
     batch, tokens, pooled = _batch(prompter, tower, local)
@@ -155,7 +168,12 @@ def zero3_load_and_step(llm_dir: str, clip_dir: str) -> dict:
     engine.step()
     emb = engine.module.llm.get_input_embeddings().weight
     emb_partitioned = hasattr(emb, "ds_numel") and emb.numel() < emb.ds_numel
-    return {"spare_partitioned": bool(spare_partitioned), "spare_mean_err": spare_mean_err,
+    with deepspeed.zero.GatheredParameters([emb]):
+        after = emb.detach().clone()
+    # The mICL marker is in every prompt: its (grown) row takes a gradient and the optimizer moves it.
+    img_emb_row_moved = (after[img_emb] - full[img_emb]).abs().max().item()
+    return {"emb_before_engine": emb_before_engine, "img_emb_row_moved": img_emb_row_moved,
+            "spare_partitioned": bool(spare_partitioned), "spare_mean_err": spare_mean_err,
             "spare_rows_ok": bool(spare_rows_ok),
             "partitioned": bool(layer_partitioned), "emb_partitioned_by_engine": bool(emb_partitioned), "mean_err": mean_err, "old_err": old_err,
             "loss": float(out["loss"].item()), "logit_scale": float(out["logit_scale"].item())}

@@ -75,15 +75,53 @@ def test_bad_paths_name_the_key(tmp_path):
         load_llm(LLMConfig(path=str(tmp_path)))
 
 
-def test_attn_selection_logic(monkeypatch):
-    monkeypatch.setattr(backbone, "flash_attention_available", lambda: True)
-    assert resolve_attn_implementation("auto") == "flash_attention_2"
-    assert resolve_attn_implementation("flash_attention_2") == "flash_attention_2"
-    assert resolve_attn_implementation("sdpa") == "sdpa"
-    monkeypatch.setattr(backbone, "flash_attention_available", lambda: False)
-    assert resolve_attn_implementation("auto") == "sdpa"
-    assert resolve_attn_implementation("eager") == "eager"
-    with pytest.raises(BackboneError, match="model.llm.attn_implementation: 'flash_attention_2' was requested but"):
+@pytest.mark.parametrize("imports,cuda,dtype,expected", [
+    (True, True, torch.bfloat16, "flash_attention_2"),
+    (True, True, torch.float16, "flash_attention_2"),
+    (True, True, torch.float32, "sdpa"),   # flash-attn kernels take bf16/fp16 only
+    (False, True, torch.bfloat16, "sdpa"),
+    (True, False, torch.bfloat16, "sdpa"),
+    (False, False, torch.float32, "sdpa"),
+])
+def test_auto_picks_flash_only_with_package_cuda_and_half_precision(imports, cuda, dtype, expected):
+    assert backbone.select_attn_implementation("auto", dtype, flash_attn_imports=imports, cuda=cuda) == expected
+
+
+def test_explicit_attn_choices():
+    sel = backbone.select_attn_implementation
+    assert sel("flash_attention_2", torch.bfloat16, flash_attn_imports=True, cuda=True) == "flash_attention_2"
+    assert sel("flash_attention_2", torch.float16, flash_attn_imports=True, cuda=True) == "flash_attention_2"
+    for name in ("sdpa", "eager"):  # never depend on the probes or the dtype
+        assert sel(name, torch.float32, flash_attn_imports=False, cuda=False) == name
+        assert sel(name, torch.bfloat16, flash_attn_imports=True, cuda=True) == name
+    with pytest.raises(BackboneError, match=r"model.llm.attn_implementation: got 'flash'; allowed: auto, sdpa"):
+        sel("flash", torch.bfloat16, flash_attn_imports=True, cuda=True)
+
+
+def test_flash_with_fp32_names_the_precision_key():
+    with pytest.raises(BackboneError) as e:
+        backbone.select_attn_implementation("flash_attention_2", torch.float32, flash_attn_imports=True, cuda=True)
+    msg = str(e.value)
+    assert msg.startswith("model.llm.attn_implementation: 'flash_attention_2' needs a half-precision dtype (bf16 or fp16)")
+    assert "float32" in msg and "train.precision: bf16" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("imports,cuda,why", [
+    (True, False, "no CUDA device is present"),
+    (False, True, "the flash_attn package does not import"),
+])
+def test_flash_without_package_or_cuda_says_why(imports, cuda, why):
+    with pytest.raises(BackboneError, match=f"'flash_attention_2' was requested but {why}"):
+        backbone.select_attn_implementation("flash_attention_2", torch.bfloat16, flash_attn_imports=imports, cuda=cuda)
+
+
+def test_resolve_passes_the_load_dtype(monkeypatch):
+    """resolve_attn_implementation feeds the real probes and the dtype (None: float32) to the rule."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(backbone, "_flash_attn_imports", lambda: True)
+    assert resolve_attn_implementation("auto", torch.bfloat16) == "flash_attention_2"
+    assert resolve_attn_implementation("auto") == "sdpa"  # float32 by default, as load_llm loads
+    with pytest.raises(BackboneError, match="needs a half-precision dtype"):
         resolve_attn_implementation("flash_attention_2")
 
 
@@ -150,3 +188,35 @@ def test_missing_weights_are_an_error_not_random_init(tiny, tmp_path):
     # Truncating to the intact first layer does not need the missing weight.
     model, _ = load_llm(LLMConfig(path=broken, num_layers=1))
     assert len(model.layers) == 1
+
+
+def test_grow_embeddings_hook_replaces_the_resize(tiny, monkeypatch):
+    """A grow_embeddings hook (the launcher's ZeRO-3 one) is used instead of resize_token_embeddings;
+    the placeholder rows are still set to the mean afterwards and the pretrained rows kept."""
+    from transformers import PreTrainedModel
+
+    monkeypatch.setattr(PreTrainedModel, "resize_token_embeddings",
+                        lambda *a, **k: pytest.fail("resize_token_embeddings called although a hook was given"))
+    calls = []
+
+    def grow(model, rows):
+        calls.append(rows)
+        old = model.get_input_embeddings()
+        new = torch.nn.Embedding(rows, old.weight.shape[1])  # random new rows: the loader must overwrite them
+        with torch.no_grad():
+            new.weight[: old.weight.shape[0]] = old.weight
+        model.set_input_embeddings(new)
+
+    model, tok = load_llm(LLMConfig(path=tiny["llama"]), grow_embeddings=grow)
+    img, emb = tok.convert_tokens_to_ids([IMG_TOKEN, IMG_EMB_TOKEN])
+    assert calls == [max(img, emb) + 1]
+    w = model.get_input_embeddings().weight
+    saved = _saved_weights(tiny["llama"])["model.embed_tokens.weight"]
+    torch.testing.assert_close(w[img], saved.mean(dim=0))
+    torch.testing.assert_close(w[emb], saved.mean(dim=0))
+    assert torch.equal(w[: saved.shape[0]], saved)
+
+
+def test_grow_embeddings_hook_that_does_not_grow_fails_clearly(tiny):
+    with pytest.raises(BackboneError, match=r"input embedding has 300 rows after growing it; the placeholder tokens need 302"):
+        load_llm(LLMConfig(path=tiny["llama"]), grow_embeddings=lambda model, rows: None)

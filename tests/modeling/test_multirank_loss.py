@@ -40,6 +40,14 @@ def test_loads_and_trains_under_zero3(two_rank_results):
     for rank in (0, 1):
         r = two_rank_results[rank]["zero3"]
         assert r["partitioned"], r  # the LLM really was loaded partitioned
+        # A 7B is never whole on one rank: the embedding grown for the placeholders is partitioned
+        # BEFORE deepspeed.initialize, each rank holding about half of it (ZeRO pads to a multiple of world).
+        e = r["emb_before_engine"]
+        assert e["has_ds"] and e["materialised"] == 0, e
+        assert e["shape"][0] == e["vocab"] == e["config_vocab"] == 302, e
+        assert e["total"] == e["shape"][0] * e["shape"][1] and 0 <= e["held"] - e["total"] / 2 < 2, e
+        assert e["plain_replicated"], e  # negative control: transformers' resize gives a whole matrix
+        assert r["img_emb_row_moved"] > 0, r  # the grown rows train through the engine
         assert r["emb_partitioned_by_engine"], r
         assert r["mean_err"] < 1e-6 and r["old_err"] == 0.0, r  # placeholder rows = mean, under ZeRO-3 too
         assert math.isfinite(r["loss"]) and r["logit_scale"] == pytest.approx(20.0)

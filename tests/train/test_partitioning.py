@@ -1,0 +1,53 @@
+"""The launcher's ZeRO-3 hook for growing the embedding (launcher/partitioning.py) and how
+default_components loads the LLM. The 2-rank check that the grown matrix is partitioned before
+deepspeed.initialize is tests/modeling/test_multirank_loss.py::test_loads_and_trains_under_zero3."""
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+import torch
+
+from launcher.config import load_config
+from launcher.partitioning import embedding_grower
+from launcher.train import REPO, build_ds_config, default_components
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "ds_configs", "*.json"))))
+def test_grower_only_under_zero3(path):
+    ds = build_ds_config(load_config(None, [f"train.ds_config={path}"]), world_size=2)
+    grower = embedding_grower(ds)
+    assert (grower is not None) == (ds["zero_optimization"]["stage"] == 3)
+    assert callable(grower) or grower is None
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("ds_name,precision", [("zero3_bf16.json", "bf16"), ("cpu_zero3.json", "fp32"),
+                                               ("zero2_bf16.json", "bf16")])
+def test_default_components_loads_the_llm_for_the_engine(monkeypatch, ds_name, precision):
+    """The LLM loads in the training dtype (flash-attn needs bf16) and, under ZeRO-3, with the grower."""
+    import transformers.integrations
+    import modeling.backbone
+    import modeling.vision
+
+    seen = {}
+
+    def fake_load_llm(llm_cfg, **kwargs):
+        seen.update(kwargs)
+        raise _Stop
+
+    # No live HfDeepSpeedConfig may outlive this test (it would turn ZeRO-3 on for later tests).
+    monkeypatch.setattr(transformers.integrations, "HfDeepSpeedConfig", lambda ds: object())
+    monkeypatch.setattr(modeling.vision, "build_vision_tower", lambda *a, **k: None)
+    monkeypatch.setattr(modeling.backbone, "load_llm", fake_load_llm)
+    cfg = load_config(None, [f"train.ds_config=ds_configs/{ds_name}", f"train.precision={precision}"])
+    cfg.data.train_shards = ["pairs-train-000000.tar"]
+    ds = build_ds_config(cfg, world_size=2)
+    with pytest.raises(_Stop):
+        default_components(cfg, 0, 2, ds)
+    assert seen["dtype"] == (torch.bfloat16 if precision == "bf16" else None)
+    assert (seen["grow_embeddings"] is not None) == (ds["zero_optimization"]["stage"] == 3)
