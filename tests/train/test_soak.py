@@ -1,0 +1,36 @@
+"""The lean soak (scripts/soak.py) in the suite: 2 CPU ranks under glibc's heap checks, a short plain
+run across several epoch boundaries (loader workers and pixel slots restart each time) and a few
+stop/resume cycles (SIGUSR1 to one rank, then kill -9), each resumed. Any crash fails the test."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.multirank import REPO
+
+pytestmark = pytest.mark.slow
+SOAK = os.path.join(REPO, "scripts", "soak.py")
+
+
+def _soak(tmp_path, *args) -> dict:
+    p = subprocess.run([sys.executable, SOAK, "--work", str(tmp_path / "soak"), *args], cwd=REPO,
+                       capture_output=True, text=True, timeout=900)
+    lines = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, f"no RESULT line (exit {p.returncode})\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}"
+    result = json.loads(lines[-1][len("RESULT "):])
+    assert p.returncode == (0 if result["figure"] == 0 else 1), p.stdout[-4000:]
+    return result
+
+
+def test_lean_soak_plain_and_resume_cycles_do_not_crash(tmp_path):
+    plain = _soak(tmp_path, "--mode", "plain", "--steps", "40")
+    assert plain["malloc_checks"], "libc_malloc_debug.so.0 is missing: the soak would run without heap checks"
+    assert plain["per_config"]["default"] == {"runs": 1, "steps": 40, "crashes": 0}, plain
+    resume = _soak(tmp_path, "--mode", "resume", "--cycles", "2", "--steps-per-cycle", "4")
+    r = resume["per_config"]["default"]
+    assert r["crashes"] == 0 and r["cycles"] == 2, resume
+    assert r["steps"] >= 8, resume  # both cycles trained past their resume point
