@@ -1,7 +1,8 @@
 """Optimizer parameter groups and the learning-rate schedule.
 
 Groups: {LLM, new modules} x {decayed, not decayed}. Norm weights, biases, the temperature
-(logit scale) and the Q-Former query tokens get no weight decay. Everything in the note model
+(the loss's log_scale) and the Q-Former query tokens get no weight decay (the paper-scale recipe's
+weight decay of 1e-3 applies to the other weight matrices only). Everything in the note model
 that is not under its `llm` attribute is a "new" module (connector, fusion gate, head, loss).
 """
 from __future__ import annotations
@@ -10,7 +11,7 @@ import math
 
 import torch
 
-NO_DECAY_MARKERS = ("bias", "norm", "logit_scale", "temperature", "query_tokens", "ln_", "layernorm")
+NO_DECAY_MARKERS = ("bias", "norm", "log_scale", "logit_scale", "temperature", "query_tokens", "ln_", "layernorm")
 
 
 def is_no_decay(name: str, param: torch.nn.Parameter) -> bool:
