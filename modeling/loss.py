@@ -11,7 +11,8 @@ Duplicate pairs. An anchor is the ordered key (note id, partner's note id). A ga
 already appeared in an earlier gathered column (either direction of an injected pair: (q, t) again
 or (t, q)) is a later copy and gets weight 0. With the negatives' masking above, every kept anchor
 sees exactly the columns it would see in the de-duplicated batch, so the loss and the gradients are
-exactly those of the de-duplicated batch. The kept flags are computed from the gathered ids, the same
+exactly those of the de-duplicated batch (when a flipped copy comes first in column order, a note's
+gradient reaches its other copy: the same input, so parameter gradients are unchanged). The kept flags are computed from the gathered ids, the same
 on every rank, so no extra collective is needed.
 
 Convention (what makes multi-rank training equal to one big de-duplicated batch). Let K be the number
