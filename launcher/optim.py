@@ -142,6 +142,9 @@ def clamp_temperature(engine, max_scale: float) -> int:
     for p in temperature_params(module):
         if hasattr(p, "ds_id"):  # ZeRO-3
             part = p.ds_tensor
+            if getattr(part, "final_location", None) == "nvme":
+                raise NotImplementedError("clamp_temperature: the temperature's partition is swapped to NVMe "
+                                          "(offload_param.device nvme); keep small parameters in memory")
             cap = largest_at_most(log_cap, part.dtype)
             full = safe_get_full_fp32_param(p)
             if full is None or not bool((full > cap).any()):
