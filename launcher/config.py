@@ -45,6 +45,9 @@ class TrainConfig:
     lr_new: float = field(default=1e-4, metadata=_pos("a number > 0"))
     weight_decay: float = field(default=0.0, metadata=_nonneg())
     warmup_steps: int = field(default=0, metadata=_nonneg("an integer >= 0"))
+    # Warm-up as a fraction of train.max_steps; when set, train.warmup_steps becomes round(ratio * max_steps).
+    warmup_ratio: Optional[float] = field(default=None, metadata={"check": lambda v: 0 <= v <= 1,
+                                                                  "allowed": "null or a number in [0, 1]"})
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     min_lr_ratio: float = field(default=0.0, metadata={"check": lambda v: 0 <= v <= 1, "allowed": "a number in [0, 1]"})
     grad_clip: float = field(default=1.0, metadata=_nonneg())
@@ -194,6 +197,17 @@ def _cross_checks(cfg: RunConfig) -> None:
         raise ConfigError("loss.micl_weight_mm: weights sum to 0; allowed: micl_weight_mm + micl_weight_vis > 0")
     if cfg.model.vision.kind == "plugin" and ":" not in cfg.model.vision.factory:
         raise ConfigError(f"model.vision.factory: got {cfg.model.vision.factory!r}; allowed: 'module:function' when model.vision.kind is 'plugin'")
+    if cfg.model.vision.kind == "plugin" and cfg.model.vision.cls_source != "pooled":
+        raise ConfigError(f"model.vision.cls_source: got {cfg.model.vision.cls_source!r}; allowed: 'pooled' when "
+                          "model.vision.kind is 'plugin' (a plugin returns its own pooled feature)")
+    if cfg.train.warmup_ratio is not None:
+        derived = round(cfg.train.warmup_ratio * cfg.train.max_steps)
+        # A resolved config (config.resolved.yaml) holds both, equal: that one loads again.
+        if cfg.train.warmup_steps not in (0, derived):
+            raise ConfigError(f"train.warmup_ratio: got {cfg.train.warmup_ratio} with train.warmup_steps "
+                              f"{cfg.train.warmup_steps}; allowed: one of the two (or warmup_steps: {derived}, "
+                              f"= round(warmup_ratio * train.max_steps))")
+        cfg.train.warmup_steps = derived
     if any(k <= 0 for k in cfg.eval.k_values):
         raise ConfigError(f"eval.k_values: got {cfg.eval.k_values}; allowed: integers > 0")
 
@@ -266,6 +280,9 @@ def config_to_dict(cfg) -> dict:
 def config_hash(cfg: RunConfig, ignore: tuple[str, ...] = ("train.output_dir", "train.max_steps", "checkpoint", "logging", "eval")) -> str:
     """Hash of the settings that change what a checkpoint means (paths and run length excluded)."""
     d = config_to_dict(cfg)
+    if cfg.train.warmup_ratio is not None:
+        # Derived from warmup_ratio (hashed) and max_steps (deliberately not): extending a run keeps its hash.
+        ignore = (*ignore, "train.warmup_steps")
     for key in ignore:
         parts = key.split(".")
         node = d

@@ -192,10 +192,10 @@ def new_modules(cfg: RunConfig, llm: LLMArch, vision: Optional[VisionArch]) -> N
         conn = _on_meta(lambda: build_connector(cfg.model.connector, vision.hidden, llm.hidden, vision.tokens_out))
         out.connector_params, out.connector_largest = count_params(conn)
         out.image_tokens = int(conn.num_output_tokens)
-    head_total, head_largest = count_params(_on_meta(lambda: EmbeddingHead(llm.hidden, cfg.model.embed_dim)))
+    head_total, head_largest = count_params(_on_meta(lambda: EmbeddingHead(llm.hidden, cfg.model.embed_dim, bias=cfg.model.head.bias)))
     out.other_params, out.other_largest = head_total + 1, head_largest  # + the (1,)-shaped temperature
     if spec.late_fusion:
-        gate_total, gate_largest = count_params(_on_meta(lambda: LateFusionGate(llm.hidden, vision.pooled_dim)))
+        gate_total, gate_largest = count_params(_on_meta(lambda: LateFusionGate(llm.hidden, vision.pooled_dim, bias=cfg.model.fusion.bias)))
         out.other_params += gate_total
         out.other_largest = max(out.other_largest, gate_largest)
     return out

@@ -33,7 +33,7 @@ from launcher.config import ConfigError, RunConfig, config_hash, config_to_dict,
 from launcher.distributed import (Topology, Watchdog, all_gather_object, all_reduce, barrier, detect_topology,
                                   enable_crash_traces, init_distributed)
 from launcher.metrics import MetricsWriter, memory_mb
-from launcher.optim import build_optimizer, build_scheduler, param_groups
+from launcher.optim import build_optimizer, build_scheduler, clamp_temperature, param_groups
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Keys of a DeepSpeed JSON that the launcher fills from the YAML; a JSON that sets them is refused.
@@ -479,6 +479,7 @@ def _train(cfg: RunConfig, factory: Callable, topo: Topology, watchdog: Watchdog
                 watchdog.progress(step, "optimizer")
                 with timer("optimizer"):
                     engine.step()
+                    clamp_temperature(engine, cfg.loss.max_scale)  # log_scale <= log(max_scale), master and model
                 for key in ("loss", "loss_mm", "loss_vis"):
                     if out.get(key) is not None:
                         parts[key] += float(out[key].detach().float()) / accum

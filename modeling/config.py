@@ -45,6 +45,10 @@ class VisionConfig:
     hidden_layer: int = -2
     tokens: Literal["cls_patches", "patches"] = "patches"
     image_size: int = field(default=224, metadata=positive())
+    # The pooled feature that late fusion reads. pooled: the tower's pooler output (CLIP: the CLS token
+    # after the final LayerNorm); pre_layernorm: the last layer's CLS token before that LayerNorm
+    # (hf CLIP towers only).
+    cls_source: Literal["pooled", "pre_layernorm"] = "pooled"
 
 
 @dataclass
@@ -54,7 +58,37 @@ class ConnectorConfig:
     num_layers: int = field(default=2, metadata=positive())
     hidden_size: int = field(default=768, metadata=positive())
     num_heads: int = field(default=12, metadata=positive())
+    # Q-Former layer i (0-based) cross-attends to the image tokens when i % cross_attention_frequency == 0.
     cross_attention_frequency: int = field(default=1, metadata=positive())
+    # Width of the Q-Former's feed-forward layers; null: 4 * hidden_size.
+    ffn_size: Optional[int] = field(default=None, metadata=positive("null or an integer > 0"))
+    # Q-Former hidden and attention-probability dropout (0 keeps every rank's forward deterministic).
+    dropout: float = field(default=0.0, metadata={"check": lambda v: 0 <= v < 1, "allowed": "a number in [0, 1)"})
+
+
+INITS = ("default", "xavier_normal", "normal")
+
+
+def _init_std():
+    return {"check": lambda v: v > 0, "allowed": "a number > 0"}
+
+
+@dataclass
+class FusionConfig:
+    """The late-fusion gate's linear maps (W_v and the gate W_z)."""
+    # Bias of the gate W_z [h; v] + b (W_v never has one).
+    bias: bool = True
+    # default: PyTorch's nn.Linear init; xavier_normal; normal: N(0, init_std).
+    init: Literal[INITS] = "default"  # type: ignore[valid-type]
+    init_std: float = field(default=0.02, metadata=_init_std())
+
+
+@dataclass
+class HeadConfig:
+    """The linear output head before L2 normalisation."""
+    bias: bool = True
+    init: Literal[INITS] = "default"  # type: ignore[valid-type]
+    init_std: float = field(default=0.02, metadata=_init_std())
 
 
 @dataclass
@@ -63,6 +97,8 @@ class ModelConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
     prompt_language: Literal["en", "zh"] = "en"
     # Token budget for the note's text fields (title, topics, content) inside one prompt.
     max_text_tokens: int = field(default=96, metadata=positive())

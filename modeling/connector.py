@@ -1,8 +1,9 @@
 """Connectors: frozen-tower image tokens -> LLM-width image tokens spliced into the prompt.
 
 - ``qformer``: a randomly initialised BLIP-2 Q-Former (transformers' Blip2QFormerModel) whose learned
-  query tokens cross-attend to the vision tokens, then a 2-layer GELU MLP to the LLM width. It emits
-  `num_query_tokens` tokens per image.
+  query tokens cross-attend to the vision tokens (in layers 0, f, 2f, ... for
+  `cross_attention_frequency` f; FFN width `ffn_size`, dropout `dropout`), then a 2-layer GELU MLP to
+  the LLM width. It emits `num_query_tokens` tokens per image.
 - ``mlp``: a per-token 2-layer GELU MLP; it emits one token per vision token.
 
 Every connector has `num_output_tokens`, which the prompter uses to size the image slot.
@@ -29,11 +30,11 @@ class QFormerConnector(nn.Module):
                              f"model.connector.num_heads ({cfg.num_heads})")
         qcfg = Blip2QFormerConfig(
             hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-            intermediate_size=4 * cfg.hidden_size, cross_attention_frequency=cfg.cross_attention_frequency,
+            intermediate_size=cfg.ffn_size or 4 * cfg.hidden_size, cross_attention_frequency=cfg.cross_attention_frequency,
             encoder_hidden_size=token_dim,
-            # No dropout: the contrastive objective already regularises, and identical forwards on every
-            # rank keep gathered-gradient checks exact.
-            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+            # Default 0: the contrastive objective already regularises, and identical forwards on every
+            # rank keep gathered-gradient checks exact. The paper-scale recipe uses 0.1.
+            hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout)
         self.qformer = Blip2QFormerModel(qcfg)
         # Random queries ~ N(0, 0.02), as BLIP-2 initialises them (zeros would make all queries equal).
         self.query_tokens = nn.Parameter(torch.randn(1, cfg.num_query_tokens, cfg.hidden_size) * 0.02)

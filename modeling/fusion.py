@@ -2,7 +2,7 @@
 
 LateFusionGate: the pooled ViT feature v0 is projected (no bias) to the LLM width, v = W_v v0; a
 per-dimension gate z = sigmoid(W_z [h; v] + b) mixes it with the LLM representation h:
-fused = z * h + (1 - z) * v. Rows without an image keep h unchanged.
+fused = z * h + (1 - z) * v. Rows without an image keep h unchanged. `bias=False` drops b.
 
 EmbeddingHead: a linear map to `model.embed_dim` followed by L2 normalisation.
 
@@ -13,6 +13,9 @@ similarities.
 Fp32Linear upcasts its input AND its weight inside forward. It stays an nn.Module call (not F.linear on
 a child's weight from the parent's forward) so that ZeRO-3's per-module hooks gather its parameters
 on any call, training forward or a later `encode`.
+Both take an `init` (model.fusion.init / model.head.init): "default" keeps nn.Linear's own
+initialisation; "xavier_normal"; "normal" draws N(0, init_std). Biases that exist start at zero
+under the non-default choices.
 """
 from __future__ import annotations
 
@@ -21,6 +24,23 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from modeling.config import INITS
+
+
+def init_linear(linear: nn.Linear, init: str = "default", std: float = 0.02, key: str = "init") -> None:
+    """(Re)initialise `linear` in place; `key` names the config key in errors."""
+    if init == "default":
+        return
+    with torch.no_grad():
+        if init == "xavier_normal":
+            nn.init.xavier_normal_(linear.weight)
+        elif init == "normal":
+            nn.init.normal_(linear.weight, mean=0.0, std=std)
+        else:
+            raise ValueError(f"{key}: got {init!r}; allowed: {', '.join(INITS)}")
+        if linear.bias is not None:
+            linear.bias.zero_()
 
 
 class Fp32Linear(nn.Linear):
@@ -32,10 +52,12 @@ class Fp32Linear(nn.Linear):
 
 
 class LateFusionGate(nn.Module):
-    def __init__(self, llm_dim: int, pooled_dim: int):
+    def __init__(self, llm_dim: int, pooled_dim: int, bias: bool = True, init: str = "default", init_std: float = 0.02):
         super().__init__()
         self.vision_proj = Fp32Linear(pooled_dim, llm_dim, bias=False)
-        self.gate = Fp32Linear(2 * llm_dim, llm_dim)
+        self.gate = Fp32Linear(2 * llm_dim, llm_dim, bias=bias)
+        for linear in (self.vision_proj, self.gate):
+            init_linear(linear, init, init_std, key="model.fusion.init")
 
     def forward(self, h: torch.Tensor, pooled: torch.Tensor, has_image: Optional[torch.Tensor] = None):
         """Returns (fused [N, H], z [N, H]) in fp32; rows with has_image False pass h through (z = 1 there)."""
@@ -51,9 +73,10 @@ class LateFusionGate(nn.Module):
 
 
 class EmbeddingHead(nn.Module):
-    def __init__(self, llm_dim: int, embed_dim: int):
+    def __init__(self, llm_dim: int, embed_dim: int, bias: bool = True, init: str = "default", init_std: float = 0.02):
         super().__init__()
-        self.linear = Fp32Linear(llm_dim, embed_dim)
+        self.linear = Fp32Linear(llm_dim, embed_dim, bias=bias)
+        init_linear(self.linear, init, init_std, key="model.head.init")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.linear(x), dim=-1)  # fp32 in, fp32 out (Fp32Linear)

@@ -5,23 +5,38 @@ with target i. All ranks' notes are gathered (with gradient) into the global bat
 columns. Every local note is an anchor; its positive is its pair partner; every other gathered note
 is a negative, except: the anchor itself (self is excluded), any column holding the same note id
 as the anchor or as its partner (a duplicate is not a negative; the partner column itself stays),
-and any later copy of a note id already present (a note gathered twice counts once). So injecting
-a duplicate note leaves every other anchor's loss exactly as in the de-duplicated batch.
+and any later copy of a note id already present (a note gathered twice counts once).
 
-Convention (what makes multi-rank training equal to one big batch). Rank r's loss is the MEAN of
-the cross-entropies of its LOCAL anchors, each computed against all G gathered columns:
+Duplicate pairs. An anchor is the ordered key (note id, partner's note id). A gathered row whose key
+already appeared in an earlier gathered column (either direction of an injected pair: (q, t) again
+or (t, q)) is a later copy and gets weight 0. With the negatives' masking above, every kept anchor
+sees exactly the columns it would see in the de-duplicated batch, so the loss and the gradients are
+exactly those of the de-duplicated batch (when a flipped copy comes first in column order, a note's
+gradient reaches its other copy: the same input, so parameter gradients are unchanged). The kept flags are computed from the gathered ids, the same
+on every rank, so no extra collective is needed.
 
-    loss_r = (1 / N) * sum_{a local to r} CE_a
+Convention (what makes multi-rank training equal to one big de-duplicated batch). Let K be the number
+of kept anchors over all G gathered columns and W = G / N the number of gathered blocks (the world
+size; 1 when the gather is the identity). Rank r's loss is
 
-The gather's backward sends each rank the gradient of every rank's loss with respect to its own
-notes, so the parameter gradients on rank r are d(sum_r' loss_r')/d(params through r's notes).
-Averaging those gradients over ranks, as DeepSpeed (and DDP) do, therefore gives exactly
+    loss_r = (W / K) * sum_{kept a local to r} CE_a
 
-    (1 / world) * d(sum_r loss_r) / d(params) = d(mean over all G anchors of CE) / d(params),
+(each CE computed against all G gathered columns). The gather's backward sends each rank the gradient
+of every rank's loss with respect to its own notes, so the parameter gradients on rank r are
+d(sum_r' loss_r')/d(params through r's notes). Averaging those gradients over ranks, as DeepSpeed
+(and DDP) do, therefore gives exactly
 
-the gradient of the single-process loss on the concatenated batch (equal local batch sizes).
+    (1 / W) * d(sum_r loss_r) / d(params) = d((1 / K) * sum_{kept a} CE_a) / d(params),
+
+the gradient of the single-process loss (mean over kept anchors) on the concatenated batch, and the
+rank-averaged loss is that mean too. Without duplicates K = G and loss_r is the plain mean of the
+rank's N local CEs. Local batch sizes must be equal on all ranks (the gather requires it).
 With `loss.scale_by_world_size: true` (the paper's convention) loss_r is further divided by world,
 which scales the averaged gradient by 1/world.
+
+Temperature. The logit scale is exp(log_scale), unclamped here, so its gradient never vanishes. The
+upper bound `loss.max_scale` is applied to the parameter itself after each optimizer step by the
+trainer (launcher.optim.clamp_temperature), so a scale pushed to the bound can come back down.
 
 The only collective in modeling/ is `gather_with_grad`; with world size 1 or no process group it is
 the identity.
@@ -69,7 +84,9 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 class GatheredContrastiveLoss(nn.Module):
     """InfoNCE over the gathered batch with a learnable logit scale (a (1,)-shaped Parameter).
 
-    forward(emb [N, d], note_ids [N]) -> {"loss", "per_anchor" [N] (local CE), "logit_scale"}.
+    forward(emb [N, d], note_ids [N]) -> {"loss", "per_anchor" [N] (local CE, dropped copies included),
+    "kept" [N] (bool: False for a later copy of an anchor, weight 0), "num_kept" (K, over all ranks),
+    "logit_scale"}.
     `emb` should be L2-normalised; similarities and the loss are computed in fp32.
     `gather_fn` replaces the gather (tests use it for a single-process reference and a negative control).
     """
@@ -85,7 +102,8 @@ class GatheredContrastiveLoss(nn.Module):
         self.gather_fn = gather_fn
 
     def scale(self) -> torch.Tensor:
-        return self.log_scale.float().exp().clamp(max=self.max_scale)
+        """exp(log_scale) in fp32, not clamped: the trainer keeps log_scale <= log(max_scale)."""
+        return self.log_scale.float().exp()
 
     def forward(self, emb: torch.Tensor, note_ids: torch.Tensor) -> dict:
         n = emb.shape[0]
@@ -119,7 +137,16 @@ class GatheredContrastiveLoss(nn.Module):
         excluded &= cols != partner_col.view(-1, 1)
         logits = logits.masked_fill(excluded, float("-inf"))
         per_anchor = F.cross_entropy(logits, partner_col, reduction="none")
-        loss = per_anchor.mean()
+        # Later copies of an anchor (same note id and same partner id as an earlier gathered column).
+        blocks = g // n
+        all_partner = (cols.view(-1) // n) * n + (cols.view(-1) % n + n // 2) % n
+        all_partner_ids = all_ids[all_partner]
+        same_key = same & (all_partner_ids.view(-1, 1) == all_partner_ids.view(1, -1))
+        kept_all = ~(same_key & (cols.view(-1, 1) < cols)).any(dim=0)  # [G]
+        kept = kept_all[offset:offset + n]
+        num_kept = kept_all.sum()
+        loss = per_anchor.masked_fill(~kept, 0.0).sum() * (blocks / num_kept.to(per_anchor.dtype))
         if self.scale_by_world_size:
             loss = loss / _world()
-        return {"loss": loss, "per_anchor": per_anchor, "logit_scale": scale.detach().squeeze(0)}
+        return {"loss": loss, "per_anchor": per_anchor, "kept": kept, "num_kept": num_kept,
+                "logit_scale": scale.detach().squeeze(0)}

@@ -123,6 +123,10 @@ class HFVisionTower(VisionTower):
         if cfg.tokens == "cls_patches" and not has_cls:
             raise VisionError(f"model.vision.tokens: 'cls_patches' but the {top.model_type} model at {cfg.path!r} has no "
                               "CLS token; allowed here: 'patches'")
+        if cfg.cls_source == "pre_layernorm" and not has_cls:
+            raise VisionError(f"model.vision.cls_source: 'pre_layernorm' but the {top.model_type} model at {cfg.path!r} has "
+                              "no CLS token; allowed here: 'pooled'")
+        self.cls_source = cfg.cls_source
         vcfg = getattr(top, "vision_config", top)
         self.kind = top.model_type
         self.has_cls = has_cls
@@ -155,6 +159,9 @@ class HFVisionTower(VisionTower):
         tokens = out.hidden_states[self.hidden_layer]
         if self.drop_cls:
             tokens = tokens[:, 1:]
+        if self.cls_source == "pre_layernorm":
+            # CLIP's pooler output is post_layernorm(last_hidden_state[:, 0]); this is the CLS before it.
+            return tokens, out.last_hidden_state[:, 0]
         pooled = out.pooler_output
         if pooled is None:  # SigLIP built without its attention-pooling head
             pooled = out.last_hidden_state.mean(dim=1)
@@ -183,6 +190,9 @@ class PluginVisionTower(VisionTower):
 
     def __init__(self, cfg: VisionConfig, dtype: Optional[torch.dtype] = None):
         super().__init__()
+        if cfg.cls_source != "pooled":
+            raise VisionError(f"model.vision.cls_source: got {cfg.cls_source!r} with model.vision.kind 'plugin'; allowed: "
+                              "'pooled' (a plugin returns its own pooled feature)")
         fn = resolve_factory(cfg.factory)
         try:
             with replicated_loading():

@@ -54,6 +54,20 @@ def test_int_is_accepted_where_a_float_is_expected():
     ("eval.k_values=[10, x]", "eval.k_values[1]", "allowed: an integer"),
     ("model.llm=3", "model.llm", "allowed: a mapping"),
     ("loss.init_scale=200", "loss.init_scale", "<= loss.max_scale"),
+    ("model.vision.cls_source=cls", "model.vision.cls_source", "allowed: one of 'pooled', 'pre_layernorm'"),
+    ("model.connector.ffn_size=0", "model.connector.ffn_size", "got 0; allowed: null or an integer > 0"),
+    ("model.connector.ffn_size=wide", "model.connector.ffn_size", "allowed: an integer or null"),
+    ("model.connector.dropout=1.0", "model.connector.dropout", "got 1.0; allowed: a number in [0, 1)"),
+    ("model.connector.dropout=-0.1", "model.connector.dropout", "allowed: a number in [0, 1)"),
+    ("model.fusion.bias=maybe", "model.fusion.bias", "allowed: true or false"),
+    ("model.fusion.init=kaiming", "model.fusion.init", "allowed: one of 'default', 'xavier_normal', 'normal'"),
+    ("model.fusion.init_std=0", "model.fusion.init_std", "got 0.0; allowed: a number > 0"),
+    ("model.head.bias=1", "model.head.bias", "allowed: true or false"),
+    ("model.head.init=xavier", "model.head.init", "allowed: one of 'default', 'xavier_normal', 'normal'"),
+    ("model.head.init_std=-1", "model.head.init_std", "allowed: a number > 0"),
+    ("model.head.gain=2", "model.head.gain", "unknown key; allowed keys here: bias, init, init_std"),
+    ("train.warmup_ratio=1.5", "train.warmup_ratio", "got 1.5; allowed: null or a number in [0, 1]"),
+    ("train.warmup_ratio=some", "train.warmup_ratio", "allowed: a number or null"),
 ])
 def test_bad_values_name_the_dotted_key_value_and_allowed(override, key, fragment):
     with pytest.raises(ConfigError) as e:
@@ -95,6 +109,55 @@ def test_resolved_config_roundtrips_and_hash_ignores_run_length(tmp_path):
     assert config_hash(longer) == config_hash(cfg)
     other = load_config(None, ["model.variant=notellm2", "train.max_steps=3"])
     assert config_hash(other) != config_hash(cfg)
+
+
+def test_cross_key_errors_name_the_key():
+    with pytest.raises(ConfigError, match=r"^train\.warmup_ratio: got 0\.1 with train\.warmup_steps 7; allowed: one of the two"):
+        load_config(None, ["train.warmup_ratio=0.1", "train.warmup_steps=7"])
+    with pytest.raises(ConfigError, match=r"^model\.vision\.cls_source: got 'pre_layernorm'; allowed: 'pooled' when model\.vision\.kind is 'plugin'"):
+        load_config(None, ["model.vision.kind=plugin", "model.vision.factory=a:b", "model.vision.cls_source=pre_layernorm"])
+
+
+def test_warmup_ratio_sets_the_warmup_steps_and_a_resolved_config_loads_again(tmp_path):
+    cfg = load_config(None, ["train.warmup_ratio=0.1", "train.max_steps=250"])
+    assert cfg.train.warmup_steps == 25
+    assert load_config(None, ["train.max_steps=250"]).train.warmup_steps == 0  # default: no warm-up
+    again = load_config(save_resolved(cfg, str(tmp_path / "run")))  # holds warmup_steps 25 and the ratio
+    assert again == cfg
+    # Extending the run moves the warm-up with it but keeps the checkpoint hash (run length is not hashed).
+    longer = load_config(None, ["train.warmup_ratio=0.1", "train.max_steps=1000"])
+    assert longer.train.warmup_steps == 100 and config_hash(longer) == config_hash(cfg)
+    assert config_hash(load_config(None, ["train.warmup_ratio=0.2", "train.max_steps=250"])) != config_hash(cfg)
+
+
+def test_paper_scale_yaml_is_the_authors_recipe():
+    cfg = load_config(os.path.join(REPO, "configs", "paper_scale.yaml"))
+    t, m = cfg.train, cfg.model
+    assert (t.lr_llm, t.lr_new, t.lr_schedule, t.min_lr_ratio, t.weight_decay) == (3e-6, 3e-6, "linear", 0.0, 1e-3)
+    assert t.warmup_ratio == 0.1 and t.warmup_steps == round(0.1 * t.max_steps)
+    assert t.precision == "bf16" and cfg.data.pairs_per_rank == 16 and m.max_text_tokens == 140
+    assert (m.vision.hidden_layer, m.vision.tokens, m.vision.cls_source) == (-1, "cls_patches", "pre_layernorm")
+    c = m.connector
+    assert (c.kind, c.num_layers, c.cross_attention_frequency, c.ffn_size, c.dropout, c.num_query_tokens) == \
+        ("qformer", 6, 2, 3072, 0.1, 16)
+    assert (m.fusion.bias, m.fusion.init) == (False, "xavier_normal")
+    assert (m.head.bias, m.head.init, m.head.init_std) == (False, "normal", 0.02)
+    # Every recipe value in the YAML carries its source.
+    with open(os.path.join(REPO, "configs", "paper_scale.yaml")) as fh:
+        text = fh.read()
+    for key in ("warmup_ratio", "lr_schedule", "lr_llm", "weight_decay", "pairs_per_rank", "precision", "max_text_tokens",
+                "hidden_layer", "tokens", "cls_source", "num_layers", "cross_attention_frequency", "ffn_size",
+                "dropout", "num_query_tokens"):
+        line = next(ln for ln in text.splitlines() if ln.strip().startswith(key + ":"))
+        assert "[paper]" in line or "[code]" in line, line
+
+
+def test_new_model_keys_default_to_the_earlier_behaviour():
+    m = load_config(None).model
+    assert m.vision.cls_source == "pooled"
+    assert (m.connector.ffn_size, m.connector.dropout, m.connector.cross_attention_frequency) == (None, 0.0, 1)
+    assert (m.fusion.bias, m.fusion.init, m.head.bias, m.head.init) == (True, "default", True, "default")
+    assert load_config(None).train.warmup_ratio is None
 
 
 def test_cli_rejects_bad_config_before_any_work(tmp_path):

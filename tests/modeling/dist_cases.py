@@ -183,3 +183,45 @@ def gradients_and_zero3(llm_dir: str, clip_dir: str) -> dict:
     """Both checks in one launch (saves a torchrun start): plain gathered gradients first, then ZeRO-3."""
     return {"gradients": gathered_gradients(llm_dir, clip_dir, variant="notellm2", pairs_per_rank=2),
             "zero3": zero3_load_and_step(llm_dir, clip_dir)}
+
+
+def duplicate_pairs_match_deduplicated_batch() -> dict:
+    """2 ranks x 4 pairs with two injected duplicate pairs (A twice on rank 0, B on both ranks) against the
+    single-process loss on the 6 distinct pairs. Gradients are w.r.t. the embeddings: DeepSpeed averages
+    parameter gradients over ranks, so a rank's embedding gradient / world must equal the reference's."""
+    from modeling.loss import GatheredContrastiveLoss
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    assert world == 2
+    g = torch.Generator().manual_seed(7)
+    q = torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=-1)  # pairs A..F
+    t = torch.nn.functional.normalize(q + 0.8 * torch.randn(6, 8, generator=g), dim=-1)
+    q_ids, t_ids = torch.arange(100, 106), torch.arange(200, 206)
+    layout = {0: [0, 1, 2, 0], 1: [3, 1, 4, 5]}[rank]  # A, B, C, A' | D, B', E, F
+    first_copy = {0: [True, True, True, False], 1: [True, False, True, True]}[rank]
+    idx = torch.tensor(layout)
+    emb = torch.cat([q[idx], t[idx]]).requires_grad_(True)
+    ids = torch.cat([q_ids[idx], t_ids[idx]])
+    loss_fn = GatheredContrastiveLoss(LossConfig())
+    out = loss_fn(emb, ids)
+    out["loss"].backward()
+    grad = emb.grad / world
+    loss = out["loss"].detach().clone()
+    dist.all_reduce(loss)
+    loss /= world
+    # The old convention (plain mean of every local anchor) as the negative control.
+    plain = out["per_anchor"].detach().mean()
+    dist.all_reduce(plain)
+    plain /= world
+
+    ref_fn = GatheredContrastiveLoss(LossConfig(), gather_fn=lambda x: x)
+    ref_emb = torch.cat([q, t]).requires_grad_(True)
+    ref = ref_fn(ref_emb, torch.cat([q_ids, t_ids]))
+    ref["loss"].backward()
+    rows = layout + [6 + k for k in layout]
+    kept_expected = first_copy + first_copy
+    expected = torch.stack([ref_emb.grad[r] if k else torch.zeros(8) for r, k in zip(rows, kept_expected)])
+    return {"rank": rank, "loss": loss.item(), "ref_loss": ref["loss"].item(), "plain_loss": plain.item(),
+            "num_kept": int(out["num_kept"]), "kept": out["kept"].tolist(), "kept_expected": kept_expected,
+            "grad_max_diff": (grad - expected).abs().max().item(), "ref_grad_max": ref_emb.grad.abs().max().item(),
+            "dropped_grad_max": grad[[not k for k in kept_expected]].abs().max().item()}

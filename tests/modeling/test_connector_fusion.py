@@ -73,3 +73,66 @@ def test_embedding_head_normalises():
     out = head(torch.randn(5, 8, dtype=torch.bfloat16).float())
     assert out.shape == (5, 3) and out.dtype == torch.float32
     torch.testing.assert_close(out.norm(dim=-1), torch.ones(5))
+
+
+def test_qformer_ffn_size_and_dropout_are_configurable():
+    default = build_connector(ConnectorConfig(num_layers=1, hidden_size=32, num_heads=4), 24, 40, 17)
+    assert default.qformer.config.intermediate_size == 128  # 4 x hidden_size when ffn_size is null
+    assert default.qformer.config.hidden_dropout_prob == 0.0
+    cfg = ConnectorConfig(num_layers=2, hidden_size=32, num_heads=4, ffn_size=72, dropout=0.1)
+    conn = build_connector(cfg, 24, 40, 17)
+    layer = conn.qformer.encoder.layer[0]
+    widths = {m.out_features for name, m in layer.named_modules() if isinstance(m, nn.Linear) and "intermediate" in name}
+    assert widths == {72}, widths
+    drops = {m.p for m in conn.qformer.modules() if isinstance(m, nn.Dropout)}
+    assert drops == {0.1}, drops
+    # Dropout is live in training (two forwards differ) and off in eval (they agree).
+    x = torch.randn(2, 17, 24)
+    conn.train()
+    assert not torch.allclose(conn(x), conn(x))
+    conn.eval()
+    torch.testing.assert_close(conn(x), conn(x))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_gate_and_head_bias_is_configurable(bias):
+    gate = LateFusionGate(llm_dim=8, pooled_dim=5, bias=bias)
+    head = EmbeddingHead(8, 3, bias=bias)
+    assert (gate.gate.bias is not None) == bias and (head.linear.bias is not None) == bias
+    assert gate.vision_proj.bias is None
+    h, pooled = torch.randn(4, 8), torch.randn(4, 5)
+    fused, z = gate(h, pooled)
+    v = pooled @ gate.vision_proj.weight.t()
+    pre = torch.cat([h, v], dim=-1) @ gate.gate.weight.t() + (gate.gate.bias if bias else 0)
+    torch.testing.assert_close(z, torch.sigmoid(pre))
+    assert head(h).shape == (4, 3)
+
+
+def test_init_choices_draw_the_documented_distributions():
+    """On 512x1024 matrices (half a million draws) the sample std is within 1 % of its target."""
+    torch.manual_seed(0)
+    llm_dim, pooled_dim = 512, 512
+    gate = LateFusionGate(llm_dim, pooled_dim, bias=True, init="xavier_normal")
+    xavier_gate = (2.0 / (2 * llm_dim + llm_dim)) ** 0.5  # W_z: fan_in 2H, fan_out H
+    xavier_proj = (2.0 / (pooled_dim + llm_dim)) ** 0.5
+    assert gate.gate.weight.std().item() == pytest.approx(xavier_gate, rel=0.01)
+    assert gate.vision_proj.weight.std().item() == pytest.approx(xavier_proj, rel=0.01)
+    assert abs(gate.gate.weight.mean().item()) < 1e-3 and gate.gate.bias.abs().max() == 0
+    head = EmbeddingHead(1024, 512, bias=False, init="normal", init_std=0.02)
+    assert head.linear.weight.std().item() == pytest.approx(0.02, rel=0.01)
+    assert abs(head.linear.weight.mean().item()) < 1e-4
+    # Negative control: nn.Linear's default (Kaiming-uniform, std 1/sqrt(3 fan_in)) is measurably different.
+    default = EmbeddingHead(1024, 512)
+    assert default.linear.weight.std().item() == pytest.approx((1 / (3 * 1024)) ** 0.5, rel=0.01)
+    assert abs(default.linear.weight.std().item() - 0.02) > 0.001
+
+
+def test_init_error_names_the_key():
+    from modeling.fusion import init_linear
+
+    with pytest.raises(ValueError, match="model.head.init: got 'orthogonal'; allowed: default, xavier_normal, normal"):
+        EmbeddingHead(8, 3, init="orthogonal")
+    with pytest.raises(ValueError, match="model.fusion.init: got 'zeros'"):
+        LateFusionGate(8, 5, init="zeros")
+    with pytest.raises(ValueError, match="my.key: got 'x'"):
+        init_linear(nn.Linear(2, 2), "x", key="my.key")

@@ -40,13 +40,26 @@ def test_temperature_parameter():
     assert isinstance(loss.log_scale, torch.nn.Parameter) and loss.log_scale.shape == (1,)
     assert loss.log_scale.requires_grad
     assert loss.scale().item() == pytest.approx(20.0)
-    with torch.no_grad():
-        loss.log_scale.fill_(math.log(500.0))
-    assert loss.scale().item() == pytest.approx(100.0)  # clamped at max_scale
     frozen = GatheredContrastiveLoss(LossConfig(learnable_temperature=False))
     assert not frozen.log_scale.requires_grad
     with pytest.raises(ValueError, match="loss.init_scale"):
         GatheredContrastiveLoss(LossConfig(init_scale=200, max_scale=100))
+
+
+def test_forward_does_not_clamp_the_scale_so_its_gradient_survives_past_the_bound():
+    """The bound is applied to the parameter after the optimizer step (launcher.optim.clamp_temperature);
+    a clamp inside forward would zero the gradient there and the scale could never come back."""
+    loss = GatheredContrastiveLoss(LossConfig(init_scale=20, max_scale=100))
+    with torch.no_grad():
+        loss.log_scale.fill_(math.log(500.0))
+    assert loss.scale().item() == pytest.approx(500.0, rel=1e-5)
+    # Positives less similar than the negatives: a larger scale raises the loss, the gradient pushes it down.
+    q = unit(4, seed=5)
+    emb = torch.cat([q, -q])
+    out = loss(emb, torch.arange(8))
+    assert out["logit_scale"].item() == pytest.approx(500.0, rel=1e-5)
+    out["loss"].backward()
+    assert loss.log_scale.grad.item() > 1.0  # far from zero, and it points down (descent lowers log_scale)
 
 
 def test_loss_matches_the_written_out_definition():
@@ -65,27 +78,63 @@ def test_loss_matches_the_written_out_definition():
     assert loss.log_scale.grad is not None and loss.log_scale.grad.shape == (1,)
 
 
-def test_duplicate_note_is_masked():
-    """Injecting a duplicate pair leaves every original anchor's loss as in the de-duplicated batch."""
+def _loss_and_grad(loss, emb, ids):
+    emb = emb.clone().requires_grad_(True)
+    out = loss(emb, ids)
+    out["loss"].backward()
+    return out, emb.grad
+
+
+def test_duplicate_pair_gives_exactly_the_deduplicated_batch_loss_and_gradients():
+    """Injecting a copy of a pair: the loss value and the gradients w.r.t. every embedding equal the
+    de-duplicated batch's; the copy's rows get weight 0 (zero gradient)."""
     emb = unit(6, seed=1)  # pairs (0,3), (1,4), (2,5)
     ids = torch.tensor([100, 101, 102, 200, 201, 202])
     loss = GatheredContrastiveLoss(LossConfig())
-    base = loss(emb, ids)["per_anchor"]
+    base, base_grad = _loss_and_grad(loss, emb, ids)
+    assert base["kept"].all() and int(base["num_kept"]) == 6
     # Inject a copy of pair (q0, t0) as a 4th pair: queries [0,1,2,0'], targets [3,4,5,3'].
-    q = torch.cat([emb[:3], emb[:1]])
-    t = torch.cat([emb[3:], emb[3:4]])
-    dup_emb = torch.cat([q, t])
+    dup_emb = torch.cat([emb[:3], emb[:1], emb[3:], emb[3:4]])
     dup_ids = torch.tensor([100, 101, 102, 100, 200, 201, 202, 200])
-    dup = loss(dup_emb, dup_ids)["per_anchor"]
-    torch.testing.assert_close(dup[[0, 1, 2, 4, 5, 6]], base, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(dup[3], base[0])  # the copy behaves like the original
-    torch.testing.assert_close(dup[7], base[3])
-    torch.testing.assert_close(dup, reference_per_anchor(dup_emb, dup_ids.tolist(), 20.0), atol=1e-5, rtol=1e-5)
-    # The mean over the injected batch's distinct anchors is the de-duplicated loss.
-    torch.testing.assert_close(dup[[0, 1, 2, 4, 5, 6]].mean(), loss(emb, ids)["loss"])
-    # Negative control: the same batch with distinct ids changes the originals' losses.
-    distinct = loss(dup_emb, torch.arange(8))["per_anchor"]
-    assert not torch.allclose(distinct[[0, 1, 2, 4, 5, 6]], base, atol=1e-3)
+    dup, dup_grad = _loss_and_grad(loss, dup_emb, dup_ids)
+    assert dup["kept"].tolist() == [True, True, True, False, True, True, True, False]
+    assert int(dup["num_kept"]) == 6
+    torch.testing.assert_close(dup["loss"], base["loss"], atol=1e-6, rtol=1e-6)
+    originals = [0, 1, 2, 4, 5, 6]
+    assert base_grad.abs().max() > 1e-2  # real gradients are compared
+    torch.testing.assert_close(dup_grad[originals], base_grad, atol=1e-6, rtol=1e-5)
+    assert dup_grad[[3, 7]].abs().max() == 0.0
+    # The per-anchor CEs still follow the written-out definition (the copy behaves like the original).
+    torch.testing.assert_close(dup["per_anchor"], reference_per_anchor(dup_emb, dup_ids.tolist(), 20.0), atol=1e-5, rtol=1e-5)
+    # Negative control: the same rows with distinct ids are a different batch with a different loss.
+    distinct = loss(dup_emb, torch.arange(8))
+    assert abs(distinct["loss"].item() - base["loss"].item()) > 1e-3
+
+
+def test_flipped_duplicate_pair_is_a_copy_too():
+    """(t0, q0) after (q0, t0): both of its anchors already exist with the same partners."""
+    emb = unit(6, seed=4)
+    ids = torch.tensor([100, 101, 102, 200, 201, 202])
+    loss = GatheredContrastiveLoss(LossConfig())
+    base, base_grad = _loss_and_grad(loss, emb, ids)
+    dup_emb = torch.cat([emb[:3], emb[3:4], emb[3:], emb[:1]])
+    dup_ids = torch.tensor([100, 101, 102, 200, 200, 201, 202, 100])
+    dup, dup_grad = _loss_and_grad(loss, dup_emb, dup_ids)
+    # Column order decides which copy is first: the injected query t0 (column 3) precedes target t0
+    # (column 4), so the original target row and the injected target q0 are the copies.
+    assert dup["kept"].tolist() == [True, True, True, True, False, True, True, False]
+    torch.testing.assert_close(dup["loss"], base["loss"], atol=1e-6, rtol=1e-6)
+    # The gradient reaches the same notes (a note's copies are the same input): sum it per note id.
+    per_note = torch.zeros(6, emb.shape[1]).index_add_(0, torch.tensor([0, 1, 2, 3, 3, 4, 5, 0]), dup_grad)
+    torch.testing.assert_close(per_note, base_grad, atol=1e-6, rtol=1e-5)
+
+
+def test_a_shared_note_in_two_different_pairs_is_not_a_duplicate_pair():
+    """Pair (q0, t0) and (q1, q0): note q0 appears twice but with different partners: both anchors count."""
+    emb = unit(4, seed=6)
+    out = GatheredContrastiveLoss(LossConfig())(emb, torch.tensor([1, 2, 7, 1]))
+    assert out["kept"].all() and int(out["num_kept"]) == 4
+    torch.testing.assert_close(out["loss"], out["per_anchor"].mean(), atol=1e-6, rtol=1e-6)
 
 
 def test_partner_duplicates_are_not_negatives():

@@ -54,3 +54,18 @@ def test_loads_and_trains_under_zero3(two_rank_results):
         # Padded vocabulary: no resize, the rows are edited inside the partitioned matrix and kept.
         assert r["spare_partitioned"] and r["spare_rows_ok"], r
         assert r["spare_mean_err"] < 1e-6, r
+
+
+def test_duplicate_pairs_on_two_ranks_give_the_deduplicated_loss_and_gradients():
+    """A pair injected twice (once on the same rank, once on the other) gives exactly the loss and the
+    embedding gradients of the 6 distinct pairs in one process: later copies weigh 0 and every rank
+    divides by the kept count over both ranks."""
+    res = run_ranks("tests.modeling.dist_cases:duplicate_pairs_match_deduplicated_batch", nproc=2, timeout=120)
+    for rank in (0, 1):
+        r = res.returns[rank]
+        assert r["kept"] == r["kept_expected"] and r["num_kept"] == 12, r
+        assert r["loss"] == pytest.approx(r["ref_loss"], abs=1e-6), r
+        assert r["ref_grad_max"] > 1e-2 and r["grad_max_diff"] < 1e-6, r
+        assert r["dropped_grad_max"] == 0.0, r
+        # Negative control: averaging every local anchor (copies included) is a different loss.
+        assert abs(r["plain_loss"] - r["ref_loss"]) > 1e-3, r

@@ -34,6 +34,30 @@ def test_clip_tokens_layers_and_pooled(tiny, key):
     assert not torch.allclose(t2, tokens[:, 1:])  # a different layer was selected
 
 
+@pytest.mark.parametrize("key", ["clip", "clip_vision"])
+def test_cls_source_pre_layernorm_is_the_cls_before_the_final_layernorm(tiny, key):
+    ref = _reference(tiny[key], "CLIPVisionModel")
+    with torch.no_grad():
+        out = ref(pixel_values=PX, output_hidden_states=True)
+    cfg = dict(path=tiny[key], image_size=32, tokens="cls_patches", hidden_layer=-1)
+    _, pooled = build_vision_tower(VisionConfig(**cfg))(PX)
+    tokens, pre = build_vision_tower(VisionConfig(**cfg, cls_source="pre_layernorm"))(PX)
+    torch.testing.assert_close(pooled, out.pooler_output)  # the default: after post_layernorm
+    torch.testing.assert_close(pre, out.last_hidden_state[:, 0])
+    torch.testing.assert_close(pre, tokens[:, 0])  # last layer, CLS first: the same vector
+    post = ref.vision_model.post_layernorm if hasattr(ref, "vision_model") else ref.post_layernorm
+    torch.testing.assert_close(post(pre), pooled)
+    assert not torch.allclose(pre, pooled, atol=1e-3)
+
+
+def test_cls_source_errors_name_the_key(tiny):
+    with pytest.raises(VisionError, match="model.vision.cls_source: 'pre_layernorm' but the siglip.* no CLS token; allowed here: 'pooled'"):
+        build_vision_tower(VisionConfig(path=tiny["siglip"], image_size=32, cls_source="pre_layernorm"))
+    with pytest.raises(VisionError, match="model.vision.cls_source: got 'pre_layernorm' with model.vision.kind 'plugin'"):
+        build_vision_tower(VisionConfig(kind="plugin", factory="tests.modeling.test_vision:grid_factory", image_size=32,
+                                        cls_source="pre_layernorm"))
+
+
 @pytest.mark.parametrize("key", ["siglip", "siglip_vision"])
 def test_siglip_patches_and_no_cls(tiny, key):
     ref = _reference(tiny[key], "SiglipVisionModel")

@@ -70,7 +70,7 @@ def test_paper_scale_counts_match_published_architectures():
     h, f, L, tokens = 1664, 8192, 48, 257
     vit = 3 * h * 14 * 14 + h + tokens * h + 2 * h + L * (4 * (h * h + h) + 2 * h * f + f + h + 4 * h) + 2 * h
     assert plan.vision.params == vit
-    assert plan.vision.tokens_out == 256 and plan.new.image_tokens == 16
+    assert plan.vision.tokens_out == 257 and plan.new.image_tokens == 16  # the recipe feeds CLS + patches
     assert plan.notes_per_micro_batch == 32 and plan.images_per_micro_batch == 32
 
 
