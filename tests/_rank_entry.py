@@ -13,12 +13,6 @@ sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import torch.distributed as dist  # noqa: E402
 
-# Run as a script, Python puts tests/ first on sys.path: there tests/modeling shadows the modeling
-# package, and the editable install's finder then serves modeling.* from whichever checkout it was
-# installed from (seen: a worktree's rank process importing /work/main/modeling/loss.py).
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-
 
 def main() -> None:
     target, kwargs, out_dir = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
