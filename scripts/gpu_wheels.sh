@@ -3,7 +3,7 @@
 # lacks for scripts/gpu_check.sh, for its Python 3.12 (x86-64): the pinned transformers (it has 5.17),
 # webdataset + braceexpand, and deepspeed with the dependencies that image does not hold (hjson,
 # pydantic + pydantic-core + annotated-types + typing-inspection, and the typing-extensions pydantic
-# needs). deepspeed ships only an sdist: it is built here into a pure-Python wheel (no ops prebuilt;
+# needs, and regex: transformers 5.23 checks regex>=2025.10.22 at import). deepspeed ships only an sdist: it is built here into a pure-Python wheel (no ops prebuilt;
 # they compile on first use there). Prints the folder's size and fails above 64 MiB, the most a
 # device call carries.
 #
@@ -26,7 +26,7 @@ else PY=python3; fi
 # The versions the CPU venv runs (requirements.txt and what pip resolved there); one version of each.
 PURE=(transformers==5.23.0 webdataset==1.0.2 braceexpand==0.1.7 hjson==3.1.0 pydantic==2.14.4
       annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0)
-BINARY=(pydantic-core==2.50.5)
+BINARY=(pydantic-core==2.50.5 regex==2026.11.19)
 DEEPSPEED=deepspeed==0.19.8
 PLATFORMS=(--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
            --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
