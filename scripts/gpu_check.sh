@@ -268,6 +268,9 @@ for spec in "${CONFIGS[@]}"; do
   if [ "$DRY" = 1 ]; then continue; fi
   if [ -n "$reason" ]; then
     grep -q "timed out after" "$log" && reason="$reason; timed out"
+    # the first line that names an error (the launcher prints "rank R failed at step S (phase): Error: ...")
+    err=$(grep -E '[A-Za-z]+(Error|Exception)(:|$)|failed at step' "$log" | grep -v '^\[gpu_check\]' | head -n 1 | cut -c1-200)
+    [ -n "$err" ] && reason="$reason: $err"
     result FAIL "$name" "$reason; see $name.log"
     fail_tail "$log"
   else

@@ -71,7 +71,10 @@ def _build_engine(llm_dir: str, clip_dir: str, pairs_per_rank: int, scale_by_wor
     for p in tower.parameters():
         p.requires_grad_(False)
     model = comps.note_model
-    dropouts = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+    # Deterministic forwards: no live dropout module, and no functional dropout rate (Llama's attention_dropout).
+    dropouts = [f"{n}: p={m.p}" for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+    dropouts += [f"{n}.{k}={v}" for n, m in model.named_modules() for k, v in vars(m).items()
+                 if "dropout" in k and isinstance(v, float) and v > 0]
     optimizer = build_optimizer(param_groups(model, cfg.train.lr_llm, cfg.train.lr_new, cfg.train.weight_decay),
                                 ds_config)
     assert isinstance(optimizer, torch.optim.AdamW)
