@@ -105,8 +105,11 @@ CONFIGS=(
 )
 [ "$OFFLOAD" = 1 ] && CONFIGS+=("zero3-offload-bf16-sdpa|ds_configs/zero3_offload.json|sdpa||1|0")
 STEPS=10
-TRAIN_TIMEOUT=240; OFFLOAD_TIMEOUT=600; TOOL_TIMEOUT=180
+TRAIN_TIMEOUT=240; OFFLOAD_TIMEOUT=360; TOOL_TIMEOUT=180  # offload: compile (~3 min) + run, inside the call's 10 min
 if [ "$REHEARSAL" = 1 ]; then TRAIN_TIMEOUT=900; TOOL_TIMEOUT=600; fi
+
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+export PYTHONPATH="$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
 EMBED_DEVICE=()
 if "$PY" -m launcher embed --help 2>/dev/null | grep -q -- '--device'; then EMBED_DEVICE=(--device cuda); fi
@@ -116,8 +119,6 @@ INPUTS="$WORK/inputs"
 if [ "$DRY" = 1 ]; then
   LLM='$LLM'; CLIP='$CLIP'; TRAIN='$TRAIN_SHARDS'; NOTES='$NOTES_VAL'; NOTES_COUNT='$N'
 fi
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-export PYTHONPATH="$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
 show() {  # the command, quoted as bash would need it; a glob (the wheel folder's *.whl) stays readable
   local a; printf '  +'
@@ -147,6 +148,13 @@ result() {  # result KIND NAME [REASON]
   [ "$DRY" = 1 ] || echo "$line" >>"$OUT/summary.txt"
   [ "$1" = FAIL ] && FAILED=1
   return 0
+}
+first_error() {  # the launcher's "rank R failed at step S (phase): ...", else the first error, else torchrun's exit code
+  local e
+  e=$(grep -E 'failed at step' "$1" | head -n 1)
+  [ -n "$e" ] || e=$(grep -E '[A-Za-z]+(Error|Exception)(:|$)' "$1" | grep -v -e '^\[gpu_check\]' -e ChildFailedError | head -n 1)
+  [ -n "$e" ] || e=$(grep -E '^ *exitcode *:' "$1" | head -n 1)
+  printf '%s' "$e" | sed 's/^ *//' | cut -c1-200
 }
 fail_tail() { [ "$DRY" = 1 ] || { echo "----- last lines of $1"; tail -n 25 "$1"; echo "-----"; }; }
 
@@ -221,13 +229,13 @@ for spec in "${CONFIGS[@]}"; do
       *offload*) echo "  (runs last, compiles DeepSpeedCPUAdam on first use)" ;;
     esac
   else
-    : >"$log"
     if [[ "$name" == *fa2* ]] && [ "$FLASH" = 0 ]; then
       result SKIP "$name" "flash_attn does not import$([ "$REHEARSAL" = 1 ] && echo ': CPU rehearsal')"; continue
     fi
     if [[ "$name" == *offload* ]] && [ "$REHEARSAL" = 1 ]; then
       result SKIP "$name" "CPU rehearsal"; continue
     fi
+    : >"$log"
     echo "[gpu_check] $name ($(($(date +%s) - T0)) s since start)"
   fi
   [ "$REHEARSAL" = 1 ] && ds=ds_configs/cpu_zero3.json
@@ -268,8 +276,7 @@ for spec in "${CONFIGS[@]}"; do
   if [ "$DRY" = 1 ]; then continue; fi
   if [ -n "$reason" ]; then
     grep -q "timed out after" "$log" && reason="$reason; timed out"
-    # the first line that names an error (the launcher prints "rank R failed at step S (phase): Error: ...")
-    err=$(grep -E '[A-Za-z]+(Error|Exception)(:|$)|failed at step' "$log" | grep -v '^\[gpu_check\]' | head -n 1 | cut -c1-200)
+    err=$(first_error "$log")
     [ -n "$err" ] && reason="$reason: $err"
     result FAIL "$name" "$reason; see $name.log"
     fail_tail "$log"
