@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Fill a wheel folder (default .whl/ in the repo root, ignored by git) with what the lent GPU machine
 # lacks for scripts/gpu_check.sh, for its Python 3.12 (x86-64): the pinned transformers (it has 5.17),
-# webdataset + braceexpand, and deepspeed with the dependencies that image does not hold (hjson,
-# pydantic + pydantic-core + annotated-types + typing-inspection, and the typing-extensions pydantic
-# needs, and regex: transformers 5.23 checks regex>=2025.10.22 at import). deepspeed ships only an sdist: it is built here into a pure-Python wheel (no ops prebuilt;
-# they compile on first use there). Prints the folder's size and fails above 64 MiB, the most a
-# device call carries.
+# webdataset + braceexpand, deepspeed and the dependencies that image does not hold (hjson, pydantic,
+# pydantic-core, annotated-types, typing-inspection, the typing-extensions pydantic needs, and regex:
+# transformers 5.23 checks regex>=2025.10.22 at import). deepspeed ships only an sdist: it is built
+# here into a pure-Python wheel (no ops prebuilt; they compile on first use there). Prints the
+# folder's size and fails above 60 MiB (a device call carries 64 MiB, the working tree included).
 #
 #   bash scripts/gpu_wheels.sh [--wheels DIR]      (uses the python of .venv or $PYTHON; needs PyPI)
 set -euo pipefail

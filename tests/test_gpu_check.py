@@ -77,3 +77,27 @@ def test_refuses_without_cuda(tmp_path):
     assert r.returncode == 3, r.stdout + r.stderr
     assert "refused: no CUDA device" in r.stderr and "--dry-run" in r.stderr
     assert not out.exists()  # nothing was started
+
+
+WHEELS_SCRIPT = os.path.join(REPO, "scripts", "gpu_wheels.sh")
+
+
+def test_gpu_wheels_pins_what_requirements_pin():
+    """The GPU gets the versions CI runs: a bump in requirements.txt without one here fails."""
+    import re
+
+    with open(os.path.join(REPO, "requirements.txt")) as fh:
+        pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", fh.read(), flags=re.M))
+    with open(WHEELS_SCRIPT) as fh:
+        script = fh.read()
+    for name in ("transformers", "webdataset", "deepspeed"):
+        assert f"{name}=={pins[name]}" in script, name
+    with open(SCRIPT) as fh:
+        assert f'transformers.__version__ != "{pins["transformers"]}"' in fh.read()
+
+
+def test_gpu_wheels_arguments():
+    r = subprocess.run(["bash", WHEELS_SCRIPT, "--help"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and "--wheels DIR" in r.stdout
+    r = subprocess.run(["bash", WHEELS_SCRIPT, "--bogus"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "unknown argument --bogus" in r.stderr
