@@ -100,6 +100,7 @@ def one_step_gradients(llm_dir: str, clip_dir: str, total_pairs: int, out_dir: s
         engine.train()
         named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
         partitioned = all(hasattr(p, "ds_id") for _, p in named)
+        held = sum(p.ds_tensor.numel() for _, p in named) / sum(p.ds_numel for _, p in named)
         with deepspeed.zero.GatheredParameters([p for _, p in named]):
             initial = {n: p.detach().clone().float() for n, p in named}
         pairs = global_pairs(total_pairs)[rank * per_rank:(rank + 1) * per_rank]
@@ -121,7 +122,7 @@ def one_step_gradients(llm_dir: str, clip_dir: str, total_pairs: int, out_dir: s
         if rank == 0:
             torch.save({"grads": grads, "initial": initial}, os.path.join(out_dir, f"{tag}.pt"))
         result[tag] = {"mean_loss": loss.item() / world, "missing": missing, "dropouts": dropouts,
-                       "partitioned": partitioned, "n_params": len(named),
+                       "partitioned": partitioned, "held_fraction": held, "n_params": len(named),
                        "scale_by_world_size": engine.module.loss_fn.scale_by_world_size}
         engine.destroy()
         dist.barrier()

@@ -57,6 +57,9 @@ def test_two_ranks_through_the_engine_match_one_rank_in_loss_and_full_gradients(
         assert info["missing"] == [], info        # every trainable parameter got a gradient
         assert info["dropouts"] == [], info       # deterministic forwards
         assert info["scale_by_world_size"] is False
+    # each of the 2 ranks holds about half of every parameter (the 1-rank engine all of it)
+    assert ref_info["held_fraction"] == 1.0
+    assert all(abs(two[r]["world2-scale0"]["held_fraction"] - 0.5) < 0.01 for r in (0, 1)), two
     # Both launches started from the same weights (same seed, same tiny checkpoint dirs).
     ref_init, got_init = files["world1-scale0"]["initial"], files["world2-scale0"]["initial"]
     assert sorted(ref_init) == sorted(got_init)
