@@ -5,6 +5,7 @@
     gpu_check_helpers.py inputs ROOT                 tiny Llama + tiny CLIP + synthetic shards -> ROOT/inputs.json
     gpu_check_helpers.py verify-run RUN --steps N [--resumed-at S --log LOG] [--nccl-log LOG]
     gpu_check_helpers.py verify-embed DIR --count N
+    gpu_check_helpers.py field JSON KEY              one value of a JSON file (the paths inputs wrote)
 """
 from __future__ import annotations
 
