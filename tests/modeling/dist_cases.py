@@ -44,13 +44,13 @@ def hash_id(s: str) -> int:
 
 def _detached_gather(x):
     """The classic bug: remote parts come back without gradient."""
-    from torch.distributed import _functional_collectives as fc
-    if x.is_floating_point():
-        full = fc.all_gather_tensor(x.detach().contiguous(), gather_dim=0, group=dist.group.WORLD)
-        parts = list(torch.as_tensor(full).chunk(dist.get_world_size()))
-        parts[dist.get_rank()] = x
-        return torch.cat(parts)
-    return torch.as_tensor(fc.all_gather_tensor(x.contiguous(), gather_dim=0, group=dist.group.WORLD))
+    full = x.new_empty((dist.get_world_size() * x.shape[0], *x.shape[1:]))
+    dist.all_gather_into_tensor(full, x.detach().contiguous())
+    if not x.is_floating_point():
+        return full
+    parts = list(full.chunk(dist.get_world_size()))
+    parts[dist.get_rank()] = x
+    return torch.cat(parts)
 
 
 def gathered_gradients(llm_dir: str, clip_dir: str, variant: str = "notellm2", pairs_per_rank: int = 2,

@@ -60,9 +60,9 @@ class TinyNoteModel(nn.Module):
         n = emb.shape[0] // 2
         q, t = emb[:n], emb[n:]
         if dist.is_initialized() and dist.get_world_size() > 1:
-            from torch.distributed._functional_collectives import all_gather_tensor_autograd
+            from modeling.loss import gather_with_grad
 
-            t_all = all_gather_tensor_autograd(t.contiguous(), 0, dist.group.WORLD)
+            t_all = gather_with_grad(t)
             offset = dist.get_rank() * n
         else:
             t_all, offset = t, 0
