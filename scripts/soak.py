@@ -6,6 +6,10 @@ Two modes, each run under glibc's heap checks (`LD_PRELOAD=libc_malloc_debug.so.
 
 * `--mode plain --steps N`: one run of N steps per configuration (the tiny data has 16 steps per
   epoch, so every 16 steps the loader restarts its workers and allocates new pixel slots);
+* `--mode collectives --iters N --configs blocking,functional`: the gathered loss's collectives alone
+  (scripts/soak_collectives.py: no model, no DeepSpeed, no loader), N iterations per run, with the
+  loss's blocking gather or torch's functional collectives (what it used before; they corrupted the
+  heap here, docs/training.md "Native crashes");
 * `--mode resume --cycles N`: N cycles per configuration of "train a few steps, then stop": SIGUSR1
   to one rank (every rank checkpoints and exits 75, the requeue path) or kill -9 of the whole job
   (resume from the last complete checkpoint), alternating, each followed by a resume.
@@ -30,6 +34,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -43,6 +48,7 @@ CONFIGS = {
     "forkserver": (["data.worker_start_method=forkserver"], {}),
     "spawn": (["data.worker_start_method=spawn"], {}),
 }
+GATHERS = ("blocking", "functional", "functional-nograd", "functional-wait")  # --mode collectives
 CRASH_PATTERNS = re.compile(r"malloc\(\)|free\(\)|corrupted|double free|tcache|Fatal Python error|"
                             r"Segmentation fault|SIGSEGV|SIGABRT|Signal 11|Signal 6|signal: Aborted|"
                             r"killed by signal|munmap_chunk|realloc\(\)")
@@ -92,15 +98,17 @@ class Runner:
         os.makedirs(self.logs, exist_ok=True)
         self.n = 0
 
-    def start(self, config: str, run_dir: str, overrides: list[str]):
-        extra_over, extra_env = CONFIGS[config]
+    def start(self, config: str, run_dir: str, overrides: list[str], program: Optional[list] = None):
+        extra_over, extra_env = CONFIGS.get(config, ([], {}))
         self.n += 1
         log_path = os.path.join(self.logs, f"{config}-{self.n:04d}.log")
         env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-                   TOKENIZERS_PARALLELISM="false", PYTHONFAULTHANDLER="1", **malloc_env(self.perturb), **extra_env)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "launcher", "train", "--config", os.path.join(REPO, "configs", "tiny_cpu.yaml"),
-               *self.inputs, f"train.output_dir={run_dir}", *extra_over, *overrides]
+                   TOKENIZERS_PARALLELISM="false", PYTHONFAULTHANDLER="1", PYTHONWARNINGS="ignore",
+                   **malloc_env(self.perturb), **extra_env)
+        if program is None:
+            program = ["-m", "launcher", "train", "--config", os.path.join(REPO, "configs", "tiny_cpu.yaml"),
+                       *self.inputs, f"train.output_dir={run_dir}", *extra_over, *overrides]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *program]
         fh = open(log_path, "w")
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
         return proc, fh, log_path
@@ -151,6 +159,22 @@ def run_plain(runner: Runner, config: str, steps: int) -> dict:
     if not crashed:
         os.remove(log)
     return {"runs": 1, "steps": done, "crashes": int(crashed)}
+
+
+def run_collectives(runner: Runner, gather: str, iters: int) -> dict:
+    t0 = time.monotonic()
+    proc, fh, log = runner.start(gather, "", [], program=[os.path.join(REPO, "scripts", "soak_collectives.py"),
+                                                          "--gather", gather, "--iters", str(iters)])
+    rc, hit = runner.finish(proc, fh, log, time.monotonic() + runner.timeout_s + iters * 0.1)
+    text = open(log, errors="replace").read()
+    done = [int(x) for x in re.findall(r"(\d+)/\d+ iterations", text)]
+    reached = iters if "done" in text and rc == 0 else (max(done) if done else 0)
+    crashed = rc != 0 or bool(hit)
+    print(f"[soak] collectives {gather}: rc={rc} iterations={reached}/{iters} {time.monotonic() - t0:.0f}s"
+          + (f" CRASH ({hit or 'exit ' + str(rc)}), log {log}" if crashed else ""), flush=True)
+    if not crashed:
+        os.remove(log)
+    return {"runs": 1, "steps": reached, "crashes": int(crashed)}
 
 
 def _reap_orphans(run_dir: str) -> None:
@@ -221,8 +245,10 @@ def run_resume(runner: Runner, config: str, cycles: int, steps_per_cycle: int) -
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--mode", choices=("plain", "resume"), default="plain")
-    ap.add_argument("--configs", default="default", help=f"comma separated, from {sorted(CONFIGS)}")
+    ap.add_argument("--mode", choices=("plain", "resume", "collectives"), default="plain")
+    ap.add_argument("--configs", default=None, help=f"comma separated, from {sorted(CONFIGS)} (collectives mode: "
+                    f"from {list(GATHERS)}; default blocking)")
+    ap.add_argument("--iters", type=int, default=20000, help="collectives mode: iterations per run")
     ap.add_argument("--steps", type=int, default=2000, help="plain mode: steps per run")
     ap.add_argument("--runs", type=int, default=1, help="plain mode: runs per configuration")
     ap.add_argument("--cycles", type=int, default=50, help="resume mode: stop/resume cycles per configuration")
@@ -231,20 +257,22 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout-s", type=float, default=300.0, help="per run, on top of the steps' own budget")
     ap.add_argument("--work", default=os.path.join(REPO, "artifacts", "soak"))
     args = ap.parse_args(argv)
-    configs = [c for c in args.configs.split(",") if c]
-    unknown = [c for c in configs if c not in CONFIGS]
+    allowed = GATHERS if args.mode == "collectives" else tuple(CONFIGS)
+    configs = [c for c in (args.configs or ("blocking" if args.mode == "collectives" else "default")).split(",") if c]
+    unknown = [c for c in configs if c not in allowed]
     if unknown:
-        ap.error(f"--configs: unknown {unknown}; allowed: {sorted(CONFIGS)}")
+        ap.error(f"--configs: unknown {unknown}; allowed in --mode {args.mode}: {list(allowed)}")
     os.makedirs(args.work, exist_ok=True)
-    inputs = build_inputs(args.work)
+    inputs = [] if args.mode == "collectives" else build_inputs(args.work)
     runner = Runner(args.work, inputs, args.perturb, args.timeout_s)
     results = {}
     t0 = time.monotonic()
     for config in configs:
-        if args.mode == "plain":
+        if args.mode in ("plain", "collectives"):
             agg = {"runs": 0, "steps": 0, "crashes": 0}
             for _ in range(args.runs):
-                r = run_plain(runner, config, args.steps)
+                r = (run_plain(runner, config, args.steps) if args.mode == "plain"
+                     else run_collectives(runner, config, args.iters))
                 for k in agg:
                     agg[k] += r[k]
             results[config] = agg
@@ -252,7 +280,8 @@ def main(argv=None) -> int:
             results[config] = run_resume(runner, config, args.cycles, args.steps_per_cycle)
     print("[soak] crashes per configuration:")
     for config, r in results.items():
-        print(f"  {config:12s} {r['crashes']} crash(es) in {r['runs']} run(s), {r['steps']} steps"
+        unit = "iterations" if args.mode == "collectives" else "steps"
+        print(f"  {config:17s} {r['crashes']} crash(es) in {r['runs']} run(s), {r['steps']} {unit}"
               + (f", {r['cycles']} resume cycles" if "cycles" in r else ""))
     total = sum(r["crashes"] for r in results.values())
     print("RESULT " + json.dumps({"name": f"soak_{args.mode}", "figure": total, "bound": 0, "target": "0 crashes",
