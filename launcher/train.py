@@ -173,6 +173,18 @@ def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device, non_blocking=async_ok)
 
 
+def cast_unpartitioned_to_bf16(model: torch.nn.Module) -> None:
+    """The LLM comes partitioned in bf16 (HfDeepSpeedConfig); the new modules are built in fp32. ZeRO
+    wants one dtype: cast what is not partitioned yet (DeepSpeed keeps fp32 master copies). The LLM's
+    own float32 buffers (e.g. RoPE frequencies) keep the dtype transformers chose."""
+    for p in model.parameters():
+        if not hasattr(p, "ds_id") and p.dtype.is_floating_point:
+            p.data = p.data.to(torch.bfloat16)
+    for name, b in model.named_buffers():
+        if b.dtype == torch.float32 and not name.startswith("llm."):
+            b.data = b.data.to(torch.bfloat16)
+
+
 def move_batch(batch: dict, device: torch.device) -> dict:
     """Tensors to `device` (non-blocking only from pinned memory to CUDA, see `copy_can_be_async`);
     uint8 `pixel_values` (the loaders' normalize=False) are CLIP-normalised there, after the copy: a
@@ -371,15 +383,7 @@ def _train(cfg: RunConfig, factory: Callable, topo: Topology, watchdog: Watchdog
             p.requires_grad_(False)
 
     if cfg.train.precision == "bf16":
-        # The LLM comes partitioned in bf16 (HfDeepSpeedConfig); the new modules are built in fp32.
-        # ZeRO wants one dtype: cast what is not partitioned yet (DeepSpeed keeps fp32 master copies).
-        for p in model.parameters():
-            if not hasattr(p, "ds_id") and p.dtype.is_floating_point:
-                p.data = p.data.to(torch.bfloat16)
-        for name, b in model.named_buffers():
-            # The LLM's own buffers (e.g. RoPE frequencies) keep the dtype transformers chose.
-            if b.dtype == torch.float32 and not name.startswith("llm."):
-                b.data = b.data.to(torch.bfloat16)
+        cast_unpartitioned_to_bf16(model)
     groups = param_groups(model, cfg.train.lr_llm, cfg.train.lr_new, cfg.train.weight_decay)
     group_names = [g["name"] for g in groups]
     optimizer = build_optimizer(groups, ds_config)

@@ -153,12 +153,7 @@ def run_plain(runner: Runner, config: str, steps: int) -> dict:
                                                    "logging.log_every_steps=100"])
     rc, hit = runner.finish(proc, fh, log, time.monotonic() + runner.timeout_s + steps * 3)
     done = steps_done(run_dir)
-    crashed = rc != 0 or bool(hit)
-    print(f"[soak] plain {config}: rc={rc} steps={done}/{steps} {time.monotonic() - t0:.0f}s"
-          + (f" CRASH ({hit or 'exit ' + str(rc)}), log {log}" if crashed else ""), flush=True)
-    if not crashed:
-        os.remove(log)
-    return {"runs": 1, "steps": done, "crashes": int(crashed)}
+    return _report(f"plain {config}: rc={rc} steps={done}/{steps}", rc != 0 or bool(hit), hit, rc, log, t0, done)
 
 
 def run_collectives(runner: Runner, gather: str, iters: int) -> dict:
@@ -169,12 +164,17 @@ def run_collectives(runner: Runner, gather: str, iters: int) -> dict:
     text = open(log, errors="replace").read()
     done = [int(x) for x in re.findall(r"(\d+)/\d+ iterations", text)]
     reached = iters if "done" in text and rc == 0 else (max(done) if done else 0)
-    crashed = rc != 0 or bool(hit)
-    print(f"[soak] collectives {gather}: rc={rc} iterations={reached}/{iters} {time.monotonic() - t0:.0f}s"
-          + (f" CRASH ({hit or 'exit ' + str(rc)}), log {log}" if crashed else ""), flush=True)
+    return _report(f"collectives {gather}: rc={rc} iterations={reached}/{iters}", rc != 0 or bool(hit), hit, rc, log,
+                   t0, reached)
+
+
+def _report(what: str, crashed: bool, hit: str, rc: int, log: str, t0: float, done: int) -> dict:
+    """One line per run; the log of a crashed run is kept, the others are removed."""
+    print(f"[soak] {what} {time.monotonic() - t0:.0f}s" + (f" CRASH ({hit or 'exit ' + str(rc)}), log {log}"
+                                                         if crashed else ""), flush=True)
     if not crashed:
         os.remove(log)
-    return {"runs": 1, "steps": reached, "crashes": int(crashed)}
+    return {"runs": 1, "steps": done, "crashes": int(crashed)}
 
 
 def _reap_orphans(run_dir: str) -> None:

@@ -20,12 +20,9 @@ NOTES = [
 
 def _cast_like_the_trainer(model):
     """launcher/train.py `_train` under train.precision: bf16 (no ZeRO here, so no parameter has ds_id)."""
-    for p in model.parameters():
-        if not hasattr(p, "ds_id") and p.dtype.is_floating_point:
-            p.data = p.data.to(torch.bfloat16)
-    for name, b in model.named_buffers():
-        if b.dtype == torch.float32 and not name.startswith("llm."):
-            b.data = b.data.to(torch.bfloat16)
+    from launcher.train import cast_unpartitioned_to_bf16
+
+    cast_unpartitioned_to_bf16(model)
 
 
 def _f32(t):
