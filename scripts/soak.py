@@ -195,14 +195,19 @@ def _reap_orphans(run_dir: str) -> None:
 
 
 def _stopped_as_expected(how: str, rc: int, log_path: str) -> bool:
-    """torchrun exits 1 when a rank fails and lists each failed rank's exit code; after SIGUSR1 every
-    rank must have exited 75 (checkpoint, then stop); after kill -9 torchrun itself is gone (-9)."""
+    """After kill -9 torchrun itself is gone (-9). After SIGUSR1 to one rank every rank must checkpoint
+    and exit 75; torchrun then exits 1 and lists each failed rank's exit code. It SIGTERMs the ranks
+    still running as soon as the first one exits, so a rank that was past the checkpoint but not yet out
+    shows -15: that is torchrun's teardown, not a crash (the checkpoint is complete, the save ends in a
+    barrier). Plain rank processes (tests/train/test_preempt_one_rank.py) show every rank's 75."""
     if how == "kill9":
         return rc in (-9, 0)
     if rc == 0:
         return True  # the run reached max_steps before the signal
-    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", open(log_path, errors="replace").read())
-    return rc == 1 and bool(codes) and all(c == "75" for c in codes)
+    text = open(log_path, errors="replace").read()
+    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", text)
+    return (rc == 1 and "75" in codes and set(codes) <= {"75", "-15"}
+            and "exiting with code 75" in text and not CRASH_PATTERNS.search(text))
 
 
 def run_resume(runner: Runner, config: str, cycles: int, steps_per_cycle: int) -> dict:
