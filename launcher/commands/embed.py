@@ -77,7 +77,8 @@ def register(sub) -> None:
     p.add_argument("--model", help="directory written by `notellm2 export`")
     p.add_argument("--shards", help="notes shards (glob, brace pattern); default data.notes_shards of --config")
     p.add_argument("--out", required=True, help="output folder (embeddings.npy, ids.txt, embeddings.json)")
-    p.add_argument("--mode", choices=MODES, default="both", help="probe: text-only, image-only or both inputs")
+    p.add_argument("--mode", choices=MODES, default="both",
+                   help="probe: both inputs, the text alone, or the image alone (notes without an image are left out)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-workers", type=int, default=1)
     add_config_args(p)
