@@ -142,14 +142,8 @@ def load_exported(export_dir: str, device: str | torch.device = "cpu", dtype: Op
         return _load_exported(export_dir, device, dtype)
 
 
-def _load_exported(export_dir: str, device, dtype):
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModel
-
-    from modeling.backbone import load_tokenizer, quiet_transformers, resolve_attn_implementation
-    from modeling.encoder import build_note_model
-    from modeling.vision import build_vision_tower
-
+def read_export_config(export_dir: str):
+    """The run config (model and loss) an export dir was written with; reads only its JSON."""
     meta_path = os.path.join(export_dir, EXPORT_META)
     if not os.path.isfile(meta_path):
         raise ExportError(f"{export_dir}: no {EXPORT_META} (not a notellm2 export directory)")
@@ -162,6 +156,18 @@ def _load_exported(export_dir: str, device, dtype):
     except ConfigError as e:
         raise ExportError(f"{meta_path}: {e}") from None
     cfg.model.vision.path = meta["vision"]["path"] or cfg.model.vision.path
+    return cfg
+
+
+def _load_exported(export_dir: str, device, dtype):
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModel
+
+    from modeling.backbone import load_tokenizer, quiet_transformers, resolve_attn_implementation
+    from modeling.encoder import build_note_model
+    from modeling.vision import build_vision_tower
+
+    cfg = read_export_config(export_dir)
     config = AutoConfig.from_pretrained(os.path.join(export_dir, "llm"))
     with quiet_transformers():
         llm = AutoModel.from_config(config, attn_implementation=resolve_attn_implementation(

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from modeling.backbone import IMG_EMB_TOKEN, IMG_TOKEN, EmbeddingGrower, load_llm
-from modeling.config import LossConfig, ModelConfig
+from modeling.config import PROBE_MODES, LossConfig, ModelConfig, probe_unavailable
 from modeling.connector import build_connector
 from modeling.fusion import EmbeddingHead, LateFusionGate
 from modeling.loss import GatheredContrastiveLoss
@@ -62,6 +62,7 @@ PROBES = {
     "image": "image only: the image-only prompt (mICL: equals the visual representation), fused where the "
              "variant fuses; late_fusion: the text prompt with empty fields, fused with the pooled image feature",
 }
+assert tuple(PROBES) == PROBE_MODES
 
 
 class ModelInputError(ValueError):
@@ -188,8 +189,9 @@ class NoteModel(nn.Module):
         (see PROBES)."""
         if mode not in PROBES:
             raise ModelInputError(f"encode: mode {mode!r}; allowed: {', '.join(PROBES)}")
-        if mode == "image" and self.variant == "text_only":
-            raise ModelInputError("encode: variant 'text_only' has no image probe")
+        why = probe_unavailable(self.variant, mode)
+        if why:
+            raise ModelInputError(f"encode: {why}")
         if mode == "text":
             image_tokens, image_pooled = None, None
             batch = dict(batch, has_image=torch.zeros_like(batch["input_ids"][:, 0], dtype=torch.bool))

@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 
 from modeling.backbone import IMG_EMB_TOKEN, IMG_TOKEN
-from modeling.config import VARIANTS
+from modeling.config import PROBE_MODES, VARIANTS, probe_unavailable
 
 # Which prompt each variant trains with (the registry of variants lives in modeling.encoder).
 VARIANT_PROMPT = {
@@ -66,7 +66,7 @@ _TEMPLATES = {
     },
 }
 
-MODES = ("both", "text", "image")
+MODES = PROBE_MODES
 
 
 class PromptError(ValueError):
@@ -188,9 +188,10 @@ class NotePrompter:
         if mode not in MODES:
             raise PromptError(f"NotePrompter.encode: mode {mode!r}; allowed: {', '.join(MODES)}")
         uses_image = False
+        why = probe_unavailable(self.variant, mode)
+        if why:
+            raise PromptError(f"note {_nid(note)}: {why}")
         if mode == "text" or not self.uses_images:
-            if mode == "image":
-                raise PromptError(f"note {_nid(note)}: variant {self.variant!r} has no image probe (no image is used)")
             name = "text"
         elif mode == "image":
             if not has_image:

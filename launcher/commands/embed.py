@@ -5,11 +5,12 @@ Runs in one process, or under torchrun / srun with several ranks (each embeds it
 from __future__ import annotations
 
 import os
+import sys
 
 from launcher.cli import add_config_args, config_from_args
+from modeling.config import PROBE_MODES, probe_unavailable  # torch-free, so `notellm2 --help` imports no torch
 
-# the probes of modeling.prompts.MODES, spelled here so that `notellm2 --help` imports no torch
-MODES = ("both", "text", "image")
+MODES = PROBE_MODES
 # Ranks wait for each other only at the final gather; the slowest rank's whole share must fit in it.
 EMBED_COLLECTIVE_TIMEOUT_S = 1800  # torch's default, what embed had before
 
@@ -20,6 +21,24 @@ def _run(args) -> int:
     distributed.enable_crash_traces()  # a native crash prints every thread's stack into this rank's log
     from data_shards.config import DataConfig
     from launcher.embed import run_embed
+    from launcher.export import ExportError, read_export_config
+
+    # The user's mistakes, before any rank starts or loads a model.
+    if args.model:
+        try:
+            variant = read_export_config(args.model).model.variant
+        except ExportError as e:
+            print(f"notellm2 embed: --model: {e}", file=sys.stderr)
+            return 2
+    elif args.config:
+        cfg = config_from_args(args)
+        variant = cfg.model.variant
+    else:
+        raise SystemExit("notellm2 embed: give --model EXPORT_DIR, or --config for the untrained baseline")
+    why = probe_unavailable(variant, args.mode)
+    if why:
+        print(f"notellm2 embed: --mode {args.mode}: {why}; use --mode text or --mode both", file=sys.stderr)
+        return 2
 
     topo = distributed.detect_topology()
     if topo.world_size > 1:
@@ -35,13 +54,10 @@ def _run(args) -> int:
         source = {"model": os.path.abspath(args.model)}
         shards = args.shards
     else:
-        if not args.config:
-            raise SystemExit("notellm2 embed: give --model EXPORT_DIR, or --config for the untrained baseline")
         from modeling.encoder import build_all
 
         import torch
 
-        cfg = config_from_args(args)
         torch.manual_seed(cfg.train.seed)  # the new modules' random init is the same on every rank and run
         note_model, tower, prompter = build_all(cfg.model, cfg.loss)
         data_cfg = cfg.data
@@ -61,7 +77,8 @@ def register(sub) -> None:
     p.add_argument("--model", help="directory written by `notellm2 export`")
     p.add_argument("--shards", help="notes shards (glob, brace pattern); default data.notes_shards of --config")
     p.add_argument("--out", required=True, help="output folder (embeddings.npy, ids.txt, embeddings.json)")
-    p.add_argument("--mode", choices=MODES, default="both", help="probe: text-only, image-only or both inputs")
+    p.add_argument("--mode", choices=MODES, default="both",
+                   help="probe: both inputs, the text alone, or the image alone (notes without an image are left out)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-workers", type=int, default=1)
     add_config_args(p)
