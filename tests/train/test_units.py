@@ -14,7 +14,8 @@ from launcher.config import ConfigError, load_config
 from launcher.distributed import Watchdog, detect_topology
 from launcher.metrics import MetricsWriter
 from launcher.optim import lr_lambda, param_groups
-from launcher.train import REPO, build_ds_config, flatten_counters
+from launcher.engine import REPO, build_ds_config
+from launcher.metrics import flatten_counters
 
 
 def test_topology_from_torchrun_slurm_and_single():
