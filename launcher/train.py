@@ -33,8 +33,6 @@ from launcher.preemption import PREEMPTED_EXIT_CODE, Preempted, install_for_trai
 from launcher.validation import validation_loss
 
 
-# ----------------------------------------------------------------------------- the loop
-
 def train(cfg: RunConfig, factory: Optional[Callable] = None, topo: Optional[Topology] = None,
           on_step: Optional[Callable[[int, dict], None]] = None) -> dict:
     """Run training to cfg.train.max_steps. Returns a summary dict (rank-local)."""
