@@ -61,7 +61,8 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     from launcher.config import load_config
-    from launcher.train import model_state_bytes, train
+    from launcher.plan import model_state_bytes
+    from launcher.train import train
 
     acc = {"comm": 0.0}
     _time_collectives(acc)

@@ -15,6 +15,10 @@ leaves the `.tmp-` directory behind (ignored, removed by the next run) and `late
 previous complete checkpoint.
 
 The frozen vision tower is not part of the DeepSpeed engine, so it is never in a checkpoint.
+
+The training loop talks to a `Checkpointer`: `find_resume()` decides what to resume from (and
+converts it when the world size changed) before the engine exists, `resume(engine)` restores it,
+`save(step, loader)` writes one.
 """
 from __future__ import annotations
 
@@ -23,7 +27,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -33,14 +36,13 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from launcher import faults
+from launcher.config import RunConfig, config_hash, config_to_dict
 from launcher.distributed import all_gather_object, barrier
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
-# Test hook: "RANK:PHASE:STEP" makes that rank SIGKILL itself inside the save of STEP.
-# PHASE: after_shards (DeepSpeed files written, ours not) or before_manifest (all files, no manifest).
-KILL_HOOK_ENV = "NOTELLM2_TEST_DIE_IN_SAVE"
 
 
 class CheckpointError(RuntimeError):
@@ -144,13 +146,6 @@ def remove_partial(root: str) -> list[str]:
 
 # ----------------------------------------------------------------------------- saving
 
-def _maybe_die(rank: int, phase: str, step: int) -> None:
-    hook = os.environ.get(KILL_HOOK_ENV, "")
-    if hook and hook == f"{rank}:{phase}:{step}":
-        print(f"[test hook] rank {rank} kills itself during the save of step {step} ({phase})", flush=True)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def save(engine, root: str, step: int, *, rank: int, world_size: int, samples_seen: int,
          reader_state: Any, config_hash: str, resolved_config: dict, keep_last: int,
          extra: Optional[dict] = None, log=print) -> str:
@@ -166,12 +161,12 @@ def save(engine, root: str, step: int, *, rank: int, world_size: int, samples_se
     barrier()
     t0 = time.monotonic()
     engine.save_checkpoint(root, tag=tmp_tag, save_latest=False)
-    _maybe_die(rank, "after_shards", step)
+    faults.in_save(rank, "after_shards", step)
     torch.save({"rank": rank, "rng": rng_state(), "reader": reader_state},
                os.path.join(tmp_path, f"rank{rank:05d}.pt"))
     # Reader states also go into the manifest so that another world size can read all of them.
     states = all_gather_object(reader_state)
-    _maybe_die(rank, "before_manifest", step)
+    faults.in_save(rank, "before_manifest", step)
     barrier()
     if rank == 0:
         manifest = {
@@ -290,3 +285,96 @@ def load(engine, plan: ResumePlan, rank: int) -> dict:
         set_rng_state(state["rng"])
         reader = state["reader"]
     return {"reader": reader, "reader_states": plan.manifest.get("reader_states")}
+
+
+# ----------------------------------------------------------------------------- what the loop uses
+
+@dataclass
+class Resumed:
+    """Where a run starts: step 0 of epoch 0 (fresh) or a restored checkpoint."""
+
+    step: int = 0
+    samples_seen: int = 0
+    epoch: int = 0
+    reader_state: Any = None  # what the data reader loads (None: it starts its epoch from the beginning)
+    fresh: bool = True
+
+
+class Checkpointer:
+    """The checkpoints of one run (`<train.output_dir>/checkpoints`) as the training loop sees them.
+
+        ckpt = Checkpointer(cfg, rank, world, log)
+        ckpt.find_resume(watchdog)   # before the engine: which checkpoint; True = load a universal one
+        resumed = ckpt.resume(engine)  # after deepspeed.initialize: model, optimizer, scheduler, RNG, reader
+        ckpt.save(step, loader)      # collective; loader.state_dict() is what the reader resumes from
+
+    Every method but the constructor is collective (every rank calls it)."""
+
+    def __init__(self, cfg: RunConfig, rank: int, world_size: int, log=print):
+        self.cfg, self.rank, self.world_size, self.log = cfg, rank, world_size, log
+        self.root = checkpoint_root(cfg.train.output_dir)
+        self.config_hash = config_hash(cfg)
+        self.pairs_per_step = cfg.data.pairs_per_rank * cfg.train.grad_accum_steps * world_size
+        self.plan: Optional[ResumePlan] = None
+        self.engine = None
+        self.resumed = Resumed()
+        self.last_saved = -1  # step of the newest checkpoint this run wrote or resumed from
+
+    def find_resume(self, watchdog=None) -> bool:
+        """Remove the leftovers of interrupted saves, decide what to resume from (checkpoint.resume),
+        and, when the world size changed, convert that checkpoint to a universal one (rank 0; the
+        others wait). Returns whether the engine must load a universal checkpoint."""
+        if self.rank == 0:
+            for path in remove_partial(self.root):
+                self.log(f"removed the leftovers of an interrupted save: {path}")
+        cfg = self.cfg
+        self.plan = plan_resume(cfg.checkpoint.resume, self.root, self.world_size, self.config_hash,
+                                cfg.checkpoint.allow_config_mismatch)
+        if self.plan is not None and self.plan.universal:
+            if self.rank == 0:
+                convert_to_universal(self.plan, self.world_size, log=self.log)
+            if watchdog is not None:
+                watchdog.progress(0, "universal-conversion")
+            barrier()
+        return bool(self.plan and self.plan.universal)
+
+    def resume(self, engine) -> Resumed:
+        """Load the checkpoint `find_resume` chose into `engine` (fresh start: nothing to load). The
+        reader's state: this rank's own at the same world size; at another world size every old
+        rank's (the reader restarts the epoch with the shards no old rank had started)."""
+        self.engine = engine
+        plan = self.plan
+        if plan is None:
+            self.resumed = Resumed()
+            return self.resumed
+        restored = load(engine, plan, self.rank)
+        reader_state = restored["reader"]
+        states = restored["reader_states"] or []
+        epoch_src = reader_state if reader_state is not None else (states[0] if states else None)
+        epoch = int(epoch_src.get("epoch", 0)) if isinstance(epoch_src, dict) else 0
+        if reader_state is None and plan.universal and plan.manifest.get("reader_states"):
+            reader_state = plan.manifest["reader_states"]
+        self.resumed = Resumed(step=plan.step, samples_seen=int(plan.manifest.get("samples_seen", 0)), epoch=epoch,
+                               reader_state=reader_state, fresh=False)
+        self.last_saved = plan.step
+        if plan.universal:
+            self.log(f"resumed step {plan.step} from {plan.path} through a universal checkpoint "
+                     f"(world size {plan.manifest['world_size']} -> {self.world_size}); "
+                     f"the data reader restarts epoch {epoch}'s shards")
+        else:
+            self.log(f"resumed step {plan.step} from {plan.path} (exact: model, optimizer, scheduler, RNG, data reader)")
+        return self.resumed
+
+    def samples_seen(self, step: int) -> int:
+        """Pairs trained on over all ranks up to the end of `step`."""
+        return self.resumed.samples_seen + (step - self.resumed.step) * self.pairs_per_step
+
+    def save(self, step: int, loader) -> str:
+        """Collective: checkpoint the engine after `step`, with `loader.state_dict()` as this rank's reader state."""
+        cfg = self.cfg
+        path = save(self.engine, self.root, step, rank=self.rank, world_size=self.world_size,
+                    samples_seen=self.samples_seen(step), reader_state=loader.state_dict(),
+                    config_hash=self.config_hash, resolved_config=config_to_dict(cfg),
+                    keep_last=cfg.checkpoint.keep_last, log=self.log)
+        self.last_saved = step
+        return path

@@ -368,3 +368,13 @@ class Watchdog:
 
     def _publish_heartbeat_only(self) -> None:
         self._publish()
+
+
+PEER_ERROR_MARKERS = ("connection closed by peer", "connection reset by peer", "read error", "timed out",
+                      "broken pipe", "nccl", "socket", "distbackenderror")
+
+
+def is_peer_error(e: BaseException) -> bool:
+    """A collective that failed because another rank died or hung (not this rank's own fault)."""
+    text = f"{type(e).__name__}: {e}".lower()
+    return isinstance(e, RuntimeError) and any(m in text for m in PEER_ERROR_MARKERS)

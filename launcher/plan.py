@@ -468,6 +468,39 @@ def deepspeed_model_states(plan: Plan) -> Optional[float]:
         return None
 
 
+def model_state_bytes(engine) -> dict:
+    """Bytes of model state this rank actually holds in a live engine (to set beside the plan's
+    figures): its parameter partitions, fp32 master partitions, gradient partitions and optimizer
+    states (ZeRO-3 and ZeRO-1/2)."""
+    import torch
+
+    def nbytes(t):
+        return t.numel() * t.element_size() if torch.is_tensor(t) else 0
+
+    params = 0
+    for p in engine.module.parameters():
+        held = getattr(p, "ds_tensor", None)
+        params += nbytes(held) if held is not None else nbytes(p.data)
+    opt = engine.optimizer
+    master = 0
+    for name in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups"):
+        for t in getattr(opt, name, None) or []:
+            master += nbytes(t)
+    grads = nbytes(getattr(opt, "grad_partitions_flat_buffer", None))
+    if grads == 0:
+        for group in getattr(opt, "averaged_gradients", {}) or {}:
+            value = opt.averaged_gradients[group]
+            grads += sum(nbytes(t) for t in (value if isinstance(value, list) else [value]))
+    inner = getattr(opt, "optimizer", opt)
+    states = 0
+    for st in inner.state.values():
+        for v in st.values():
+            if torch.is_tensor(v) and v.dim() > 0:
+                states += nbytes(v)
+    total = params + master + grads + states
+    return {"params": params, "master": master, "grads": grads, "optimizer": states, "total": total}
+
+
 def _fmt_params(n: float) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M" if n >= 1e5 else f"{int(n)}"
 

@@ -119,3 +119,21 @@ class PreemptionFlag:
         sys.stdout.flush()
         sys.stderr.flush()
         raise SystemExit(PREEMPTED_EXIT_CODE)
+
+
+class Preempted(Exception):
+    """Training stopped early on request, after a checkpoint; the process exits with code 75."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped after step {step} on request")
+        self.step = step
+
+
+def install_for_training() -> Optional[PreemptionFlag]:
+    """The trainer's flag: SIGUSR1 (Slurm's warning before the time limit) always; SIGTERM (scancel,
+    preemption) only under Slurm: under torchrun alone SIGTERM is how the agent ends the ranks when one
+    of them died. None outside the main thread (signals cannot be installed there)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    sigs = (signal.SIGUSR1, signal.SIGTERM) if os.environ.get("SLURM_JOB_ID") else (signal.SIGUSR1,)
+    return PreemptionFlag.install(signals=sigs)

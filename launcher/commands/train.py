@@ -8,11 +8,12 @@ from launcher.cli import add_config_args, config_from_args
 
 def _run(args) -> int:
     from launcher import checkpoint as ckpt
-    from launcher.train import load_factory, train
+    from launcher.components import load_factory
+    from launcher.preemption import PREEMPTED_EXIT_CODE, Preempted
+    from launcher.train import train
 
     cfg = config_from_args(args)
     factory = load_factory(args.components) if args.components else None
-    from launcher.train import Preempted, preempt_exit_code
 
     try:
         train(cfg, factory=factory)
@@ -20,7 +21,7 @@ def _run(args) -> int:
         print(f"notellm2 train: checkpoint error: {e}", file=sys.stderr)
         return 2
     except Preempted:
-        return preempt_exit_code()
+        return PREEMPTED_EXIT_CODE
     return 0
 
 

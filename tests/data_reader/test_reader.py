@@ -60,7 +60,7 @@ def test_batch_layout_queries_then_targets(tmp_path):
 def test_uint8_pixels_for_the_device_normalise_to_the_same_values(tmp_path):
     """normalize=False (what the trainer uses) yields the uint8 pixels; the trainer's move_batch
     normalises them on its device to exactly the values the loader would have produced."""
-    from launcher.train import move_batch
+    from launcher.components import move_batch
 
     write_pair_shards(str(tmp_path), [6, 6])
     pattern = str(tmp_path / "pairs-train-{000000..000001}.tar")

@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from launcher.train import Components
+from launcher.components import Components
 
 VOCAB, HIDDEN, SEQ, VIS_DIM, VIS_TOKENS = 97, 32, 12, 24, 4
 

@@ -1,7 +1,7 @@
 """Rank functions for tests/train/test_engine_gradients.py (run by tests.multirank.run_ranks).
 
 One forward + backward of the `notellm2` note model through a real `deepspeed.initialize` ZeRO-3
-engine, built the way the trainer builds it (launcher.train.build_ds_config / default_components /
+engine, built the way the trainer builds it (launcher.engine.build_ds_config / launcher.components.default_components /
 param_groups / build_optimizer, the frozen vision tower outside the engine), on a fixed global batch
 of pairs of which this rank takes its share. Rank 0 writes the full gradients (read with
 `deepspeed.utils.safe_get_full_grad` after `engine.backward`, before any step) and the full initial
@@ -14,10 +14,11 @@ import os
 import torch
 import torch.distributed as dist
 
+from launcher.components import default_components
 from launcher.config import load_config
 from launcher.distributed import detect_topology, init_distributed
+from launcher.engine import REPO, build_ds_config
 from launcher.optim import build_optimizer, param_groups
-from launcher.train import REPO, build_ds_config, default_components
 
 WORDS = ["cooking pasta", "travel diary", "lipstick review", "cute kitten", "coffee garden", "city night",
          "rainy street", "old bookshop"]

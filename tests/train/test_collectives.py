@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from launcher import distributed as D
-from launcher.train import copy_can_be_async, move_batch
+from launcher.components import copy_can_be_async, move_batch
 from tests.multirank import REPO, base_env, run_ranks
 
 # torch.distributed (and deepspeed.comm) functions that talk to other ranks, plus the group start/stop

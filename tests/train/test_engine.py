@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from launcher import checkpoint as ckpt
+from launcher import faults
 from launcher.config import config_hash, load_config
 from tests.multirank import run_ranks
 from tests.train.common import read_metrics, train_double
@@ -34,14 +35,14 @@ def test_exact_resume_after_kills(reference_run, tmp_path):
     common = (f"train.max_steps={STEPS}", "checkpoint.every_steps=2", "checkpoint.keep_last=2")
 
     # 1) rank 1 SIGKILLs itself in the middle of the step-4 save: step 2 stays the latest.
-    r = train_double(run_dir, *common, env={ckpt.KILL_HOOK_ENV: "1:after_shards:4"}, check=False)
+    r = train_double(run_dir, *common, env={faults.KILL_HOOK_ENV: "1:after_shards:4"}, check=False)
     assert r.returncode != 0, r.describe()
     root = ckpt.checkpoint_root(run_dir)
     assert ckpt.latest_complete(root).endswith("step_00000002")
     assert os.path.isdir(os.path.join(root, ".tmp-step_00000004"))
 
     # 2) resume; rank 1 SIGKILLs itself at the start of step 5 (after the step-4 checkpoint).
-    r = train_double(run_dir, *common, env={"NOTELLM2_TEST_DIE_AT": "1:5"}, check=False)
+    r = train_double(run_dir, *common, env={faults.DIE_HOOK_ENV: "1:5"}, check=False)
     assert r.returncode != 0, r.describe()
     assert "resumed step 2" in r.output
     assert not os.path.exists(os.path.join(root, ".tmp-step_00000004")), "leftover of the killed save not removed"
@@ -152,7 +153,7 @@ def test_world_size_change_resumes_through_universal_checkpoint(reference_run):
 def test_stuck_rank_ends_job_and_is_named(tmp_path):
     t0 = time.monotonic()
     r = train_double(str(tmp_path / "hang"), "train.max_steps=4", "train.collective_timeout_s=8",
-                     env={"NOTELLM2_TEST_HANG_AT": "1:2"}, check=False, timeout=200)
+                     env={faults.HANG_HOOK_ENV: "1:2"}, check=False, timeout=200)
     assert r.returncode != 0, r.describe()
     assert "[multirank] TIMEOUT" not in r.output
     assert "rank(s) 1 stopped reporting" in r.output, r.describe()
@@ -162,7 +163,7 @@ def test_stuck_rank_ends_job_and_is_named(tmp_path):
 
 def test_dead_rank_ends_job(tmp_path):
     r = train_double(str(tmp_path / "dead"), "train.max_steps=4", "train.collective_timeout_s=8",
-                     env={"NOTELLM2_TEST_DIE_AT": "1:2"}, check=False, timeout=200)
+                     env={faults.DIE_HOOK_ENV: "1:2"}, check=False, timeout=200)
     assert r.returncode != 0 and "[multirank] TIMEOUT" not in r.output, r.describe()
     # torchrun's failure report names the rank whose process died
     assert "rank      : 1" in r.output or "rank(s) 1" in r.output, r.describe()
@@ -221,7 +222,7 @@ def test_dead_rank_named_without_torchrun(tmp_path):
 
     t0 = time.monotonic()
     res = _launch_like_srun(double_args(str(tmp_path / "srun"), "train.max_steps=4", "train.collective_timeout_s=20"),
-                            nproc=2, env_extra={"NOTELLM2_TEST_DIE_AT": "1:2"}, timeout=150)
+                            nproc=2, env_extra={faults.DIE_HOOK_ENV: "1:2"}, timeout=150)
     (rc0, out0), (rc1, _) = res
     assert rc1 == -9
     assert rc0 != 0 and "TIMEOUT" not in out0, out0[-3000:]

@@ -11,7 +11,8 @@ import torch
 
 from launcher.config import load_config
 from launcher.partitioning import embedding_grower
-from launcher.train import REPO, build_ds_config, default_components
+from launcher.components import default_components
+from launcher.engine import REPO, build_ds_config
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "ds_configs", "*.json"))))

@@ -92,7 +92,8 @@ def live_vs_export(config: str, out_dir: str) -> dict:
 
     from launcher.config import load_config
     from launcher.export import load_exported, export
-    from launcher.train import move_batch, train
+    from launcher.components import move_batch
+    from launcher.train import train
 
     cfg = load_config(config, ["train.precision=fp32", "train.max_steps=2"])
     summary = train(cfg)

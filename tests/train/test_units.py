@@ -14,7 +14,8 @@ from launcher.config import ConfigError, load_config
 from launcher.distributed import Watchdog, detect_topology
 from launcher.metrics import MetricsWriter
 from launcher.optim import lr_lambda, param_groups
-from launcher.train import REPO, build_ds_config, flatten_counters
+from launcher.engine import REPO, build_ds_config
+from launcher.metrics import flatten_counters
 
 
 def test_topology_from_torchrun_slurm_and_single():
@@ -143,3 +144,26 @@ def test_watchdog_ends_a_stalled_process_only_once_armed():
     assert r.returncode == 3, r.stdout + r.stderr
     assert "survived start-up" in r.stdout and "not reached" not in r.stdout
     assert "no training progress" in r.stdout and "at step 1 (data)" in r.stdout
+
+
+def test_step_stats_pack_by_field_name_and_keep_local_fields():
+    """One float64 tensor per step, in field order; unpacking reads each field back by its name and
+    leaves the rank-local fields (which loss parts the model returned, its extras) as they were."""
+    import torch
+
+    from launcher.metrics import StepStats
+
+    s = StepStats()
+    out = {"loss": torch.tensor(2.0), "loss_mm": torch.tensor(1.0), "logit_scale": torch.tensor([20.0])}
+    s.add_outputs(out, accum=2)
+    s.add_outputs(out, accum=2)
+    s.add_batch({"attention_mask": torch.ones(2, 3), "note_ids": torch.arange(2)})
+    s.step_time_s, s.stop_asked = 0.5, 1.0
+    assert StepStats.reduced_fields() == ["loss", "loss_mm", "loss_vis", "tokens", "notes", "data_wait_s",
+                                          "step_time_s", "stop_asked"]
+    packed = s.pack()
+    assert packed.dtype == torch.float64 and packed.tolist() == [2.0, 1.0, 0.0, 6.0, 2.0, 0.0, 0.5, 1.0]
+    summed = s.unpack(packed * 2)  # what a 2-rank all-reduce of equal ranks gives
+    assert (summed.loss, summed.tokens, summed.stop_asked) == (4.0, 12.0, 2.0)
+    assert summed.seen_parts == {"loss", "loss_mm"} and summed.extras == {"logit_scale": 20.0}
+    assert s.all_reduced() == s  # no process group: the sums are this rank's figures

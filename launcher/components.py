@@ -1,0 +1,162 @@
+"""What a run is built from: the note model, the frozen vision tower, the prompter and the loaders.
+
+The loop gets them from a *components factory* `fn(cfg, rank, world_size, ds_config) -> Components`;
+the default one (`default_components`) builds the real NoteModel, vision tower, prompter and
+PairLoader. Tests pass their own factory through `train(cfg, factory=...)` or `--components module:fn`.
+Also here: the training batches as one stream over epochs (`BatchStream`) and a batch's way onto
+the training device (`move_batch`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+from data_shards.collate import normalize_pixels
+from launcher.config import ConfigError, RunConfig
+
+
+@dataclass
+class Components:
+    """What the loop trains. `make_loader(epoch)` returns an iterable of batch dicts with
+    `state_dict()` / `load_state_dict()`; `make_val_loader()` (optional) returns one pass of
+    validation batches (the same number on every rank) for the validation loss every
+    `eval.every_steps` steps."""
+
+    note_model: torch.nn.Module
+    vision_tower: Optional[torch.nn.Module]
+    prompter: Any
+    make_loader: Callable[[int], Any]
+    make_val_loader: Optional[Callable[[], Any]] = None
+    extra: dict = field(default_factory=dict)
+
+    def freeze_vision_tower(self, device: torch.device) -> None:
+        """The tower stays replicated on `device`, in eval mode, outside the optimizer."""
+        if self.vision_tower is not None:
+            self.vision_tower.to(device).eval()
+            for p in self.vision_tower.parameters():
+                p.requires_grad_(False)
+
+    def image_features(self, batch: dict, cast=None):
+        """(image_tokens, image_pooled) of the frozen tower, under no_grad, cast to `cast` when given;
+        (None, None) without a tower or without pixels."""
+        if self.vision_tower is None or "pixel_values" not in batch:
+            return None, None
+        with torch.no_grad():
+            image_tokens, image_pooled = self.vision_tower(batch["pixel_values"])
+        if cast is not None:
+            image_tokens, image_pooled = image_tokens.to(cast), image_pooled.to(cast)
+        return image_tokens, image_pooled
+
+
+def default_components(cfg: RunConfig, rank: int, world_size: int, ds_config: dict) -> Components:
+    """The real pieces: NoteModel + frozen vision tower + prompter (modeling) and PairLoader (data_shards).
+
+    The vision tower is built first, with no DeepSpeed context, so that it stays whole and replicated;
+    the LLM is then loaded inside a live HfDeepSpeedConfig so that ZeRO-3 partitions it while loading
+    (a large model never sits whole on one rank)."""
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from data_shards.reader import PairLoader
+    from launcher.partitioning import embedding_grower
+    from modeling.backbone import load_llm
+    from modeling.encoder import build_note_model
+    from modeling.vision import build_vision_tower
+
+    if not cfg.data.train_shards:
+        raise ConfigError("data.train_shards: empty; point it at pairs-train-*.tar shards (notellm2 data write-shards)")
+    tower = build_vision_tower(cfg.model.vision, variant=cfg.model.variant)
+    hf_ds = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"].get("stage") == 3 else None
+    # bf16 runs load in bf16 (what ZeRO casts to anyway) so that flash-attn is allowed; under ZeRO-3 the
+    # placeholder rows are added without making the embedding whole on every rank (launcher/partitioning.py).
+    llm, tokenizer = load_llm(cfg.model.llm, dtype=torch.bfloat16 if cfg.train.precision == "bf16" else None,
+                              grow_embeddings=embedding_grower(ds_config))
+    note_model = build_note_model(cfg.model, cfg.loss, tower, llm=llm, tokenizer=tokenizer)
+    prompter = note_model.make_prompter(tokenizer, cfg.model.prompt_language, cfg.model.max_text_tokens)
+
+    def make_loader(epoch: int):
+        return PairLoader(cfg.data.train_shards, None, data_cfg=cfg.data, encode_fn=prompter.encode,
+                          collate_text_fn=prompter.collate, rank=rank, world_size=world_size,
+                          pairs_per_rank=cfg.data.pairs_per_rank, image_size=cfg.model.vision.image_size,
+                          epoch=epoch, normalize=False)
+
+    make_val_loader = None
+    if cfg.data.val_shards:
+        val_cfg = dataclasses.replace(cfg.data, random_flip=False, resampled=False)
+
+        def make_val_loader():
+            return PairLoader(cfg.data.val_shards, None, data_cfg=val_cfg, encode_fn=prompter.encode,
+                              collate_text_fn=prompter.collate, rank=rank, world_size=world_size,
+                              pairs_per_rank=cfg.data.pairs_per_rank, image_size=cfg.model.vision.image_size, epoch=0,
+                              normalize=False)
+
+    return Components(note_model, tower, prompter, make_loader, make_val_loader=make_val_loader,
+                      extra={"hf_ds_config": hf_ds})
+
+
+def load_factory(spec: str) -> Callable:
+    if ":" not in spec:
+        raise ConfigError(f"components factory {spec!r}: expected 'module:function'")
+    mod, fn = spec.split(":", 1)
+    return getattr(importlib.import_module(mod), fn)
+
+
+class BatchStream:
+    """The training batches as one stream: `make_loader(epoch)`, moved on to the next epoch when a
+    loader runs out. A reader that moves over epochs by itself (PairLoader.endless) is used as one
+    endless stream. `state_dict()` is the reader's state with the epoch (what a checkpoint keeps)."""
+
+    def __init__(self, make_loader: Callable[[int], Any], epoch: int = 0, reader_state: Any = None):
+        self.make_loader, self.epoch = make_loader, epoch
+        self.loader = make_loader(epoch)
+        if reader_state is not None:
+            self.loader.load_state_dict(reader_state)
+        self._it = iter(self.loader.endless()) if hasattr(self.loader, "endless") else iter(self.loader)
+
+    def next(self) -> dict:
+        try:
+            return next(self._it)
+        except StopIteration:
+            self.epoch += 1
+            self.loader = self.make_loader(self.epoch)
+            self._it = iter(self.loader)
+            try:
+                return next(self._it)
+            except StopIteration:
+                raise RuntimeError(f"the data loader yields no batch (epoch {self.epoch}); check data.train_shards") from None
+
+    def state_dict(self):
+        state = self.loader.state_dict() if hasattr(self.loader, "state_dict") else {}
+        if isinstance(state, dict):
+            state = dict(state)
+            state.setdefault("epoch", self.epoch)
+        return state
+
+
+# ----------------------------------------------------------------------------- a batch onto the device
+
+def copy_can_be_async(src_device: torch.device, src_pinned: bool, target: torch.device) -> bool:
+    """Whether `tensor.to(target, non_blocking=True)` is safe and useful: only a pinned host tensor
+    going to a CUDA device. From pageable memory CUDA stages the copy synchronously anyway, and a
+    non-blocking copy *to* the host can be read before it has landed."""
+    return torch.device(target).type == "cuda" and torch.device(src_device).type == "cpu" and bool(src_pinned)
+
+
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # is_pinned() only matters (and is only asked) when the copy goes to CUDA.
+    async_ok = torch.device(device).type == "cuda" and copy_can_be_async(t.device, t.is_pinned(), device)
+    return t.to(device, non_blocking=async_ok)
+
+
+def move_batch(batch: dict, device: torch.device) -> dict:
+    """Tensors to `device` (non-blocking only from pinned memory to CUDA, see `copy_can_be_async`);
+    uint8 `pixel_values` (the loaders' normalize=False) are CLIP-normalised there, after the copy: a
+    quarter of the bytes to move and no normalising on the loader's CPU."""
+    out = {k: (_to(v, device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    pix = out.get("pixel_values")
+    if torch.is_tensor(pix) and pix.dtype == torch.uint8:
+        out["pixel_values"] = normalize_pixels(pix, out["image_present"])
+    return out
