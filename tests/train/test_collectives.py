@@ -188,11 +188,14 @@ def test_trainer_entry_turns_faulthandler_on_before_anything_else(monkeypatch):
 def test_embed_entry_turns_faulthandler_on(monkeypatch):
     from launcher.commands import embed as E
 
+    import argparse
+
     monkeypatch.setattr(D, "detect_topology", _raise_stop)
     faulthandler.disable()
     try:
-        with pytest.raises(_Stop):
-            E._run(None)
+        # no --model and no --config: the verb refuses at once, after turning faulthandler on first
+        with pytest.raises((SystemExit, _Stop)):
+            E._run(argparse.Namespace(model=None, config=None, overrides=[], mode="both"))
         assert faulthandler.is_enabled()
     finally:
         faulthandler.enable(file=sys.__stderr__, all_threads=True)
