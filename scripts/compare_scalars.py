@@ -38,18 +38,10 @@ def compared(key: str) -> bool:
 
 def build_inputs(work: str) -> list[str]:
     """The tiny models and shards as config overrides, built once per --work (from this script's checkout)."""
-    done = os.path.join(work, "inputs.json")
-    if os.path.exists(done):
-        with open(done) as fh:
-            return json.load(fh)
     sys.path.insert(0, REPO)
-    from tests.slurm.real_inputs import tiny_cpu_overrides
+    from tests.slurm.real_inputs import cached_tiny_cpu_overrides
 
-    shutil.rmtree(os.path.join(work, "inputs"), ignore_errors=True)
-    overrides = tiny_cpu_overrides(os.path.join(work, "inputs"))
-    with open(done, "w") as fh:
-        json.dump(overrides, fh)
-    return overrides
+    return cached_tiny_cpu_overrides(work)
 
 
 def git_commit(repo: str) -> str:

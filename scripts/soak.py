@@ -64,17 +64,9 @@ def malloc_env(perturb: int) -> dict:
 
 def build_inputs(root: str) -> list[str]:
     """Tiny Llama + tiny CLIP + synthetic shards (as the Slurm tests use), built once per --work."""
-    from tests.slurm.real_inputs import tiny_cpu_overrides
+    from tests.slurm.real_inputs import cached_tiny_cpu_overrides
 
-    done = os.path.join(root, "inputs.json")
-    if os.path.exists(done):
-        with open(done) as fh:
-            return json.load(fh)
-    shutil.rmtree(os.path.join(root, "inputs"), ignore_errors=True)
-    overrides = tiny_cpu_overrides(os.path.join(root, "inputs"))
-    with open(done, "w") as fh:
-        json.dump(overrides, fh)
-    return overrides
+    return cached_tiny_cpu_overrides(root)
 
 
 def steps_done(run_dir: str) -> int:
