@@ -202,12 +202,16 @@ def load_llm(cfg: LLMConfig, dtype: Optional[torch.dtype] = None, grow_embedding
     return model, tokenizer
 
 
+def _full_rows(weight: torch.Tensor) -> int:
+    """Rows of a (possibly ZeRO-3 partitioned) matrix, read from its metadata: nothing is gathered."""
+    return int(getattr(weight, "ds_shape", weight.shape)[0])
+
+
 def _add_placeholder_rows(model, tokenizer, grow_embeddings: Optional[EmbeddingGrower] = None) -> None:
     """Make room for the placeholder ids and set their rows to the mean of the original rows."""
     new_ids = tokenizer.convert_tokens_to_ids(list(PLACEHOLDER_TOKENS))
     emb = model.get_input_embeddings()
-    with _zero3_gathered([emb.weight]):
-        rows = emb.weight.shape[0]
+    rows = _full_rows(emb.weight)
     needed = max(new_ids) + 1
     if needed > rows:
         if grow_embeddings is None:
@@ -218,8 +222,7 @@ def _add_placeholder_rows(model, tokenizer, grow_embeddings: Optional[EmbeddingG
         else:
             grow_embeddings(model, needed)
         emb = model.get_input_embeddings()
-        with _zero3_gathered([emb.weight]):
-            grown = emb.weight.shape[0]
+        grown = _full_rows(emb.weight)
         if grown < needed:
             raise BackboneError(f"model.llm.path: the input embedding has {grown} rows after growing it; "
                                 f"the placeholder tokens need {needed}")
