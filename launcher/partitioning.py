@@ -37,8 +37,7 @@ def grow_input_embeddings(model: torch.nn.Module, rows: int, ds_config: dict) ->
     old = model.get_input_embeddings()
     if not isinstance(old, torch.nn.Embedding):
         raise TypeError(f"grow_input_embeddings: the input embedding is a {type(old).__name__}, not an nn.Embedding")
-    with deepspeed.zero.GatheredParameters([old.weight]):
-        n_old, dim = old.weight.shape
+    n_old, dim = getattr(old.weight, "ds_shape", old.weight.shape)  # the full shape, nothing gathered
     if rows <= n_old:
         return
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
