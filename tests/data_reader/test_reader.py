@@ -264,3 +264,20 @@ def test_prompters_has_image_wins_and_image_present_stays(tmp_path):
     with pytest.raises(ValueError, match="q3"):
         next(iter(PairLoader(pattern, data_cfg=cfg, encode_fn=CharEncoder(), collate_text_fn=_LyingCollate(),
                              rank=0, world_size=1, pairs_per_rank=8, image_size=32)))
+
+
+class _Count(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        yield from range(3)
+
+
+@pytest.mark.parametrize("method,process", [("fork", "ForkProcess"), ("spawn", "SpawnProcess")])
+def test_worker_start_method_reaches_the_dataloader(method, process):
+    from data_shards.reader import _start_workers
+
+    it = _start_workers(_Count(), 1, method)
+    try:
+        assert type(it._workers[0]).__name__ == process
+        assert sorted(it) == [0, 1, 2]
+    finally:
+        it._shutdown_workers()
