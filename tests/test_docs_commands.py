@@ -222,10 +222,13 @@ def test_docs_command_runs(command, tiny_inputs, tmp_path, monkeypatch, capsys):
     work = str(tmp_path)
     shutil.copytree(tiny_inputs / "A", tmp_path / "A")
     argv = _substitute(command.split()[1:], work)
-    if "--out" in argv:  # the command's own output: written fresh, as on a first run
-        out = argv[argv.index("--out") + 1]
-        shutil.rmtree(out, ignore_errors=True) if os.path.isdir(out) else (os.path.exists(out) and os.remove(out))
+    out = argv[argv.index("--out") + 1] if "--out" in argv else None
+    if out and os.path.isdir(out):  # the command's own output: written fresh, as on a first run
+        shutil.rmtree(out)
+    elif out and os.path.exists(out):
+        os.remove(out)
     monkeypatch.chdir(REPO)
     rc = main(argv)
     captured = capsys.readouterr()
     assert rc == 0, f"{command}\n-> {argv}\nexit {rc}\n{captured.err[-3000:]}"
+    assert out is None or os.path.exists(out), f"{command}: wrote nothing to {out}"

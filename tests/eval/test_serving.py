@@ -188,3 +188,19 @@ def test_serving_gives_the_vectors_of_notellm2_embed(export_dir, tmp_path):
     vectors = NoteEncoder.from_pretrained(export_dir).encode(notes, batch_size=3)
     diff = max(float(np.abs(v - cli[n["note_id"]]).max()) for n, v in zip(notes, vectors))
     assert diff <= GAP, diff
+
+
+def test_a_bf16_load_stays_within_cosine_0999_of_the_fp32_reference(export_dir):
+    from launcher.serving import REFERENCE_NOTES, NoteEncoder, _resolve_images
+
+    ref = json.load(open(os.path.join(export_dir, REFERENCE_NOTES)))
+    stored = np.load(os.path.join(export_dir, "reference_embeddings.npz"))
+    by_id = {n["note_id"]: n for n in ref["notes"]}
+    enc = NoteEncoder.from_pretrained(export_dir, dtype=torch.bfloat16)
+    assert next(enc.note_model.llm.parameters()).dtype == torch.bfloat16
+    for mode, ids in ref["modes"].items():
+        vectors = enc.encode(_resolve_images([by_id[i] for i in ids], export_dir), mode=mode)
+        assert vectors.dtype == np.float32
+        cos = (vectors * stored[mode]).sum(axis=1)
+        assert cos.min() >= 0.999, (mode, cos)
+        assert np.abs(vectors - stored[mode]).max() > 0  # it did run in bf16
