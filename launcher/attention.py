@@ -264,20 +264,31 @@ def analyze_batches(note_model, vision_tower, batches: Iterable[dict], run: str,
     return report
 
 
-def pair_batches(shards, prompter, batch_size: int, image_size: int, seed: int = 0):
-    """Pair batches of `batch_size` pairs from pairs shards, as training reads them (one process, no
-    flips, no workers)."""
-    from data_shards.config import DataConfig
-    from data_shards.reader import PairLoader, expand_shards, index_shard
+def pair_shard_paths(shards) -> list[str]:
+    """The shard files of `shards`, checked to hold pairs (their first sample has q.json), or a one-line
+    AttentionAnalysisError naming the pattern or the file."""
+    from data_shards.reader import expand_shards, index_shard
 
     try:
         paths = expand_shards(shards)
     except (FileNotFoundError, ValueError) as e:
         raise AttentionAnalysisError(f"--shards: {e}") from None
     first = index_shard(paths[0])
-    if first.samples and not any(m[0] == "q.json" for m in first.samples[0][1]):
+    if not first.samples:
+        raise AttentionAnalysisError(f"--shards: {paths[0]} holds no sample ({first.problem or 'empty'})")
+    if not any(m[0] == "q.json" for m in first.samples[0][1]):
         raise AttentionAnalysisError(f"--shards: {paths[0]} holds no pairs (its first sample has no q.json); "
                                      "give pairs-*.tar shards")
+    return paths
+
+
+def pair_batches(shards, prompter, batch_size: int, image_size: int, seed: int = 0):
+    """Pair batches of `batch_size` pairs from pairs shards, as training reads them (one process, no
+    flips, no workers)."""
+    from data_shards.config import DataConfig
+    from data_shards.reader import PairLoader
+
+    paths = pair_shard_paths(shards)
     data_cfg = DataConfig(num_workers=0, random_flip=False, seed=seed)
     try:
         return PairLoader(paths, None, data_cfg=data_cfg, encode_fn=prompter.encode,

@@ -29,7 +29,8 @@ def _parse_models(values: list[str]) -> list[tuple[str, str]]:
 def _attention(args) -> int:
     import torch
 
-    from launcher.attention import AttentionAnalysisError, analyze_batches, load_model, pair_batches, write_outputs
+    from launcher.attention import (AttentionAnalysisError, analyze_batches, load_model, pair_batches,
+                                    pair_shard_paths, write_outputs)
     from launcher.export import ExportError, read_export_config
 
     def fail(message: str) -> int:
@@ -46,6 +47,10 @@ def _attention(args) -> int:
             read_export_config(path)
     except (ValueError, ExportError) as e:
         return fail(f"--model: {e}" if isinstance(e, ExportError) else str(e))
+    try:
+        pair_shard_paths(args.shards)
+    except AttentionAnalysisError as e:
+        return fail(str(e))
     torch.manual_seed(args.seed)
     reports = []
     for name, path in models:
