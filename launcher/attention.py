@@ -109,6 +109,9 @@ def batch_saliency(note_model, batch: dict, image_tokens=None, image_pooled=None
     if not out["loss"].requires_grad:
         raise AttentionAnalysisError("the loss has no gradient: are the model's parameters frozen?")
     grads = torch.autograd.grad(out["loss"], probs, allow_unused=True)
+    if all(g is None for g in grads):
+        raise AttentionAnalysisError(f"the attention probabilities of {type(llm).__name__} are not in the loss's "
+                                     "graph (were they returned detached?)")
     saliency = []
     for a, g in zip(probs, grads):
         s = torch.zeros(a.shape[0], a.shape[2], a.shape[3], device=a.device) if g is None else \
@@ -225,7 +228,7 @@ class FlowReport:
     def as_dict(self) -> dict:
         return {"run": self.run, "variant": self.variant, "num_layers": self.num_layers, "batches": self.batches,
                 "rows": self.rows, "image_rows": self.image_rows,
-                "image_flow": "absent" if all(v is None for v in self.raw("image")) else "present",
+                "image_flow": "absent" if self.image_absent or all(v is None for v in self.raw("image")) else "present",
                 "mean_loss": sum(self.losses) / len(self.losses) if self.losses else None,
                 "normalised": {f: self.normalised(f) for f in FLOWS}, "raw": {f: self.raw(f) for f in FLOWS}}
 
@@ -344,8 +347,8 @@ def plot(reports: list, path: str) -> None:
         for f in FLOWS:
             ys = r.normalised(f)
             if all(y is None for y in ys):
-                ax.text(0.5, 0.95, "image flow: absent (no image tokens)", transform=ax.transAxes,
-                        ha="center", va="top", fontsize=8, color=styles[f][0])
+                ax.text(0.5, 0.5, "image flow: absent\n(no image tokens in the LLM input)", transform=ax.transAxes,
+                        ha="center", va="center", fontsize=8, color=styles[f][0])
                 continue
             ax.plot(layers, [float("nan") if y is None else y for y in ys], color=styles[f][0],
                     marker=styles[f][1], ms=3, label=styles[f][2])
@@ -354,8 +357,9 @@ def plot(reports: list, path: str) -> None:
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("share of the layer's saliency flow")
-    axes[0][0].legend(fontsize=7, loc="center left")
-    fig.tight_layout()
+    handles = [plt.Line2D([], [], color=c, marker=m, ms=3, label=label) for c, m, label in styles.values()]
+    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     _atomic(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
     plt.close(fig)
 

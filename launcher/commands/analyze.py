@@ -73,7 +73,8 @@ def _attention(args) -> int:
         image = r.normalised("image")
         shown = "absent" if all(v is None for v in image) else \
             " ".join("-" if v is None else f"{v:.3f}" for v in image)
-        print(f"{r.run} ({r.variant}): {r.batches} batches, {r.rows} notes; image flow share per layer: {shown}")
+        short = f" (the shards hold only {r.batches} batches of {args.batch_size} pairs)" if r.batches < args.batches else ""
+        print(f"{r.run} ({r.variant}): {r.batches} batches{short}, {r.rows} notes; image flow share per layer: {shown}")
     print(f"wrote {paths['csv']}, {paths['png']}, {paths['json']}")
     return 0
 

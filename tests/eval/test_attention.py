@@ -225,6 +225,15 @@ def test_flows_match_a_hand_computation_on_a_two_layer_model(dirs, variant, padd
         assert report.counts["image"] == [5, 5] and report.counts["text"] == [6, 6]
 
 
+def test_left_and_right_padding_give_the_same_flows(dirs):
+    _, note_model, tower, prompter = _build(dirs, "notellm2")
+    reports = [analyze_batches(note_model, tower, [_batch(prompter, side)[0]], side, max_batches=1)
+               for side in ("right", "left")]
+    assert reports[0].counts == reports[1].counts
+    for f in FLOWS:
+        assert reports[1].raw(f) == pytest.approx(reports[0].raw(f), rel=1e-4)
+
+
 def _cut_image_from_representation(note_model, prompter):
     """A forward pre-hook on the LLM that turns its 2D mask into a 4D additive one in which the
     representation position of each row cannot attend to that row's image tokens (slot tokens, or
