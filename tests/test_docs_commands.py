@@ -46,9 +46,13 @@ RUN = [
     "notellm2 data validate --catalog notes.jsonl",
     "notellm2 data write-shards --pairs pairs_dir --catalog notes.jsonl --out shards_dir",
     "notellm2 data mine-pairs --views logs.parquet --out pairs_dir",
+    "notellm2 analyze attention --model EXPORT_DIR --shards data/shards/pairs-test-*.tar --out analysis/",
 ]
 
 ALLOWLIST = {
+    "notellm2 analyze attention --model basic_mm=exports/basic_mm notellm2=exports/notellm2 "
+    "text_only=exports/text_only --shards data/shards/pairs-test-*.tar --out analysis/ --batches 4 --batch-size 8":
+        "needs three trained exports of different variants; tests/eval/test_attention.py runs the CLI on two tiny ones",
     "notellm2 data import-openclipart --out A/catalog.jsonl":
         "long-running: reads and renders all 8,121 items of /usr/share/openclipart (scripts/demo.sh runs it; "
         "tests/data_openclipart covers the importer on a slice)",
@@ -66,6 +70,9 @@ PATHS = {
     "logs.parquet": "A/views.parquet",
     "pairs_dir": "A/pairs",
     "shards_dir": "A/shards",
+    "EXPORT_DIR": "A/export",
+    "data/shards/": "A/shards/",
+    "analysis/": "A/analysis/",
     "my.yaml": os.path.join(REPO, "configs", "paper_scale.yaml"),
 }
 

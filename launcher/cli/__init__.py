@@ -38,6 +38,7 @@ VERBS: VerbTable = {
     "embed": "launcher.cli.embed",
     "eval": "launcher.cli.eval",
     "plan": "launcher.cli.plan",
+    "analyze": "launcher.cli.analyze",
 }
 
 GROUP_HELP = {

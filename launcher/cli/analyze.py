@@ -1,0 +1,96 @@
+"""`notellm2 analyze attention --model EXPORT --shards PAIRS --out DIR`: the visual-neglect diagnosis.
+
+Per layer, the saliency flow of the batch contrastive loss into the representation position from
+image tokens, from text tokens, and between all other token pairs (launcher/attention.py), written as
+attention_flow.csv, attention_flow.png and attention_flow.json. Runs in one process."""
+from __future__ import annotations
+
+import os
+import sys
+
+
+def _parse_models(values: list[str]) -> list[tuple[str, str]]:
+    """`[NAME=]DIR` -> (name, dir); the name defaults to the directory's base name."""
+    out = []
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep:
+            name, path = os.path.basename(os.path.normpath(v)), v
+        if not name or not path:
+            raise ValueError(f"--model {v!r}: expected DIR or NAME=DIR")
+        out.append((name, path))
+    names = [n for n, _ in out]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"--model: the run name {dupes[0]!r} is given twice; name them NAME=DIR")
+    return out
+
+
+def _attention(args) -> int:
+    import torch
+
+    from launcher.attention import (AttentionAnalysisError, analyze_batches, load_model, pair_batches,
+                                    pair_shard_paths, write_outputs)
+    from launcher.serving import ExportError, read_export_config
+
+    def fail(message: str) -> int:
+        print(f"notellm2 analyze attention: {message}", file=sys.stderr)
+        return 2
+
+    if args.batches <= 0:
+        return fail(f"--batches: got {args.batches}; allowed: an integer > 0")
+    if args.batch_size <= 0:
+        return fail(f"--batch-size: got {args.batch_size}; allowed: an integer > 0 (pairs per batch)")
+    try:
+        models = _parse_models(args.model)
+        for _, path in models:  # every export is checked before the first one loads
+            read_export_config(path)
+    except (ValueError, ExportError) as e:
+        return fail(f"--model: {e}" if isinstance(e, ExportError) else str(e))
+    try:
+        pair_shard_paths(args.shards)
+    except AttentionAnalysisError as e:
+        return fail(str(e))
+    torch.manual_seed(args.seed)
+    reports = []
+    for name, path in models:
+        try:
+            note_model, tower, prompter = load_model(path, device=args.device)
+            image_size = tower.image_size if tower is not None else 224
+            batches = pair_batches(args.shards, prompter, args.batch_size, image_size, seed=args.seed)
+            report = analyze_batches(
+                note_model, tower, batches, name, args.batches, device=args.device,
+                progress=lambda k, loss: print(f"[analyze] {name}: batch {k}/{args.batches}, loss {loss:.4f}",
+                                               flush=True))
+        except (AttentionAnalysisError, ExportError) as e:
+            return fail(str(e))
+        reports.append(report)
+        del note_model, tower
+    meta = {"models": {n: os.path.abspath(p) for n, p in models}, "shards": args.shards,
+            "batches": args.batches, "pairs_per_batch": args.batch_size, "seed": args.seed}
+    paths = write_outputs(reports, args.out, meta)
+    for r in reports:
+        image = r.normalised("image")
+        shown = "absent" if all(v is None for v in image) else \
+            " ".join("-" if v is None else f"{v:.3f}" for v in image)
+        short = f" (the shards hold only {r.batches} batches of {args.batch_size} pairs)" if r.batches < args.batches else ""
+        print(f"{r.run} ({r.variant}): {r.batches} batches{short}, {r.rows} notes; image flow share per layer: {shown}")
+    print(f"wrote {paths['csv']}, {paths['png']}, {paths['json']}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("analyze", help="diagnose a trained model (attention: the visual-neglect saliency flows)")
+    asub = p.add_subparsers(dest="analyze_verb", metavar="<analysis>")
+    a = asub.add_parser("attention", help="per-layer saliency flow of the contrastive loss into the representation "
+                                          "from image tokens, text tokens and all other pairs (CSV + PNG)")
+    a.add_argument("--model", required=True, nargs="+", metavar="[NAME=]DIR",
+                   help="one or more directories written by `notellm2 export` (one panel each)")
+    a.add_argument("--shards", required=True, help="pairs shards (glob or brace pattern), e.g. pairs-test-*.tar")
+    a.add_argument("--out", required=True, help="output folder (attention_flow.csv, .png, .json)")
+    a.add_argument("--batches", type=int, default=4, help="pair batches to average over (default 4)")
+    a.add_argument("--batch-size", type=int, default=8, help="pairs per batch (default 8; the loss sees 2x notes)")
+    a.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    a.add_argument("--seed", type=int, default=0, help="the reader's shuffle seed (default 0)")
+    a.set_defaults(handler=_attention)
+    p.set_defaults(handler=lambda args: (p.print_help(), 2)[1])
