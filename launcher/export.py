@@ -66,9 +66,16 @@ def _llm_config(model_cfg, state: dict):
         layer_types = getattr(config, "layer_types", None)
         if isinstance(layer_types, (list, tuple)) and len(layer_types) > model_cfg.llm.num_layers:
             config.layer_types = list(layer_types[: model_cfg.llm.num_layers])
-    emb = [k for k in state if k.startswith("llm.") and k.endswith("embed_tokens.weight")]
-    if emb:
-        config.vocab_size = int(state[emb[0]].shape[0])
+    # The input embedding's parameter name, asked of the architecture itself (Llama: embed_tokens, BERT:
+    # embeddings.word_embeddings), on the meta device so nothing is allocated.
+    from transformers import AutoModel
+
+    with torch.device("meta"):
+        skeleton = AutoModel.from_config(config)
+    weight = skeleton.get_input_embeddings().weight
+    name = next((n for n, p in skeleton.named_parameters() if p is weight), None)
+    if name is not None and f"llm.{name}" in state:
+        config.vocab_size = int(state[f"llm.{name}"].shape[0])
     config.use_cache = False
     return config
 

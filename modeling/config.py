@@ -86,6 +86,9 @@ class FusionConfig:
 @dataclass
 class HeadConfig:
     """The linear output head before L2 normalisation."""
+    # false: no linear map, the representation itself is L2-normalised (model.embed_dim must then equal
+    # the backbone's width). A pretrained sentence encoder (text_two_tower) starts from its own space.
+    projection: bool = True
     bias: bool = True
     init: Literal[INITS] = "default"  # type: ignore[valid-type]
     init_std: float = field(default=0.02, metadata=_init_std())

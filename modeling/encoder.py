@@ -102,7 +102,11 @@ class NoteModel(nn.Module):
         else:
             last_pos, vis_pos = marker_positions(input_ids, mask, self.img_emb_id)
         rows = torch.arange(hs.shape[0], device=hs.device)
-        note = hs[rows, last_pos]
+        if self.spec.pooling == "mean":  # text_two_tower: the mean over the real tokens (sentence-transformers' pooling)
+            m = mask.to(hs.dtype).unsqueeze(-1)
+            note = (hs * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)
+        else:
+            note = hs[rows, last_pos]
         result = {"note": note}
         if self.spec.micl:
             vis = hs[rows, vis_pos.clamp(min=0)]
@@ -189,7 +193,11 @@ def build_note_model(model_cfg: ModelConfig, loss_cfg: LossConfig, vision_tower:
     fcfg, hcfg = model_cfg.fusion, model_cfg.head
     gate = LateFusionGate(llm_dim, vision_tower.pooled_dim, bias=fcfg.bias, init=fcfg.init,
                           init_std=fcfg.init_std) if spec.late_fusion else None
-    head = EmbeddingHead(llm_dim, model_cfg.embed_dim, bias=hcfg.bias, init=hcfg.init, init_std=hcfg.init_std)
+    if not hcfg.projection and model_cfg.embed_dim != llm_dim:
+        raise ValueError(f"model.embed_dim: got {model_cfg.embed_dim}, but model.head.projection is false, so the "
+                         f"embedding is the backbone's width; set model.embed_dim: {llm_dim}")
+    head = EmbeddingHead(llm_dim, model_cfg.embed_dim, bias=hcfg.bias, init=hcfg.init, init_std=hcfg.init_std,
+                         projection=hcfg.projection)
     img_id, img_emb_id = tokenizer.convert_tokens_to_ids([IMG_TOKEN, IMG_EMB_TOKEN])
     if img_id is None or img_id == tokenizer.unk_token_id:
         raise ValueError("build_note_model: the tokenizer lacks the placeholder tokens; load it with modeling.backbone.load_llm/load_tokenizer")

@@ -73,10 +73,14 @@ class LateFusionGate(nn.Module):
 
 
 class EmbeddingHead(nn.Module):
-    def __init__(self, llm_dim: int, embed_dim: int, bias: bool = True, init: str = "default", init_std: float = 0.02):
+    def __init__(self, llm_dim: int, embed_dim: int, bias: bool = True, init: str = "default", init_std: float = 0.02,
+                 projection: bool = True):
         super().__init__()
-        self.linear = Fp32Linear(llm_dim, embed_dim, bias=bias)
-        init_linear(self.linear, init, init_std, key="model.head.init")
+        self.linear = Fp32Linear(llm_dim, embed_dim, bias=bias) if projection else None
+        if self.linear is not None:
+            init_linear(self.linear, init, init_std, key="model.head.init")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.linear is None:  # model.head.projection false: the representation itself, in fp32
+            return F.normalize(x.float(), dim=-1)
         return F.normalize(self.linear(x), dim=-1)  # fp32 in, fp32 out (Fp32Linear)

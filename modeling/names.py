@@ -12,6 +12,9 @@ Variants (`model.variant`):
     late_fusion        text prompt; pooled ViT feature fused by the gate
     late_early_fusion  basic_mm prompt + gate
     notellm2           mICL prompt + gate on both representations
+    text_two_tower     the text two-tower baseline: raw text (title, topics, content), no note prompt,
+                       mean pooling over the tokens; meant for an encoder backbone such as
+                       all-MiniLM-L6-v2 (one shared, siamese encoder for both sides of a pair)
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ class VariantSpec:
     image_in_prompt: bool  # a connector feeds image tokens into the LLM
     micl: bool             # mICL: a second (visual) representation and the mixed loss
     late_fusion: bool      # the gate mixes the pooled ViT feature into the representation(s)
+    pooling: str = "last"  # the note representation: "last" real token's hidden state, or the "mean" over tokens
 
     @property
     def uses_images(self) -> bool:
@@ -39,6 +43,7 @@ VARIANT_SPECS: dict[str, VariantSpec] = {
     "late_fusion": VariantSpec("text", False, False, True),
     "late_early_fusion": VariantSpec("basic_mm", True, False, True),
     "notellm2": VariantSpec("micl", True, True, True),
+    "text_two_tower": VariantSpec("raw", False, False, False, pooling="mean"),
 }
 VARIANTS = tuple(VARIANT_SPECS)
 

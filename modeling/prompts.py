@@ -12,6 +12,8 @@ English templates (`model.prompt_language: en`)::
     basic_mm  Note: {"image": <IMG>, "title": "T", "topic": "P", "content": "C"}, compress into one word: "
     micl      Note: {"image": <IMG>}, compress into one word: "<IMG_EMB>". Note: {"title": "T", "topic": "P", "content": "C"}, compress into one word: "
     image     Note: {"image": <IMG>}, compress into one word: "
+    raw       T P C   (text_two_tower: the fields alone, joined by spaces, inside the tokenizer's own
+                       special tokens, e.g. BERT's [CLS] ... [SEP]; no template, no marker)
 
 The note representation is the last layer's hidden state at the last real token (the closing `"`);
 the mICL visual representation is the hidden state immediately before `<IMG_EMB>`. Note that the
@@ -42,6 +44,7 @@ _TEMPLATES = {
         "micl": ['Note: {"image": ', IMG, '}, compress into one word: "', EMB, '". Note: {"title": "', "title",
                  '", "topic": "', "topic", '", "content": "', "content", '"}, compress into one word: "'],
         "image": ['Note: {"image": ', IMG, '}, compress into one word: "'],
+        "raw": ["title", " ", "topic", " ", "content"],
         "topic_sep": ", ",
     },
     # The paper's Chinese wording.
@@ -52,6 +55,7 @@ _TEMPLATES = {
         "micl": ['笔记：{"图片": ', IMG, '}，压缩为一个词：“', EMB, '”。笔记：{"标题": "', "title", '", "话题": "', "topic",
                  '", "内容": "', "content", '"}，压缩为一个词：“'],
         "image": ['笔记：{"图片": ', IMG, '}，压缩为一个词：“'],
+        "raw": ["title", " ", "topic", " ", "content"],
         "topic_sep": "，",
     },
 }
@@ -124,7 +128,7 @@ class NotePrompter:
         spec = variant_spec(variant)
         self.kind = spec.prompt
         self.uses_images = spec.uses_images
-        if self.kind != "text" and num_image_tokens <= 0:
+        if spec.image_in_prompt and num_image_tokens <= 0:
             raise PromptError(f"NotePrompter: variant {variant!r} puts image tokens in the prompt; num_image_tokens "
                               f"must be > 0 (the connector's output count), got {num_image_tokens}")
         vocab = tokenizer.get_vocab()
@@ -135,24 +139,25 @@ class NotePrompter:
         self.img_emb_id = tokenizer.convert_tokens_to_ids(IMG_EMB_TOKEN)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.control_ids = frozenset({self.img_id, self.img_emb_id})
-        self.prefix = self._bos_prefix()
+        self.prefix, self.suffix = self._special_affixes()
         tpl = _TEMPLATES[language]
         self.topic_sep = tpl["topic_sep"]
         # Literal template pieces encoded once.
-        self.templates = {name: [self._segment(s) for s in tpl[name]] for name in ("text", "basic_mm", "micl", "image")}
+        self.templates = {name: [self._segment(s) for s in tpl[name]] for name in ("text", "basic_mm", "micl", "image", "raw")}
 
     # ------------------------------------------------------------------ encoding
 
-    def _bos_prefix(self) -> list[int]:
-        """The ids the tokenizer puts before text by default (Llama: [BOS]; Qwen2: none). A trailing EOS
-        is never added: the prompt must end at the compression quote."""
+    def _special_affixes(self) -> tuple[list[int], list[int]]:
+        """The ids the tokenizer puts before and after text by default (Llama: [BOS] and nothing; BERT:
+        [CLS] and [SEP]). Note prompts use only the prefix: they must end at the compression quote. The
+        raw text of text_two_tower uses both, as its encoder saw them in pre-training."""
         tok = self.tokenizer
         plain = tok("Note", add_special_tokens=False)["input_ids"]
         full = tok("Note", add_special_tokens=True)["input_ids"]
         for start in range(len(full) - len(plain) + 1):
             if full[start:start + len(plain)] == plain:
-                return list(full[:start])
-        return []
+                return list(full[:start]), list(full[start + len(plain):])
+        return [], []
 
     def _segment(self, seg: str) -> tuple:
         """Template piece -> ("img",) | ("emb",) | ("field", name) | ("lit", ids) (plain data: picklable)."""
@@ -179,7 +184,9 @@ class NotePrompter:
         why = probe_unavailable(self.variant, mode)
         if why:
             raise PromptError(f"note {_nid(note)}: {why}")
-        if mode == "text" or not self.uses_images:
+        if self.kind == "raw":
+            name = "raw"
+        elif mode == "text" or not self.uses_images:
             name = "text"
         elif mode == "image":
             if not has_image:
@@ -206,6 +213,8 @@ class NotePrompter:
                 ids.extend(fields[seg[1]])
             else:
                 ids.extend(seg[1])
+        if name == "raw":
+            ids.extend(self.suffix)
         return {"input_ids": ids, "has_image": bool(uses_image)}
 
     def _check_note(self, note: dict):

@@ -234,8 +234,10 @@ VISION_KINDS: dict[str, type[VisionTower]] = {"hf": HFVisionTower, "plugin": Plu
 
 def build_vision_tower(cfg: VisionConfig, variant: Optional[str] = None,
                        dtype: Optional[torch.dtype] = None) -> Optional[VisionTower]:
-    """The frozen tower for `cfg`, or None when `variant` is text_only (no image is used)."""
-    if variant == "text_only":
+    """The frozen tower for `cfg`, or None when `variant` uses no image (text_only, text_two_tower)."""
+    from modeling.names import variant_spec
+
+    if variant is not None and not variant_spec(variant).uses_images:
         return None
     cls = VISION_KINDS.get(cfg.kind)
     if cls is None:

