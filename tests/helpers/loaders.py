@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 
-def pair_loader(shards, manifest=None, *, B: int = 4, image_size: int = 32, rank: int = 0, world_size: int = 1,
+def pair_loader(shards, B: int = 4, image_size: int = 32, rank: int = 0, world_size: int = 1, manifest=None, *,
                 encode_fn=None, collate_text_fn=None, **options):
     from data_shards.config import DataConfig
     from data_shards.reader import PairLoader
