@@ -228,13 +228,26 @@ def add_import(text):
     return "".join(lines)
 
 
-def merged_call(first, defaults, extra):
-    """pair_loader(<first>, k=v, ...): `defaults`, then the call's own `, k=v` keywords over them."""
+def merged_call(m, first, defaults, extra):
+    """pair_loader(<first>, k=v, ...): `defaults`, then the call's own `, k=v` keywords over them; wrapped
+    under its opening parenthesis when the line would pass 110 characters."""
     kwargs = dict(defaults)
     for part in filter(None, (extra or "").split(",")):
         k, v = part.split("=", 1)
         kwargs[k.strip()] = v.strip()
-    return f"pair_loader({first}, " + ", ".join(f"{k}={v}" for k, v in kwargs.items()) + ")"
+    args = [first] + [f"{k}={v}" for k, v in kwargs.items()]
+    col = m.start() - (m.string.rfind("\n", 0, m.start()) + 1)
+    line_end = m.string.find("\n", m.end())
+    rest = len(m.string[m.end():line_end if line_end >= 0 else None])
+    lines, cur = [], "pair_loader("
+    for i, a in enumerate(args):
+        piece = a + ("" if i == len(args) - 1 else ", ")
+        if lines or len(cur) > len("pair_loader("):
+            if col + len(cur) + len(piece.rstrip()) > 110 - (rest if i == len(args) - 1 else 0):
+                lines.append(cur.rstrip())
+                cur = " " * (col + len("pair_loader("))
+        cur += piece
+    return "\n".join(lines + [cur + ")"])
 
 
 KW = r"((?:, \w+=[\w.]+)*)"  # the keyword arguments of a call: ", name=value" ...
@@ -243,13 +256,13 @@ SWITCHES = [  # file, local builder, [(call pattern, rewrite(match, removed def)
      [(re.compile(r"\bmake_loader\("), lambda m, d: "pair_loader(")]),
     (f"{READER}/test_pixel_slots.py", "pair_loader",  # pair_loader(pattern, workers, **cfg), 3 pairs
      [(re.compile(r"\bpair_loader\(([\w.]+), (\d+)" + KW + r"\)"),
-       lambda m, d: merged_call(m.group(1), {"B": "3", "num_workers": m.group(2),
+       lambda m, d: merged_call(m, m.group(1), {"B": "3", "num_workers": m.group(2),
                                              # before the uint8-only reader: its builder's normalize=False
                                              **({"normalize": "False"} if "normalize=normalize" in d else {})},
                                 m.group(3)))]),
     (f"{READER}/test_bad_input.py", "loader_for",  # loader_for(tmp_path, policy, num_workers=2, B=4)
      [(re.compile(r'\bloader_for\(tmp_path, ("[a-z_]+")' + KW + r"\)"),
-       lambda m, d: merged_call('str(tmp_path / "pairs-train-*.tar")',
+       lambda m, d: merged_call(m, 'str(tmp_path / "pairs-train-*.tar")',
                                 {"num_workers": "2", "shuffle_buffer": "4", "max_image_pixels": "10_000_000",
                                  "bad_sample_policy": m.group(1)}, m.group(2)))]),
 ]
