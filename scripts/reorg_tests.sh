@@ -14,14 +14,88 @@
 #   tests/slurm/                          (unchanged)
 #   tests/e2e/                            the demo smoke and the real end-to-end runs
 #
-# FILE_MAP moves single files (applied first; they are the exceptions to the folder rules);
-# DIR_MAP moves every other file of a folder, keeping its relative path, so test files added there
-# later move too (each is reported). A test module directly under tests/ that is in neither table
+# The table below lists every file (FILE_MAP, applied first) and every folder rule (DIR_MAP: every
+# other file of a folder keeps its relative path, so test files added there later move too, each
+# one reported). A test module directly under tests/ that is in neither table
 # is reported and left where it is. Afterwards every mention of a moved path or module is rewritten
 # in every tracked text file (imports, "module:function" strings given to run_ranks, script paths
 # given to torchrun, docs, benchmarks, scripts), as is any `REPO = os.path.dirname(...(__file__))`
 # in tests (REPO is computed once, in tests/helpers/paths.py).
 set -euo pipefail
+
+# The mapping table: old path -> new path (a trailing / marks a folder rule).
+REORG_TABLE=$(cat <<'TABLE'
+# old path                                       new path
+# --- files (today's, and those the parallel branches add) ---
+tests/_rank_entry.py                             tests/helpers/rank_entry.py
+tests/data_catalog/test_catalog.py               tests/data_shards/catalog/test_catalog.py
+tests/data_catalog/test_cli_data.py              tests/data_shards/catalog/test_cli_data.py
+tests/data_catalog/test_ids.py                   tests/data_shards/catalog/test_ids.py
+tests/data_catalog/test_image_guard.py           tests/data_shards/catalog/test_image_guard.py
+tests/data_catalog/test_pipeline.py              tests/data_shards/catalog/test_pipeline.py
+tests/data_catalog/test_synthetic.py             tests/data_shards/catalog/test_synthetic.py
+tests/data_catalog/test_writer.py                tests/data_shards/catalog/test_writer.py
+tests/data_mining/test_cli_and_reference.py      tests/data_shards/mining/test_cli_and_reference.py
+tests/data_mining/test_mining.py                 tests/data_shards/mining/test_mining.py
+tests/data_openclipart/test_openclipart.py       tests/data_shards/openclipart/test_openclipart.py
+tests/data_reader/dist_cases.py                  tests/data_shards/reader/dist_cases.py
+tests/data_reader/helpers.py                     tests/helpers/shards.py
+tests/data_reader/test_bad_input.py              tests/data_shards/reader/test_bad_input.py
+tests/data_reader/test_bench_loader.py           tests/data_shards/reader/test_bench_loader.py
+tests/data_reader/test_multirank_reader.py       tests/data_shards/reader/test_multirank_reader.py
+tests/data_reader/test_pixel_slots.py            tests/data_shards/reader/test_pixel_slots.py
+tests/data_reader/test_reader.py                 tests/data_shards/reader/test_reader.py
+tests/data_reader/test_with_prompter.py          tests/data_shards/reader/test_with_prompter.py
+tests/data_reader/test_writer_to_reader.py       tests/data_shards/reader/test_writer_to_reader.py
+tests/dist_cases_harness.py                      tests/helpers/harness_cases.py
+tests/eval/test_embed.py                         tests/launcher/eval/test_embed.py
+tests/eval/test_eval_cli.py                      tests/launcher/eval/test_eval_cli.py
+tests/eval/test_probes.py                        tests/launcher/eval/test_probes.py
+tests/eval/test_recall.py                        tests/launcher/eval/test_recall.py
+tests/fixtures.py                                tests/helpers/models.py
+tests/fixtures_data.py                           tests/helpers/data.py
+tests/multirank.py                               tests/helpers/multirank.py
+tests/plan/test_plan.py                          tests/launcher/plan/test_plan.py
+tests/slurm/real_inputs.py                       tests/helpers/real_inputs.py
+tests/test_cli.py                                tests/launcher/test_cli.py
+tests/test_config.py                             tests/launcher/test_config.py
+tests/test_demo.py                               tests/e2e/test_demo.py
+tests/test_gpu_check.py                          tests/e2e/test_gpu_check.py
+tests/test_multirank_harness.py                  tests/helpers/test_multirank_harness.py
+tests/test_paper_recipe.py                       tests/launcher/test_paper_recipe.py
+tests/train/collective_cases.py                  tests/launcher/train/collective_cases.py
+tests/train/common.py                            tests/helpers/double_runs.py
+tests/train/doubles.py                           tests/helpers/doubles.py
+tests/train/engine_grad_cases.py                 tests/launcher/train/engine_grad_cases.py
+tests/train/real_setup.py                        tests/helpers/real_setup.py
+tests/train/run_double.py                        tests/helpers/run_double.py
+tests/train/test_collectives.py                  tests/launcher/train/test_collectives.py
+tests/train/test_compare_scalars.py              tests/launcher/train/test_compare_scalars.py
+tests/train/test_engine.py                       tests/launcher/train/test_engine.py
+tests/train/test_engine_gradients.py             tests/launcher/train/test_engine_gradients.py
+tests/train/test_partitioning.py                 tests/launcher/train/test_partitioning.py
+tests/train/test_preempt_one_rank.py             tests/launcher/train/test_preempt_one_rank.py
+tests/train/test_real.py                         tests/e2e/test_real_training.py
+tests/train/test_soak.py                         tests/e2e/test_soak.py
+tests/train/test_temperature_clamp.py            tests/launcher/train/test_temperature_clamp.py
+tests/train/test_units.py                        tests/launcher/train/test_units.py
+tests/data_reader/test_batch_contract.py         tests/data_shards/reader/test_batch_contract.py   # reader branch
+tests/eval/test_serving.py                       tests/launcher/eval/test_serving.py   # cli branch
+tests/eval/test_attention.py                     tests/launcher/eval/test_attention.py   # attn branch
+tests/eval/test_search.py                        tests/launcher/eval/test_search.py   # evalx branch
+tests/test_docs_commands.py                      tests/e2e/test_docs_commands.py   # cli branch
+tests/modeling/conftest.py                       tests/conftest.py   # merged into the root conftest already; listed so a stray copy is reported
+# --- folders: every other file below old/ keeps its relative path below new/ (and is reported) ---
+tests/data_catalog/                              tests/data_shards/catalog/
+tests/data_mining/                               tests/data_shards/mining/
+tests/data_openclipart/                          tests/data_shards/openclipart/
+tests/data_reader/                               tests/data_shards/reader/
+tests/train/                                     tests/launcher/train/
+tests/eval/                                      tests/launcher/eval/
+tests/plan/                                      tests/launcher/plan/
+TABLE
+)
+export REORG_TABLE
 [ -f pytest.ini ] && [ -d tests ] || { echo "reorg_tests: run from the repository root" >&2; exit 2; }
 PY=${PYTHON:-}
 if [ -z "$PY" ]; then
@@ -36,38 +110,15 @@ import shutil
 import subprocess
 import sys
 
-FILE_MAP = [  # old path -> new path
-    ("tests/fixtures.py", "tests/helpers/models.py"),
-    ("tests/fixtures_data.py", "tests/helpers/data.py"),
-    ("tests/multirank.py", "tests/helpers/multirank.py"),
-    ("tests/_rank_entry.py", "tests/helpers/rank_entry.py"),
-    ("tests/dist_cases_harness.py", "tests/helpers/harness_cases.py"),
-    ("tests/test_multirank_harness.py", "tests/helpers/test_multirank_harness.py"),
-    ("tests/data_reader/helpers.py", "tests/helpers/shards.py"),
-    ("tests/train/common.py", "tests/helpers/double_runs.py"),
-    ("tests/train/doubles.py", "tests/helpers/doubles.py"),
-    ("tests/train/run_double.py", "tests/helpers/run_double.py"),
-    ("tests/train/real_setup.py", "tests/helpers/real_setup.py"),
-    ("tests/slurm/real_inputs.py", "tests/helpers/real_inputs.py"),
-    ("tests/train/test_real.py", "tests/e2e/test_real_training.py"),
-    ("tests/train/test_soak.py", "tests/e2e/test_soak.py"),
-    ("tests/test_demo.py", "tests/e2e/test_demo.py"),
-    ("tests/test_gpu_check.py", "tests/e2e/test_gpu_check.py"),
-    ("tests/test_docs_commands.py", "tests/e2e/test_docs_commands.py"),  # added by the CLI branch
-    ("tests/test_cli.py", "tests/launcher/test_cli.py"),
-    ("tests/test_config.py", "tests/launcher/test_config.py"),
-    ("tests/test_paper_recipe.py", "tests/launcher/test_paper_recipe.py"),
-    ("tests/modeling/conftest.py", "tests/conftest.py"),  # already merged into the root conftest on main
-]
-DIR_MAP = [  # old folder -> new folder (every file not in FILE_MAP, same relative path)
-    ("tests/data_catalog", "tests/data_shards/catalog"),
-    ("tests/data_mining", "tests/data_shards/mining"),
-    ("tests/data_openclipart", "tests/data_shards/openclipart"),
-    ("tests/data_reader", "tests/data_shards/reader"),
-    ("tests/train", "tests/launcher/train"),
-    ("tests/eval", "tests/launcher/eval"),
-    ("tests/plan", "tests/launcher/plan"),
-]
+FILE_MAP, DIR_MAP = [], []
+for row in os.environ["REORG_TABLE"].splitlines():
+    row = row.split("#", 1)[0].split()
+    if not row:
+        continue
+    old, new = row
+    if old.endswith("/") != new.endswith("/"):
+        sys.exit(f"reorg_tests: table row {old} {new}: both or neither must be folders (trailing /)")
+    (DIR_MAP if old.endswith("/") else FILE_MAP).append((old.rstrip("/"), new.rstrip("/")))
 KEEP_DIRS = ("tests/modeling", "tests/slurm", "tests/helpers", "tests/e2e", "tests/launcher", "tests/data_shards")
 KEEP_ROOT = ("tests/__init__.py", "tests/conftest.py")
 NEW_PACKAGES = ("tests/helpers", "tests/e2e", "tests/launcher", "tests/data_shards")
@@ -94,7 +145,8 @@ for path in tracked("tests"):
             if path.startswith(old_dir + "/"):
                 new = new_dir + path[len(old_dir):]
                 if path.endswith(".py") and not path.endswith("__init__.py"):
-                    notes.append(f"moved by the folder rule {old_dir}/ -> {new_dir}/: {path}")
+                    notes.append(f"NEW FILE moved by the folder rule {old_dir}/ -> {new_dir}/: {path} "
+                                 "(add it to the table)")
                 break
     if new is None:
         top = path.split("/")
