@@ -8,8 +8,12 @@ import sys
 # Run as a script, this file puts tests/ first on sys.path, where the test package tests/modeling would
 # shadow the modeling package; its submodules then came from wherever notellm2 is pip-installed
 # (an editable install of another checkout: a worktree's ranks ran that checkout's modeling code).
-# The repository root goes first instead.
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The repository root (the folder above this file that holds pytest.ini; wherever under tests/ this
+# file lives) goes first instead.
+_root = os.path.dirname(os.path.abspath(__file__))
+while not os.path.exists(os.path.join(_root, "pytest.ini")) and os.path.dirname(_root) != _root:
+    _root = os.path.dirname(_root)
+sys.path[0] = _root
 
 import torch.distributed as dist  # noqa: E402
 

@@ -8,7 +8,7 @@
 
 Every function returns a directory path (str) that `from_pretrained` reads. Weights come from a
 fixed seed, so two processes that build the same fixture get identical models. Each call takes
-well under a second; pytest fixtures in `tests/modeling/conftest.py` share one copy per session.
+well under a second; the `tiny` fixture in `tests/conftest.py` shares one copy per session.
 """
 from __future__ import annotations
 

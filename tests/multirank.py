@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers.paths import REPO, repo_path
+
+RANK_ENTRY = repo_path("tests/_rank_entry.py")  # a script: torchrun runs it by path
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 
 
@@ -110,7 +112,7 @@ def run_ranks(target: str, nproc: int = 2, timeout: float = 120, kwargs: dict | 
               env: dict | None = None, check: bool = True) -> RankResult:
     """Run `module:function(**kwargs)` in every rank after gloo init; collect return values."""
     out_dir = tempfile.mkdtemp(prefix="multirank-ret-")
-    args = [os.path.join(REPO, "tests", "_rank_entry.py"), target, json.dumps(kwargs or {}), out_dir]
+    args = [RANK_ENTRY, target, json.dumps(kwargs or {}), out_dir]
     result = run_command(args, nproc=nproc, timeout=timeout, env=env, check=check)
     for path in glob.glob(os.path.join(out_dir, "rank*.json")):
         with open(path) as fh:

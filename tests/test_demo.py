@@ -14,7 +14,8 @@ import subprocess
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers.paths import REPO
+from tests.helpers.runs import read_metrics
 
 
 @pytest.mark.slow
@@ -22,14 +23,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_demo_smoke_runs_the_whole_pipeline(tmp_path):
     out = tmp_path / "demo"
     env = dict(os.environ, DEMO_SMOKE="1", DEMO_DIR=str(out))
-    proc = subprocess.run(["bash", "scripts/demo.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+    proc = subprocess.run(["bash", "scripts/demo.sh"], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=1100)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
     assert "[demo] done in" in proc.stdout
 
     # training: 4 steps on 2 ranks, checkpoints at 2 and 4, finite losses
-    steps = [json.loads(line) for line in open(out / "run" / "metrics.jsonl")]
+    steps = read_metrics(str(out / "run"))
     train_steps = [s for s in steps if "loss/total" in s]
     assert [s["step"] for s in train_steps] == [1, 2, 3, 4]
     assert all(math.isfinite(s["loss/total"]) for s in train_steps)

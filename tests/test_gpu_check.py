@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers.paths import REPO
+
 SCRIPT = os.path.join(REPO, "scripts", "gpu_check.sh")
 CONFIGS = ("zero3-bf16-sdpa", "zero2-bf16-sdpa", "zero3-bf16-fa2")
 OFFLOAD = "zero3-offload-bf16-sdpa"

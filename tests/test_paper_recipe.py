@@ -14,9 +14,9 @@ from torch import nn
 from launcher.config import load_config
 from launcher.optim import lr_lambda, param_groups
 from tests import fixtures
+from tests.helpers.paths import repo_path
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PAPER = os.path.join(REPO, "configs", "paper_scale.yaml")
+PAPER = repo_path("configs/paper_scale.yaml")
 
 
 @pytest.fixture(scope="module")

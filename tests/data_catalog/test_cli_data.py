@@ -6,7 +6,7 @@ import sys
 
 from launcher.cli import main
 from tests.fixtures_data import synthetic_catalog, synthetic_pairs, write_garbage
-from tests.multirank import REPO
+from tests.helpers.paths import REPO
 
 NOTELLM2 = os.path.join(os.path.dirname(sys.executable), "notellm2")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from data_shards.ids import note_id_hash  # the ids the reader gives the loss
 from modeling.config import ConnectorConfig, LLMConfig, LossConfig, ModelConfig, VisionConfig
 from modeling.encoder import build_all
 
@@ -32,14 +33,10 @@ def _pixels(note_id: str, size: int) -> torch.Tensor:
 def _batch(prompter, tower, pairs):
     notes = [q for q, _ in pairs] + [t for _, t in pairs]
     batch = prompter.collate([prompter.encode(n) for n in notes])
-    batch["note_ids"] = torch.tensor([hash_id(n["note_id"]) for n in notes], dtype=torch.long)
+    batch["note_ids"] = torch.tensor([note_id_hash(n["note_id"]) for n in notes], dtype=torch.long)
     px = torch.stack([_pixels(n["note_id"], tower.image_size) for n in notes])
     tokens, pooled = tower(px)
     return batch, tokens, pooled
-
-
-def hash_id(s: str) -> int:
-    return sum(ord(c) * 131 ** i for i, c in enumerate(s)) % (2 ** 62)
 
 
 def _detached_gather(x):

@@ -5,7 +5,8 @@ import os
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers.paths import REPO
+
 MODULES = ["modeling", "modeling.config", "modeling.backbone", "modeling.vision", "modeling.connector",
            "modeling.prompts", "modeling.fusion", "modeling.loss", "modeling.encoder",
            "modeling.plugins.efficientnet_lite"]

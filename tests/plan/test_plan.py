@@ -16,7 +16,8 @@ import torch
 from launcher.config import load_config
 from launcher.plan import (GiB, LLMArch, PlanError, count_params, format_plan, llm_activation_bytes, llm_arch,
                            make_plan)
-from tests.multirank import REPO, base_env
+from tests.multirank import base_env
+from tests.helpers.paths import REPO
 
 PAPER = os.path.join(REPO, "configs", "paper_scale.yaml")
 QWEN_SMALL = dict(model_type="qwen2", hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,

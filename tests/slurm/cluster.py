@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from tests.multirank import REPO, free_port
+from tests.multirank import free_port
+from tests.helpers.paths import REPO
 
 LOCAL_CLUSTER = os.path.join(REPO, "slurm", "local_cluster.sh")
 TRAIN_SBATCH = os.path.join(REPO, "slurm", "train.sbatch")

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import os
 
-from tests.multirank import REPO
+from tests.helpers.paths import TINY_CPU  # noqa: F401  (the config these overrides complete; importers use it)
 from tests.train.real_setup import build_inputs
-
-TINY_CPU = os.path.join(REPO, "configs", "tiny_cpu.yaml")
 
 
 def tiny_cpu_overrides(root: str) -> list[str]:

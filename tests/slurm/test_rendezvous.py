@@ -10,7 +10,9 @@ import threading
 
 import pytest
 
-from tests.multirank import REPO, free_port, run_command
+from tests.multirank import free_port, run_command
+from tests.helpers.paths import REPO
+from tests.helpers.runs import logged_steps
 from tests.slurm.cluster import RENDEZVOUS
 from tests.slurm.real_inputs import TINY_CPU, tiny_cpu_overrides
 
@@ -86,5 +88,4 @@ def test_two_launchers_as_two_nodes_train_together(tmp_path):
     # One rank per launcher: exactly one of them hosts global rank 0 (with the c10d backend the
     # rendezvous, not --node-rank, orders the nodes).
     assert sum("[rank 0] done: step 3" in r.output for r in results) == 1, [r.output[-2000:] for r in results]
-    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
-        assert [json.loads(line)["step"] for line in fh] == [1, 2, 3]
+    assert logged_steps(run_dir) == [1, 2, 3]

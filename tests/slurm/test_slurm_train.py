@@ -14,7 +14,9 @@ import time
 
 import pytest
 
-from tests.multirank import REPO, free_port
+from tests.multirank import free_port
+from tests.helpers.paths import REPO
+from tests.helpers.runs import logged_steps
 from tests.slurm.cluster import TRAIN_SBATCH
 from tests.slurm.real_inputs import TINY_CPU, tiny_cpu_overrides
 
@@ -41,11 +43,7 @@ def _read(path: str) -> str:
 
 
 def _steps(run_dir: str) -> list[int]:
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as fh:
-        return [json.loads(line)["step"] for line in fh if line.strip()]
+    return logged_steps(run_dir, missing_ok=True)
 
 
 def test_sbatch_runs_notellm2_train_and_resumes(slurm_cluster, tmp_path, tiny_inputs):

@@ -1,12 +1,11 @@
-"""Shared helpers of the training-engine tests."""
+"""Shared helpers of the training-engine tests: the test double (tests/train/doubles.py) trained
+through the real CLI under torchrun."""
 from __future__ import annotations
 
-import json
-import os
+from tests.helpers.paths import repo_path
+from tests.multirank import run_command
 
-from tests.multirank import REPO, run_command
-
-DOUBLE = os.path.join(REPO, "tests", "train", "run_double.py")
+DOUBLE = repo_path("tests/train/run_double.py")  # a script: torchrun runs it by path
 
 
 def double_args(run_dir: str, *overrides: str) -> list[str]:
@@ -17,13 +16,3 @@ def double_args(run_dir: str, *overrides: str) -> list[str]:
 
 def train_double(run_dir: str, *overrides: str, nproc: int = 2, timeout: float = 240, env=None, check=True):
     return run_command(double_args(run_dir, *overrides), nproc=nproc, timeout=timeout, env=env, check=check)
-
-
-def read_metrics(run_dir: str) -> dict:
-    """step -> record of rank 0's metrics.jsonl."""
-    out = {}
-    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
-        for line in fh:
-            rec = json.loads(line)
-            out[rec["step"]] = rec
-    return out

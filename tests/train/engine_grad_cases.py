@@ -17,8 +17,9 @@ import torch.distributed as dist
 from launcher.components import default_components
 from launcher.config import load_config
 from launcher.distributed import detect_topology, init_distributed
-from launcher.engine import REPO, build_ds_config
+from launcher.engine import build_ds_config
 from launcher.optim import build_optimizer, param_groups
+from tests.helpers.configs import tiny_config
 
 WORDS = ["cooking pasta", "travel diary", "lipstick review", "cute kitten", "coffee garden", "city night",
          "rainy street", "old bookshop"]
@@ -62,7 +63,7 @@ def _build_engine(llm_dir: str, clip_dir: str, pairs_per_rank: int, scale_by_wor
                  "data.train_shards=unused-by-this-test-{000000..000001}.tar",
                  f"data.pairs_per_rank={pairs_per_rank}", "train.precision=fp32", "train.grad_clip=0",
                  f"loss.scale_by_world_size={str(scale_by_world_size).lower()}"]
-    cfg = load_config(os.path.join(REPO, "configs", "tiny_cpu.yaml"), overrides)
+    cfg = tiny_config(None, *overrides)
     assert cfg.train.ds_config == "ds_configs/cpu_zero3.json"
     ds_config = build_ds_config(cfg, world)
     assert ds_config["zero_optimization"]["stage"] == 3 and ds_config["gradient_clipping"] == 0

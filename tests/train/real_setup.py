@@ -1,14 +1,13 @@
 """Builds the real pieces for the engine's end-to-end tests: a tiny Llama (hidden 64, 2 layers) with
 a SentencePiece tokenizer trained here, a tiny CLIP, synthetic catalog -> pairs -> WebDataset shards,
-and a run YAML. Nothing is downloaded."""
+and a run YAML (configs/tiny_cpu.yaml plus overrides). Nothing is downloaded."""
 from __future__ import annotations
 
 import os
 
-import yaml
-
 from tests.fixtures import make_tiny_clip_dir, make_tiny_llm_dir
 from tests.fixtures_data import synthetic_shards
+from tests.helpers.configs import write_tiny_config
 
 
 def build_inputs(root: str) -> dict:
@@ -23,21 +22,14 @@ def build_inputs(root: str) -> dict:
 
 
 def write_config(path: str, inputs: dict, run_dir: str, **train) -> str:
-    cfg = {
+    """configs/tiny_cpu.yaml with these inputs, bf16, 4 steps, checkpoints and validation every 2 steps."""
+    values = {
         "name": "engine-e2e",
-        "data": {"train_shards": inputs["train_shards"], "val_shards": inputs["val_shards"], "pairs_per_rank": 4, "num_workers": 1,
-                 "shuffle_buffer": 16, "seed": 3},
-        "model": {"variant": "notellm2", "llm": {"path": inputs["llm"], "attn_implementation": "sdpa"},
-                  "vision": {"kind": "hf", "path": inputs["clip"], "image_size": 32},
-                  "connector": {"kind": "qformer", "num_query_tokens": 4, "num_layers": 1, "hidden_size": 32,
-                                "num_heads": 4},
-                  "max_text_tokens": 24, "embed_dim": 16},
-        "train": {"output_dir": run_dir, "ds_config": "ds_configs/cpu_zero3.json", "max_steps": 4,
-                  "lr_llm": 1e-3, "lr_new": 3e-3, "warmup_steps": 1, "precision": "bf16",
-                  "collective_timeout_s": 120, **train},
-        "checkpoint": {"every_steps": 2, "keep_last": 3},
-        "eval": {"every_steps": 2},
+        "data.train_shards": inputs["train_shards"], "data.val_shards": inputs["val_shards"], "data.seed": 3,
+        "model.llm.path": inputs["llm"], "model.vision.path": inputs["clip"], "model.connector.num_heads": 4,
+        "model.max_text_tokens": 24,
+        "train.output_dir": run_dir, "train.max_steps": 4, "train.lr_llm": 1e-3, "train.lr_new": 3e-3,
+        "train.warmup_steps": 1, "train.precision": "bf16", **{f"train.{k}": v for k, v in train.items()},
+        "checkpoint.every_steps": 2, "checkpoint.keep_last": 3, "eval.every_steps": 2,
     }
-    with open(path, "w") as fh:
-        yaml.safe_dump(cfg, fh)
-    return path
+    return write_tiny_config(path, values)

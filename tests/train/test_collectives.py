@@ -20,7 +20,8 @@ import torch
 
 from launcher import distributed as D
 from launcher.components import copy_can_be_async, move_batch
-from tests.multirank import REPO, base_env, run_ranks
+from tests.multirank import base_env, run_ranks
+from tests.helpers.paths import REPO
 
 # torch.distributed (and deepspeed.comm) functions that talk to other ranks, plus the group start/stop
 # that belongs to launcher/distributed.py too.

@@ -7,7 +7,7 @@ import importlib.util
 import math
 import os
 
-from tests.multirank import REPO
+from tests.helpers.paths import REPO
 
 _spec = importlib.util.spec_from_file_location("compare_scalars", os.path.join(REPO, "scripts", "compare_scalars.py"))
 cs = importlib.util.module_from_spec(_spec)

@@ -14,7 +14,8 @@ from launcher import checkpoint as ckpt
 from launcher import faults
 from launcher.config import config_hash, load_config
 from tests.multirank import run_ranks
-from tests.train.common import read_metrics, train_double
+from tests.helpers.runs import metrics_by_step
+from tests.train.common import train_double
 
 pytestmark = pytest.mark.slow
 STEPS = 6
@@ -29,7 +30,7 @@ def reference_run(tmp_path_factory):
 
 
 def test_exact_resume_after_kills(reference_run, tmp_path):
-    ref = read_metrics(reference_run)
+    ref = metrics_by_step(reference_run)
     assert sorted(ref) == list(range(1, STEPS + 1))
     run_dir = str(tmp_path / "killed")
     common = (f"train.max_steps={STEPS}", "checkpoint.every_steps=2", "checkpoint.keep_last=2")
@@ -51,7 +52,7 @@ def test_exact_resume_after_kills(reference_run, tmp_path):
     # 3) resume again and finish.
     r = train_double(run_dir, *common)
     assert "resumed step 4" in r.output
-    got = read_metrics(run_dir)
+    got = metrics_by_step(run_dir)
     assert sorted(got) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):
         for key in ("loss/total", "loss/mm", "loss/vis", "optim/grad_norm", "lr/new_decay", "model/logit_scale"):
@@ -112,7 +113,7 @@ def test_tensorboard_scalars(reference_run):
     assert expected <= tags, expected - tags
     loss = acc.Scalars("loss/total")
     assert [e.step for e in loss] == list(range(1, STEPS + 1))
-    ref = read_metrics(reference_run)
+    ref = metrics_by_step(reference_run)
     assert [e.value for e in loss] == pytest.approx([ref[s]["loss/total"] for s in range(1, STEPS + 1)], rel=1e-6)
     lr = [e.value for e in acc.Scalars("lr/new")]
     assert lr[0] == pytest.approx(0.01) and lr[-1] < lr[1]  # warm-up 1 step, then cosine decay
@@ -182,7 +183,7 @@ def test_stop_request_checkpoints_and_exits_75_then_resumes(tmp_path, reference_
     stop.unlink()
     r = train_double(run_dir, *common)
     assert "resumed step 1" in r.output
-    ref, got = read_metrics(reference_run), read_metrics(run_dir)
+    ref, got = metrics_by_step(reference_run), metrics_by_step(run_dir)
     assert [got[s]["loss/total"] for s in range(1, STEPS + 1)] == [ref[s]["loss/total"] for s in range(1, STEPS + 1)]
 
 
@@ -192,7 +193,8 @@ def _launch_like_srun(args: list[str], nproc: int, env_extra: dict, timeout: flo
     import subprocess
     import sys
 
-    from tests.multirank import REPO, base_env, free_port
+    from tests.multirank import base_env, free_port
+    from tests.helpers.paths import REPO
 
     port = str(free_port())
     procs = []
@@ -259,7 +261,8 @@ def test_deepspeed_launcher_trains_like_torchrun(reference_run, tmp_path):
     import subprocess
     import sys
 
-    from tests.multirank import REPO, free_port
+    from tests.multirank import free_port
+    from tests.helpers.paths import REPO
     from tests.train.common import double_args
 
     run_dir = str(tmp_path / "ds-launcher")
@@ -271,7 +274,7 @@ def test_deepspeed_launcher_trains_like_torchrun(reference_run, tmp_path):
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
     assert "dist_world_size=2" in out and "on 2 rank(s)" in out
-    ref, got = read_metrics(reference_run), read_metrics(run_dir)
+    ref, got = metrics_by_step(reference_run), metrics_by_step(run_dir)
     assert sorted(got) == list(range(1, STEPS + 1))
     for step in got:
         assert got[step]["loss/total"] == ref[step]["loss/total"], step

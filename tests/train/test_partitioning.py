@@ -12,7 +12,8 @@ import torch
 from launcher.config import load_config
 from launcher.partitioning import embedding_grower
 from launcher.components import default_components
-from launcher.engine import REPO, build_ds_config
+from launcher.engine import build_ds_config
+from tests.helpers.paths import REPO
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "ds_configs", "*.json"))))

@@ -13,15 +13,16 @@ import time
 import pytest
 
 from launcher import checkpoint as ckpt
-from tests.multirank import REPO, base_env, free_port
+from tests.multirank import base_env, free_port
+from tests.helpers.paths import REPO
 from tests.slurm.real_inputs import TINY_CPU, tiny_cpu_overrides
-from tests.train.common import read_metrics
+from tests.helpers.runs import logged_steps
 
 pytestmark = pytest.mark.slow
 
 
 def _steps(run_dir: str) -> list[int]:
-    return sorted(read_metrics(run_dir)) if os.path.exists(os.path.join(run_dir, "metrics.jsonl")) else []
+    return logged_steps(run_dir, missing_ok=True)
 
 
 def _read(tmp_path) -> str:
@@ -69,4 +70,4 @@ def test_one_rank_signalled_all_checkpoint_the_same_step_and_exit_75(tmp_path):
                              cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"resumed step {stopped_at}" in resumed.stdout + resumed.stderr
-    assert sorted(read_metrics(run_dir))[-1] == stopped_at + 2
+    assert logged_steps(run_dir)[-1] == stopped_at + 2

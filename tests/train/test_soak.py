@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.multirank import REPO
+from tests.helpers.paths import REPO
 
 pytestmark = pytest.mark.slow
 SOAK = os.path.join(REPO, "scripts", "soak.py")

@@ -1,4 +1,5 @@
-"""Session-wide tiny models for the modeling tests (built once per session, offline)."""
+"""Fixtures every test folder can use: session-wide tiny models, built once per session, offline
+(builders in tests/fixtures.py)."""
 import pytest
 
 from tests import fixtures
