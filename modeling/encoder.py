@@ -226,7 +226,7 @@ def build_note_model(model_cfg: ModelConfig, loss_cfg: LossConfig, vision_tower:
         num_image_tokens = connector.num_output_tokens
     fcfg, hcfg = model_cfg.fusion, model_cfg.head
     gate = LateFusionGate(llm_dim, vision_tower.pooled_dim, bias=fcfg.bias, init=fcfg.init,
-                          init_std=fcfg.init_std) if spec.late_fusion else None
+                          init_std=fcfg.init_std, input_norm=fcfg.input_norm) if spec.late_fusion else None
     head = EmbeddingHead(llm_dim, model_cfg.embed_dim, bias=hcfg.bias, init=hcfg.init, init_std=hcfg.init_std)
     img_id, img_emb_id = tokenizer.convert_tokens_to_ids([IMG_TOKEN, IMG_EMB_TOKEN])
     if img_id is None or img_id == tokenizer.unk_token_id:
