@@ -64,6 +64,10 @@ class ConnectorConfig:
     ffn_size: Optional[int] = field(default=None, metadata=positive("null or an integer > 0"))
     # Q-Former hidden and attention-probability dropout (0 keeps every rank's forward deterministic).
     dropout: float = field(default=0.0, metadata={"check": lambda v: 0 <= v < 1, "allowed": "a number in [0, 1)"})
+    # A trainable LayerNorm on the frozen tower's tokens before the connector (BLIP-2's ln_vision). Towers
+    # whose features are not normalised (EfficientNet's ReLU6 maps) otherwise feed the cross-attention
+    # inputs dominated by their mean.
+    input_norm: bool = False
 
 
 INITS = ("default", "xavier_normal", "normal")
@@ -81,6 +85,8 @@ class FusionConfig:
     # default: PyTorch's nn.Linear init; xavier_normal; normal: N(0, init_std).
     init: Literal[INITS] = "default"  # type: ignore[valid-type]
     init_std: float = field(default=0.02, metadata=_init_std())
+    # A trainable LayerNorm on the pooled tower feature before W_v (see model.connector.input_norm).
+    input_norm: bool = False
 
 
 @dataclass

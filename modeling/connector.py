@@ -4,6 +4,7 @@
   query tokens cross-attend to the vision tokens (in layers 0, f, 2f, ... for
   `cross_attention_frequency` f; FFN width `ffn_size`, dropout `dropout`), then a 2-layer GELU MLP to
   the LLM width. It emits `num_query_tokens` tokens per image.
+- Both can put a trainable LayerNorm on the tower's tokens first (`input_norm`, BLIP-2's ln_vision).
 - ``mlp``: a per-token 2-layer GELU MLP; it emits one token per vision token.
 
 Every connector has `num_output_tokens`, which the prompter uses to size the image slot.
@@ -40,10 +41,13 @@ class QFormerConnector(nn.Module):
         self.query_tokens = nn.Parameter(torch.randn(1, cfg.num_query_tokens, cfg.hidden_size) * 0.02)
         self.proj = _mlp(cfg.hidden_size, llm_dim)
         self.num_output_tokens = cfg.num_query_tokens
+        self.input_norm = nn.LayerNorm(token_dim) if cfg.input_norm else None
 
     def forward(self, image_tokens: torch.Tensor) -> torch.Tensor:
         dtype = self.query_tokens.dtype
         image_tokens = image_tokens.to(dtype)
+        if self.input_norm is not None:
+            image_tokens = self.input_norm(image_tokens)
         queries = self.query_tokens.expand(image_tokens.shape[0], -1, -1)
         mask = torch.ones(image_tokens.shape[:2], dtype=torch.long, device=image_tokens.device)
         out = self.qformer(query_embeds=queries, encoder_hidden_states=image_tokens, encoder_attention_mask=mask)
@@ -55,9 +59,13 @@ class MLPConnector(nn.Module):
         super().__init__()
         self.proj = _mlp(token_dim, llm_dim)
         self.num_output_tokens = num_vision_tokens
+        self.input_norm = nn.LayerNorm(token_dim) if cfg.input_norm else None
 
     def forward(self, image_tokens: torch.Tensor) -> torch.Tensor:
-        return self.proj(image_tokens.to(self.proj[0].weight.dtype))
+        image_tokens = image_tokens.to(self.proj[0].weight.dtype)
+        if self.input_norm is not None:
+            image_tokens = self.input_norm(image_tokens)
+        return self.proj(image_tokens)
 
 
 # Registry of connectors (looked up by `model.connector.kind`).

@@ -192,7 +192,7 @@ def build_note_model(model_cfg: ModelConfig, loss_cfg: LossConfig, vision_tower:
         num_image_tokens = connector.num_output_tokens
     fcfg, hcfg = model_cfg.fusion, model_cfg.head
     gate = LateFusionGate(llm_dim, vision_tower.pooled_dim, bias=fcfg.bias, init=fcfg.init,
-                          init_std=fcfg.init_std) if spec.late_fusion else None
+                          init_std=fcfg.init_std, input_norm=fcfg.input_norm) if spec.late_fusion else None
     if not hcfg.projection and model_cfg.embed_dim != llm_dim:
         raise ValueError(f"model.embed_dim: got {model_cfg.embed_dim}, but model.head.projection is false, so the "
                          f"embedding is the backbone's width; set model.embed_dim: {llm_dim}")

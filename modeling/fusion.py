@@ -51,9 +51,19 @@ class Fp32Linear(nn.Linear):
         return F.linear(x.float(), self.weight.float(), bias)
 
 
+class Fp32LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm computed in fp32 (input and affine parameters upcast), for the same reason as Fp32Linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps)
+
+
 class LateFusionGate(nn.Module):
-    def __init__(self, llm_dim: int, pooled_dim: int, bias: bool = True, init: str = "default", init_std: float = 0.02):
+    def __init__(self, llm_dim: int, pooled_dim: int, bias: bool = True, init: str = "default", init_std: float = 0.02,
+                 input_norm: bool = False):
         super().__init__()
+        # Optional LayerNorm of the pooled feature before W_v, in fp32 like the rest of the gate.
+        self.input_norm = Fp32LayerNorm(pooled_dim) if input_norm else None
         self.vision_proj = Fp32Linear(pooled_dim, llm_dim, bias=False)
         self.gate = Fp32Linear(2 * llm_dim, llm_dim, bias=bias)
         for linear in (self.vision_proj, self.gate):
@@ -62,6 +72,8 @@ class LateFusionGate(nn.Module):
     def forward(self, h: torch.Tensor, pooled: torch.Tensor, has_image: Optional[torch.Tensor] = None):
         """Returns (fused [N, H], z [N, H]) in fp32; rows with has_image False pass h through (z = 1 there)."""
         h = h.float()  # bf16 hidden states are upcast, not the other way round (see the module docstring)
+        if self.input_norm is not None:
+            pooled = self.input_norm(pooled)
         v = self.vision_proj(pooled)
         z = torch.sigmoid(self.gate(torch.cat([h, v], dim=-1)))
         fused = z * h + (1 - z) * v
