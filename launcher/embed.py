@@ -26,7 +26,6 @@ from launcher.distributed import gather_object
 from launcher.evaluate import save_embeddings
 from modeling.config import probe_unavailable
 from modeling.prompts import MODES
-from modeling.vision import encode_images
 
 
 def probe_encode(prompter, mode: str, note: dict) -> dict:
@@ -45,6 +44,8 @@ def embed_notes(note_model, vision_tower, prompter, shards, data_cfg: DataConfig
                 progress: bool = True, skipped: dict | None = None) -> tuple[list[str], np.ndarray]:
     """This rank's (ids, vectors); dummy padding rows of the loader are dropped, and in the image probe
     the notes without an image (their count is added to `skipped["no_image"]` when given)."""
+    from modeling.vision import encode_images  # the one tower call of training, validation and embedding
+
     if mode not in MODES:
         raise ValueError(f"embed mode {mode!r}: allowed {', '.join(MODES)}")
     why = probe_unavailable(prompter.variant, mode)
