@@ -44,8 +44,6 @@ def embed_notes(note_model, vision_tower, prompter, shards, data_cfg: DataConfig
                 progress: bool = True, skipped: dict | None = None) -> tuple[list[str], np.ndarray]:
     """This rank's (ids, vectors); dummy padding rows of the loader are dropped, and in the image probe
     the notes without an image (their count is added to `skipped["no_image"]` when given)."""
-    from modeling.vision import encode_images  # the one tower call of training, validation and embedding
-
     if mode not in MODES:
         raise ValueError(f"embed mode {mode!r}: allowed {', '.join(MODES)}")
     why = probe_unavailable(prompter.variant, mode)
@@ -59,6 +57,8 @@ def embed_notes(note_model, vision_tower, prompter, shards, data_cfg: DataConfig
     bar = tqdm(loader, total=len(loader), desc=f"embed rank {rank}", disable=not progress or rank != 0,
                unit="batch")
     no_image = 0
+    from modeling.vision import encode_images  # the one tower call of training, validation and embedding
+
     device = next(note_model.parameters()).device
     for batch in bar:
         batch = to_device(batch, device)  # uint8 pixels -> CLIP-normalised there, as in training
