@@ -11,7 +11,7 @@ setup(
     version="0.1.0",
     description="Training stack for NoteLLM-2 style multimodal note encoders (I2I recommendation)",
     python_requires=">=3.10",
-    packages=["modeling", "data_shards", "launcher", "launcher.commands", "launcher.data_cmds"],
+    packages=["modeling", "data_shards", "launcher", "launcher.cli"],
     # torch is installed first and explicitly (scripts/setup.sh) so that pip never pulls a CUDA build.
     install_requires=["torch==2.13.0"] + _reqs("requirements.txt"),
     extras_require={

@@ -39,13 +39,14 @@ import torch
 from launcher import faults
 from launcher.config import RunConfig, config_hash, config_to_dict
 from launcher.distributed import all_gather_object, barrier
+from launcher.errors import UserError
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     pass
 
 
@@ -201,7 +202,7 @@ def save(engine, root: str, step: int, *, rank: int, world_size: int, samples_se
 # ----------------------------------------------------------------------------- resuming
 
 @dataclass
-class ResumePlan:
+class Resume:
     path: str  # the complete checkpoint directory
     manifest: dict
     universal: bool  # world size differs: load through a universal checkpoint
@@ -211,8 +212,8 @@ class ResumePlan:
         return int(self.manifest["step"])
 
 
-def plan_resume(resume: str, root: str, world_size: int, config_hash: str, allow_mismatch: bool) -> Optional[ResumePlan]:
-    """Decide what to resume from: None (fresh start) or a plan. Raises CheckpointError on a mismatch."""
+def decide_resume(resume: str, root: str, world_size: int, config_hash: str, allow_mismatch: bool) -> Optional[Resume]:
+    """Decide what to resume from: None (fresh start) or the checkpoint to load. Raises CheckpointError on a mismatch."""
     if resume == "none":
         found = list_complete(root)
         if found:
@@ -235,35 +236,35 @@ def plan_resume(resume: str, root: str, world_size: int, config_hash: str, allow
             f"checkpoint {path}: config hash {manifest.get('config_hash')} differs from this run's {config_hash}; "
             "the model, loss or data settings changed. Use another train.output_dir, or set "
             "checkpoint.allow_config_mismatch=true to resume anyway")
-    return ResumePlan(path, manifest, universal=int(manifest["world_size"]) != world_size)
+    return Resume(path, manifest, universal=int(manifest["world_size"]) != world_size)
 
 
-def universal_path(plan: ResumePlan) -> str:
-    return plan.path + ".universal"
+def universal_path(chosen: Resume) -> str:
+    return chosen.path + ".universal"
 
 
-def convert_to_universal(plan: ResumePlan, world_size: int, log=print) -> str:
+def convert_to_universal(chosen: Resume, world_size: int, log=print) -> str:
     """Rank 0 only: run DeepSpeed's ds_to_universal on the checkpoint (once; reused afterwards)."""
-    out = universal_path(plan)
+    out = universal_path(chosen)
     done_flag = os.path.join(out, ".complete")
     if os.path.isfile(done_flag):
         return out
     shutil.rmtree(out, ignore_errors=True)
     tmp_out = out + ".tmp"
     shutil.rmtree(tmp_out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", plan.path,
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", chosen.path,
            "--output_folder", tmp_out, "--num_extract_workers", "1", "--num_merge_workers", "1"]
-    log(f"world size changed ({plan.manifest['world_size']} -> {world_size}): converting {plan.path} to a "
+    log(f"world size changed ({chosen.manifest['world_size']} -> {world_size}): converting {chosen.path} to a "
         f"DeepSpeed universal checkpoint: {' '.join(cmd)}")
     env = dict(os.environ)
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
         env.pop(key, None)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        raise CheckpointError(f"ds_to_universal failed on {plan.path} (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise CheckpointError(f"ds_to_universal failed on {chosen.path} (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     # DeepSpeed looks for the model-state files next to zero/; copy our manifest and rank files too.
-    for f in os.listdir(plan.path):
-        src = os.path.join(plan.path, f)
+    for f in os.listdir(chosen.path):
+        src = os.path.join(chosen.path, f)
         if os.path.isfile(src) and not os.path.exists(os.path.join(tmp_out, f)):
             shutil.copy2(src, os.path.join(tmp_out, f))
     open(os.path.join(tmp_out, ".complete"), "w").close()
@@ -271,20 +272,20 @@ def convert_to_universal(plan: ResumePlan, world_size: int, log=print) -> str:
     return out
 
 
-def load(engine, plan: ResumePlan, rank: int) -> dict:
+def load(engine, chosen: Resume, rank: int) -> dict:
     """Collective: load model + optimizer + scheduler state; restore this rank's RNG when the world
     size is unchanged. Returns {"reader": this rank's reader state or None, "reader_states": all}."""
-    path = universal_path(plan) if plan.universal else plan.path
+    path = universal_path(chosen) if chosen.universal else chosen.path
     root, tag = os.path.dirname(path), os.path.basename(path)
     load_path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {path}")
     reader = None
-    if not plan.universal:
-        state = torch.load(os.path.join(plan.path, f"rank{rank:05d}.pt"), map_location="cpu", weights_only=False)
+    if not chosen.universal:
+        state = torch.load(os.path.join(chosen.path, f"rank{rank:05d}.pt"), map_location="cpu", weights_only=False)
         set_rng_state(state["rng"])
         reader = state["reader"]
-    return {"reader": reader, "reader_states": plan.manifest.get("reader_states")}
+    return {"reader": reader, "reader_states": chosen.manifest.get("reader_states")}
 
 
 # ----------------------------------------------------------------------------- what the loop uses
@@ -315,7 +316,7 @@ class Checkpointer:
         self.root = checkpoint_root(cfg.train.output_dir)
         self.config_hash = config_hash(cfg)
         self.pairs_per_step = cfg.data.pairs_per_rank * cfg.train.grad_accum_steps * world_size
-        self.plan: Optional[ResumePlan] = None
+        self.chosen: Optional[Resume] = None
         self.engine = None
         self.resumed = Resumed()
         self.last_saved = -1  # step of the newest checkpoint this run wrote or resumed from
@@ -328,41 +329,41 @@ class Checkpointer:
             for path in remove_partial(self.root):
                 self.log(f"removed the leftovers of an interrupted save: {path}")
         cfg = self.cfg
-        self.plan = plan_resume(cfg.checkpoint.resume, self.root, self.world_size, self.config_hash,
+        self.chosen = decide_resume(cfg.checkpoint.resume, self.root, self.world_size, self.config_hash,
                                 cfg.checkpoint.allow_config_mismatch)
-        if self.plan is not None and self.plan.universal:
+        if self.chosen is not None and self.chosen.universal:
             if self.rank == 0:
-                convert_to_universal(self.plan, self.world_size, log=self.log)
+                convert_to_universal(self.chosen, self.world_size, log=self.log)
             if watchdog is not None:
                 watchdog.progress(0, "universal-conversion")
             barrier()
-        return bool(self.plan and self.plan.universal)
+        return bool(self.chosen and self.chosen.universal)
 
     def resume(self, engine) -> Resumed:
         """Load the checkpoint `find_resume` chose into `engine` (fresh start: nothing to load). The
         reader's state: this rank's own at the same world size; at another world size every old
         rank's (the reader restarts the epoch with the shards no old rank had started)."""
         self.engine = engine
-        plan = self.plan
-        if plan is None:
+        chosen = self.chosen
+        if chosen is None:
             self.resumed = Resumed()
             return self.resumed
-        restored = load(engine, plan, self.rank)
+        restored = load(engine, chosen, self.rank)
         reader_state = restored["reader"]
         states = restored["reader_states"] or []
         epoch_src = reader_state if reader_state is not None else (states[0] if states else None)
         epoch = int(epoch_src.get("epoch", 0)) if isinstance(epoch_src, dict) else 0
-        if reader_state is None and plan.universal and plan.manifest.get("reader_states"):
-            reader_state = plan.manifest["reader_states"]
-        self.resumed = Resumed(step=plan.step, samples_seen=int(plan.manifest.get("samples_seen", 0)), epoch=epoch,
+        if reader_state is None and chosen.universal and chosen.manifest.get("reader_states"):
+            reader_state = chosen.manifest["reader_states"]
+        self.resumed = Resumed(step=chosen.step, samples_seen=int(chosen.manifest.get("samples_seen", 0)), epoch=epoch,
                                reader_state=reader_state, fresh=False)
-        self.last_saved = plan.step
-        if plan.universal:
-            self.log(f"resumed step {plan.step} from {plan.path} through a universal checkpoint "
-                     f"(world size {plan.manifest['world_size']} -> {self.world_size}); "
+        self.last_saved = chosen.step
+        if chosen.universal:
+            self.log(f"resumed step {chosen.step} from {chosen.path} through a universal checkpoint "
+                     f"(world size {chosen.manifest['world_size']} -> {self.world_size}); "
                      f"the data reader restarts epoch {epoch}'s shards")
         else:
-            self.log(f"resumed step {plan.step} from {plan.path} (exact: model, optimizer, scheduler, RNG, data reader)")
+            self.log(f"resumed step {chosen.step} from {chosen.path} (exact: model, optimizer, scheduler, RNG, data reader)")
         return self.resumed
 
     def samples_seen(self, step: int) -> int:

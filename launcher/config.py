@@ -18,10 +18,12 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from data_shards.config import DataConfig
+from launcher.errors import UserError
 from modeling.config import LossConfig, ModelConfig
+from modeling.names import variant_spec
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config key, type or value that the schema does not allow."""
 
 
@@ -193,7 +195,7 @@ def _build(cls, data: dict, prefix: str = ""):
 def _cross_checks(cfg: RunConfig) -> None:
     if cfg.loss.init_scale > cfg.loss.max_scale:
         raise ConfigError(f"loss.init_scale: got {cfg.loss.init_scale}; allowed: <= loss.max_scale ({cfg.loss.max_scale})")
-    if cfg.model.variant in ("micl", "notellm2") and cfg.loss.micl_weight_mm + cfg.loss.micl_weight_vis <= 0:
+    if variant_spec(cfg.model.variant).micl and cfg.loss.micl_weight_mm + cfg.loss.micl_weight_vis <= 0:
         raise ConfigError("loss.micl_weight_mm: weights sum to 0; allowed: micl_weight_mm + micl_weight_vis > 0")
     if cfg.model.vision.kind == "plugin" and ":" not in cfg.model.vision.factory:
         raise ConfigError(f"model.vision.factory: got {cfg.model.vision.factory!r}; allowed: 'module:function' when model.vision.kind is 'plugin'")

@@ -6,7 +6,7 @@ once across ranks); rank 0 gathers ids and vectors and writes `embeddings.npy`, 
 
 The probe `mode` is one definition with the model's own: the loader renders each note with
 `prompter.encode(note, mode)` and the batch goes through `note_model.encode(..., mode=mode)`
-(modeling.encoder.PROBES). The image probe is only defined for a note with an image: a note without
+(modeling.names.PROBES). The image probe is only defined for a note with an image: a note without
 one (or whose image could not be read) is left out of the output and counted in embeddings.json.
 """
 from __future__ import annotations
@@ -24,8 +24,8 @@ from data_shards.config import DataConfig
 from data_shards.reader import NotesLoader
 from launcher.distributed import gather_object
 from launcher.evaluate import save_embeddings
-from modeling.config import probe_unavailable
-from modeling.prompts import MODES
+from launcher.errors import UserError
+from modeling.names import PROBE_MODES, probe_unavailable
 
 
 def probe_encode(prompter, mode: str, note: dict) -> dict:
@@ -44,8 +44,8 @@ def embed_notes(note_model, vision_tower, prompter, shards, data_cfg: DataConfig
                 progress: bool = True, skipped: dict | None = None) -> tuple[list[str], np.ndarray]:
     """This rank's (ids, vectors); dummy padding rows of the loader are dropped, and in the image probe
     the notes without an image (their count is added to `skipped["no_image"]` when given)."""
-    if mode not in MODES:
-        raise ValueError(f"embed mode {mode!r}: allowed {', '.join(MODES)}")
+    if mode not in PROBE_MODES:
+        raise ValueError(f"embed mode {mode!r}: allowed {', '.join(PROBE_MODES)}")
     why = probe_unavailable(prompter.variant, mode)
     if why:
         raise ValueError(f"embed --mode {mode}: {why}")
@@ -111,3 +111,62 @@ def run_embed(note_model, vision_tower, prompter, shards, out_dir: str, data_cfg
         if mode == "image" and no_image:
             print(f"left out {no_image} notes without a usable image (the image probe needs one)")
     return 0
+
+
+# Ranks wait for each other only at the final gather; the slowest rank's whole share must fit in it.
+EMBED_COLLECTIVE_TIMEOUT_S = 1800  # torch's default, what embed had before
+
+
+def embed_variant(model_dir: str | None, cfg) -> str:
+    """The variant `notellm2 embed` would embed with: the export's (reads only its JSON) or the config's."""
+    from launcher.serving import read_export_config
+
+    if model_dir:
+        return read_export_config(model_dir).model.variant
+    if cfg is None:
+        raise UserError("give --model EXPORT_DIR, or --config for the untrained baseline")
+    return cfg.model.variant
+
+
+def load_embedder(model_dir: str | None, cfg, config_path: str | None = None):
+    """(note_model, vision_tower, prompter, image_size, source) for `notellm2 embed`: the export in
+    `model_dir` (through the serving encoder), or the untrained model `cfg` describes (the zero-shot
+    baseline; its new modules are drawn from cfg.train.seed, the same on every rank and run)."""
+    if model_dir:
+        from launcher.serving import NoteEncoder
+
+        enc = NoteEncoder.from_pretrained(model_dir)
+        return enc.note_model, enc.vision_tower, enc.prompter, enc.image_size, {"model": os.path.abspath(model_dir)}
+    from modeling.encoder import build_all
+
+    torch.manual_seed(cfg.train.seed)
+    note_model, tower, prompter = build_all(cfg.model, cfg.loss)
+    source = {"model": "untrained", "config": os.path.abspath(config_path) if config_path else None}
+    return note_model, tower, prompter, cfg.model.vision.image_size, source
+
+
+def embed_command(model_dir: str | None, cfg, config_path: str | None, shards: str | None, out_dir: str,
+                  mode: str = "both", batch_size: int = 32, num_workers: int = 1) -> int:
+    """`notellm2 embed`: the user's mistakes are refused before any rank starts or loads a model; then
+    every rank (torchrun / srun, or one process) embeds its share and rank 0 writes `out_dir`."""
+    from launcher import distributed
+
+    distributed.enable_crash_traces()  # a native crash prints every thread's stack into this rank's log
+    variant = embed_variant(model_dir, cfg)
+    why = probe_unavailable(variant, mode)
+    if why:
+        raise UserError(f"--mode {mode}: {why}; use --mode text or --mode both")
+    shards = shards or (None if model_dir or cfg is None else cfg.data.notes_shards)
+    if not shards:
+        raise UserError("no notes shards (--shards, or data.notes_shards in the config)")
+    data_cfg = DataConfig(num_workers=num_workers) if model_dir else cfg.data
+    topo = distributed.detect_topology()
+    if topo.world_size > 1:
+        # The trainer's start-up (the rank's CUDA device is set before the group starts under NCCL),
+        # before anything below touches CUDA; DeepSpeed's comm layer is not needed here.
+        distributed.init_distributed(topo, timeout_s=EMBED_COLLECTIVE_TIMEOUT_S, deepspeed_comm=False)
+    note_model, tower, prompter, image_size, source = load_embedder(model_dir, cfg, config_path)
+    rc = run_embed(note_model, tower, prompter, shards, out_dir, data_cfg, batch_size, mode,
+                   topo.rank, topo.world_size, image_size, source)
+    distributed.shutdown()
+    return rc

@@ -54,12 +54,14 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from launcher.config import ConfigError, RunConfig
+from launcher.errors import UserError
+from modeling.names import variant_spec
 
 GiB = 1024 ** 3
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     """A config the planner cannot size (names the key or file)."""
 
 
@@ -183,10 +185,9 @@ class NewModules:
 def new_modules(cfg: RunConfig, llm: LLMArch, vision: Optional[VisionArch]) -> NewModules:
     """The trainable modules around the LLM, built from `modeling` on the meta device."""
     from modeling.connector import build_connector
-    from modeling.encoder import VARIANT_SPECS
     from modeling.fusion import EmbeddingHead, LateFusionGate
 
-    spec = VARIANT_SPECS[cfg.model.variant]
+    spec = variant_spec(cfg.model.variant)
     out = NewModules()
     if spec.image_in_prompt:
         conn = _on_meta(lambda: build_connector(cfg.model.connector, vision.hidden, llm.hidden, vision.tokens_out))
@@ -255,7 +256,7 @@ class Row:
 
 
 @dataclass
-class Plan:
+class MemoryPlan:
     config_name: str
     nodes: int
     gpus_per_node: int
@@ -382,28 +383,26 @@ def vision_forward_bytes(vision: VisionArch, images: int, act_bytes: int) -> flo
 
 
 def make_plan(cfg: RunConfig, nodes: int = 1, gpus_per_node: int = 8, seq_len: Optional[int] = None,
-              config_name: str = "") -> Plan:
-    from modeling.encoder import VARIANT_SPECS
-    from modeling.prompts import VARIANT_PROMPT
-
+              config_name: str = "") -> MemoryPlan:
     if nodes < 1 or gpus_per_node < 1:
         raise PlanError(f"--nodes and --gpus-per-node: got {nodes} x {gpus_per_node}; allowed: integers >= 1")
-    spec = VARIANT_SPECS[cfg.model.variant]
+    spec = variant_spec(cfg.model.variant)
     zero = zero_setup(cfg)
     llm = llm_arch(cfg)
-    vision = vision_arch(cfg) if (spec.image_in_prompt or spec.late_fusion) else None
+    vision = vision_arch(cfg) if spec.uses_images else None
     new = new_modules(cfg, llm, vision)
 
     notes = 2 * cfg.data.pairs_per_rank
     images = notes if vision is not None else 0
-    template, how = _template_tokens(cfg, VARIANT_PROMPT[cfg.model.variant])
+    template, how = _template_tokens(cfg, spec.prompt)
     parts = {"text": cfg.model.max_text_tokens, "image": new.image_tokens, "template": template, "template_count": how}
     s = seq_len if seq_len is not None else cfg.model.max_text_tokens + new.image_tokens + template
     if s < 1:
         raise PlanError(f"--seq-len: got {s}; allowed: an integer >= 1")
     attn = cfg.model.llm.attn_implementation
     attn = "sdpa" if attn in ("auto", "flash_attention_2") else attn
-    plan = Plan(config_name or cfg.name, nodes, gpus_per_node, zero, cfg.train.precision, llm, vision, new, notes, images, s,
+    plan = MemoryPlan(config_name or cfg.name, nodes, gpus_per_node, zero, cfg.train.precision, llm, vision, new, notes,
+                      images, s,
                 parts, cfg.model.llm.gradient_checkpointing, attn)
 
     ng, p_train, big = plan.gpus, plan.trainable_params, plan.largest_module
@@ -449,7 +448,7 @@ def make_plan(cfg: RunConfig, nodes: int = 1, gpus_per_node: int = 8, seq_len: O
     return plan
 
 
-def deepspeed_model_states(plan: Plan) -> Optional[float]:
+def deepspeed_model_states(plan: MemoryPlan) -> Optional[float]:
     """DeepSpeed's own per-GPU model-states estimate for the same setup (None if deepspeed is absent)."""
     try:
         if plan.zero.stage == 3:
@@ -505,7 +504,7 @@ def _fmt_params(n: float) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M" if n >= 1e5 else f"{int(n)}"
 
 
-def format_plan(plan: Plan, gpu_memory_gib: Optional[float] = None) -> str:
+def format_plan(plan: MemoryPlan, gpu_memory_gib: Optional[float] = None) -> str:
     L = []
     L.append(f"notellm2 plan: {plan.config_name} on {plan.nodes} node(s) x {plan.gpus_per_node} GPU(s) = {plan.gpus} ranks; "
              f"{plan.zero.label} ({os.path.relpath(plan.zero.path, REPO) if plan.zero.path.startswith(REPO) else plan.zero.path}); "

@@ -7,19 +7,20 @@ finishes the step it is in, agrees with the other ranks that it must stop, write
 and exits with PREEMPTED_EXIT_CODE. The batch script then requeues the job, and the new run
 resumes with `checkpoint.resume: auto`.
 
-How the training loop uses it (every rank, every step):
+One path, used by the training loop (every rank, every step):
 
-    flag = PreemptionFlag.install()            # once, in the main thread, before the loop
+    flag = install_for_training()              # once, in the main thread, before the loop
     for step in ...:
         ... one optimizer step ...
-        if flag.should_stop():                 # collective: every rank calls it at each boundary
-            save_checkpoint(...)
-            flag.exit()                        # sys.exit(PREEMPTED_EXIT_CODE)
+        stats.stop_asked = float(flag.requested)     # this rank's own view, no collective
+        summed = stats.all_reduced()                 # the step's ONE all-reduce (launcher/metrics.py)
+        if flag.agree(summed.stop_asked > 0):        # did any rank get the signal?
+            checkpointer.save(step, ...)
+            raise Preempted(step)              # `notellm2 train` turns it into exit code 75
 
-`flag.requested` is this process's own view (a signal arrived here). The signal reaches the ranks
-at slightly different times, so one rank may see it a step before another; `should_stop()`
-all-reduces the flag (MAX) so that every rank stops after the same step and the checkpoint's
-collectives line up. Without an initialised process group it is just `requested`.
+The signal reaches the ranks at slightly different times, so one rank may see it a step before
+another. Folding the flag into the step's all-reduce (a sum, so "any rank") makes every rank stop
+after the same step, so the checkpoint's collectives line up, and costs no collective of its own.
 
 A stop can also be asked for through a file: if the environment variable NOTELLM2_STOP_FILE names
 a path and that file exists, the flag counts as set (useful where signals cannot be routed).
@@ -97,43 +98,31 @@ class PreemptionFlag:
             self.request(f"stop file {self.stop_file}")
         return self._event.is_set()
 
-    def should_stop(self) -> bool:
-        """Whether ANY rank was asked to stop; a collective that every rank must call at each step boundary."""
-        local = self.requested
-        try:
-            import torch
+    def agree(self, any_rank_asked: bool) -> bool:
+        """Record the ranks' agreement, as read from the step's all-reduce of `requested`, and return it.
 
-            from launcher.distributed import ReduceOp, all_reduce, is_distributed
-        except ImportError:  # pragma: no cover - torch is a hard dependency of the trainer
-            return local
-        if not is_distributed():
-            return local
-        t = all_reduce(torch.tensor([1 if local else 0], dtype=torch.int32), op=ReduceOp.MAX)
-        agreed = bool(t.item())
-        if agreed and not local:
+        A rank that was not signalled itself but stops because another rank was notes that as its reason."""
+        if any_rank_asked and not self._event.is_set():
             self.request("another rank was asked to stop")
-        return agreed
-
-    def exit(self) -> None:
-        """End the process with PREEMPTED_EXIT_CODE (call after the checkpoint is written)."""
-        sys.stdout.flush()
-        sys.stderr.flush()
-        raise SystemExit(PREEMPTED_EXIT_CODE)
+        return bool(any_rank_asked)
 
 
 class Preempted(Exception):
-    """Training stopped early on request, after a checkpoint; the process exits with code 75."""
+    """Training stopped early on request, after a checkpoint; `notellm2 train` exits with `exit_code` (75)."""
+
+    exit_code = PREEMPTED_EXIT_CODE
 
     def __init__(self, step: int):
         super().__init__(f"stopped after step {step} on request")
         self.step = step
 
 
-def install_for_training() -> Optional[PreemptionFlag]:
+def install_for_training() -> PreemptionFlag:
     """The trainer's flag: SIGUSR1 (Slurm's warning before the time limit) always; SIGTERM (scancel,
     preemption) only under Slurm: under torchrun alone SIGTERM is how the agent ends the ranks when one
-    of them died. None outside the main thread (signals cannot be installed there)."""
+    of them died. Outside the main thread (signals cannot be installed there) the flag has no handlers;
+    the stop file and the other ranks' agreement still work."""
     if threading.current_thread() is not threading.main_thread():
-        return None
+        return PreemptionFlag()
     sigs = (signal.SIGUSR1, signal.SIGTERM) if os.environ.get("SLURM_JOB_ID") else (signal.SIGUSR1,)
     return PreemptionFlag.install(signals=sigs)

@@ -142,7 +142,7 @@ def _train(cfg: RunConfig, factory: Callable, topo: Topology, watchdog: Watchdog
             watchdog.progress(step, "metrics")
 
             stats.data_wait_s = timings.get("data_wait", 0.0)
-            stats.stop_asked = float(preempt.requested) if preempt is not None else 0.0
+            stats.stop_asked = float(preempt.requested)  # folded into the one all-reduce: see launcher/preemption.py
             summed = stats.all_reduced()  # the one all-reduce of the figures that differ per rank
             memory = all_gather_object(memory_mb())
             counters = gather_counters(batches.loader)
@@ -164,7 +164,7 @@ def _train(cfg: RunConfig, factory: Callable, topo: Topology, watchdog: Watchdog
             if step % cfg.checkpoint.every_steps == 0 or step == cfg.train.max_steps:
                 watchdog.progress(step, "checkpoint")
                 checkpointer.save(step, batches)
-            if summed.stop_asked > 0 and step < cfg.train.max_steps:
+            if preempt.agree(summed.stop_asked > 0) and step < cfg.train.max_steps:
                 _stop(step, checkpointer, batches, watchdog, preempt, log)
     finally:
         metrics.close()

@@ -10,17 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-VARIANTS = ("text_only", "basic_mm", "micl", "late_fusion", "late_early_fusion", "notellm2")
-# The probes (`--mode` of `notellm2 embed`); modeling.encoder.PROBES says what each feeds the model.
-PROBE_MODES = ("both", "text", "image")
-
-
-def probe_unavailable(variant: str, mode: str) -> Optional[str]:
-    """Why `variant` has no `mode` probe (one sentence), or None when it has one."""
-    if mode == "image" and variant == "text_only":
-        return "variant 'text_only' has no image probe (it never sees an image)"
-    return None
-
+from modeling.names import VARIANTS  # the one registry of variant names
 
 
 def positive(allowed: str = "an integer > 0"):

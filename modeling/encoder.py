@@ -11,58 +11,23 @@ NoteModel holds everything trainable (LLM, connector, gate, head, temperature) a
 frozen vision tower. image_tokens / image_pooled have one row per batch row (rows whose note has no
 image may hold anything, e.g. a blank image's features: they are ignored).
 
-Variants (`model.variant`), from the registry VARIANT_SPECS:
-
-    text_only          text prompt; no image anywhere
-    basic_mm           image tokens inside the note prompt
-    micl               mICL prompt (image note, then text note); loss mixes note and visual representations
-    late_fusion        text prompt; pooled ViT feature fused by the gate
-    late_early_fusion  basic_mm prompt + gate
-    notellm2           mICL prompt + gate on both representations
+Variants and probes: the registry in `modeling.names` (VARIANT_SPECS, PROBES).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
 
 from modeling.backbone import IMG_EMB_TOKEN, IMG_TOKEN, EmbeddingGrower, load_llm
-from modeling.config import PROBE_MODES, LossConfig, ModelConfig, probe_unavailable
+from modeling.config import LossConfig, ModelConfig
 from modeling.connector import build_connector
 from modeling.fusion import EmbeddingHead, LateFusionGate
 from modeling.loss import GatheredContrastiveLoss
-from modeling.prompts import VARIANT_PROMPT, NotePrompter, marker_positions
+from modeling.names import PROBES, probe_unavailable, variant_spec
+from modeling.prompts import NotePrompter, marker_positions
 from modeling.vision import VisionTower, build_vision_tower
-
-
-@dataclass(frozen=True)
-class VariantSpec:
-    prompt: str            # which template (modeling.prompts): text, basic_mm, micl
-    image_in_prompt: bool  # a connector feeds image tokens into the LLM
-    micl: bool             # mICL: a second (visual) representation and the mixed loss
-    late_fusion: bool      # the gate mixes the pooled ViT feature into the representation(s)
-
-
-# Registry of variants (looked up by `model.variant`).
-VARIANT_SPECS: dict[str, VariantSpec] = {
-    "text_only": VariantSpec("text", False, False, False),
-    "basic_mm": VariantSpec("basic_mm", True, False, False),
-    "micl": VariantSpec("micl", True, True, False),
-    "late_fusion": VariantSpec("text", False, False, True),
-    "late_early_fusion": VariantSpec("basic_mm", True, False, True),
-    "notellm2": VariantSpec("micl", True, True, True),
-}
-assert all(VARIANT_PROMPT[k] == v.prompt for k, v in VARIANT_SPECS.items())
-
-PROBES = {
-    "both": "the variant's training representation (note representation, fused where the variant fuses)",
-    "text": "text prompt only; no image tokens, no fusion",
-    "image": "image only: the image-only prompt (mICL: equals the visual representation), fused where the "
-             "variant fuses; late_fusion: the text prompt with empty fields, fused with the pooled image feature",
-}
-assert tuple(PROBES) == PROBE_MODES
 
 
 class ModelInputError(ValueError):
@@ -82,7 +47,7 @@ class NoteModel(nn.Module):
                  num_image_tokens: int, micl_weight_mm: float = 9.0, micl_weight_vis: float = 1.0):
         super().__init__()
         self.variant = variant
-        self.spec = VARIANT_SPECS[variant]
+        self.spec = variant_spec(variant)
         self.llm = llm
         self.connector = connector
         self.late_fusion = late_fusion
@@ -207,15 +172,12 @@ def build_note_model(model_cfg: ModelConfig, loss_cfg: LossConfig, vision_tower:
     """Assemble the trainable model. Loads the LLM (load_llm) unless `llm` and `tokenizer` are given.
     Image variants need `vision_tower` for its widths (token_dim, pooled_dim, num_tokens); the tower
     itself is not kept."""
-    spec = VARIANT_SPECS.get(model_cfg.variant)
-    if spec is None:
-        raise ValueError(f"model.variant: got {model_cfg.variant!r}; allowed: {', '.join(VARIANT_SPECS)}")
+    spec = variant_spec(model_cfg.variant)
     if (llm is None) != (tokenizer is None):
         raise ValueError("build_note_model: pass both llm and tokenizer (from load_llm), or neither")
     if llm is None:
         llm, tokenizer = load_llm(model_cfg.llm)
-    uses_images = spec.image_in_prompt or spec.late_fusion
-    if uses_images and vision_tower is None:
+    if spec.uses_images and vision_tower is None:
         raise ValueError(f"model.variant: {model_cfg.variant!r} uses images; pass vision_tower=build_vision_tower(cfg.model.vision) "
                          "(its widths size the connector and the gate)")
     llm_dim = _llm_width(llm)

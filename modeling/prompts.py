@@ -28,17 +28,7 @@ from typing import Optional
 import torch
 
 from modeling.backbone import IMG_EMB_TOKEN, IMG_TOKEN
-from modeling.config import PROBE_MODES, VARIANTS, probe_unavailable
-
-# Which prompt each variant trains with (the registry of variants lives in modeling.encoder).
-VARIANT_PROMPT = {
-    "text_only": "text",
-    "late_fusion": "text",
-    "basic_mm": "basic_mm",
-    "late_early_fusion": "basic_mm",
-    "micl": "micl",
-    "notellm2": "micl",
-}
+from modeling.names import PROBE_MODES, VARIANTS, probe_unavailable, variant_spec
 
 IMG, EMB = "\x00IMG", "\x00EMB"  # segment markers for the image slot and the mICL visual marker
 FIELDS = ("title", "topic", "content")
@@ -65,9 +55,6 @@ _TEMPLATES = {
         "topic_sep": "，",
     },
 }
-
-MODES = PROBE_MODES
-
 
 class PromptError(ValueError):
     """A note or a prompter setting that cannot be encoded."""
@@ -134,8 +121,9 @@ class NotePrompter:
         self.language = language
         self.max_text_tokens = max_text_tokens
         self.num_image_tokens = num_image_tokens
-        self.kind = VARIANT_PROMPT[variant]
-        self.uses_images = variant != "text_only"
+        spec = variant_spec(variant)
+        self.kind = spec.prompt
+        self.uses_images = spec.uses_images
         if self.kind != "text" and num_image_tokens <= 0:
             raise PromptError(f"NotePrompter: variant {variant!r} puts image tokens in the prompt; num_image_tokens "
                               f"must be > 0 (the connector's output count), got {num_image_tokens}")
@@ -185,8 +173,8 @@ class NotePrompter:
     def encode(self, note: dict, mode: str = "both") -> dict:
         """Prompt ids for one note: {"input_ids": list[int], "has_image": bool}."""
         title, topic, content, has_image = self._check_note(note)
-        if mode not in MODES:
-            raise PromptError(f"NotePrompter.encode: mode {mode!r}; allowed: {', '.join(MODES)}")
+        if mode not in PROBE_MODES:
+            raise PromptError(f"NotePrompter.encode: mode {mode!r}; allowed: {', '.join(PROBE_MODES)}")
         uses_image = False
         why = probe_unavailable(self.variant, mode)
         if why:

@@ -185,3 +185,27 @@ def test_every_shipped_deepspeed_json_is_valid():
         for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
             assert key not in ds, f"{where}: {key} must come from the YAML"
         assert ds.get("zero_optimization", {}).get("stage") in (2, 3), where
+
+
+def test_variant_names_come_from_the_one_registry():
+    """model.variant accepts exactly the registered variants (modeling.names) and lists them when refused."""
+    from modeling.names import VARIANT_SPECS
+
+    for variant in VARIANT_SPECS:
+        assert load_config(None, [f"model.variant={variant}"]).model.variant == variant
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["model.variant=late"])
+    assert str(e.value).endswith("allowed: one of " + ", ".join(repr(v) for v in VARIANT_SPECS))
+
+
+def test_micl_cross_check_follows_the_registry():
+    """The mICL weight check applies to the variants the registry marks as mICL, and only to them."""
+    from modeling.names import VARIANT_SPECS
+
+    for variant, spec in VARIANT_SPECS.items():
+        overrides = [f"model.variant={variant}", "loss.micl_weight_mm=0", "loss.micl_weight_vis=0"]
+        if spec.micl:
+            with pytest.raises(ConfigError, match="micl_weight_mm"):
+                load_config(None, overrides)
+        else:
+            load_config(None, overrides)

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from modeling.config import ConnectorConfig, LLMConfig, LossConfig, ModelConfig, VisionConfig
-from modeling.encoder import VARIANT_SPECS, ModelInputError, build_all, build_note_model
-from modeling.prompts import VARIANT_PROMPT
+from modeling.encoder import ModelInputError, build_all, build_note_model
+from modeling.names import VARIANT_SPECS
 
 NOTES = [
     {"note_id": f"n{i}", "title": ["cooking pasta", "travel diary", "cute kitten", "city night"][i % 4] + f" {i}",
@@ -40,9 +40,11 @@ def built(tiny):
     return get
 
 
-def test_variant_registry_is_complete():
-    from modeling.config import VARIANTS
-    assert set(VARIANT_SPECS) == set(VARIANTS) == set(VARIANT_PROMPT)
+def test_every_registered_variant_has_its_prompt_template_in_every_language():
+    from modeling.prompts import _TEMPLATES
+    for language, templates in _TEMPLATES.items():
+        for variant, spec in VARIANT_SPECS.items():
+            assert spec.prompt in templates, (language, variant, spec.prompt)
 
 
 @pytest.mark.parametrize("variant", list(VARIANT_SPECS))

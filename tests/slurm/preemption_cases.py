@@ -6,6 +6,7 @@ import signal
 
 import torch.distributed as dist
 
+from launcher.metrics import StepStats
 from launcher.preemption import PreemptionFlag
 
 
@@ -19,7 +20,9 @@ def stop_agreed_across_ranks(signal_rank: int, signal_step: int, steps: int) -> 
                 os.kill(os.getpid(), signal.SIGUSR1)  # what torchrun forwards from Slurm's warning
             if flag.requested and local_at is None:
                 local_at = step
-            if flag.should_stop():
+            stats = StepStats()
+            stats.stop_asked = float(flag.requested)  # the trainer's path: the flag rides the step's all-reduce
+            if flag.agree(stats.all_reduced().stop_asked > 0):
                 stopped_at = step
                 break
         return {"stopped_at": stopped_at, "local_at": local_at, "signal": flag.signal_name}

@@ -6,7 +6,7 @@ import signal
 
 import pytest
 
-from launcher.preemption import PREEMPTED_EXIT_CODE, STOP_FILE_ENV, PreemptionFlag
+from launcher.preemption import PREEMPTED_EXIT_CODE, STOP_FILE_ENV, Preempted, PreemptionFlag
 from tests.multirank import run_ranks
 
 
@@ -19,9 +19,9 @@ def flag():
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
 def test_signal_sets_the_flag_and_nothing_else(flag, sig):
-    assert not flag.requested and not flag.should_stop()
+    assert not flag.requested and not flag.agree(flag.requested)
     os.kill(os.getpid(), sig)  # the process survives: the handler only records it
-    assert flag.requested and flag.should_stop()
+    assert flag.requested and flag.agree(flag.requested)
     assert flag.signal_name == signal.Signals(sig).name
 
 
@@ -45,10 +45,23 @@ def test_stop_file_counts_as_a_request(tmp_path, monkeypatch):
     assert f.requested and "stop file" in f.signal_name
 
 
-def test_exit_uses_the_preempted_code():
-    with pytest.raises(SystemExit) as e:
-        PreemptionFlag().exit()
-    assert e.value.code == PREEMPTED_EXIT_CODE == 75
+def test_agreement_names_the_other_rank_and_keeps_a_local_reason():
+    f = PreemptionFlag(stop_file="")
+    assert f.agree(False) is False and not f.requested
+    assert f.agree(True) is True
+    assert f.requested and f.signal_name == "another rank was asked to stop"
+    g = PreemptionFlag(stop_file="")
+    g.request("SIGUSR1")
+    assert g.agree(True) and g.signal_name == "SIGUSR1"  # its own reason is kept
+
+
+def test_preempted_carries_the_requeue_code(tmp_path):
+    assert Preempted(7).exit_code == PREEMPTED_EXIT_CODE == 75
+    from launcher import preemption
+
+    assert not hasattr(PreemptionFlag, "should_stop") and not hasattr(PreemptionFlag, "exit")  # one path only
+    assert isinstance(preemption.install_for_training(), PreemptionFlag)
+    PreemptionFlag._installed.uninstall()
 
 
 def test_only_one_rank_signalled_yet_both_stop_after_the_same_step():

@@ -5,6 +5,7 @@ import torch
 import torch.distributed as dist
 
 from launcher import distributed as D
+from launcher.metrics import StepStats
 from launcher.preemption import PreemptionFlag
 
 
@@ -18,10 +19,15 @@ def helpers_on_gloo() -> dict:
     box = [f"from {rank}", rank] if rank == 0 else [None, None]
     D.broadcast_object_list(box, src=0)
     D.barrier()
-    nobody_asked = PreemptionFlag(stop_file="").should_stop()
+    def agreed(flag: PreemptionFlag) -> bool:  # the trainer's path: the local flag rides the step's all-reduce
+        stats = StepStats()
+        stats.stop_asked = float(flag.requested)
+        return flag.agree(stats.all_reduced().stop_asked > 0)
+
+    nobody_asked = agreed(PreemptionFlag(stop_file=""))
     stop = PreemptionFlag(stop_file="")
     if rank == 1:
         stop.request("test")
     return {"device": str(D.collective_device()), "same_object": same is sums, "dtype": str(sums.dtype),
             "sums": sums.tolist(), "flag": [flag.dtype == torch.int32, int(flag.item())], "gathered": gathered,
-            "to_zero": to_zero, "box": box, "should_stop": [nobody_asked, stop.should_stop(), stop.signal_name]}
+            "to_zero": to_zero, "box": box, "should_stop": [nobody_asked, agreed(stop), stop.signal_name]}

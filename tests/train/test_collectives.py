@@ -186,7 +186,8 @@ def test_trainer_entry_turns_faulthandler_on_before_anything_else(monkeypatch):
 
 
 def test_embed_entry_turns_faulthandler_on(monkeypatch):
-    from launcher.commands import embed as E
+    from launcher.cli import embed as E
+    from launcher.errors import UserError
 
     import argparse
 
@@ -194,8 +195,9 @@ def test_embed_entry_turns_faulthandler_on(monkeypatch):
     faulthandler.disable()
     try:
         # no --model and no --config: the verb refuses at once, after turning faulthandler on first
-        with pytest.raises((SystemExit, _Stop)):
-            E._run(argparse.Namespace(model=None, config=None, overrides=[], mode="both"))
+        with pytest.raises((UserError, _Stop)):
+            E._run(argparse.Namespace(model=None, config=None, overrides=[], mode="both", shards=None, out="unused",
+                                      batch_size=1, num_workers=0))
         assert faulthandler.is_enabled()
     finally:
         faulthandler.enable(file=sys.__stderr__, all_threads=True)

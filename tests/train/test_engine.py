@@ -85,13 +85,13 @@ def test_config_mismatch_refused(reference_run):
     cfg = load_config(os.path.join(reference_run, "config.resolved.yaml"), ["loss.init_scale=10"])
     root = ckpt.checkpoint_root(reference_run)
     with pytest.raises(ckpt.CheckpointError, match="config hash .*allow_config_mismatch=true"):
-        ckpt.plan_resume("auto", root, 2, config_hash(cfg), allow_mismatch=False)
-    plan = ckpt.plan_resume("auto", root, 2, config_hash(cfg), allow_mismatch=True)
-    assert plan.step == 6 and not plan.universal
-    assert ckpt.plan_resume("auto", root, 1, config_hash(cfg), allow_mismatch=True).universal
+        ckpt.decide_resume("auto", root, 2, config_hash(cfg), allow_mismatch=False)
+    chosen = ckpt.decide_resume("auto", root, 2, config_hash(cfg), allow_mismatch=True)
+    assert chosen.step == 6 and not chosen.universal
+    assert ckpt.decide_resume("auto", root, 1, config_hash(cfg), allow_mismatch=True).universal
     with pytest.raises(ckpt.CheckpointError, match=r"checkpoint.resume=none, but .*\(steps \[4, 6\]\)"):
-        ckpt.plan_resume("none", root, 2, config_hash(cfg), allow_mismatch=False)
-    explicit = ckpt.plan_resume(os.path.join(root, "step_00000004"), root, 2, m_hash(reference_run), False)
+        ckpt.decide_resume("none", root, 2, config_hash(cfg), allow_mismatch=False)
+    explicit = ckpt.decide_resume(os.path.join(root, "step_00000004"), root, 2, m_hash(reference_run), False)
     assert explicit.step == 4
 
 

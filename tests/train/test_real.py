@@ -1,7 +1,7 @@
 """The engine driving the real pieces: NoteModel (tiny Llama + tiny CLIP + Q-Former + gate) trained
 on real WebDataset shards through the `notellm2 train` CLI on 2 CPU ranks (ZeRO-3): TensorBoard
 scalars, exact resume after kill -9, ZeRO-3 partitioning, checkpoints without the vision tower,
-and export -> load_exported giving the live model's embeddings."""
+and export -> NoteEncoder.from_pretrained giving the live model's embeddings."""
 from __future__ import annotations
 
 import os
@@ -91,7 +91,8 @@ def live_vs_export(config: str, out_dir: str) -> dict:
     import torch.distributed as dist
 
     from launcher.config import load_config
-    from launcher.export import load_exported, export
+    from launcher.export import export
+    from launcher.serving import NoteEncoder
     from launcher.components import move_batch
     from launcher.train import train
 
@@ -110,7 +111,8 @@ def live_vs_export(config: str, out_dir: str) -> dict:
     out = {"held": held, "total": total, "n_params": n_params, "full_now": full_now}
     if dist.get_rank() == 0:
         export(cfg.train.output_dir, out_dir)
-        model, tower, prompter = load_exported(out_dir)
+        enc = NoteEncoder.from_pretrained(out_dir)
+        model, tower, prompter = enc.note_model, enc.vision_tower, enc.prompter
         t2, p2 = tower(batch["pixel_values"])
         exported = model.encode(batch, t2, p2)
         out["max_diff"] = (exported - live).abs().max().item()

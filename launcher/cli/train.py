@@ -1,13 +1,12 @@
 """`notellm2 train --config run.yaml [a.b=c ...]`: start under torchrun, the deepspeed launcher or srun."""
 from __future__ import annotations
 
-import sys
+import argparse
 
 from launcher.cli import add_config_args, config_from_args
 
 
 def _run(args) -> int:
-    from launcher import checkpoint as ckpt
     from launcher.components import load_factory
     from launcher.preemption import PREEMPTED_EXIT_CODE, Preempted
     from launcher.train import train
@@ -16,10 +15,7 @@ def _run(args) -> int:
     factory = load_factory(args.components) if args.components else None
 
     try:
-        train(cfg, factory=factory)
-    except ckpt.CheckpointError as e:
-        print(f"notellm2 train: checkpoint error: {e}", file=sys.stderr)
-        return 2
+        train(cfg, factory=factory)  # a CheckpointError (the user's run dir) is reported by launcher.cli.main
     except Preempted:
         return PREEMPTED_EXIT_CODE
     return 0
@@ -30,11 +26,6 @@ def register(sub) -> None:
     add_config_args(p)
     p.add_argument("--components", default="",
                    help="advanced: 'module:function' building the model and loader (default: the NoteModel + PairLoader)")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse_suppress())
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(handler=_run)
 
-
-def argparse_suppress():
-    import argparse
-
-    return argparse.SUPPRESS

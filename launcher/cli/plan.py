@@ -9,17 +9,14 @@ from launcher.cli import add_config_args, config_from_args
 
 
 def _run(args) -> int:
-    from launcher.plan import PlanError, format_plan, make_plan
+    from launcher.plan import format_plan, make_plan
 
     cfg = config_from_args(args)
-    try:
-        # Library chatter (DeepSpeed's accelerator notice) goes to stderr: stdout is the plan (or its JSON).
-        with contextlib.redirect_stdout(sys.stderr):
-                plan = make_plan(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node, seq_len=args.seq_len,
-                             config_name=args.config or cfg.name)
-    except PlanError as e:
-        print(f"notellm2 plan: {e}", file=sys.stderr)
-        return 2
+    # Library chatter (DeepSpeed's accelerator notice) goes to stderr: stdout is the plan (or its JSON).
+    # A PlanError (a key or file of the config) is reported by launcher.cli.main.
+    with contextlib.redirect_stdout(sys.stderr):
+        plan = make_plan(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node, seq_len=args.seq_len,
+                         config_name=args.config or cfg.name)
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
     else:

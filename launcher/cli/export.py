@@ -1,18 +1,11 @@
 """`notellm2 export --run-dir RUN --out DIR [--step N]`: a checkpoint as a directory loadable without DeepSpeed."""
 from __future__ import annotations
 
-import sys
-
 
 def _run(args) -> int:
-    from launcher.checkpoint import CheckpointError
-    from launcher.export import ExportError, export
+    from launcher.export import export
 
-    try:
-        export(args.run_dir, args.out, step=args.step, overwrite=args.overwrite)
-    except (ExportError, CheckpointError) as e:
-        print(f"notellm2 export: {e}", file=sys.stderr)
-        return 2
+    export(args.run_dir, args.out, step=args.step, overwrite=args.overwrite)
     return 0
 
 

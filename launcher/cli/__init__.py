@@ -1,0 +1,108 @@
+"""`notellm2` command line: one explicit table of verbs.
+
+`VERBS` maps each verb to the module that parses its arguments (a nested dict is a verb with
+sub-verbs, e.g. `notellm2 data mine-pairs`). Each module is named like its verb (`data mine-pairs`
+-> `launcher/cli/data_mine_pairs.py`) and defines `register(subparsers)`, which adds the verb's
+parser with `set_defaults(handler=...)`; the handler receives the parsed namespace and returns an
+exit code. Verbs only parse arguments and call a library function; they import torch, pandas and
+the like inside the handler, so `notellm2 --help` stays light. A new verb is one line in `VERBS`
+plus its module.
+
+Verbs that take a run config use `add_config_args` and `config_from_args`, so that
+`--config file.yaml a.b=c ...` behaves the same everywhere. A user's mistake (`launcher.errors`)
+becomes one line on stderr and exit code 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Union
+
+from launcher.config import RunConfig, load_config
+from launcher.errors import one_line, user_error_types
+
+VerbTable = dict[str, Union[str, "VerbTable"]]
+
+VERBS: VerbTable = {
+    "config": "launcher.cli.config",
+    "data": {
+        "validate": "launcher.cli.data_validate",
+        "import-openclipart": "launcher.cli.data_import_openclipart",
+        "simulate-views": "launcher.cli.data_simulate_views",
+        "mine-pairs": "launcher.cli.data_mine_pairs",
+        "write-shards": "launcher.cli.data_write_shards",
+    },
+    "train": "launcher.cli.train",
+    "export": "launcher.cli.export",
+    "embed": "launcher.cli.embed",
+    "eval": "launcher.cli.eval",
+    "plan": "launcher.cli.plan",
+}
+
+GROUP_HELP = {
+    "data": "data preparation: validate, import-openclipart, simulate-views, mine-pairs, write-shards",
+}
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="experiment YAML (see configs/)")
+    parser.add_argument("overrides", nargs="*", metavar="key.path=value",
+                        help="dotted overrides, values read as YAML scalars (e.g. train.max_steps=10)")
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    return load_config(args.config, args.overrides)
+
+
+def _add_verbs(sub, table: VerbTable, path: tuple[str, ...]) -> None:
+    for verb, target in table.items():
+        if isinstance(target, dict):
+            group = sub.add_parser(verb, help=GROUP_HELP.get(verb, f"{verb} sub-verbs"))
+            gsub = group.add_subparsers(dest=f"{'_'.join((*path, verb))}_verb", metavar=f"<{verb}-verb>")
+            group.set_defaults(handler=lambda args, g=group: (g.print_help(), 2)[1])
+            _add_verbs(gsub, target, (*path, verb))
+            continue
+        importlib.import_module(target).register(sub)
+        if verb not in sub.choices:
+            raise RuntimeError(f"{target}.register added no parser named {verb!r} (VERBS in launcher/cli)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="notellm2",
+        description="Train and evaluate NoteLLM-2 style multimodal note encoders for I2I recommendation.")
+    sub = parser.add_subparsers(dest="verb", metavar="<verb>")
+    _add_verbs(sub, VERBS, ())
+    return parser
+
+
+def _verb_words(argv: list[str]) -> str:
+    """`data mine-pairs` for argv ['data', 'mine-pairs', ...]: the verb path, for error messages."""
+    words, table = [], VERBS
+    for word in argv:
+        if not isinstance(table, dict) or word not in table:
+            break
+        words.append(word)
+        table = table[word]
+    return " ".join(words)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "verb", None) or not hasattr(args, "handler"):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.handler(args) or 0)
+    except Exception as e:  # noqa: BLE001 - only the user's mistakes are caught, the rest re-raised
+        if not isinstance(e, user_error_types()):
+            raise
+        print(f"notellm2 {_verb_words(argv)}: {one_line(e)}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
