@@ -138,16 +138,19 @@ def measure_raw(paths, procs: int, size: int) -> tuple[float, int]:
 def _rank_main(pattern, rank, world, workers, batch, size, normalize, slots, start, out):
     import torch
 
+    from data_shards.batch import to_device
     from data_shards.config import DataConfig
     from data_shards.reader import PairLoader
 
     torch.set_num_threads(1)
     loader = PairLoader(pattern, data_cfg=DataConfig(num_workers=workers, shuffle_buffer=100, pixel_slots=slots),
                         encode_fn=CharEncoder(max_len=96), collate_text_fn=CharCollate(), rank=rank, world_size=world,
-                        pairs_per_rank=batch, image_size=size, normalize=normalize)
+                        pairs_per_rank=batch, image_size=size)
     start.wait()
     pairs = 0
     for b in loader:
+        if normalize:  # the batch's to_device() on this process's CPU
+            b = to_device(b, torch.device("cpu"))
         pairs += len(b["sample_keys"])
     out.put((rank, pairs, loader.batches_per_epoch, loader.pixel_transport))
 
@@ -182,7 +185,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=4)
     ap.add_argument("--target", type=float, default=0.8)
     ap.add_argument("--normalize-in-loader", action="store_true",
-                    help="normalise the pixels in the rank process (normalize=True) instead of leaving them uint8 "
+                    help="normalise the pixels in the rank process (to_device on its CPU) instead of leaving them uint8 "
                          "for the device, as `notellm2 train` does")
     ap.add_argument("--no-pixel-slots", action="store_true",
                     help="data.pixel_slots: false (pixels through fresh shared memory per batch), to compare")

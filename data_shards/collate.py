@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from data_shards.ids import note_id_hash
-from data_shards.images import CLIP_BIAS, CLIP_SCALE, center_crop, resize_shorter_side
+from data_shards.images import center_crop, resize_shorter_side
 
 # note id hash used for padding rows of the notes loader (real hashes are never negative)
 DUMMY_NOTE_ID = -1
@@ -27,17 +27,6 @@ class NoteItem:
     is_dummy: bool = False
 
 
-_AFFINE: dict = {torch.device("cpu"): (torch.from_numpy(CLIP_SCALE).view(3, 1, 1),
-                                        torch.from_numpy(CLIP_BIAS).view(3, 1, 1))}
-
-
-def _affine(dev: torch.device) -> tuple:
-    """CLIP_SCALE, CLIP_BIAS on `dev`, copied there once (not on every training step)."""
-    if dev not in _AFFINE:
-        _AFFINE[dev] = tuple(t.to(dev) for t in _AFFINE[torch.device("cpu")])
-    return _AFFINE[dev]
-
-
 def prepare_image(img: Image.Image, size: int, flip: bool = False) -> Image.Image:
     """The geometric half of `images.clip_transform`: shorter side to `size` (bicubic), centre crop, flip."""
     img = center_crop(resize_shorter_side(img, size), size)
@@ -46,23 +35,9 @@ def prepare_image(img: Image.Image, size: int, flip: bool = False) -> Image.Imag
     return img
 
 
-def normalize_pixels(pixels_u8: torch.Tensor, has_image: torch.Tensor) -> torch.Tensor:
-    """uint8 [N,3,S,S] -> CLIP-normalised float32, (x / 255 - mean) / std, on the tensor's device:
-    the same float32 operations in the same order as `images.clip_transform`, so the values are
-    bit-identical. Rows without an image become zeros (the mean colour). Any memory layout in
-    (e.g. the loaders' channels-last view); a contiguous [N,3,S,S] tensor out."""
-    scale, bias = _affine(pixels_u8.device)
-    # the loaders' uint8 pixels are a channels-last view: made [N,3,S,S]-contiguous while still uint8
-    out = pixels_u8.contiguous().to(torch.float32)
-    out.mul_(scale).add_(bias)
-    # masked_fill_ with a broadcast mask: no boolean indexing, so no device sync in the training step
-    out.masked_fill_(~has_image.to(out.device).view(-1, 1, 1, 1), 0.0)
-    return out
-
-
 def _copy_image(out_hwc: torch.Tensor, img: Image.Image) -> None:
     """One RGB S x S image into a contiguous uint8 [S, S, 3] row: PIL's own byte order, so a plain
-    memory copy (no transpose in the loader worker; `normalize_pixels` makes it [3, S, S] later)."""
+    memory copy (no transpose in the loader worker; `batch.normalize_pixels` makes it [3, S, S] later)."""
     memoryview(out_hwc.numpy()).cast("B")[:] = img.tobytes()
 
 
@@ -83,19 +58,15 @@ def pixel_buffer(n: int, image_size: int) -> torch.Tensor:
 
 
 def collate_notes(notes: list[NoteItem], collate_text_fn: Callable[[list[dict]], dict], image_size: int,
-                  normalize: bool = True, out: Optional[torch.Tensor] = None) -> dict:
-    """Stack notes into tensors.
+                  out: Optional[torch.Tensor] = None) -> dict:
+    """Stack notes into the tensors of the batch contract (data_shards/batch.py): the text tensors of
+    `collate_text_fn`, `pixel_values` uint8 [N,3,S,S] (zeros for a note without a usable image),
+    `image_present`, `has_image`, `note_ids` (-1 for padding rows) and `note_id_strs`.
 
-    Returns the text tensors of `collate_text_fn` plus `pixel_values` [N,3,S,S] float32 (a note
-    without a usable image gets zeros, i.e. the CLIP mean colour), `image_present` BoolTensor [N]
-    (the note has a usable image), `has_image` BoolTensor [N] (the `has_image` of `collate_text_fn`
-    when it gives one, i.e. whether image features enter the model for that row, e.g. all False
-    for a text-only variant; else `image_present`),
-    `note_ids` LongTensor [N] (`note_id_hash`, -1 for padding rows) and `note_id_strs` (list of str).
-    With `normalize=False`, `pixel_values` stays uint8 (4x fewer bytes to move between processes and
-    to the device; the consumer normalises it with `normalize_pixels`) and is a channels-last view
-    [N,3,S,S] of an [N,S,S,3] buffer: `out` (at least N rows of `pixel_buffer`, e.g. a shared-memory
-    slot) or a new one.
+    `pixel_values` is a channels-last view [N,3,S,S] of an [N,S,S,3] buffer: `out` (at least N rows of
+    `pixel_buffer`, e.g. a shared-memory slot) or a new one. `has_image` is the `has_image` of
+    `collate_text_fn` when it returns one, else `image_present`; a row it marks without an image is
+    an error.
     """
     n = len(notes)
     text = collate_text_fn([item.encoding for item in notes])
@@ -129,13 +100,13 @@ def collate_notes(notes: list[NoteItem], collate_text_fn: Callable[[list[dict]],
                             dtype=torch.long)
     batch = dict(text)
     nchw = pixels.permute(0, 3, 1, 2)
-    batch.update(pixel_values=normalize_pixels(nchw, present) if normalize else nchw, has_image=has_image,
+    batch.update(pixel_values=nchw, has_image=has_image,
                  image_present=present, note_ids=note_ids, note_id_strs=[item.note_id for item in notes])
     return batch
 
 
 def collate_pairs(pairs: list[tuple[NoteItem, NoteItem]], collate_text_fn: Callable[[list[dict]], dict],
-                  image_size: int, normalize: bool = True, out: Optional[torch.Tensor] = None) -> dict:
+                  image_size: int, out: Optional[torch.Tensor] = None) -> dict:
     """[queries; targets]: row i is the query of pair i, row B + i its target."""
     rows = [q for q, _ in pairs] + [t for _, t in pairs]
-    return collate_notes(rows, collate_text_fn, image_size, normalize, out)
+    return collate_notes(rows, collate_text_fn, image_size, out)

@@ -3,8 +3,9 @@
 The loop gets them from a *components factory* `fn(cfg, rank, world_size, ds_config) -> Components`;
 the default one (`default_components`) builds the real NoteModel, vision tower, prompter and
 PairLoader. Tests pass their own factory through `train(cfg, factory=...)` or `--components module:fn`.
-Also here: the training batches as one stream over epochs (`BatchStream`) and a batch's way onto
-the training device (`move_batch`).
+Also here: the training batches as one stream over epochs (`BatchStream`). A batch goes onto the
+training device with `data_shards.batch.to_device` (here also as `move_batch`, the loop's name for it)
+and through the frozen tower with `modeling.vision.encode_images`.
 """
 from __future__ import annotations
 
@@ -15,8 +16,12 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from data_shards.collate import normalize_pixels
+from data_shards.batch import copy_can_be_async, to_device  # noqa: F401  (copy_can_be_async: tests import it here)
 from launcher.config import ConfigError, RunConfig
+from modeling.vision import encode_images
+
+# A batch onto the training device: the batch contract's to_device (moves, then CLIP-normalises uint8 pixels there).
+move_batch = to_device
 
 
 @dataclass
@@ -41,15 +46,8 @@ class Components:
                 p.requires_grad_(False)
 
     def image_features(self, batch: dict, cast=None):
-        """(image_tokens, image_pooled) of the frozen tower, under no_grad, cast to `cast` when given;
-        (None, None) without a tower or without pixels."""
-        if self.vision_tower is None or "pixel_values" not in batch:
-            return None, None
-        with torch.no_grad():
-            image_tokens, image_pooled = self.vision_tower(batch["pixel_values"])
-        if cast is not None:
-            image_tokens, image_pooled = image_tokens.to(cast), image_pooled.to(cast)
-        return image_tokens, image_pooled
+        """`modeling.vision.encode_images` with this run's tower (None, None without one)."""
+        return encode_images(self.vision_tower, batch, cast)
 
 
 def default_components(cfg: RunConfig, rank: int, world_size: int, ds_config: dict) -> Components:
@@ -81,7 +79,7 @@ def default_components(cfg: RunConfig, rank: int, world_size: int, ds_config: di
         return PairLoader(cfg.data.train_shards, None, data_cfg=cfg.data, encode_fn=prompter.encode,
                           collate_text_fn=prompter.collate, rank=rank, world_size=world_size,
                           pairs_per_rank=cfg.data.pairs_per_rank, image_size=cfg.model.vision.image_size,
-                          epoch=epoch, normalize=False)
+                          epoch=epoch)
 
     make_val_loader = None
     if cfg.data.val_shards:
@@ -90,8 +88,7 @@ def default_components(cfg: RunConfig, rank: int, world_size: int, ds_config: di
         def make_val_loader():
             return PairLoader(cfg.data.val_shards, None, data_cfg=val_cfg, encode_fn=prompter.encode,
                               collate_text_fn=prompter.collate, rank=rank, world_size=world_size,
-                              pairs_per_rank=cfg.data.pairs_per_rank, image_size=cfg.model.vision.image_size, epoch=0,
-                              normalize=False)
+                              pairs_per_rank=cfg.data.pairs_per_rank, image_size=cfg.model.vision.image_size, epoch=0)
 
     return Components(note_model, tower, prompter, make_loader, make_val_loader=make_val_loader,
                       extra={"hf_ds_config": hf_ds})
@@ -134,29 +131,3 @@ class BatchStream:
             state = dict(state)
             state.setdefault("epoch", self.epoch)
         return state
-
-
-# ----------------------------------------------------------------------------- a batch onto the device
-
-def copy_can_be_async(src_device: torch.device, src_pinned: bool, target: torch.device) -> bool:
-    """Whether `tensor.to(target, non_blocking=True)` is safe and useful: only a pinned host tensor
-    going to a CUDA device. From pageable memory CUDA stages the copy synchronously anyway, and a
-    non-blocking copy *to* the host can be read before it has landed."""
-    return torch.device(target).type == "cuda" and torch.device(src_device).type == "cpu" and bool(src_pinned)
-
-
-def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    # is_pinned() only matters (and is only asked) when the copy goes to CUDA.
-    async_ok = torch.device(device).type == "cuda" and copy_can_be_async(t.device, t.is_pinned(), device)
-    return t.to(device, non_blocking=async_ok)
-
-
-def move_batch(batch: dict, device: torch.device) -> dict:
-    """Tensors to `device` (non-blocking only from pinned memory to CUDA, see `copy_can_be_async`);
-    uint8 `pixel_values` (the loaders' normalize=False) are CLIP-normalised there, after the copy: a
-    quarter of the bytes to move and no normalising on the loader's CPU."""
-    out = {k: (_to(v, device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-    pix = out.get("pixel_values")
-    if torch.is_tensor(pix) and pix.dtype == torch.uint8:
-        out["pixel_values"] = normalize_pixels(pix, out["image_present"])
-    return out

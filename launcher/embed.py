@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from data_shards.batch import to_device
 from data_shards.config import DataConfig
 from data_shards.reader import NotesLoader
 from launcher.distributed import gather_object
@@ -56,13 +57,17 @@ def embed_notes(note_model, vision_tower, prompter, shards, data_cfg: DataConfig
     bar = tqdm(loader, total=len(loader), desc=f"embed rank {rank}", disable=not progress or rank != 0,
                unit="batch")
     no_image = 0
+    from modeling.vision import encode_images  # the one tower call of training, validation and embedding
+
+    device = next(note_model.parameters()).device
     for batch in bar:
+        batch = to_device(batch, device)  # uint8 pixels -> CLIP-normalised there, as in training
         # has_image: the prompter's word that image features enter this row (an <IMG> slot or the gate);
         # the frozen tower runs only for a batch that has such a row (never in the text probe).
         feeds = batch["has_image"]
         tokens = pooled = None
-        if vision_tower is not None and bool(feeds.any()):
-            tokens, pooled = vision_tower(batch["pixel_values"])
+        if bool(feeds.any()):
+            tokens, pooled = encode_images(vision_tower, batch)
         emb = note_model.encode(batch, tokens, pooled, mode=mode).float()
         keep = ~batch["is_dummy"]
         if mode == "image":

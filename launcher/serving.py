@@ -208,14 +208,15 @@ class NoteEncoder:
 
     @torch.no_grad()
     def _encode_batch(self, items, mode: str) -> np.ndarray:
-        from data_shards.collate import collate_notes, normalize_pixels
+        from data_shards.batch import to_device
+        from data_shards.collate import collate_notes
+        from modeling.vision import encode_images
 
-        batch = collate_notes(items, self.prompter.collate, self.image_size, normalize=False)
-        batch = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        # the notes loader's path: uint8 pixels, CLIP-normalised on the device by to_device, one tower call
+        batch = to_device(collate_notes(items, self.prompter.collate, self.image_size), self.device)
         tokens = pooled = None
-        if self.vision_tower is not None and bool(batch["has_image"].any()):
-            pixels = normalize_pixels(batch["pixel_values"], batch["image_present"])
-            tokens, pooled = self.vision_tower(pixels)
+        if bool(batch["has_image"].any()):
+            tokens, pooled = encode_images(self.vision_tower, batch)
         emb = self.note_model.encode(batch, tokens, pooled, mode=mode).float()
         emb = emb / emb.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         return emb.cpu().numpy()

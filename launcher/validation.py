@@ -5,8 +5,10 @@ from typing import Callable
 
 import torch
 
-from launcher.components import Components, move_batch
+from data_shards.batch import to_device
+from launcher.components import Components
 from launcher.distributed import all_reduce
+from modeling.vision import encode_images
 
 
 def validation_loss(engine, comps: Components, device, cast, tick: Callable[[], None]) -> dict:
@@ -18,8 +20,8 @@ def validation_loss(engine, comps: Components, device, cast, tick: Callable[[], 
         with torch.no_grad():
             for batch in comps.make_val_loader():
                 tick()
-                batch = move_batch(batch, device)
-                image_tokens, image_pooled = comps.image_features(batch, cast)
+                batch = to_device(batch, device)
+                image_tokens, image_pooled = encode_images(comps.vision_tower, batch, cast)
                 out = engine(batch, image_tokens=image_tokens, image_pooled=image_pooled)
                 for i, key in enumerate(("loss", "loss_mm", "loss_vis")):
                     if out.get(key) is not None:

@@ -5,7 +5,8 @@ submodule of the trainable NoteModel: the launcher keeps it replicated outside t
 and outside checkpoints, runs it on the batch's pixel values and passes its outputs to the model.
 
     tower = build_vision_tower(cfg.model.vision)
-    tokens, pooled = tower(pixel_values)      # [N, T, D], [N, Dp]
+    tokens, pooled = encode_images(tower, batch, dtype)   # [N, T, D], [N, Dp]: training, validation, embedding
+    tokens, pooled = tower(pixel_values)                  # CLIP-normalised float, or the reader's uint8
     tower.token_dim, tower.pooled_dim, tower.num_tokens, tower.image_size
 
 Widths are read from the model's config (HF) or probed with one blank image (plugins).
@@ -21,6 +22,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from data_shards.batch import normalize_pixels
 from modeling.backbone import quiet_transformers
 from modeling.config import VisionConfig
 
@@ -58,12 +60,33 @@ class VisionTower(nn.Module):
 
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """pixel_values: CLIP-normalised float [N, 3, S, S] (a batch after `to_device()`), or the reader's
+        uint8 pixels, normalised here first with the batch contract's `normalize_pixels`, every row
+        taken as an image (a batch's `to_device()` also zeroes the rows without one; the model ignores
+        those rows' features either way)."""
         if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
             raise VisionError(f"vision tower: pixel_values must be [N, 3, H, W], got {tuple(pixel_values.shape)}")
         if pixel_values.shape[-2:] != (self.image_size, self.image_size):
             raise VisionError(f"vision tower: images are {tuple(pixel_values.shape[-2:])} but the tower takes "
                               f"{self.image_size}x{self.image_size} (model.vision.image_size)")
+        if pixel_values.dtype == torch.uint8:
+            every = torch.ones(pixel_values.shape[0], dtype=torch.bool, device=pixel_values.device)
+            pixel_values = normalize_pixels(pixel_values, every)
         return self.encode(pixel_values.to(self.dtype))
+
+
+def encode_images(tower: Optional[nn.Module], batch: dict, dtype: Optional[torch.dtype] = None):
+    """(image_tokens, image_pooled) of the frozen `tower` for `batch["pixel_values"]`, under no_grad,
+    cast to `dtype` when given (bf16 training: what the engine's modules take); (None, None) without a
+    tower or without pixels. The one tower call of training, validation and embedding; the batch is on
+    the tower's device already (data_shards.batch.to_device)."""
+    if tower is None or "pixel_values" not in batch:
+        return None, None
+    with torch.no_grad():
+        image_tokens, image_pooled = tower(batch["pixel_values"])
+    if dtype is not None:
+        image_tokens, image_pooled = image_tokens.to(dtype), image_pooled.to(dtype)
+    return image_tokens, image_pooled
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""Pixels from the loader workers through reused shared-memory slots (reader._PixelSlots): same
+"""Pixels from the loader workers through reused shared-memory slots (pixel_slots.PixelSlots): same
 batches as in one process, the fallback when a worker has no free slot, and when /dev/shm is small."""
 from __future__ import annotations
 
@@ -8,16 +8,18 @@ import time
 
 import torch
 
-import data_shards.reader as reader
+import data_shards.pixel_slots as pixel_slots
+import data_shards.shard_index as shard_index
+from data_shards.batch import to_device
 from data_shards.config import DataConfig
 from data_shards.reader import NotesLoader, PairLoader
 from tests.data_reader.helpers import CharCollate, CharEncoder, write_note_shards, write_pair_shards
 
 
-def pair_loader(pattern, workers, normalize=False, **cfg):
+def pair_loader(pattern, workers, **cfg):
     return PairLoader(pattern, data_cfg=DataConfig(num_workers=workers, shuffle_buffer=8, **cfg),
                       encode_fn=CharEncoder(), collate_text_fn=CharCollate(), rank=0, world_size=1,
-                      pairs_per_rank=3, image_size=32, normalize=normalize)
+                      pairs_per_rank=3, image_size=32)
 
 
 def assert_same_batches(got: list, want: list):
@@ -30,7 +32,7 @@ def assert_same_batches(got: list, want: list):
 
 
 def test_slot_claim_take_and_free():
-    slots = reader._PixelSlots(workers=2, rows=4, image_size=8, slots=2)
+    slots = pixel_slots.PixelSlots(workers=2, rows=4, image_size=8, slots=2)
     s0, buf0 = slots.claim(0)
     s1, buf1 = slots.claim(0)
     assert (s0, s1) == (0, 1) and slots.claim(0) is None  # worker 0 has no free slot left ...
@@ -57,14 +59,15 @@ def test_pairs_and_notes_through_slots_equal_the_in_process_batches(tmp_path):
     got = list(loader)
     assert_same_batches(got, want)
     assert loader.pixel_transport == {"slots": len(got), "ordinary": 0}
-    # channels-last uint8 view [N,3,S,S]: normalising it gives the loader's own float32 batches
+    # channels-last uint8 view [N,3,S,S]; on the device (to_device) the same float32 batches either way
     assert got[0]["pixel_values"].dtype == torch.uint8 and got[0]["pixel_values"].shape == (6, 3, 32, 32)
-    assert_same_batches(list(pair_loader(pattern, 2, normalize=True)), list(pair_loader(pattern, 0, normalize=True)))
+    cpu = torch.device("cpu")
+    assert_same_batches([to_device(b, cpu) for b in got], [to_device(b, cpu) for b in want])
 
     notes_dir = tmp_path / "notes"
     write_note_shards(str(notes_dir), [5, 6])
     kw = dict(encode_fn=CharEncoder(), collate_text_fn=CharCollate(), rank=0, world_size=1, batch_size=4,
-              image_size=32, normalize=False)
+              image_size=32)
     nref = list(NotesLoader(str(notes_dir / "*.tar"), DataConfig(num_workers=0), **kw))
     notes = NotesLoader(str(notes_dir / "*.tar"), DataConfig(num_workers=2), **kw)
     got_notes = list(notes)
@@ -76,7 +79,7 @@ def test_pairs_and_notes_through_slots_equal_the_in_process_batches(tmp_path):
 def test_a_worker_without_a_free_slot_sends_its_pixels_the_ordinary_way(tmp_path, monkeypatch):
     """One slot per worker and a consumer that stalls: the workers run ahead, find their slot still
     taken and send those batches' pixels through fresh shared memory; nothing is lost or overwritten."""
-    monkeypatch.setattr(reader, "SLOTS_PER_WORKER", 1)
+    monkeypatch.setattr(pixel_slots, "SLOTS_PER_WORKER", 1)
     write_pair_shards(str(tmp_path), [12, 12])
     pattern = str(tmp_path / "pairs-train-*.tar")
     want = list(pair_loader(pattern, 0))
@@ -103,8 +106,8 @@ def test_little_shared_memory_or_the_switch_off_use_the_ordinary_way(tmp_path, m
         f_bavail, f_frsize = 16, 4096
 
     real_statvfs = os.statvfs
-    monkeypatch.setattr(reader.os, "statvfs", lambda p: Tiny() if p == "/dev/shm" else real_statvfs(p))
-    monkeypatch.setattr(reader, "_LOGGED_ONCE", set())
+    monkeypatch.setattr(pixel_slots.os, "statvfs", lambda p: Tiny() if p == "/dev/shm" else real_statvfs(p))
+    monkeypatch.setattr(pixel_slots, "_LOGGED_ONCE", set())
     caplog.set_level(logging.WARNING, logger="data_shards.reader")
     small = pair_loader(pattern, 2)
     assert_same_batches(list(small), want)
@@ -128,7 +131,7 @@ def test_loader_leaves_the_callers_frozen_objects_frozen(tmp_path):
     gc.freeze()
     try:
         assert not any(o is sentinel for o in gc.get_objects())
-        reader._INDEX_CACHE.clear()  # index again, under the caller's freeze
+        shard_index._INDEX_CACHE.clear()  # index again, under the caller's freeze
         assert len(list(pair_loader(pattern, 1))) == 4
         assert not any(o is sentinel for o in gc.get_objects()), "the loader unfroze the caller's objects"
     finally:

@@ -9,7 +9,8 @@ import os
 import pytest
 import torch
 
-import data_shards.reader as reader
+import data_shards.samples as samples
+from data_shards.batch import to_device
 from data_shards.config import DataConfig
 from data_shards.ids import note_id_hash
 from data_shards.images import clip_transform, open_image
@@ -34,7 +35,7 @@ def test_batch_layout_queries_then_targets(tmp_path):
     loader = make_loader(str(tmp_path / "pairs-train-{000000..000001}.tar"), B=4, image_size=224, shuffle_buffer=0)
     batch = next(iter(loader))
     B = 4
-    assert batch["pixel_values"].shape == (2 * B, 3, 224, 224) and batch["pixel_values"].dtype == torch.float32
+    assert batch["pixel_values"].shape == (2 * B, 3, 224, 224) and batch["pixel_values"].dtype == torch.uint8
     assert batch["input_ids"].shape[0] == 2 * B and batch["attention_mask"].shape == batch["input_ids"].shape
     assert batch["has_image"].dtype == torch.bool and batch["note_ids"].dtype == torch.long
     ids = batch["note_id_strs"]
@@ -53,29 +54,37 @@ def test_batch_layout_queries_then_targets(tmp_path):
     shard, key = batch["sample_keys"][0].split("/", 1)
     with tarfile.open(tmp_path / shard) as tf:
         raw = tf.extractfile(f"{key}.t.jpg").read()
-    assert torch.equal(batch["pixel_values"][B], clip_transform(open_image(raw), 224))
+    assert torch.equal(to_device(batch, torch.device("cpu"))["pixel_values"][B], clip_transform(open_image(raw), 224))
     assert len(batch["sample_keys"]) == B and shard in [os.path.basename(p) for p in paths]
 
 
 def test_uint8_pixels_for_the_device_normalise_to_the_same_values(tmp_path):
-    """normalize=False (what the trainer uses) yields the uint8 pixels; the trainer's move_batch
-    normalises them on its device to exactly the values the loader would have produced."""
+    """The loader yields uint8 pixels; the batch's to_device (the trainer's move_batch) normalises them
+    on its device to exactly the old float path: clip_transform of the stored JPEG, zeros without one."""
+    import tarfile
+
     from launcher.components import move_batch
 
     write_pair_shards(str(tmp_path), [6, 6])
     pattern = str(tmp_path / "pairs-train-{000000..000001}.tar")
-    refs = list(make_loader(pattern, B=4, image_size=32))
-    raws = list(PairLoader(pattern, data_cfg=DataConfig(num_workers=0, shuffle_buffer=8), encode_fn=CharEncoder(),
-                           collate_text_fn=CharCollate(), rank=0, world_size=1, pairs_per_rank=4, image_size=32,
-                           normalize=False))
-    assert len(raws) == len(refs) == 3
-    for ref, raw in zip(refs, raws):
-        assert raw["pixel_values"].dtype == torch.uint8 and raw["note_id_strs"] == ref["note_id_strs"]
-        moved = move_batch(raw, torch.device("cpu"))
-        assert moved["pixel_values"].dtype == torch.float32
-        assert torch.equal(moved["pixel_values"], ref["pixel_values"])
-    # rows without an image (zeros on both paths) were among them
-    assert not all(bool(ref["image_present"].all()) for ref in refs)
+    raws = list(make_loader(pattern, B=4, image_size=32))
+    assert len(raws) == 3
+    for raw in raws:
+        assert raw["pixel_values"].dtype == torch.uint8
+        moved = raw.to_device(torch.device("cpu"))
+        assert type(moved) is type(raw) and moved["note_id_strs"] == raw["note_id_strs"]
+        assert moved["pixel_values"].dtype == torch.float32 and moved["pixel_values"].is_contiguous()
+        assert torch.equal(move_batch(raw, torch.device("cpu"))["pixel_values"], moved["pixel_values"])
+        for row, nid in enumerate(raw["note_id_strs"]):
+            if not raw["image_present"][row]:
+                assert not moved["pixel_values"][row].any()  # the mean colour
+                continue
+            shard, key = raw["sample_keys"][row % 4].split("/", 1)
+            with tarfile.open(tmp_path / shard) as tf:
+                jpg = tf.extractfile(f"{key}.{'q' if row < 4 else 't'}.jpg").read()
+            assert torch.equal(moved["pixel_values"][row], clip_transform(open_image(jpg), 32)), nid
+    # rows without an image were among them
+    assert not all(bool(raw["image_present"].all()) for raw in raws)
 
 
 def test_epoch_uses_each_pair_at_most_once_and_shuffles_by_seed_and_epoch(tmp_path):
@@ -137,8 +146,8 @@ def test_resume_skips_consumed_samples_without_decoding(tmp_path, monkeypatch):
     list(itertools.islice(iter(first), 6))
     state = first.state_dict()
     decoded = []
-    real = reader.open_image
-    monkeypatch.setattr(reader, "open_image", lambda data, max_pixels: decoded.append(1) or real(data, max_pixels))
+    real = samples.open_image
+    monkeypatch.setattr(samples, "open_image", lambda data, max_pixels: decoded.append(1) or real(data, max_pixels))
     resumed = make_loader(pattern, B=4)
     resumed.load_state_dict(state)
     next(iter(resumed))
@@ -273,9 +282,9 @@ class _Count(torch.utils.data.IterableDataset):
 
 @pytest.mark.parametrize("method,process", [("fork", "ForkProcess"), ("spawn", "SpawnProcess")])
 def test_worker_start_method_reaches_the_dataloader(method, process):
-    from data_shards.reader import _start_workers
+    from data_shards.workers import start_workers
 
-    it = _start_workers(_Count(), 1, method)
+    it = start_workers(_Count(), 1, method)
     try:
         assert type(it._workers[0]).__name__ == process
         assert sorted(it) == [0, 1, 2]

@@ -219,3 +219,37 @@ def test_siglip_without_pooling_head_pools_by_mean(tmp_path):
         ref = SiglipVisionModel.from_pretrained(path).eval()(pixel_values=PX)
     assert ref.pooler_output is None
     torch.testing.assert_close(pooled, ref.last_hidden_state.mean(dim=1))
+
+
+# ----------------------------------------------------------------------------- encode_images
+
+def test_encode_images_is_the_tower_under_no_grad_cast_to_the_dtype(tiny):
+    from data_shards.batch import normalize_pixels, to_device
+    from modeling.vision import encode_images
+
+    tower = build_vision_tower(VisionConfig(path=tiny["clip"], image_size=32))
+    g = torch.Generator().manual_seed(0)
+    u8 = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8, generator=g)
+    present = torch.tensor([True, False, True])
+    batch = to_device({"pixel_values": u8, "image_present": present}, torch.device("cpu"))
+    with torch.enable_grad():
+        tokens, pooled = encode_images(tower, batch)
+    ref_tokens, ref_pooled = tower(normalize_pixels(u8, present))
+    assert torch.equal(tokens, ref_tokens) and torch.equal(pooled, ref_pooled)
+    assert not tokens.requires_grad and tokens.dtype == torch.float32
+    bf_tokens, bf_pooled = encode_images(tower, batch, torch.bfloat16)
+    assert bf_tokens.dtype == bf_pooled.dtype == torch.bfloat16 and torch.equal(bf_tokens, ref_tokens.bfloat16())
+    assert encode_images(None, batch) == (None, None)  # text-only: no tower
+    assert encode_images(tower, {"input_ids": torch.zeros(1, 2)}) == (None, None)  # no pixels
+
+
+def test_tower_takes_the_readers_uint8_pixels_as_normalised_images(tiny):
+    from data_shards.batch import normalize_pixels
+
+    tower = build_vision_tower(VisionConfig(path=tiny["clip"], image_size=32))
+    u8 = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    tokens, pooled = tower(u8)
+    ref_tokens, ref_pooled = tower(normalize_pixels(u8, torch.ones(2, dtype=torch.bool)))
+    assert torch.equal(tokens, ref_tokens) and torch.equal(pooled, ref_pooled)
+    raw_tokens, _ = tower(u8.float())  # not the same as un-normalised values
+    assert not torch.allclose(raw_tokens, tokens)
