@@ -245,7 +245,8 @@ def num_attention_layers(note_model) -> int:
 def analyze_batches(note_model, vision_tower, batches: Iterable[dict], run: str, max_batches: int,
                     device="cpu", progress=None) -> FlowReport:
     """The flows of `run` over the first `max_batches` pair batches (layout [queries; targets])."""
-    from launcher.components import move_batch
+    from data_shards.batch import to_device
+    from modeling.vision import encode_images
 
     note_model.eval()  # dropout off; gradients still flow
     report = FlowReport(run, note_model.variant, num_attention_layers(note_model),
@@ -254,11 +255,8 @@ def analyze_batches(note_model, vision_tower, batches: Iterable[dict], run: str,
     for k, batch in enumerate(batches):
         if k >= max_batches:
             break
-        batch = move_batch(batch, device)
-        tokens = pooled = None
-        if vision_tower is not None and "pixel_values" in batch:
-            with torch.no_grad():
-                tokens, pooled = vision_tower(batch["pixel_values"])
+        batch = to_device(batch, device)
+        tokens, pooled = encode_images(vision_tower, batch)
         saliency, loss = batch_saliency(note_model, batch, tokens, pooled)
         report.add(saliency, token_spans(note_model, batch["input_ids"], batch["attention_mask"]), loss)
         if progress is not None:

@@ -4,7 +4,7 @@ The loop gets them from a *components factory* `fn(cfg, rank, world_size, ds_con
 the default one (`default_components`) builds the real NoteModel, vision tower, prompter and
 PairLoader. Tests pass their own factory through `train(cfg, factory=...)` or `--components module:fn`.
 Also here: the training batches as one stream over epochs (`BatchStream`). A batch goes onto the
-training device with `data_shards.batch.to_device` (here also as `move_batch`, the loop's name for it)
+training device with `data_shards.batch.to_device`
 and through the frozen tower with `modeling.vision.encode_images`.
 """
 from __future__ import annotations
@@ -16,12 +16,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from data_shards.batch import copy_can_be_async, to_device  # noqa: F401  (copy_can_be_async: tests import it here)
 from launcher.config import ConfigError, RunConfig
 from modeling.vision import encode_images
-
-# A batch onto the training device: the batch contract's to_device (moves, then CLIP-normalises uint8 pixels there).
-move_batch = to_device
 
 
 @dataclass

@@ -22,7 +22,8 @@ import torch
 
 from launcher import faults
 from launcher.checkpoint import Checkpointer, CheckpointError
-from launcher.components import BatchStream, default_components, move_batch
+from data_shards.batch import to_device
+from launcher.components import BatchStream, default_components
 from launcher.config import ConfigError, RunConfig, save_resolved
 from launcher.distributed import (Topology, Watchdog, all_gather_object, barrier, detect_topology,
                                   enable_crash_traces, init_distributed, is_peer_error)
@@ -123,7 +124,7 @@ def _train(cfg: RunConfig, factory: Callable, topo: Topology, watchdog: Watchdog
             for _ in range(accum):
                 with timer("data_wait"):
                     batch = batches.next()
-                batch = move_batch(batch, device)
+                batch = to_device(batch, device)  # uint8 pixels are normalised there (data_shards/batch.py)
                 stats.add_batch(batch)
                 watchdog.progress(step, "forward")
                 with timer("forward"):

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from launcher import distributed as D
-from launcher.components import copy_can_be_async, move_batch
+from data_shards.batch import copy_can_be_async
+from data_shards.batch import to_device as move_batch
 from tests.multirank import base_env, run_ranks
 from tests.helpers.paths import REPO
 
