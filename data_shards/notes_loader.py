@@ -85,7 +85,7 @@ class NotesLoader:
 
     def __init__(self, shards, data_cfg: DataConfig, encode_fn: Callable[[dict], dict],
                  collate_text_fn: Callable[[list], dict], rank: int, world_size: int, batch_size: int,
-                 image_size: int = 224):
+                 image_size: int = 224, max_notes: Optional[int] = None):
         if not (0 <= rank < world_size):
             raise ValueError(f"NotesLoader: rank {rank} is not in [0, world_size={world_size})")
         if batch_size <= 0:
@@ -106,6 +106,8 @@ class NotesLoader:
                 self._stats["shard_problems"] += 1
                 log.warning("shard %s: %s", os.path.basename(path), ix.problem)
             self._items.extend((path, s) for s in ix.samples)
+        if max_notes is not None:  # the first max_notes notes in shard order (a slice for evaluation)
+            self._items = self._items[:max_notes]
         per_step = world_size * batch_size
         self._n_batches = (len(self._items) + per_step - 1) // per_step
 

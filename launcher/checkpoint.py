@@ -42,6 +42,7 @@ from launcher.distributed import all_gather_object, barrier
 from launcher.errors import UserError
 
 MANIFEST = "manifest.json"
+BEST = "best"  # pointer file: the checkpoint with the best checkpoint.keep_best metric
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
 
@@ -136,6 +137,30 @@ def latest_complete(root: str) -> Optional[str]:
     return found[-1][1] if found else None
 
 
+def best_checkpoint(root: str) -> Optional[str]:
+    """The checkpoint the `best` pointer names (checkpoint.keep_best), when it is complete."""
+    pointer = os.path.join(root, BEST)
+    if not os.path.isfile(pointer):
+        return None
+    with open(pointer) as fh:
+        name = fh.read().strip()
+    path = os.path.join(root, name)
+    return path if name and os.path.isfile(os.path.join(path, MANIFEST)) else None
+
+
+def prune(root: str, keep_last: int) -> list[str]:
+    """Remove all complete checkpoints but the newest `keep_last` and the one the `best` pointer names."""
+    kept_best = best_checkpoint(root)
+    removed = []
+    for _, path in list_complete(root)[:-keep_last]:
+        if kept_best is not None and os.path.samefile(path, kept_best):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(path + ".universal", ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
 def remove_partial(root: str) -> list[str]:
     """Remove `.tmp-*` leftovers of interrupted saves (rank 0, before training)."""
     removed = []
@@ -149,8 +174,10 @@ def remove_partial(root: str) -> list[str]:
 
 def save(engine, root: str, step: int, *, rank: int, world_size: int, samples_seen: int,
          reader_state: Any, config_hash: str, resolved_config: dict, keep_last: int,
-         extra: Optional[dict] = None, log=print) -> str:
-    """Collective: every rank calls it. Returns the final checkpoint path."""
+         extra: Optional[dict] = None, log=print, best: bool = False) -> str:
+    """Collective: every rank calls it. Returns the final checkpoint path. `best`: this checkpoint is
+    the new best (checkpoint.keep_best); the `best` pointer names it and pruning never removes the
+    checkpoint that pointer names."""
     name = step_name(step)
     tmp_tag = TMP_PREFIX + name
     tmp_path = os.path.join(root, tmp_tag)
@@ -191,9 +218,9 @@ def save(engine, root: str, step: int, *, rank: int, world_size: int, samples_se
             shutil.rmtree(stale, ignore_errors=True)
         os.replace(tmp_path, final)
         _write_atomic(os.path.join(root, LATEST), name)
-        for old_step, old_path in list_complete(root)[:-keep_last]:
-            shutil.rmtree(old_path, ignore_errors=True)
-            shutil.rmtree(old_path + ".universal", ignore_errors=True)
+        if best:
+            _write_atomic(os.path.join(root, BEST), name)
+        prune(root, keep_last)
         log(f"checkpoint {final} saved in {time.monotonic() - t0:.1f}s (step {step}, keeps last {keep_last})")
     barrier()
     return final
@@ -320,6 +347,19 @@ class Checkpointer:
         self.engine = None
         self.resumed = Resumed()
         self.last_saved = -1  # step of the newest checkpoint this run wrote or resumed from
+        self.best_metric = cfg.checkpoint.keep_best or None
+        self.best_value: Optional[float] = None  # the best metric so far (read back from the `best` checkpoint on resume)
+
+    def improves(self, scalars: dict) -> bool:
+        """Whether this step's `scalars` hold checkpoint.keep_best and it beats the best so far ("loss"
+        in the name: lower is better; otherwise higher). The same on every rank (same scalars)."""
+        if self.best_metric is None or self.best_metric not in scalars:
+            return False
+        value = float(scalars[self.best_metric])
+        if self.best_value is None:
+            return True
+        lower = "loss" in self.best_metric
+        return value < self.best_value if lower else value > self.best_value
 
     def find_resume(self, watchdog=None) -> bool:
         """Remove the leftovers of interrupted saves, decide what to resume from (checkpoint.resume),
@@ -358,6 +398,10 @@ class Checkpointer:
         self.resumed = Resumed(step=chosen.step, samples_seen=int(chosen.manifest.get("samples_seen", 0)), epoch=epoch,
                                reader_state=reader_state, fresh=False)
         self.last_saved = chosen.step
+        best = best_checkpoint(self.root)
+        if self.best_metric is not None and best is not None:
+            value = read_manifest(best).get("metrics", {}).get(self.best_metric)
+            self.best_value = float(value) if value is not None else None
         if chosen.universal:
             self.log(f"resumed step {chosen.step} from {chosen.path} through a universal checkpoint "
                      f"(world size {chosen.manifest['world_size']} -> {self.world_size}); "
@@ -370,12 +414,19 @@ class Checkpointer:
         """Pairs trained on over all ranks up to the end of `step`."""
         return self.resumed.samples_seen + (step - self.resumed.step) * self.pairs_per_step
 
-    def save(self, step: int, loader) -> str:
-        """Collective: checkpoint the engine after `step`, with `loader.state_dict()` as this rank's reader state."""
+    def save(self, step: int, loader, scalars: Optional[dict] = None) -> str:
+        """Collective: checkpoint the engine after `step`, with `loader.state_dict()` as this rank's reader
+        state. `scalars` (the step's logged figures) go into the manifest; when they improve
+        checkpoint.keep_best, this checkpoint becomes the kept best."""
         cfg = self.cfg
+        best = self.improves(scalars or {})
+        extra = {"metrics": {k: v for k, v in (scalars or {}).items() if k.startswith("eval/")}}
         path = save(self.engine, self.root, step, rank=self.rank, world_size=self.world_size,
                     samples_seen=self.samples_seen(step), reader_state=loader.state_dict(),
                     config_hash=self.config_hash, resolved_config=config_to_dict(cfg),
-                    keep_last=cfg.checkpoint.keep_last, log=self.log)
+                    keep_last=cfg.checkpoint.keep_last, log=self.log, extra=extra, best=best)
+        if best:
+            self.best_value = float(scalars[self.best_metric])
+            self.log(f"best {self.best_metric} so far: {self.best_value:.4f} at step {step} (kept as {path})")
         self.last_saved = step
         return path

@@ -66,6 +66,16 @@ class EvalConfig:
     batch_size: int = field(default=32, metadata=_pos())
     # Evaluate every N training steps (0: only when `notellm2 eval` is run).
     every_steps: int = field(default=0, metadata=_nonneg("an integer >= 0"))
+    # Retrieval during training (every eval.every_steps): the first `max_notes` notes of these notes
+    # shards (shard order) are embedded on all ranks, each a part, and the val pairs of `pairs` (a
+    # pairs folder or pairs.parquet) whose two notes are both among them are ranked (all-pairs protocol
+    # on the slice). Empty: no retrieval evaluation, only the validation loss.
+    notes_shards: str = ""
+    pairs: str = ""
+    max_notes: int = field(default=500, metadata=_pos())
+    # Probes evaluated: eval/recall@K (both) and eval/<probe>_recall@K for the others; a probe the
+    # variant does not have (text variants: image) is skipped.
+    probes: list[str] = field(default_factory=lambda: ["both", "image"])
 
 
 @dataclass
@@ -82,6 +92,10 @@ class CheckpointConfig:
     resume: str = "auto"
     # Resume even when the checkpoint's config hash differs from this run's.
     allow_config_mismatch: bool = False
+    # Also keep the best checkpoint by this logged metric (e.g. "eval/recall@100", higher is better;
+    # a name containing "loss", e.g. "eval/val_loss", lower is better), beside the last keep_last.
+    # A step where the metric improves is checkpointed even between checkpoint.every_steps.
+    keep_best: str = ""
 
 
 @dataclass
@@ -210,6 +224,16 @@ def _cross_checks(cfg: RunConfig) -> None:
                               f"{cfg.train.warmup_steps}; allowed: one of the two (or warmup_steps: {derived}, "
                               f"= round(warmup_ratio * train.max_steps))")
         cfg.train.warmup_steps = derived
+    if (cfg.eval.notes_shards == "") != (cfg.eval.pairs == ""):
+        raise ConfigError("eval.notes_shards and eval.pairs: set both (retrieval evaluation during training) or neither")
+    from modeling.names import PROBE_MODES
+
+    bad = [p for p in cfg.eval.probes if p not in PROBE_MODES]
+    if bad:
+        raise ConfigError(f"eval.probes: got {bad}; allowed: {', '.join(PROBE_MODES)}")
+    if cfg.checkpoint.keep_best and not cfg.eval.every_steps:
+        raise ConfigError(f"checkpoint.keep_best: {cfg.checkpoint.keep_best!r} needs eval.every_steps > 0 (the metric is "
+                          "computed at each evaluation)")
     if any(k <= 0 for k in cfg.eval.k_values):
         raise ConfigError(f"eval.k_values: got {cfg.eval.k_values}; allowed: integers > 0")
 

@@ -41,7 +41,8 @@ def probe_encode(prompter, mode: str, note: dict) -> dict:
 @torch.no_grad()
 def embed_notes(note_model, vision_tower, prompter, shards, data_cfg: DataConfig, batch_size: int,
                 mode: str = "both", rank: int = 0, world_size: int = 1, image_size: int = 224,
-                progress: bool = True, skipped: dict | None = None) -> tuple[list[str], np.ndarray]:
+                progress: bool = True, skipped: dict | None = None,
+                max_notes: int | None = None) -> tuple[list[str], np.ndarray]:
     """This rank's (ids, vectors); dummy padding rows of the loader are dropped, and in the image probe
     the notes without an image (their count is added to `skipped["no_image"]` when given)."""
     if mode not in PROBE_MODES:
@@ -50,7 +51,8 @@ def embed_notes(note_model, vision_tower, prompter, shards, data_cfg: DataConfig
     if why:
         raise ValueError(f"embed --mode {mode}: {why}")
     loader = NotesLoader(shards, data_cfg, functools.partial(probe_encode, prompter, mode), prompter.collate,
-                         rank=rank, world_size=world_size, batch_size=batch_size, image_size=image_size)
+                         rank=rank, world_size=world_size, batch_size=batch_size, image_size=image_size,
+                         max_notes=max_notes)
     note_model.eval()
     ids: list[str] = []
     vectors: list[np.ndarray] = []
@@ -59,14 +61,16 @@ def embed_notes(note_model, vision_tower, prompter, shards, data_cfg: DataConfig
     no_image = 0
     from modeling.vision import encode_images  # the one tower call of training, validation and embedding
 
-    device = next(note_model.parameters()).device
+    device = next(note_model.parameters()).device  # under ZeRO-3 a partitioned parameter still sits on the rank's device
     for batch in bar:
         batch = to_device(batch, device)  # uint8 pixels -> CLIP-normalised there, as in training
-        # has_image: the prompter's word that image features enter this row (an <IMG> slot or the gate);
-        # the frozen tower runs only for a batch that has such a row (never in the text probe).
+        # has_image: the prompter's word that image features enter this row (an <IMG> slot or the gate).
+        # The tower runs for every batch but the text probe's, even one without such a row: then the
+        # model still calls its connector and gate (with zero effect), so that every rank calls the same
+        # modules in the same order, which ZeRO-3's parameter gathers need (in-training evaluation).
         feeds = batch["has_image"]
         tokens = pooled = None
-        if bool(feeds.any()):
+        if mode != "text":
             tokens, pooled = encode_images(vision_tower, batch)
         emb = note_model.encode(batch, tokens, pooled, mode=mode).float()
         keep = ~batch["is_dummy"]

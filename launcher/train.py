@@ -31,7 +31,7 @@ from launcher.engine import activation_dtype, build_ds_config, initialize, learn
 from launcher.metrics import MetricsWriter, StepStats, Timer, gather_counters, memory_mb, step_scalars
 from launcher.optim import clamp_temperature
 from launcher.preemption import PREEMPTED_EXIT_CODE, Preempted, install_for_training
-from launcher.validation import validation_loss
+from launcher.validation import read_val_pairs, retrieval_metrics, validation_loss
 
 
 def train(cfg: RunConfig, factory: Optional[Callable] = None, topo: Optional[Topology] = None,
@@ -104,6 +104,13 @@ def _train(cfg: RunConfig, factory: Callable, topo: Topology, watchdog: Watchdog
             comps.make_val_loader()
         except (ValueError, FileNotFoundError) as e:
             raise ConfigError(f"data.val_shards: cannot evaluate every {cfg.eval.every_steps} steps: {e}") from None
+    retrieval = bool(cfg.eval.every_steps) and bool(cfg.eval.notes_shards)
+    val_pairs = []
+    if retrieval:
+        try:  # the user's paths, checked now rather than at the first evaluation
+            val_pairs = read_val_pairs(cfg)
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"eval.pairs: {e}") from None
     preempt = install_for_training()
     metrics = MetricsWriter(run_dir, enabled=rank == 0, tensorboard=cfg.logging.tensorboard,
                             max_steps=cfg.train.max_steps, start_step=resumed.step)
@@ -150,9 +157,17 @@ def _train(cfg: RunConfig, factory: Callable, topo: Topology, watchdog: Watchdog
             grad_norm = engine.get_global_grad_norm()
             scalars = step_scalars(stats, summed, world, group_names, learning_rates(engine, scheduler), grad_norm,
                                    memory, counters)
-            if evaluate and step % cfg.eval.every_steps == 0:
-                for k, v in validation_loss(engine, comps, device, cast, lambda: watchdog.progress(step, "eval")).items():
-                    scalars[f"eval/{k}"] = v
+            if cfg.eval.every_steps and step % cfg.eval.every_steps == 0:
+                t_eval = time.perf_counter()
+                tick = lambda: watchdog.progress(step, "eval")  # noqa: E731
+                found = validation_loss(engine, comps, device, cast, tick) if evaluate else {}
+                if retrieval:
+                    found.update(retrieval_metrics(engine, comps, cfg, rank, world, tick, val_pairs))
+                scalars.update({f"eval/{k}": v for k, v in found.items()})
+                scalars["perf/eval_s"] = time.perf_counter() - t_eval
+                if checkpointer.best_metric and checkpointer.best_metric not in scalars:
+                    raise ConfigError(f"checkpoint.keep_best: {checkpointer.best_metric!r} is not logged at evaluations; "
+                                      f"they log: {', '.join(sorted(k for k in scalars if k.startswith('eval/'))) or 'nothing'}")
 
             timing_extra = {"timings": {k: round(v, 6) for k, v in timings.items()},
                             "mean_step_time_s": summed.step_time_s / world}
@@ -162,9 +177,9 @@ def _train(cfg: RunConfig, factory: Callable, topo: Topology, watchdog: Watchdog
             if on_step is not None:
                 on_step(step, {"scalars": scalars, "timings": timings, "engine": engine})
 
-            if step % cfg.checkpoint.every_steps == 0 or step == cfg.train.max_steps:
+            if step % cfg.checkpoint.every_steps == 0 or step == cfg.train.max_steps or checkpointer.improves(scalars):
                 watchdog.progress(step, "checkpoint")
-                checkpointer.save(step, batches)
+                checkpointer.save(step, batches, scalars)
             if preempt.agree(summed.stop_asked > 0) and step < cfg.train.max_steps:
                 _stop(step, checkpointer, batches, watchdog, preempt, log)
     finally:
