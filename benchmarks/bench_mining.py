@@ -1,7 +1,9 @@
-"""Benchmark of `notellm2 data mine-pairs` (DuckDB) against a plain pandas implementation.
+"""Benchmark of `notellm2 data mine-pairs`: DuckDB against a plain pandas implementation, or
+(`--engine spark`) the Spark engine against DuckDB on the same log.
 
     .venv/bin/python benchmarks/bench_mining.py                  # full: 10M events, 1M users, 500k notes
     .venv/bin/python benchmarks/bench_mining.py --events 20000 --users 2000 --notes 1000 --pandas-events 5000
+    .venv/bin/python benchmarks/bench_mining.py --engine spark   # 10M events, Spark local[2] vs DuckDB
 
 Synthetic traffic (numpy, written to Parquet in a temp dir; generation time not counted):
 users with log-normal activity (median a few views, a handful with thousands), notes with Zipf
@@ -13,6 +15,10 @@ Figures, each measured in a fresh subprocess (peak RSS = that process's ru_maxrs
      `--pandas-events` events), `--sub-repeat` times each, interleaved, fastest of each: speed
      ratio pandas/DuckDB vs the 5x target; the two outputs must be IDENTICAL (same rows, order,
      scores bit for bit, splits), asserted here.
+With `--engine spark`: DuckDB and Spark (`--spark-master`, default local[2], with
+spark.driver.memory and spark.local.dir set) each mine all events in a fresh subprocess; peak
+memory is the sampled sum of RSS over the worker and its children (the JVM), CPU seconds include
+the JVM's. The two engines' pairs.parquet and note_split.parquet must be identical (asserted).
 Ends with one `RESULT {json}` line per figure.
 """
 from __future__ import annotations
@@ -34,6 +40,7 @@ if REPO not in sys.path:
 
 from data_shards.mining import (MiningSettings, hash_split_of, split_counts,  # noqa: E402
                                 weight_scale)
+from data_shards.mining import parse_spark_conf  # noqa: E402
 
 DAY = 86_400
 T0 = 1_700_000_000
@@ -117,8 +124,8 @@ def mine_pairs_pandas(views_path: str, out_path: str, s: MiningSettings) -> int:
     first = df.groupby(["user_id", "note_id"], sort=False, as_index=False)["timestamp"].min()
     n_u = first.groupby("user_id").size()
     scale = weight_scale(s.weighting)
-    if s.weighting:
-        w_u = np.floor(float(scale) / n_u.to_numpy(np.float64)).astype(np.int64)
+    if s.weighting:  # exact integer division, as in the SQL
+        w_u = scale // n_u.to_numpy(np.int64)
     else:
         w_u = np.ones(len(n_u), dtype=np.int64)
     first["w"] = first["user_id"].map(pd.Series(w_u, index=n_u.index))
@@ -163,11 +170,15 @@ def mine_pairs_pandas(views_path: str, out_path: str, s: MiningSettings) -> int:
     split_of = pd.Series(lab, index=first_seen["note_id"].to_numpy())
     qa = top["a"].map(split_of).to_numpy()
     tb = top["b"].map(split_of).to_numpy()
-    split = np.where((qa == "test") | (tb == "test"), "test",
-                     np.where((qa == "val") | (tb == "val"), "val", "train"))
+    if s.pair_split == "both":
+        split = np.where(qa == tb, qa, None)
+    else:
+        split = np.where((qa == "test") | (tb == "test"), "test",
+                         np.where((qa == "val") | (tb == "val"), "val", "train"))
     out = pd.DataFrame({"query_id": top["a"].to_numpy(), "target_id": top["b"].to_numpy(),
                         "score": top["units"].to_numpy().astype(np.float64) / float(scale),
                         "split": split})
+    out = out[out["split"].notna()].reset_index(drop=True)
     out.to_parquet(out_path, index=False)
     return len(out)
 
@@ -182,25 +193,81 @@ def _settings_from(args) -> MiningSettings:
                           weighting=not args.no_weighting, memory_limit=args.memory_limit)
 
 
+def _spark_conf(args, work: str) -> list[str]:
+    conf = {"spark.driver.memory": args.spark_driver_memory, "spark.local.dir": os.path.join(work, "spark-local"),
+            "spark.sql.shuffle.partitions": "8", "spark.ui.enabled": "false"}
+    conf.update(parse_spark_conf(args.spark_conf))
+    return [f"{k}={v}" for k, v in conf.items()]
+
+
+class _MemorySampler:
+    """Peak of the summed RSS of this process and all its descendants (the JVM of pyspark), and
+    the descendants' CPU seconds, sampled every `interval` s in a thread."""
+
+    def __init__(self, interval: float = 0.1):
+        import threading
+
+        import psutil
+
+        self.me = psutil.Process()
+        self.peak = 0
+        self.child_cpu: dict[int, float] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.interval = interval
+
+    def _loop(self):
+        import psutil
+
+        while not self.stop.is_set():
+            total = 0
+            for p in [self.me] + self.me.children(recursive=True):
+                try:
+                    total += p.memory_info().rss
+                    if p.pid != self.me.pid:
+                        t = p.cpu_times()
+                        self.child_cpu[p.pid] = t.user + t.system
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+            self.stop.wait(self.interval)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
 def _worker(args) -> None:
     s = _settings_from(args)
     t0 = time.perf_counter()
-    if args.worker == "duckdb":
+    sampler = _MemorySampler().__enter__()
+    if args.worker in ("duckdb", "spark"):
         from data_shards.mining import mine_pairs
 
+        if args.worker == "spark":
+            s.engine, s.spark_master = "spark", args.spark_master
+            s.spark_conf = parse_spark_conf(args.spark_conf)
         summary = mine_pairs(args.views, args.out, s)
         pairs = summary["counts"]["pairs"]
-        extra = {"co_occurrences": summary["counts"]["co_occurrences"], "timings_s": summary["timings_s"]}
+        extra = {"co_occurrences": summary["counts"]["co_occurrences"], "timings_s": summary["timings_s"],
+                 "counts": summary["counts"]}
     else:
         os.makedirs(args.out, exist_ok=True)
         pairs = mine_pairs_pandas(args.views, os.path.join(args.out, "pairs.parquet"), s)
         extra = {}
     seconds = time.perf_counter() - t0
+    sampler.__exit__(None, None, None)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     rss = usage.ru_maxrss * 1024  # Linux: kB
-    # CPU seconds of all threads since the process started (imports included: about 0.5 s).
-    cpu = usage.ru_utime + usage.ru_stime
+    # CPU seconds of all threads since the process started (imports included: about 0.5 s), plus
+    # those of child processes (the JVM) as last sampled.
+    cpu = usage.ru_utime + usage.ru_stime + sum(sampler.child_cpu.values())
     print("WORKER " + json.dumps({"seconds": seconds, "cpu_seconds": cpu, "peak_rss_bytes": rss,
+                                  "peak_tree_rss_bytes": max(sampler.peak, rss),
                                   "pairs": pairs, "load_avg_1min": os.getloadavg()[0], **extra}))
 
 
@@ -229,6 +296,8 @@ def _run_worker_once(kind: str, views: str, out: str, args) -> dict:
         cmd.append("--symmetric")
     if args.no_weighting:
         cmd.append("--no-weighting")
+    if kind == "spark":
+        cmd += ["--spark-master", args.spark_master, "--spark-conf", *args.spark_conf]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{kind} worker failed (rc={proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
@@ -264,7 +333,14 @@ def main(argv=None) -> int:
     p.add_argument("--sub-repeat", type=int, default=3,
                    help="DuckDB and pandas runs on the sub-sample, interleaved; the fastest of each counts")
     p.add_argument("--workdir", help="keep the generated data here instead of a temp dir")
-    p.add_argument("--worker", choices=["duckdb", "pandas"], help=argparse.SUPPRESS)
+    p.add_argument("--engine", choices=["duckdb", "spark"], default="duckdb",
+                   help="duckdb: DuckDB vs pandas (default); spark: Spark vs DuckDB on all events")
+    p.add_argument("--spark-master", default="local[2]")
+    p.add_argument("--spark-driver-memory", default="6g")
+    p.add_argument("--spark-conf", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="extra Spark configuration (after spark.driver.memory, spark.local.dir, "
+                        "spark.sql.shuffle.partitions=8)")
+    p.add_argument("--worker", choices=["duckdb", "pandas", "spark"], help=argparse.SUPPRESS)
     p.add_argument("--views", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -282,6 +358,8 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         shape = generate_views(full, args.events, args.users, args.notes, args.days, args.seed)
         print(f"generated {shape} in {time.perf_counter() - t0:.1f} s (not counted)", flush=True)
+        if args.engine == "spark":
+            return _spark_vs_duckdb(full, work, args)
         sub = os.path.join(work, "views_sub.parquet")
         n_sub = subsample_users(full, sub, args.pandas_events, args.seed)
         print(f"sub-sample for the pandas comparison: {n_sub} events", flush=True)
@@ -320,6 +398,43 @@ def main(argv=None) -> int:
     finally:
         if tmp_ctx is not None:
             tmp_ctx.cleanup()
+    return 0
+
+
+def _frames_equal(a, b) -> bool:
+    a = a.astype({c: object for c in a.columns if c != "score"})
+    b = b.astype({c: object for c in b.columns if c != "score"})
+    return (list(a.columns) == list(b.columns) and len(a) == len(b)
+            and all((a[c].to_numpy() == b[c].to_numpy()).all() for c in a.columns))
+
+
+def _spark_vs_duckdb(full: str, work: str, args) -> int:
+    import pandas as pd
+
+    args.spark_conf = _spark_conf(args, work)
+    duck = _run_worker("duckdb", full, os.path.join(work, "out_duckdb"), args)
+    spark = _run_worker("spark", full, os.path.join(work, "out_spark"), args)
+    identical = True
+    for name in ("pairs.parquet", "note_split.parquet"):
+        identical &= _frames_equal(pd.read_parquet(os.path.join(work, "out_duckdb", name)),
+                                   pd.read_parquet(os.path.join(work, "out_spark", name)))
+    same_counts = duck["counts"] == spark["counts"]
+    for label, r in (("duckdb", duck), (f"spark {args.spark_master}", spark)):
+        print(f"{label}, {args.events} events: {r['seconds']:.2f} s wall, {r['cpu_seconds']:.1f} s cpu "
+              f"({r['cpu_seconds'] / args.events * 1e6:.2f} cpu-s per 1M events), peak memory (process tree) "
+              f"{r['peak_tree_rss_bytes'] / 2**30:.2f} GiB, {r['pairs']} pairs; stages {r['timings_s']}; "
+              f"machine load {r['load_avg_1min']:.1f} on {os.cpu_count()} cores", flush=True)
+    print(f"spark conf: {' '.join(args.spark_conf)}")
+    print(f"outputs identical: {identical}; manifest counts identical: {same_counts}", flush=True)
+    assert identical and same_counts, "Spark and DuckDB outputs differ"
+    t_ratio = spark["seconds"] / duck["seconds"]
+    m_ratio = spark["peak_tree_rss_bytes"] / duck["peak_tree_rss_bytes"]
+    _result("mining_spark_vs_duckdb_time", round(spark["seconds"], 2), round(duck["seconds"], 2), round(t_ratio, 2),
+            f"recorded: Spark {args.spark_master} / DuckDB wall time on {args.events} events, identical output",
+            identical and same_counts)
+    _result("mining_spark_vs_duckdb_peak_memory_gb", round(spark["peak_tree_rss_bytes"] / 1e9, 3),
+            round(duck["peak_tree_rss_bytes"] / 1e9, 3), round(m_ratio, 2),
+            "recorded: Spark (driver JVM included) / DuckDB peak memory", identical and same_counts)
     return 0
 
 

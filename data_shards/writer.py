@@ -34,6 +34,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from data_shards import pairs_file
 from data_shards.catalog import CatalogError, _maybe_pool, default_workers, index_catalog, load_catalog, ordered_imap
 
 log = logging.getLogger("notellm2.data")
@@ -230,38 +231,23 @@ def shard_pattern(names: Sequence[str]) -> str:
 # ----------------------------------------------------------------------------- pairs
 
 def read_pairs(pairs_dir: str):
-    """Read and check ``pairs_dir/pairs.parquet``; returns a pandas DataFrame."""
-    import pandas as pd
-    import pyarrow.parquet as pq
+    """Read and check ``pairs_dir/pairs.parquet`` (data_shards.pairs_file); returns a pandas DataFrame."""
+    try:
+        return pairs_file.read_pairs(pairs_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise ShardWriteError(str(e)) from None
 
-    path = os.path.join(pairs_dir, "pairs.parquet") if os.path.isdir(pairs_dir) else pairs_dir
-    if not os.path.isfile(path):
-        raise ShardWriteError(f"{path}: pairs file does not exist (expected the output dir of `notellm2 data mine-pairs`)")
+
+def read_split_notes(pairs_dir: str) -> Optional[dict[str, list[str]]]:
+    """split -> sorted note ids from ``note_split.parquet`` beside the pairs (None when absent:
+    pairs from elsewhere; the notes shards then hold the notes of each split's pairs)."""
+    if not pairs_file.has_note_split(pairs_dir):
+        return None
     try:
-        df = pq.read_table(path).to_pandas()
-    except Exception as e:
-        raise ShardWriteError(f"{path}: cannot read as Parquet ({type(e).__name__}: {e})") from None
-    missing = [c for c in ("query_id", "target_id", "score", "split") if c not in df.columns]
-    if missing:
-        raise ShardWriteError(f"{path}: missing columns {', '.join(missing)} (have: {', '.join(map(str, df.columns))})")
-    df = df[["query_id", "target_id", "score", "split"]].copy()
-    for col in ("query_id", "target_id", "split"):
-        bad = df[col].isna() | ~df[col].map(lambda v: isinstance(v, str) and v != "")
-        if bad.any():
-            i = int(np.flatnonzero(bad.to_numpy())[0])
-            raise ShardWriteError(f"{path}: row {i}: column '{col}' must be a non-empty string, got {df[col].iloc[i]!r}")
-    try:
-        df["score"] = pd.to_numeric(df["score"]).astype("float64")
-    except (ValueError, TypeError) as e:
-        raise ShardWriteError(f"{path}: column 'score' must be numeric ({e})") from None
-    nonfinite = ~np.isfinite(df["score"].to_numpy())
-    if nonfinite.any():
-        i = int(np.flatnonzero(nonfinite)[0])
-        raise ShardWriteError(f"{path}: row {i}: 'score' must be finite, got {df['score'].iloc[i]}")
-    unknown = sorted(set(df["split"]) - set(SPLITS))
-    if unknown:
-        raise ShardWriteError(f"{path}: unknown split values {unknown}; allowed: {', '.join(SPLITS)}")
-    return df
+        df = pairs_file.read_note_split(pairs_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise ShardWriteError(str(e)) from None
+    return {s: sorted(df.loc[df["split"] == s, "note_id"]) for s in SPLITS}
 
 
 def _split_rng(seed: int, split: str) -> np.random.Generator:
@@ -322,8 +308,9 @@ def write_shards(pairs_dir: str, catalog: str, out_dir: str, image_root: Optiona
     st.check()
     workers = default_workers() if workers is None else max(1, int(workers))
 
-    pairs_path = os.path.join(pairs_dir, "pairs.parquet") if os.path.isdir(pairs_dir) else pairs_dir
+    pairs_path = pairs_file.pairs_path(pairs_dir)
     df = read_pairs(pairs_dir)
+    split_notes_of = read_split_notes(pairs_dir)
     try:
         notes = index_catalog(load_catalog(catalog, image_root, catalog_format), source=catalog)
     except CatalogError as e:
@@ -357,8 +344,24 @@ def write_shards(pairs_dir: str, catalog: str, out_dir: str, image_root: Optiona
             kept.append((q, t, float(s)))
         split_pairs[split] = kept
 
+    # The notes of each split: every note the mining assigned to it (note_split.parquet), also
+    # those in no pair, when the file is there; else the notes of the split's pairs.
+    split_notes: dict[str, list[str]] = {}
+    for split in st.splits:
+        if split_notes_of is None:
+            split_notes[split] = sorted({x for q, t, _ in split_pairs[split] for x in (q, t)})
+            continue
+        listed = split_notes_of[split]
+        split_notes[split] = [x for x in listed if x in notes]
+        counts[split]["split_notes_missing_from_catalog"] = len(listed) - len(split_notes[split])
+        for x in listed:
+            if x not in notes and x not in missing_seen:
+                missing_seen.add(x)
+                problems["missing_note"].add(x, f"in note_split.parquet ({split})")
+
     # Encode every distinct image once, in a fixed order (sorted note ids).
-    needed = sorted({x for pairs in split_pairs.values() for q, t, _ in pairs for x in (q, t)})
+    needed = sorted({x for pairs in split_pairs.values() for q, t, _ in pairs for x in (q, t)}
+                    | {x for ids in split_notes.values() for x in ids})
     with_image = [nid for nid in needed if notes[nid].image_path is not None]
     spool = _ImageSpool(os.path.join(out_dir, f".images.spool-{os.getpid()}"))
     bad_images: set[str] = set()
@@ -404,11 +407,12 @@ def write_shards(pairs_dir: str, catalog: str, out_dir: str, image_root: Optiona
                 sink.add(members)
             sink.finish_shard()
 
-            split_notes = sorted({x for q, t, _ in pairs for x in (q, t)})
+            if split_notes_of is None:  # pairs dropped for bad images leave the notes shards too
+                split_notes[split] = sorted({x for q, t, _ in pairs for x in (q, t)})
             nsink = _ShardSink(out_dir, "notes", split, st.shard_size)
             sinks.append(nsink)
             n_img = 0
-            for i, nid in enumerate(tqdm(split_notes, desc=f"notes-{split}", unit=" notes", disable=not progress)):
+            for i, nid in enumerate(tqdm(split_notes[split], desc=f"notes-{split}", unit=" notes", disable=not progress)):
                 key = f"{i:09d}"
                 members = [(f"{key}.json", _json_bytes(notes[nid].text_json()))]
                 img = spool.get(nid)
@@ -417,7 +421,8 @@ def write_shards(pairs_dir: str, catalog: str, out_dir: str, image_root: Optiona
                     n_img += 1
                 nsink.add(members)
             nsink.finish_shard()
-            counts[split].update(pairs_written=len(pairs), notes_written=len(split_notes), notes_with_image=n_img)
+            counts[split].update(pairs_written=len(pairs), notes_written=len(split_notes[split]),
+                                  notes_with_image=n_img)
             if not pairs:
                 log.warning("write-shards: split %s has no pairs to write", split)
     except BaseException:
@@ -436,6 +441,7 @@ def write_shards(pairs_dir: str, catalog: str, out_dir: str, image_root: Optiona
     for s in sinks:
         patterns[f"{s.kind}-{s.split}"] = shard_pattern([e["name"] for e in s.entries])
     mining_manifest = os.path.join(os.path.dirname(pairs_path), "mining_manifest.json")
+    note_split_path = os.path.join(os.path.dirname(pairs_path), pairs_file.NOTE_SPLIT_FILE)
     manifest = {
         "format": "notellm2-shards", "version": FORMAT_VERSION,
         "settings": {**asdict(st), "splits": list(st.splits)},
@@ -443,6 +449,8 @@ def write_shards(pairs_dir: str, catalog: str, out_dir: str, image_root: Optiona
             "pairs": {"path": pairs_path, "sha256": sha256_file(pairs_path)},
             "mining_manifest": ({"path": mining_manifest, "sha256": sha256_file(mining_manifest)}
                                 if os.path.isfile(mining_manifest) else None),
+            "note_split": ({"path": note_split_path, "sha256": sha256_file(note_split_path)}
+                           if split_notes_of is not None else None),
             "catalog": {"path": catalog, "sha256": sha256_file(catalog), "notes": len(notes)},
             "images": {"read": len(with_image), "sha256": image_digest.hexdigest()},
         },

@@ -51,8 +51,8 @@ $NL data validate --catalog "$A/catalog.jsonl" || [ $? -eq 1 ] || exit 1
 stage "behaviour: simulated view logs (users browse within favourite categories)"
 [ -f "$A/views.parquet" ] || $NL data simulate-views --catalog "$A/catalog.jsonl" --out "$A/views.parquet" --users "$USERS"
 
-stage "co-occurrence pairs (7-day window, top-k, test notes disjoint from training notes)"
-[ -f "$A/pairs/pairs.parquet" ] || $NL data mine-pairs --views "$A/views.parquet" --out "$A/pairs" --split-by hash
+stage "co-occurrence pairs (7-day window, top-k; 30% of notes held out for test, test pairs join two test notes)"
+[ -f "$A/pairs/pairs.parquet" ] || $NL data mine-pairs --views "$A/views.parquet" --out "$A/pairs" --split-by hash --test-fraction 0.3 --pair-split both
 
 stage "WebDataset shards"
 [ -f "$A/shards/manifest.json" ] || $NL data write-shards --pairs "$A/pairs" --catalog "$A/catalog.jsonl" --out "$A/shards"

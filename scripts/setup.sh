@@ -7,13 +7,15 @@ PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 TORCH_PIN="torch==2.13.0"
 # Debian packages: a local Slurm for the Slurm tests, numactl for the deepspeed launcher's core
-# binding, and the openclipart catalog used by the demo and a data test.
+# binding, the openclipart catalog used by the demo and a data test, and (below) Java for pyspark.
 APT_PACKAGES=(slurmctld slurmd slurm-client munge numactl openclipart-svg openclipart-png)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
 done
+# pyspark (`mine-pairs --engine spark` and its tests) needs a Java 17+ runtime; any java on PATH will do.
+command -v java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "[setup] apt-get install ${missing[*]}"

@@ -50,6 +50,13 @@ RUN = [
 ]
 
 ALLOWLIST = {
+    "notellm2 data mine-pairs --engine spark --views logs.parquet --out pairs_dir":
+        "a fresh Spark session with default settings took 186 s on tiny views here; tests/data_mining runs every "
+        "mining rule on the Spark engine in one shared session tuned for small inputs",
+    "notellm2 data mine-pairs --engine spark --spark-master local[2] --spark-conf spark.driver.memory=6g "
+    "spark.local.dir=/scratch/spark --views logs/ --out pairs_dir":
+        "sized for a large log (6g driver, a scratch disk); the line above runs the same engine on tiny views, "
+        "tests/data_mining runs every rule on both engines",
     "notellm2 analyze attention --model basic_mm=exports/basic_mm notellm2=exports/notellm2 "
     "text_only=exports/text_only --shards data/shards/pairs-test-*.tar --out analysis/ --batches 4 --batch-size 8":
         "needs three trained exports of different variants; tests/eval/test_attention.py runs the CLI on two tiny ones",
@@ -125,7 +132,8 @@ def _split_synopsis(command: str) -> tuple[list[str], list[str]]:
                 optional.append(name)
         else:
             run.append(word)
-        depth -= closes
+        if closes and depth:  # a word like local[2] closes nothing
+            depth -= 1
     return run, optional
 
 

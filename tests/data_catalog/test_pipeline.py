@@ -31,4 +31,19 @@ def test_views_to_mined_pairs_to_shards(tmp_path, capsys):
     same = (mined.query_id.map(category) == mined.target_id.map(category)).mean()
     assert same > 0.7, same
     assert m["sources"]["mining_manifest"]["sha256"]
+    # notes-test holds exactly the test notes of the mining's note split (not the train partners
+    # that test pairs also touch in the default "either" pair split).
+    import tarfile
+
+    from data_shards.pairs_file import read_note_split
+
+    note_split = read_note_split(pairs)
+    in_test_pairs = set(mined[mined.split == "test"].query_id) | set(mined[mined.split == "test"].target_id)
+    test_notes = set(note_split[note_split.split == "test"].note_id)
+    written = set()
+    for name in sorted(os.listdir(shards)):
+        if name.startswith("notes-test-"):
+            with tarfile.open(os.path.join(shards, name)) as tf:
+                written |= {json.load(tf.extractfile(x))["note_id"] for x in tf.getmembers() if x.name.endswith(".json")}
+    assert written == test_notes and len(in_test_pairs - test_notes) > 0
     assert main(["data", "validate", "--shards", shards]) == 0

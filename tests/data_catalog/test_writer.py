@@ -324,3 +324,63 @@ def test_sigkilled_run_leaves_only_complete_shards_under_final_names(inputs, tmp
         and any(n.startswith(".images.spool-") for n in temps)
     write_shards(pairs, cat, out, settings=ShardSettings(shard_size=8, image_size=32, splits=("train",)), workers=1)
     assert _files(out) == _files(clean)  # temp files gone, same bytes as an uninterrupted run
+
+
+def test_note_split_puts_every_split_note_in_the_notes_shards(inputs, tmp_path):
+    """With note_split.parquet beside the pairs, notes-{split} holds every note of the split that
+    the catalog has, also those in no pair; an id the catalog lacks is counted and reported."""
+    root, cat, _ = inputs
+    ids = sorted(n.note_id for n in load_catalog(cat))
+    pairs_dir = tmp_path / "pairs"
+    pairs_dir.mkdir()
+    # test notes: ids[0:10] plus an id the catalog does not have; only ids[0] -> ids[1] is a pair.
+    split_of = {x: ("test" if i < 10 else "val" if i < 14 else "train") for i, x in enumerate(ids)}
+    split_of["ghost-note"] = "test"
+    pd.DataFrame({"note_id": sorted(split_of), "split": [split_of[x] for x in sorted(split_of)]}).to_parquet(
+        pairs_dir / "note_split.parquet")
+    pd.DataFrame({"query_id": [ids[0], ids[20]], "target_id": [ids[1], ids[21]], "score": [1.0, 2.0],
+                  "split": ["test", "train"]}).to_parquet(pairs_dir / "pairs.parquet")
+    out = tmp_path / "shards"
+    m = write_shards(str(pairs_dir), cat, str(out), settings=ShardSettings(shard_size=4, image_size=32), workers=1)
+    for split, expect in (("test", ids[:10]), ("val", ids[10:14]), ("train", ids[14:])):
+        samples, _ = _read_set(out, "notes", split)
+        assert [json.loads(s["json"])["note_id"] for _, s in samples] == expect, split
+        assert m["counts"][split]["notes_written"] == len(expect)
+        assert all("jpg" in s for _, s in samples)  # their images are encoded too
+    assert m["counts"]["test"]["split_notes_missing_from_catalog"] == 1
+    assert "ghost-note" in m["problems"]["missing_note"]["first"]
+    assert m["counts"]["test"]["pairs_written"] == 1 and m["counts"]["val"]["pairs_written"] == 0
+    assert m["sources"]["note_split"]["sha256"]
+    # Without the file (pairs from elsewhere) the notes shards hold the notes of the pairs, as before.
+    os.remove(pairs_dir / "note_split.parquet")
+    m = write_shards(str(pairs_dir), cat, str(tmp_path / "old"), settings=ShardSettings(image_size=32), workers=1)
+    assert m["counts"]["test"]["notes_written"] == 2 and m["sources"]["note_split"] is None
+    # A bad note split file is refused with its name.
+    pd.DataFrame({"note_id": ["a", "a"], "split": ["test", "val"]}).to_parquet(pairs_dir / "note_split.parquet")
+    with pytest.raises(ShardWriteError, match=r"note_split\.parquet: row 1: note_id 'a' appears more than once"):
+        write_shards(str(pairs_dir), cat, str(tmp_path / "bad"), workers=1)
+
+
+def test_pairs_file_readers(tmp_path):
+    from data_shards.pairs_file import read_note_split, read_pairs
+
+    d = tmp_path / "p"
+    d.mkdir()
+    pd.DataFrame({"query_id": ["a", "b", "c"], "target_id": ["b", "c", "a"], "score": [3, 2, 1],
+                  "split": ["test", "train", "test"]}).to_parquet(d / "pairs.parquet")
+    got = read_pairs(d, split="test", columns=["query_id", "target_id"])
+    assert got.to_dict("list") == {"query_id": ["a", "c"], "target_id": ["b", "a"]}  # file order
+    assert read_pairs(d / "pairs.parquet").score.dtype == "float64"
+    with pytest.raises(ValueError, match=r"pairs\.parquet: no pairs in split 'val' \(splits present: train, test\)"):
+        read_pairs(d, split="val")
+    with pytest.raises(ValueError, match=r"unknown pair columns requested \['x'\]"):
+        read_pairs(d, columns=["x"])
+    with pytest.raises(FileNotFoundError, match=r"note_split\.parquet: note split file does not exist"):
+        read_note_split(d)
+    with pytest.raises(FileNotFoundError, match=r"nowhere.*pairs file does not exist"):
+        read_pairs(tmp_path / "nowhere")
+    pd.DataFrame({"note_id": ["b", "a"], "split": ["test", "dev"]}).to_parquet(d / "note_split.parquet")
+    with pytest.raises(ValueError, match=r"note_split\.parquet: unknown split values \['dev'\]"):
+        read_note_split(d / "pairs.parquet")
+    pd.DataFrame({"note_id": ["b", "a"], "split": ["test", "val"]}).to_parquet(d / "note_split.parquet")
+    assert read_note_split(d).to_dict("list") == {"note_id": ["b", "a"], "split": ["test", "val"]}

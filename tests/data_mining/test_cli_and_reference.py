@@ -65,6 +65,7 @@ def test_cli_reports_bad_input_and_settings(tmp_path, capsys):
     dict(weighting=False, symmetric=True, top_k=3),
     dict(max_views_per_user=2, window_days=2.0, min_score=0.02, max_score=0.3),
     dict(split_by="hash", seed=7, val_fraction=0.2, test_fraction=0.3, weighting=False, min_score=2),
+    dict(split_by="hash", seed=1, val_fraction=0.2, test_fraction=0.3, pair_split="both", symmetric=True),
 ])
 def test_product_equals_pandas_reference(tmp_path, kw):
     views = _views(tmp_path / "views.parquet", seed=len(kw))
@@ -75,6 +76,30 @@ def test_product_equals_pandas_reference(tmp_path, kw):
     ref = pd.read_parquet(tmp_path / "ref.parquet").astype(object)
     assert n == len(got) > 0
     pd.testing.assert_frame_equal(got, ref, check_exact=True)
+
+
+def test_cli_spark_engine_options(tmp_path, capsys, spark_session):
+    views = _views(tmp_path / "views.parquet", n_events=400, n_users=40, n_notes=30)
+    # In-process, the CLI reuses the running session (and leaves it running).
+    rc = main(["data", "mine-pairs", "--views", views, "--out", str(tmp_path / "s"), "--engine", "spark",
+               "--spark-master", "local[1]", "--spark-conf", "spark.sql.shuffle.partitions=3",
+               "--pair-split", "both", "--split-by", "hash", "--test-fraction", "0.3", "--quiet"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    manifest = json.loads((tmp_path / "s" / "mining_manifest.json").read_text())
+    assert manifest["engine"]["name"] == "spark" and manifest["engine"]["shuffle_partitions"] == "3"
+    assert manifest["settings"]["pair_split"] == "both" and "engine" not in manifest["settings"]
+    assert json.loads(out.out.strip().splitlines()[-1])["pairs_dropped_cross_split"] == \
+        manifest["counts"]["pairs_dropped_cross_split"] > 0
+    assert spark_session.conf.get("spark.sql.shuffle.partitions") == "1"  # restored after the run
+    assert main(["data", "mine-pairs", "--views", views, "--out", str(tmp_path / "d"), "--pair-split", "both",
+                 "--split-by", "hash", "--test-fraction", "0.3", "--quiet"]) == 0
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "s" / "pairs.parquet"),
+                                  pd.read_parquet(tmp_path / "d" / "pairs.parquet"))
+    capsys.readouterr()
+    assert main(["data", "mine-pairs", "--views", views, "--out", str(tmp_path / "x"), "--engine", "spark",
+                 "--spark-conf", "no-equals-sign"]) == 2
+    assert "--spark-conf 'no-equals-sign': expected key=value" in capsys.readouterr().err
 
 
 @pytest.mark.timeout(300)
@@ -135,3 +160,25 @@ def test_spills_to_disk_under_a_small_memory_limit_with_identical_output(tmp_pat
         watcher.join()
     assert peak[0] > 1_000_000, "expected DuckDB to spill to the temp directory"
     assert (tmp_path / "tight" / "pairs.parquet").read_bytes() == (tmp_path / "roomy" / "pairs.parquet").read_bytes()
+
+
+@pytest.mark.timeout(400)
+def test_spark_benchmark_runs_at_tiny_size(tmp_path):
+    import shutil
+
+    if shutil.which("java") is None:
+        pytest.skip("no Java runtime")
+    proc = subprocess.run([sys.executable, BENCH, "--engine", "spark", "--events", "3000", "--users", "300",
+                           "--notes", "200", "--memory-limit", "256MB", "--spark-driver-memory", "1g",
+                           "--spark-conf", "spark.sql.shuffle.partitions=2", "spark.sql.adaptive.enabled=false",
+                           "--workdir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=380)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert [r["name"] for r in results] == ["mining_spark_vs_duckdb_time", "mining_spark_vs_duckdb_peak_memory_gb"]
+    assert all(r["pass"] for r in results)
+    assert "outputs identical: True; manifest counts identical: True" in proc.stdout
+    # The JVM is counted: Spark's process tree holds far more than the Python driver alone.
+    assert results[1]["figure"] > 0.3, results[1]
+    assert "spark.sql.shuffle.partitions=2" in proc.stdout and "spark.driver.memory=1g" in proc.stdout
+    assert proc.stdout.strip().splitlines()[-1].startswith("RESULT ")
