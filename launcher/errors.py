@@ -20,6 +20,7 @@ class UserError(Exception):
 DATA_ERRORS = (
     ("data_shards.catalog", "CatalogError"),
     ("data_shards.mining", "MiningError"),
+    ("data_shards.import_pairs", "PairImportError"),
     ("data_shards.writer", "ShardWriteError"),
     ("data_shards.images", "BadImage"),
     ("modeling.prompts", "PromptError"),

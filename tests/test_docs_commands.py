@@ -47,6 +47,8 @@ RUN = [
     "notellm2 data write-shards --pairs pairs_dir --catalog notes.jsonl --out shards_dir",
     "notellm2 data mine-pairs --views logs.parquet --out pairs_dir",
     "notellm2 analyze attention --model EXPORT_DIR --shards data/shards/pairs-test-*.tar --out analysis/",
+    "notellm2 data import-pairs --catalog notes.jsonl --out pairs_dir --train train.csv --val val.csv --test test.csv",
+    "notellm2 data import-pairs --catalog notes.jsonl --out pairs_dir --pairs all.parquet",
 ]
 
 ALLOWLIST = {
@@ -78,6 +80,10 @@ PATHS = {
     "pairs_dir": "A/pairs",
     "shards_dir": "A/shards",
     "EXPORT_DIR": "A/export",
+    "train.csv": "A/train.csv",
+    "val.csv": "A/val.csv",
+    "test.csv": "A/test.csv",
+    "all.parquet": "A/all.parquet",
     "data/shards/": "A/shards/",
     "analysis/": "A/analysis/",
     "my.yaml": os.path.join(REPO, "configs", "paper_scale.yaml"),
@@ -225,6 +231,15 @@ def tiny_inputs(tmp_path_factory):
                          views_per_session=4, seed=0)
     shutil.copytree(tiny_export(root / "model"), a / "export")
     ids = [json.loads(line)["note_id"] for line in open(a / "catalog.jsonl")]
+    # the paper's header-less per-split CSVs (each note in one split) and one Parquet with a split column
+    import pandas as pd
+
+    rows = {"train": [(ids[i], ids[i + 1]) for i in range(0, 12, 2)], "val": [(ids[12], ids[13])],
+            "test": [(ids[14], ids[15]), (ids[16], ids[14])]}
+    for split, pairs in rows.items():
+        (a / f"{split}.csv").write_text("".join(f"{q},{t}\n" for q, t in pairs))
+    pd.DataFrame([(q, t, s) for s, pairs in rows.items() for q, t in pairs],
+                 columns=["query_id", "target_id", "split"]).to_parquet(a / "all.parquet")
     vec = np.random.default_rng(0).normal(size=(len(ids), 8)).astype(np.float32)
     save_embeddings(str(a / "emb"), ids, vec / np.linalg.norm(vec, axis=1, keepdims=True))
     return root

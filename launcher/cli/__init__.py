@@ -32,6 +32,7 @@ VERBS: VerbTable = {
         "simulate-views": "launcher.cli.data_simulate_views",
         "mine-pairs": "launcher.cli.data_mine_pairs",
         "write-shards": "launcher.cli.data_write_shards",
+        "import-pairs": "launcher.cli.data_import_pairs",
     },
     "train": "launcher.cli.train",
     "export": "launcher.cli.export",
@@ -42,7 +43,7 @@ VERBS: VerbTable = {
 }
 
 GROUP_HELP = {
-    "data": "data preparation: validate, import-openclipart, simulate-views, mine-pairs, write-shards",
+    "data": "data preparation: validate, import-openclipart, simulate-views, mine-pairs, import-pairs, write-shards",
 }
 
 
