@@ -22,14 +22,17 @@ approximate backend is used.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 
 GROUP = 32  # columns per group maximum; 16 was slower (the reduction vectorises over 32 floats)
-QUERY_CHUNK = 256
-POOL_CHUNK = 16384
+QUERY_CHUNK = 64
+POOL_CHUNK = 65536
 BACKENDS = ("exact", "faiss-ivf", "faiss-hnsw")
 
 Progress = Optional[Callable[[int], None]]  # called with the number of queries just finished
@@ -55,25 +58,70 @@ def _mask_excluded(scores: torch.Tensor, exclude: Optional[torch.Tensor], p0: in
         scores[rows, exclude[rows] - p0] = float("-inf")
 
 
-def _block_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top k of each row of a block (values, column indices), through group maxima when it pays."""
+def _block_topk(scores: torch.Tensor, k: int, floor: Optional[torch.Tensor] = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to k best of each row of a block (values, column indices), through group maxima when it
+    pays. floor ([m, 1], optional): each row's current k-th best; only groups whose maximum beats
+    it can add anything, so once the running top k is good only a few groups per row are read
+    (possibly none: then nothing comes back)."""
     m, n = scores.shape
     if n <= k * GROUP * 2 or n % GROUP:
         return torch.topk(scores, min(k, n), dim=1, sorted=False)
     groups = scores.view(m, n // GROUP, GROUP).amax(2)
-    top_groups = torch.topk(groups, k, dim=1, sorted=False).indices  # [m, k]
-    cols = (top_groups.unsqueeze(2) * GROUP + torch.arange(GROUP)).reshape(m, k * GROUP)
+    g = k
+    if floor is not None:
+        g = min(k, int((groups > floor).sum(1).max()))
+        if g == 0:
+            return scores.new_empty((m, 0)), torch.empty((m, 0), dtype=torch.long)
+    top_groups = torch.topk(groups, g, dim=1, sorted=False).indices  # [m, g]
+    cols = (top_groups.unsqueeze(2) * GROUP + torch.arange(GROUP)).reshape(m, g * GROUP)
     cand = scores.gather(1, cols)
-    val, pos = torch.topk(cand, k, dim=1, sorted=False)
+    val, pos = torch.topk(cand, min(k, g * GROUP), dim=1, sorted=False)
     return val, cols.gather(1, pos)
 
 
+@contextlib.contextmanager
+def _one_thread_per_worker(workers: int):
+    """Run torch ops single-threaded while `workers` Python threads each take a query chunk.
+
+    Measured here (2 cores, shared): with 2 intra-op threads the small per-block reductions cost
+    0.5-0.7x the matrix product (fork/join per op); single-threaded 0.1x. So the parallelism goes
+    over query chunks (ATen releases the GIL) and every op inside runs on one thread."""
+    before = torch.get_num_threads()
+    if workers > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if workers > 1:
+            torch.set_num_threads(before)
+
+
+def _map_chunks(fn, n_q: int, query_chunk: int, workers: Optional[int], progress: Progress) -> None:
+    """fn(q0, q1) over the query chunks, on `workers` threads (default: torch's thread count)."""
+    chunks = list(_blocks(n_q, query_chunk))
+    workers = max(1, min(len(chunks), workers or torch.get_num_threads()))
+    with _one_thread_per_worker(workers):
+        if workers == 1:
+            for q0, q1 in chunks:
+                fn(q0, q1)
+                if progress is not None:
+                    progress(q1 - q0)
+            return
+        with ThreadPoolExecutor(workers) as pool:
+            for (q0, q1), _ in zip(chunks, pool.map(lambda c: fn(*c), chunks)):
+                if progress is not None:
+                    progress(q1 - q0)
+
+
 def exact_topk(queries, pool, k: int, exclude=None, query_chunk: int = QUERY_CHUNK,
-               pool_chunk: int = POOL_CHUNK, progress: Progress = None) -> tuple[torch.Tensor, torch.Tensor]:
+               pool_chunk: int = POOL_CHUNK, progress: Progress = None, workers: Optional[int] = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top k by inner product: (scores [Q, k] descending, pool indices [Q, k]).
 
     exclude: optional [Q] pool index per query that may not be returned (the query itself in a
     related-notes table; -1 for none). k larger than the pool (minus the excluded row) is an error.
+    Memory: one query_chunk x pool_chunk score block per worker thread, plus the output.
     """
     queries, pool = _as_float(queries), _as_float(pool)
     n_q, n_p = len(queries), len(pool)
@@ -83,16 +131,22 @@ def exact_topk(queries, pool, k: int, exclude=None, query_chunk: int = QUERY_CHU
     ex = None if exclude is None else torch.as_tensor(exclude, dtype=torch.long)
     out_v = torch.empty(n_q, k)
     out_i = torch.empty(n_q, k, dtype=torch.long)
-    block = torch.empty(query_chunk, min(pool_chunk, n_p))
-    for q0, q1 in _blocks(n_q, query_chunk):
+    blocks = threading.local()
+
+    def one_chunk(q0: int, q1: int) -> None:
+        if not hasattr(blocks, "s"):
+            blocks.s = torch.empty(query_chunk, min(pool_chunk, n_p))
         q = queries[q0:q1]
         best_v = torch.full((q1 - q0, 0), float("-inf"))
         best_i = torch.empty((q1 - q0, 0), dtype=torch.long)
         for p0, p1 in _blocks(n_p, pool_chunk):
-            s = block[:q1 - q0, :p1 - p0]
+            s = blocks.s[:q1 - q0, :p1 - p0]
             torch.mm(q, pool[p0:p1].T, out=s)
             _mask_excluded(s, None if ex is None else ex[q0:q1], p0, p1)
-            v, i = _block_topk(s, min(k, p1 - p0))
+            floor = best_v.amin(1, keepdim=True) if best_v.shape[1] == k else None  # k-th best so far
+            v, i = _block_topk(s, min(k, p1 - p0), floor)
+            if v.shape[1] == 0:
+                continue
             v, i = torch.cat([best_v, v], 1), torch.cat([best_i, i + p0], 1)
             if v.shape[1] > k:
                 v, pos = torch.topk(v, k, dim=1, sorted=False)
@@ -101,13 +155,14 @@ def exact_topk(queries, pool, k: int, exclude=None, query_chunk: int = QUERY_CHU
         order = torch.argsort(best_v, dim=1, descending=True, stable=True)
         out_v[q0:q1] = best_v.gather(1, order)
         out_i[q0:q1] = best_i.gather(1, order)
-        if progress is not None:
-            progress(q1 - q0)
+
+    _map_chunks(one_chunk, n_q, query_chunk, workers, progress)
     return out_v, out_i
 
 
 def target_ranks(queries, pool, target_idx, exclude=None, query_chunk: int = QUERY_CHUNK,
-                 pool_chunk: int = POOL_CHUNK, progress: Progress = None) -> torch.Tensor:
+                 pool_chunk: int = POOL_CHUNK, progress: Progress = None, workers: Optional[int] = None
+                 ) -> torch.Tensor:
     """0-based rank of pool row target_idx[i] for query i: the number of other pool rows scoring at
     or above it, the target and exclude[i] (if given, -1 for none) not counted. Returns [Q] int64."""
     queries, pool = _as_float(queries), _as_float(pool)
@@ -117,25 +172,28 @@ def target_ranks(queries, pool, target_idx, exclude=None, query_chunk: int = QUE
     if len(tgt) != n_q or (ex is not None and len(ex) != n_q):
         raise ValueError(f"target_ranks: {n_q} queries but {len(tgt)} targets")
     ranks = torch.zeros(n_q, dtype=torch.long)
-    block = torch.empty(query_chunk, min(pool_chunk, n_p))
-    mask = torch.empty(query_chunk, min(pool_chunk, n_p), dtype=torch.bool)
-    for q0, q1 in _blocks(n_q, query_chunk):
+    blocks = threading.local()
+
+    def one_chunk(q0: int, q1: int) -> None:
+        if not hasattr(blocks, "s"):
+            blocks.s = torch.empty(query_chunk, min(pool_chunk, n_p))
+            blocks.ge = torch.empty(query_chunk, min(pool_chunk, n_p), dtype=torch.bool)
         q, t = queries[q0:q1], tgt[q0:q1]
         # the target's score from a matrix product like the blocks' (same kernel, so exact ties
         # between identical vectors stay ties)
         t_score = torch.mm(q, pool[t].T).diagonal().unsqueeze(1)
         counts = torch.zeros(q1 - q0, dtype=torch.int64)
         for p0, p1 in _blocks(n_p, pool_chunk):
-            s = block[:q1 - q0, :p1 - p0]
+            s = blocks.s[:q1 - q0, :p1 - p0]
             torch.mm(q, pool[p0:p1].T, out=s)
             _mask_excluded(s, t, p0, p1)
             _mask_excluded(s, None if ex is None else ex[q0:q1], p0, p1)
-            ge = mask[:q1 - q0, :p1 - p0]
+            ge = blocks.ge[:q1 - q0, :p1 - p0]
             torch.ge(s, t_score, out=ge)
             counts += ge.sum(1, dtype=torch.int32)
         ranks[q0:q1] = counts
-        if progress is not None:
-            progress(q1 - q0)
+
+    _map_chunks(one_chunk, n_q, query_chunk, workers, progress)
     return ranks
 
 
