@@ -21,8 +21,9 @@ threshold is the `length_quantile` quantile of the lengths of the evaluated note
 threshold is short); cold-start targets (in no training pair); head and tail thirds of the other
 targets by their number of training pairs (ties broken by note id).
 
-Every figure gets a bootstrap interval over queries (default 1,000 resamples at 95 %, seeded; the
-same resamples for every run, so runs are compared on the same draws).
+Every figure gets a bootstrap interval over query notes (default 1,000 resamples at 95 %, seeded;
+the same resamples for every run, so runs are compared on the same draws). A resample draws query
+notes with replacement and takes all pairs of each (one pair per note under the paper protocol).
 """
 from __future__ import annotations
 
@@ -175,21 +176,32 @@ def train_pair_counts(train_pairs: list[tuple[str, str]]) -> dict:
 
 
 # ------------------------------------------------------------------------------------ bootstrap
-def bootstrap_ci(hits: np.ndarray, resamples: int = 1000, seed: int = 0, level: float = 0.95) -> np.ndarray:
-    """[nK, 2] percentile interval of the mean of each column of hits ([n, nK] 0/1) over queries."""
+def bootstrap_ci(hits: np.ndarray, resamples: int = 1000, seed: int = 0, level: float = 0.95,
+                 groups: Optional[np.ndarray] = None) -> np.ndarray:
+    """[nK, 2] percentile interval of each column's hit rate (hits: [n, nK] 0/1) over queries.
+
+    groups: the query note of each row; resampling draws query notes, each with all its pairs (the
+    all-pairs protocol has several pairs per query note). Default: one query per row."""
     n = len(hits)
     if n == 0:
         return np.full((hits.shape[1], 2), np.nan)
-    h = hits.astype(np.float32)
+    if groups is None:
+        sums, sizes = hits.astype(np.float64), np.ones(n)
+    else:
+        _, inv = np.unique(np.asarray(groups), return_inverse=True)
+        sums = np.zeros((inv.max() + 1, hits.shape[1]))
+        np.add.at(sums, inv, hits.astype(np.float64))
+        sizes = np.bincount(inv).astype(np.float64)
+    g = len(sizes)
     rng = np.random.default_rng(seed)
-    means = np.empty((resamples, h.shape[1]))
-    step = max(1, 4_000_000 // max(1, n * h.shape[1]))
+    rates = np.empty((resamples, hits.shape[1]))
+    step = max(1, 4_000_000 // max(1, g * hits.shape[1]))
     for b in range(0, resamples, step):
         m = min(step, resamples - b)
-        idx = rng.integers(0, n, size=(m, n))
-        means[b:b + m] = h[idx].mean(1)
+        idx = rng.integers(0, g, size=(m, g))
+        rates[b:b + m] = sums[idx].sum(1) / sizes[idx].sum(1)[:, None]
     a = (1 - level) / 2
-    return np.quantile(means, [a, 1 - a], axis=0).T
+    return np.quantile(rates, [a, 1 - a], axis=0).T
 
 
 def summarise(rr: RunRanks, ks, subsets: dict, resamples: int, seed: int, level: float) -> dict:
@@ -200,7 +212,8 @@ def summarise(rr: RunRanks, ks, subsets: dict, resamples: int, seed: int, level:
     out = {}
     for name, mask in {"all": np.ones(len(rr.ranks), dtype=bool), **subsets}.items():
         h = hits[mask]
-        ci = bootstrap_ci(h, resamples, seed, level) if report_ks else np.zeros((0, 2))
+        groups = np.asarray(rr.query_ids, dtype=object)[mask]
+        ci = bootstrap_ci(h, resamples, seed, level, groups=groups) if report_ks else np.zeros((0, 2))
         out[name] = {"n": int(mask.sum()),
                      "recall": {str(k): (float(h[:, j].mean()) if len(h) else None) for j, k in enumerate(report_ks)},
                      "ci": {str(k): [float(ci[j, 0]), float(ci[j, 1])] if len(h) else None

@@ -14,9 +14,11 @@ def _k_label(k: int) -> str:
 
 
 def _subsets(report: dict) -> list[str]:
+    """Subsets with queries in at least one run (an empty one, e.g. head/tail under the paper
+    protocol, where no test note is in a training pair, stays in the JSON only)."""
     names: list[str] = []
     for run in report["runs"]:
-        names += [s for s in run["subsets"] if s not in names]
+        names += [s for s, v in run["subsets"].items() if s not in names and v["n"] > 0]
     return names
 
 
@@ -133,6 +135,9 @@ def plot_recall(report: dict, path: str, subset: str = "all") -> None:
             ax.fill_between(ks, [sub["ci"][str(k)][0] for k in ks], [sub["ci"][str(k)][1] for k in ks],
                             color=line.get_color(), alpha=0.15, linewidth=0)
         ax.set_xscale("log")
+        all_ks = _ks(report)
+        ax.set_xticks(all_ks, [_k_label(k) for k in all_ks])
+        ax.minorticks_off()
         ax.set_xlabel("K")
         ax.set_ylabel(f"Recall@K ({subset})")
         ax.set_ylim(0, 1)

@@ -157,3 +157,14 @@ def test_evaluate_runs_reports_subsets_with_intervals(tmp_path):
     assert subs["cold_start"]["n"] == 1 and subs["cold_start"]["recall"]["1"] == 0.0  # t1
     assert subs["all"]["ci"]["1"][0] <= 0.5 <= subs["all"]["ci"]["1"][1]
     assert rep["subset_rules"]["length_threshold_chars"] == 50.0
+
+
+def test_bootstrap_draws_query_notes_with_all_their_pairs():
+    # one query note with 9 pairs, all hits; 9 notes with one miss each: 18 pairs, recall 0.5
+    hits = np.array([[True]] * 9 + [[False]] * 9)
+    notes = ["a"] * 9 + [f"m{i}" for i in range(9)]
+    by_pair = bootstrap_ci(hits, 1000, seed=0)
+    by_note = bootstrap_ci(hits, 1000, seed=0, groups=np.array(notes, dtype=object))
+    assert by_note[0, 1] - by_note[0, 0] > 1.5 * (by_pair[0, 1] - by_pair[0, 0])  # the note is the unit
+    distinct = bootstrap_ci(hits, 1000, seed=0, groups=np.array([f"q{i:02d}" for i in range(18)], dtype=object))
+    assert np.array_equal(distinct, by_pair)  # one pair per note: the same draws as by pair
