@@ -73,7 +73,7 @@ def notes_lines(report: dict) -> list[str]:
             line += f"; {report['backend']} recall against exact search {run['faiss_recall_vs_exact']:.4f}"
         out += [line, f"  queries per subset: {sizes}"]
     b = report["bootstrap"]
-    out.append(f"intervals: {int(b['level'] * 100)}% bootstrap over queries, {b['resamples']} resamples, seed {b['seed']}")
+    out.append(f"intervals: {int(b['level'] * 100)}% bootstrap over query notes, {b['resamples']} resamples, seed {b['seed']}")
     return out
 
 

@@ -302,9 +302,10 @@ def write_related_table(ids: list[str], emb, out_path: str, k: int, backend: str
             for q0, q1 in _blocks(len(ids), query_chunk):
                 ex = torch.arange(q0, q1)
                 if index is None:
-                    v, i = exact_topk(pool[q0:q1], pool, k, exclude=ex)
+                    v, i = exact_topk(pool[q0:q1], pool, k, exclude=ex, progress=progress)
                 else:
-                    v, i = faiss_topk(pool[q0:q1], pool, k, backend, exclude=ex, index=index)
+                    v, i = faiss_topk(pool[q0:q1], pool, k, backend, exclude=ex, index=index,
+                                      query_chunk=256, progress=progress)
                 keep = (i >= 0).reshape(-1).numpy()
                 note = np.repeat(np.arange(q0, q1), k)[keep]
                 nb = i.reshape(-1).numpy()[keep]
@@ -312,8 +313,6 @@ def write_related_table(ids: list[str], emb, out_path: str, k: int, backend: str
                                         "rank": rank_col[:(q1 - q0) * k][keep],
                                         "score": v.reshape(-1).numpy().astype(np.float32)[keep]}, schema=schema))
                 rows += int(keep.sum())
-                if progress is not None:
-                    progress(q1 - q0)
         os.replace(tmp, out_path)
     finally:
         if os.path.exists(tmp):

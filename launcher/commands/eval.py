@@ -5,6 +5,12 @@ from __future__ import annotations
 import os
 import sys
 
+# The choices, spelled here so that building the CLI imports no torch (tests/eval/test_eval_cli.py
+# checks they equal launcher.evaluate's and launcher.search's).
+PROTOCOLS = ("paper", "all-pairs")
+BACKENDS = ("exact", "faiss-ivf", "faiss-hnsw")
+DEFAULT_KS = (10, 20, 50, 100, 1000, 10_000, 100_000, 1_000_000)
+
 
 def parse_runs(specs: list[str]) -> list[tuple[str, str]]:
     """`name=dir` or a bare `dir` (named by its folder); names must be distinct."""
@@ -82,9 +88,6 @@ def _run(args) -> int:
 
 
 def register(sub) -> None:
-    from launcher.evaluate import DEFAULT_KS, PROTOCOLS
-    from launcher.search import BACKENDS
-
     p = sub.add_parser("eval", help="I2I Recall@K of one or more embedding sets on a split of mined pairs")
     p.add_argument("--embeddings", required=True, nargs="+", metavar="[NAME=]DIR",
                    help="folders written by `notellm2 embed`, each optionally named (default: the folder name)")
@@ -98,7 +101,7 @@ def register(sub) -> None:
     p.add_argument("--length-quantile", type=float, default=0.5,
                    help="short/long threshold: this quantile of the evaluated notes' lengths")
     p.add_argument("--backend", default="exact", choices=BACKENDS,
-                   help=f"search; the faiss ones report K <= 1000 only, with their recall against exact search")
+                   help="search; the faiss ones report K <= 1000 only, with their recall against exact search")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples over queries")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--out", help="write the report as JSON here")

@@ -40,10 +40,12 @@ def _run(args) -> int:
         bar = _Counter(len(ids), "neighbors")
         try:
             info = write_related_table(ids, emb, args.out, args.k, backend=args.backend,
-                                       query_chunk=args.chunk, progress=bar,
-                                       log=lambda m: print(m, file=sys.stderr))
+                                       query_chunk=args.chunk, progress=bar)
         finally:
             bar.close()
+        if "recall_vs_exact" in info:
+            print(f"[neighbors] {args.backend} recall@{args.k} against exact search on "
+                  f"{min(1000, len(ids))} notes: {info['recall_vs_exact']:.4f}", file=sys.stderr)
     except (ValueError, FileNotFoundError) as e:
         print(f"notellm2 neighbors: {e}", file=sys.stderr)
         return 2
@@ -52,7 +54,7 @@ def _run(args) -> int:
 
 
 def register(sub) -> None:
-    from launcher.search import BACKENDS
+    from launcher.commands.eval import BACKENDS
 
     p = sub.add_parser("neighbors", help="each note's top-k related notes by cosine, as a parquet table")
     p.add_argument("--embeddings", required=True, help="folder written by `notellm2 embed`")

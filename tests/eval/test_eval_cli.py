@@ -114,3 +114,11 @@ def test_bad_input_is_one_line_naming_the_file(tmp_path, capsys, args, message):
     rc = main(["eval", "--embeddings", *runs, "--pairs", str(d)])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and message in err and len(err.splitlines()) == 1
+
+
+def test_the_cli_choices_are_the_librarys():
+    from launcher import evaluate, search
+    from launcher.commands import eval as eval_cmd
+
+    assert eval_cmd.PROTOCOLS == evaluate.PROTOCOLS and eval_cmd.DEFAULT_KS == evaluate.DEFAULT_KS
+    assert eval_cmd.BACKENDS == search.BACKENDS

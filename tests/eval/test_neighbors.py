@@ -55,3 +55,25 @@ def test_a_bad_k_is_one_line_and_leaves_the_old_table(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "--k 3: must be between 1 and the number of notes minus one (2)" in err
     assert out.read_bytes() == b"old"
+
+
+def test_progress_counts_every_note_and_falls_back_without_tqdm(tmp_path, monkeypatch, capsys):
+    import sys
+
+    import torch
+
+    from launcher.commands.neighbors import _Counter
+    from launcher.search import write_related_table
+
+    seen = []
+    ids = [f"n{i}" for i in range(150)]
+    write_related_table(ids, torch.randn(150, 4), str(tmp_path / "r.parquet"), 3, query_chunk=40,
+                        progress=seen.append)
+    assert sum(seen) == 150 and len(seen) > 1
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # `import tqdm` now fails
+    bar = _Counter(150, "neighbors")
+    for n in seen:
+        bar(n)
+    bar.close()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert bar.bar is None and err[-1] == "neighbors: 150/150 notes" and len(err) >= 2

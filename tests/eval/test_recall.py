@@ -168,3 +168,16 @@ def test_bootstrap_draws_query_notes_with_all_their_pairs():
     assert by_note[0, 1] - by_note[0, 0] > 1.5 * (by_pair[0, 1] - by_pair[0, 0])  # the note is the unit
     distinct = bootstrap_ci(hits, 1000, seed=0, groups=np.array([f"q{i:02d}" for i in range(18)], dtype=object))
     assert np.array_equal(distinct, by_pair)  # one pair per note: the same draws as by pair
+
+
+def test_an_approximate_backend_reports_small_k_only_with_its_recall(tmp_path):
+    ids, emb = hand_built(tmp_path)
+    task = paper_task(PAIRS, TEST_NOTES)
+    rr = rank_run(task, ids, emb, backend="faiss-hnsw")
+    assert rr.ranks.tolist() == [2, 0] and rr.max_k == 3 and rr.faiss_recall == 1.0  # tiny: HNSW is exact
+    logs = []
+    rep = evaluate_runs([("hand", str(tmp_path / "emb"))], task, ks=[1, 3, 10], backend="faiss-hnsw",
+                        resamples=20, log=logs.append)
+    run = rep["runs"][0]
+    assert run["ks"] == [1, 3] and run["capped"] == [10] and run["faiss_recall_vs_exact"] == 1.0
+    assert logs == ["[eval] hand: faiss-hnsw recall@3 against exact search on 2 queries: 1.0000"]
