@@ -49,9 +49,16 @@ RUN = [
     "notellm2 analyze attention --model EXPORT_DIR --shards data/shards/pairs-test-*.tar --out analysis/",
     "notellm2 data import-pairs --catalog notes.jsonl --out pairs_dir --train train.csv --val val.csv --test test.csv",
     "notellm2 data import-pairs --catalog notes.jsonl --out pairs_dir --pairs all.parquet",
+    "notellm2 neighbors --embeddings DIR --k 100 --out related.parquet",
+    "notellm2 neighbors --embeddings emb_minilm --k 100 --out related.parquet",
+    "notellm2 neighbors --embeddings emb_minilm --k 100 --out related_hnsw.parquet --backend faiss-hnsw",
 ]
 
 ALLOWLIST = {
+    "notellm2 eval --embeddings minilm=emb_minilm category=emb_category random=emb_random --pairs pairs "
+    "--catalog catalog.jsonl --k 10 100 --out-dir report_small":
+        "needs the example's three embedding sets of a demo-like run; tests/eval/test_eval_cli.py runs several "
+        "named runs through the same CLI",
     "notellm2 data mine-pairs --engine spark --views logs.parquet --out pairs_dir":
         "a fresh Spark session with default settings took 186 s on tiny views here; tests/data_mining runs every "
         "mining rule on the Spark engine in one shared session tuned for small inputs",
@@ -84,6 +91,10 @@ PATHS = {
     "val.csv": "A/val.csv",
     "test.csv": "A/test.csv",
     "all.parquet": "A/all.parquet",
+    "DIR": "A/emb_big",
+    "emb_minilm": "A/emb_big",
+    "related.parquet": "A/related.parquet",
+    "related_hnsw.parquet": "A/related_hnsw.parquet",
     "data/shards/": "A/shards/",
     "analysis/": "A/analysis/",
     "my.yaml": os.path.join(REPO, "configs", "paper_scale.yaml"),
@@ -226,6 +237,16 @@ def tiny_inputs(tmp_path_factory):
     shutil.copy(root / "data" / "catalog" / "notes.jsonl", a / "catalog.jsonl")
     shutil.copytree(root / "data" / "catalog" / "images", a / "images")
     shutil.copytree(root / "data" / "pairs", a / "pairs")
+    # the synthetic pairs carry no note split (mining writes one): give each note its most held-out split
+    import pandas as pd
+
+    pairs = pd.read_parquet(a / "pairs" / "pairs.parquet")
+    rank = {"test": 0, "val": 1, "train": 2}
+    best = {}
+    for q, t, split in zip(pairs["query_id"], pairs["target_id"], pairs["split"]):
+        for n in (q, t):
+            best[n] = min(best.get(n, split), split, key=rank.get)
+    pd.DataFrame({"note_id": list(best), "split": list(best.values())}).to_parquet(a / "pairs" / "note_split.parquet")
     shutil.copytree(shard_dir, a / "shards")
     make_synthetic_views(str(a / "catalog.jsonl"), str(a / "views.parquet"), n_users=40, sessions_per_user=2,
                          views_per_session=4, seed=0)
@@ -242,6 +263,8 @@ def tiny_inputs(tmp_path_factory):
                  columns=["query_id", "target_id", "split"]).to_parquet(a / "all.parquet")
     vec = np.random.default_rng(0).normal(size=(len(ids), 8)).astype(np.float32)
     save_embeddings(str(a / "emb"), ids, vec / np.linalg.norm(vec, axis=1, keepdims=True))
+    big = np.random.default_rng(1).normal(size=(150, 8)).astype(np.float32)  # neighbors --k 100 needs > 100 notes
+    save_embeddings(str(a / "emb_big"), [f"x{i}" for i in range(150)], big / np.linalg.norm(big, axis=1, keepdims=True))
     return root
 
 

@@ -38,6 +38,7 @@ VERBS: VerbTable = {
     "export": "launcher.cli.export",
     "embed": "launcher.cli.embed",
     "eval": "launcher.cli.eval",
+    "neighbors": "launcher.cli.neighbors",
     "plan": "launcher.cli.plan",
     "analyze": "launcher.cli.analyze",
 }

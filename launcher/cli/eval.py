@@ -1,47 +1,109 @@
-"""`notellm2 eval`: the I2I Recall@K protocol on exported embeddings and a split of mined pairs."""
+"""`notellm2 eval`: I2I Recall@K of one or more embedding sets on a split of mined pairs
+(docs/evaluation.md)."""
 from __future__ import annotations
 
-import json
 import os
+import sys
+
+# The choices, spelled here so that building the CLI imports no torch (tests/eval/test_eval_cli.py
+# checks they equal launcher.evaluate's and launcher.search's).
+PROTOCOLS = ("paper", "all-pairs")
+BACKENDS = ("exact", "faiss-ivf", "faiss-hnsw")
+DEFAULT_KS = (10, 20, 50, 100, 1000, 10_000, 100_000, 1_000_000)
 
 
-def read_split_pairs(pairs_dir: str, split: str) -> list[tuple[str, str]]:
-    import pandas as pd
+def parse_runs(specs: list[str]) -> list[tuple[str, str]]:
+    """`name=dir` or a bare `dir` (named by its folder); names must be distinct."""
+    runs = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = os.path.basename(os.path.normpath(spec)), spec
+        if not name or not path:
+            raise ValueError(f"--embeddings {spec!r}: expected name=dir or dir")
+        runs.append((name, path))
+    names = [n for n, _ in runs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"--embeddings: run name {dup[0]!r} given twice (name them: name=dir)")
+    return runs
 
-    path = os.path.join(pairs_dir, "pairs.parquet") if os.path.isdir(pairs_dir) else pairs_dir
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no pairs file (run `notellm2 data mine-pairs` first)")
-    df = pd.read_parquet(path, columns=["query_id", "target_id", "split"])
-    df = df[df["split"] == split]
+
+def catalog_lengths(path: str) -> dict:
+    """note_id -> characters of title + content."""
+    from data_shards.catalog import load_catalog
+
+    return {n.note_id: len(n.title) + len(n.content) for n in load_catalog(path)}
+
+
+def build_task(args):
+    from data_shards.pairs_file import read_note_split, read_pairs
+    from launcher.evaluate import all_pairs_task, paper_task
+
+    df = read_pairs(args.pairs, split=args.split, columns=["query_id", "target_id"])
     if df.empty:
-        raise ValueError(f"{path}: no pairs in split {split!r}")
-    return list(zip(df["query_id"].astype(str), df["target_id"].astype(str)))
+        raise ValueError(f"{args.pairs}: no pairs in split {args.split!r}")
+    pairs = list(zip(df["query_id"], df["target_id"]))
+    if args.protocol == "all-pairs":
+        return all_pairs_task(pairs)
+    notes = read_note_split(args.pairs)
+    test_notes = notes.loc[notes["split"] == args.split, "note_id"].tolist()
+    if not test_notes:
+        raise ValueError(f"{args.pairs}: note_split.parquet assigns no note to {args.split!r}")
+    return paper_task(pairs, test_notes)
 
 
 def _run(args) -> int:
-    from launcher.evaluate import load_embeddings, recall_at_k
+    from data_shards.pairs_file import read_pairs
+    from launcher import report as rep
+    from launcher.evaluate import evaluate_runs, train_pair_counts
 
-    ids, emb = load_embeddings(args.embeddings)
-    pairs = read_split_pairs(args.pairs, args.split)
-    report = recall_at_k(emb, ids, pairs, args.k)
-    out = {"split": args.split, "embeddings": os.path.abspath(args.embeddings), **report.as_dict()}
-    for k, v in report.recall.items():
-        print(f"Recall@{k}: {v:.4f}")
-    print(f"pairs evaluated: {report.num_pairs} (skipped {report.num_skipped}), pool: {report.pool_size}, "
-          f"mean target rank: {report.mean_rank:.1f}")
+    try:
+        runs = parse_runs(args.embeddings)
+        if not 0.0 < args.length_quantile < 1.0:
+            raise ValueError(f"--length-quantile {args.length_quantile}: must be strictly between 0 and 1")
+        task = build_task(args)
+        lengths = catalog_lengths(args.catalog) if args.catalog else None
+        train = read_pairs(args.pairs, split="train", columns=["query_id", "target_id"])
+        counts = train_pair_counts(zip(train["query_id"], train["target_id"]))
+        report = evaluate_runs(runs, task, ks=args.k, lengths=lengths, length_quantile=args.length_quantile,
+                               train_counts=counts, backend=args.backend, resamples=args.bootstrap,
+                               seed=args.seed, log=lambda m: print(m, file=sys.stderr))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"notellm2 eval: {e}", file=sys.stderr)
+        return 2
+    report.update(split=args.split, pairs=os.path.abspath(args.pairs))
+    print(rep.format_table(report))
+    for line in rep.notes_lines(report):
+        print(line)
     if args.out:
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(out, fh, indent=2)
-        os.replace(tmp, args.out)
+        rep.write_json(report, args.out)
+    if args.out_dir:
+        rep.write_json(report, os.path.join(args.out_dir, "eval.json"))
+        rep.write_markdown(report, os.path.join(args.out_dir, "eval.md"))
+        rep.plot_recall(report, os.path.join(args.out_dir, "recall.png"))
+        rep.write_tensorboard(report, os.path.join(args.out_dir, "tensorboard"))
+        print(f"wrote {args.out_dir}/eval.json, eval.md, recall.png, tensorboard/")
     return 0
 
 
 def register(sub) -> None:
-    p = sub.add_parser("eval", help="I2I Recall@K of exported embeddings on a split of mined pairs")
-    p.add_argument("--embeddings", required=True, help="folder written by `notellm2 embed`")
+    p = sub.add_parser("eval", help="I2I Recall@K of one or more embedding sets on a split of mined pairs")
+    p.add_argument("--embeddings", required=True, nargs="+", metavar="[NAME=]DIR",
+                   help="folders written by `notellm2 embed`, each optionally named (default: the folder name)")
     p.add_argument("--pairs", required=True, help="folder (or pairs.parquet) written by `notellm2 data mine-pairs`")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--k", type=int, nargs="+", default=[10, 100, 1000], help="Recall@K cut-offs")
+    p.add_argument("--protocol", default="paper", choices=PROTOCOLS,
+                   help="paper: test notes only, each note in one pair, pool = test notes minus queries; "
+                        "all-pairs: every pair, pool = every embedded note (the cold-start view)")
+    p.add_argument("--k", type=int, nargs="+", default=list(DEFAULT_KS), help="Recall@K cut-offs")
+    p.add_argument("--catalog", help="the catalog, for the short/long subsets (characters of title + content)")
+    p.add_argument("--length-quantile", type=float, default=0.5,
+                   help="short/long threshold: this quantile of the evaluated notes' lengths")
+    p.add_argument("--backend", default="exact", choices=BACKENDS,
+                   help="search; the faiss ones report K <= 1000 only, with their recall against exact search")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples over queries")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--out", help="write the report as JSON here")
+    p.add_argument("--out-dir", help="write eval.json, eval.md, recall.png and tensorboard/ here")
     p.set_defaults(handler=_run)

@@ -1,0 +1,83 @@
+"""Exact chunked search against brute force (both the group-maxima path and the plain one), ties,
+exclusion, and the faiss backends against exact search (launcher.search)."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from launcher import search
+
+
+def vectors(n, d=16, seed=0):
+    return F.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)), dim=1)
+
+
+@pytest.mark.parametrize("k,pool_chunk", [(5, 4096), (40, 333), (7, 10_000)])
+def test_exact_topk_equals_a_full_sort(k, pool_chunk):
+    pool, queries = vectors(9000), vectors(70, seed=1)
+    v, i = search.exact_topk(queries, pool, k, query_chunk=16, pool_chunk=pool_chunk)
+    scores = queries @ pool.T
+    want_v, want_i = torch.sort(scores, dim=1, descending=True)
+    assert torch.equal(i, want_i[:, :k]) and torch.allclose(v, want_v[:, :k])
+
+
+def test_group_path_is_used_and_exact():
+    # a block of 8192 columns and k = 10 goes through the group maxima (8192 > 2 * 10 * GROUP)
+    assert 8192 > 2 * 10 * search.GROUP and 8192 % search.GROUP == 0
+    s = torch.randn(8, 8192, generator=torch.Generator().manual_seed(2))
+    v, c = search._block_topk(s, 10)
+    want = torch.topk(s, 10, dim=1)
+    assert torch.equal(torch.sort(c, 1).values, torch.sort(want.indices, 1).values)
+    assert torch.allclose(torch.sort(v, 1).values, torch.sort(want.values, 1).values)
+
+
+def test_exact_topk_never_returns_the_excluded_row():
+    pool = vectors(500)
+    ex = torch.arange(0, 500, 5)
+    v, i = search.exact_topk(pool[ex], pool, 3, exclude=ex, query_chunk=7, pool_chunk=64)
+    assert not (i == ex[:, None]).any()
+    s = pool[ex] @ pool.T
+    s[torch.arange(len(ex)), ex] = -float("inf")
+    assert torch.equal(i, torch.topk(s, 3, dim=1).indices)
+    with pytest.raises(ValueError, match="k=500 but the pool has 499"):
+        search.exact_topk(pool[:2], pool, 500, exclude=torch.tensor([0, 1]))
+
+
+def test_target_ranks_count_ties_against_the_target():
+    pool = torch.ones(20, 4) / 2
+    r = search.target_ranks(pool[:3], pool, torch.tensor([5, 6, 7]), exclude=torch.tensor([0, 1, 2]),
+                            query_chunk=2, pool_chunk=6)
+    assert r.tolist() == [18, 18, 18]  # all 18 others tie with the target
+
+
+def test_target_ranks_match_brute_force_across_chunk_edges():
+    pool, queries = vectors(1000), vectors(33, seed=3)
+    tgt = torch.randint(0, 1000, (33,), generator=torch.Generator().manual_seed(4))
+    r = search.target_ranks(queries, pool, tgt, query_chunk=8, pool_chunk=77)
+    s = queries @ pool.T
+    want = [(int((s[j] >= s[j, t]).sum()) - 1) for j, t in enumerate(tgt)]
+    assert r.tolist() == want
+
+
+def clustered(n, d=32, centers=50, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randn(centers, d, generator=g)
+    return F.normalize(c[torch.randint(0, centers, (n,), generator=g)] + 0.3 * torch.randn(n, d, generator=g), dim=1)
+
+
+@pytest.mark.parametrize("backend,floor", [("faiss-hnsw", 0.9), ("faiss-ivf", 0.6)])
+def test_faiss_backends_find_most_of_the_exact_top_k(backend, floor):
+    pool = clustered(4000)
+    ex = torch.arange(200)
+    _, exact = search.exact_topk(pool[:200], pool, 10, exclude=ex)
+    _, approx = search.search_topk(pool[:200], pool, 10, backend=backend, exclude=ex)
+    assert not (approx == ex[:, None]).any()
+    rec = search.overlap_recall(approx, exact)
+    assert floor <= rec <= 1.0
+    # a random index set finds almost none of them, so the measure can fail
+    assert search.overlap_recall(torch.randint(0, 4000, (200, 10)), exact) < 0.05
+
+
+def test_unknown_backend_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown search backend 'annoy'"):
+        search.search_topk(vectors(5), vectors(5), 1, backend="annoy")
