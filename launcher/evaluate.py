@@ -106,21 +106,29 @@ class RunRanks:
 
 
 def rank_run(task: Task, ids: list[str], emb: torch.Tensor, backend: str = "exact", name: str = "",
-             **search_kw) -> RunRanks:
+             image_probe: bool = False, **search_kw) -> RunRanks:
+    """`image_probe`: the run is an image-only probe, which has no vector for a note without an image;
+    under the paper protocol its pairs with such a note are skipped (counted) and those notes leave
+    its pool, instead of the missing-embedding error every other run gets."""
     index = {n: i for i, n in enumerate(ids)}
     if len(index) != len(ids):
         raise ValueError(f"{name}: the embeddings hold duplicate note ids")
     emb = _normalise(emb)
     if task.pool_ids is not None:  # paper: fixed queries and pool
         missing = [n for n in list(task.pool_ids) + list(task.query_ids) if n not in index]
-        if missing:
+        if missing and not image_probe:
             raise ValueError(f"{name}: {len(missing)} test notes have no embedding (first: "
                              f"{', '.join(missing[:5])}); embed every test note (the notes-test shards)")
-        pool = emb[[index[n] for n in task.pool_ids]]
-        queries = emb[[index[n] for n in task.query_ids]]
-        pos = {n: i for i, n in enumerate(task.pool_ids)}
-        targets = torch.tensor([pos[t] for t in task.target_ids], dtype=torch.long)
-        exclude, qids, tids, skipped = None, list(task.query_ids), list(task.target_ids), 0
+        pool_ids = [n for n in task.pool_ids if n in index]
+        kept = [(q, t) for q, t in zip(task.query_ids, task.target_ids) if q in index and t in index]
+        if not kept:
+            raise ValueError(f"{name}: no query and target of the task both have an image-probe vector")
+        qids, tids = [q for q, _ in kept], [t for _, t in kept]
+        pool = emb[[index[n] for n in pool_ids]]
+        queries = emb[[index[n] for n in qids]]
+        pos = {n: i for i, n in enumerate(pool_ids)}
+        targets = torch.tensor([pos[t] for t in tids], dtype=torch.long)
+        exclude, skipped = None, len(task.query_ids) - len(kept)
     else:
         keep = [(q, t) for q, t in zip(task.query_ids, task.target_ids) if q in index and t in index]
         if not keep:
@@ -243,7 +251,9 @@ def evaluate_runs(runs: list[tuple[str, str]], task: Task, ks=DEFAULT_KS, length
               "runs": []}
     for name, emb_dir in runs:
         ids, emb = load_embeddings(emb_dir)
-        rr = rank_run(task, ids, emb, backend=backend, name=f"{name} ({emb_dir})")
+        meta_path = os.path.join(emb_dir, "embeddings.json")
+        mode = json.load(open(meta_path)).get("mode") if os.path.exists(meta_path) else None
+        rr = rank_run(task, ids, emb, backend=backend, name=f"{name} ({emb_dir})", image_probe=mode == "image")
         subsets = {}
         if lengths is not None:
             notes = sorted(set(rr.query_ids) | set(task.pool_ids if task.pool_ids is not None

@@ -16,7 +16,7 @@ NL=.venv/bin/notellm2
 CONFIG=${DEMO_CONFIG:-configs/demo_cpu.yaml}
 if [ "${DEMO_SMOKE:-0}" = 1 ]; then
   A=${DEMO_DIR:-artifacts/demo-smoke}; ITEMS=600; USERS=600
-  SMOKE=(train.max_steps=4 checkpoint.every_steps=2 train.warmup_steps=1 data.pairs_per_rank=4)
+  SMOKE=(train.max_steps=12 checkpoint.every_steps=6 train.warmup_steps=1 data.pairs_per_rank=4)
 else
   A=${DEMO_DIR:-artifacts/demo}; ITEMS=${DEMO_ITEMS:-3000}; USERS=${DEMO_USERS:-4000}
   SMOKE=()
@@ -66,14 +66,19 @@ stage "training on 2 CPU ranks (torchrun, DeepSpeed ZeRO-3 over gloo); TensorBoa
 stage "export (consolidated safetensors, loads without DeepSpeed)"
 $NL export --run-dir "$A/run" --out "$A/export" --overwrite
 
-stage "embeddings of the held-out test notes: untrained baseline and trained model"
+stage "embeddings of the held-out test notes: trained (full input and image-only probe), untrained, zero-shot MiniLM"
 RUN2=(.venv/bin/torchrun --standalone --nproc-per-node 2 -m launcher)   # each rank embeds half the notes
+NOTES="$A/shards/notes-test-*.tar"
 [ -f "$A/emb_untrained/embeddings.npy" ] || "${RUN2[@]}" embed --config "$CONFIG" "${OV[@]}" --out "$A/emb_untrained"
-"${RUN2[@]}" embed --model "$A/export" --shards "$A/shards/notes-test-*.tar" --out "$A/emb_trained"
+"${RUN2[@]}" embed --model "$A/export" --shards "$NOTES" --out "$A/emb_trained"
+"${RUN2[@]}" embed --model "$A/export" --shards "$NOTES" --mode image --out "$A/emb_trained_image"
+# the off-the-shelf text baseline a user would try first: the untrained text_two_tower is all-MiniLM-L6-v2
+[ -f "$A/emb_minilm/embeddings.npy" ] || "${RUN2[@]}" embed --config configs/minilm_two_tower.yaml \
+    data.notes_shards="$NOTES" --out "$A/emb_minilm"
 
-stage "I2I Recall@K on the test split"
-echo "--- untrained (pretrained LLM and ViT, random connector) ---"
-$NL eval --embeddings "$A/emb_untrained" --pairs "$A/pairs" --split test --k 10 50 100 --out "$A/recall_untrained.json"
-echo "--- trained ---"
-$NL eval --embeddings "$A/emb_trained" --pairs "$A/pairs" --split test --k 10 50 100 --out "$A/recall_trained.json"
+stage "I2I Recall@K on the test split (the paper's protocol; 95% bootstrap intervals over queries)"
+$NL eval --embeddings notellm2="$A/emb_trained" notellm2_image_probe="$A/emb_trained_image" \
+    untrained="$A/emb_untrained" minilm_zero_shot="$A/emb_minilm" \
+    --pairs "$A/pairs" --split test --k 10 50 100 --catalog "$A/catalog.jsonl" --out-dir "$A/eval"
+echo; echo "--- the table with intervals: $A/eval/eval.md; the plot: $A/eval/recall.png ---"
 echo; echo "[demo] done in $(( $(date +%s) - start )) s; artifacts in $A"

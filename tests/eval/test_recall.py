@@ -181,3 +181,22 @@ def test_an_approximate_backend_reports_small_k_only_with_its_recall(tmp_path):
     run = rep["runs"][0]
     assert run["ks"] == [1, 3] and run["capped"] == [10] and run["faiss_recall_vs_exact"] == 1.0
     assert logs == ["[eval] hand: faiss-hnsw recall@3 against exact search on 2 queries: 1.0000"]
+
+
+def test_an_image_probe_run_skips_the_notes_without_an_image_and_others_still_fail():
+    """Paper protocol: the image probe has no vector for a note without an image. Its pairs with such
+    a note are skipped and counted and the note leaves its pool; any other run missing a test note
+    is an error."""
+    import torch as _torch
+
+    from launcher.evaluate import paper_task, rank_run
+
+    task = paper_task([("a", "b"), ("c", "d"), ("e", "f")], ["a", "b", "c", "d", "e", "f", "g"])
+    ids = ["a", "b", "d", "e", "f", "g"]  # c has no image
+    emb = _torch.eye(6)[[0, 0, 2, 3, 3, 5]].float()  # a~b and e~f identical, d and g elsewhere
+    rr = rank_run(task, ids, emb, image_probe=True)
+    assert rr.query_ids == ["a", "e"] and rr.target_ids == ["b", "f"] and rr.num_skipped == 1
+    assert rr.pool_size == 4  # b, d, f, g (c left the pool, the queries are never in it)
+    assert list(rr.ranks) == [0, 0]
+    with pytest.raises(ValueError, match="1 test notes have no embedding"):
+        rank_run(task, ids, emb)
