@@ -40,7 +40,7 @@ from PIL import Image  # noqa: E402
 
 from data_shards.images import center_crop, resize_shorter_side  # noqa: E402
 # the tests' char-level stand-in for the prompter: text encoding costs next to nothing here
-from tests.data_reader.helpers import CharCollate, CharEncoder  # noqa: E402
+from tests.helpers.shards import CharCollate, CharEncoder  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- synthetic shards

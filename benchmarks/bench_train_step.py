@@ -91,7 +91,7 @@ def worker(args) -> None:
 # ----------------------------------------------------------------------------- driver
 
 def make_shards(root: str, n_pairs: int) -> str:
-    from tests.fixtures_data import synthetic_shards
+    from tests.helpers.data import synthetic_shards
 
     shard_dir, manifest = synthetic_shards(root, n_notes=max(64, n_pairs // 2), n_categories=8, n_pairs=n_pairs,
                                            shard_size=32, image_size=256, splits=("train",))

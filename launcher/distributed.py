@@ -15,7 +15,7 @@ Every collective the launcher runs goes through the helpers below (`all_reduce`,
 ones, so the helpers put a tensor on `collective_device()` (the rank's CUDA device under NCCL, the CPU
 under gloo) and copy the result back into the caller's tensor, which keeps its device and dtype.
 Without a process group they are what one rank would get (sum of one = itself, a list of one).
-`tests/train/test_collectives.py` fails when a file under `launcher/` calls `torch.distributed`
+`tests/launcher/train/test_collectives.py` fails when a file under `launcher/` calls `torch.distributed`
 collectives directly.
 """
 from __future__ import annotations

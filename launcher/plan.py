@@ -33,7 +33,7 @@ layer of width h, key/value width h_kv, MLP width f, q heads H:
         bf16 copy: 2) per layer; sdpa / flash attention keep O(s) statistics only
     without gradient checkpointing: layers * T * per_token (+ the final norm's share)
     with gradient checkpointing:    layers * T * h * a (each layer's input) + one layer recomputed in backward
-    (tests/plan/ measures what autograd saves on a small Qwen2 and checks the formula against it)
+    (tests/launcher/plan/ measures what autograd saves on a small Qwen2 and checks the formula against it)
 
 Connector (Q-Former: Q queries of width d, V vision tokens of width d_v, H_q heads, per image per layer):
     Q*(16d + H_q*Q) self-attention + FFN, plus, in cross-attention layers, V*d_v + 2*V*d + Q*(5d + H_q*V),

@@ -3,7 +3,7 @@
 checkouts and compare their per-step scalars bitwise.
 
 Each run: `configs/tiny_cpu.yaml` on 2 CPU ranks (torchrun --standalone), with the tiny Llama, tiny CLIP
-and synthetic shards of the tests (tests/slurm/real_inputs.py, built once under --work and shared by
+and synthetic shards of the tests (tests/helpers/real_inputs.py, built once under --work and shared by
 both runs; nothing downloaded), `train.max_steps=8` and a checkpoint every 4 steps. A checkout runs
 as itself: cwd and PYTHONPATH are that checkout, so `-m launcher train` is its own trainer.
 
@@ -39,7 +39,7 @@ def compared(key: str) -> bool:
 def build_inputs(work: str) -> list[str]:
     """The tiny models and shards as config overrides, built once per --work (from this script's checkout)."""
     sys.path.insert(0, REPO)
-    from tests.slurm.real_inputs import cached_tiny_cpu_overrides
+    from tests.helpers.real_inputs import cached_tiny_cpu_overrides
 
     return cached_tiny_cpu_overrides(work)
 

@@ -43,7 +43,7 @@ def cmd_env(args) -> int:
 
 
 def cmd_inputs(args) -> int:
-    from tests.train.real_setup import build_inputs
+    from tests.helpers.real_setup import build_inputs
 
     inputs = build_inputs(args.root)
     shards = os.path.dirname(inputs["train_shards"])

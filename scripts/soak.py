@@ -64,7 +64,7 @@ def malloc_env(perturb: int) -> dict:
 
 def build_inputs(root: str) -> list[str]:
     """Tiny Llama + tiny CLIP + synthetic shards (as the Slurm tests use), built once per --work."""
-    from tests.slurm.real_inputs import cached_tiny_cpu_overrides
+    from tests.helpers.real_inputs import cached_tiny_cpu_overrides
 
     return cached_tiny_cpu_overrides(root)
 
@@ -191,7 +191,7 @@ def _stopped_as_expected(how: str, rc: int, log_path: str) -> bool:
     and exit 75; torchrun then exits 1 and lists each failed rank's exit code. It SIGTERMs the ranks
     still running as soon as the first one exits, so a rank that was past the checkpoint but not yet out
     shows -15: that is torchrun's teardown, not a crash (the checkpoint is complete, the save ends in a
-    barrier). Plain rank processes (tests/train/test_preempt_one_rank.py) show every rank's 75."""
+    barrier). Plain rank processes (tests/launcher/train/test_preempt_one_rank.py) show every rank's 75."""
     if how == "kill9":
         return rc in (-9, 0)
     if rc == 0:

@@ -1,10 +1,8 @@
 """Fixtures every test folder can use: session-wide tiny models, built once per session, offline
-(builders in tests/fixtures.py)."""
+(builders in tests/helpers/models.py)."""
 import pytest
 
-from tests import fixtures
-
-
+from tests.helpers import models as fixtures
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-models")

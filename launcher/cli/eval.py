@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-# The choices, spelled here so that building the CLI imports no torch (tests/eval/test_eval_cli.py
+# The choices, spelled here so that building the CLI imports no torch (tests/launcher/eval/test_eval_cli.py
 # checks they equal launcher.evaluate's and launcher.search's).
 PROTOCOLS = ("paper", "all-pairs")
 BACKENDS = ("exact", "faiss-ivf", "faiss-hnsw")
@@ -62,10 +62,17 @@ def _run(args) -> int:
         runs = parse_runs(args.embeddings)
         if not 0.0 < args.length_quantile < 1.0:
             raise ValueError(f"--length-quantile {args.length_quantile}: must be strictly between 0 and 1")
+        for _, emb_dir in runs:  # the user's paths first, before any pairs file is read
+            if not os.path.exists(os.path.join(emb_dir, "embeddings.npy")):
+                raise FileNotFoundError(f"{os.path.join(emb_dir, 'embeddings.npy')}: no embeddings "
+                                        f"(run `notellm2 embed --out {emb_dir}` first)")
         task = build_task(args)
         lengths = catalog_lengths(args.catalog) if args.catalog else None
-        train = read_pairs(args.pairs, split="train", columns=["query_id", "target_id"])
-        counts = train_pair_counts(zip(train["query_id"], train["target_id"]))
+        try:
+            train = read_pairs(args.pairs, split="train", columns=["query_id", "target_id"])
+            counts = train_pair_counts(zip(train["query_id"], train["target_id"]))
+        except ValueError:  # no training pairs in the file: no cold-start/head/tail subsets
+            counts = None
         report = evaluate_runs(runs, task, ks=args.k, lengths=lengths, length_quantile=args.length_quantile,
                                train_counts=counts, backend=args.backend, resamples=args.bootstrap,
                                seed=args.seed, log=lambda m: print(m, file=sys.stderr))

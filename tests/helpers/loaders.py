@@ -16,7 +16,7 @@ def pair_loader(shards, B: int = 4, image_size: int = 32, rank: int = 0, world_s
                 encode_fn=None, collate_text_fn=None, **options):
     from data_shards.config import DataConfig
     from data_shards.reader import PairLoader
-    from tests.data_reader.helpers import CharCollate, CharEncoder
+    from tests.helpers.shards import CharCollate, CharEncoder
 
     fields = {f.name for f in dataclasses.fields(DataConfig)}
     data = {"num_workers": 0, "shuffle_buffer": 8, **{k: v for k, v in options.items() if k in fields}}

@@ -1,4 +1,4 @@
-"""Rank functions for the multi-rank modeling tests (run by tests.multirank.run_ranks)."""
+"""Rank functions for the multi-rank modeling tests (run by tests.helpers.multirank.run_ranks)."""
 from __future__ import annotations
 
 import torch
@@ -139,7 +139,7 @@ def zero3_load_and_step(llm_dir: str, clip_dir: str) -> dict:
     old_err = (full[: saved.shape[0]] - saved).abs().max().item()
     # A padded vocabulary (Qwen2-like): the placeholder rows are written in place in the partitioned matrix.
     spare_dir = os.path.join(os.path.dirname(llm_dir), "spare")
-    from tests import fixtures
+    from tests.helpers import models as fixtures
     spare_dir = fixtures.make_tiny_llm_dir(spare_dir, arch="qwen2", spare_rows=8) if dist.get_rank() == 0 else None
     holder = [spare_dir]
     dist.broadcast_object_list(holder, src=0)

@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from tests import fixtures
-from tests.multirank import run_ranks
+from tests.helpers import models as fixtures
+from tests.helpers.multirank import run_ranks
 
 
 @pytest.fixture(scope="module")

@@ -186,7 +186,7 @@ def test_setting_errors(llama_tok):
     with pytest.raises(PromptError, match="model.variant: got 'nope'"):
         NotePrompter(llama_tok, "nope")
     from transformers import AutoTokenizer
-    from tests.fixtures import make_tokenizer
+    from tests.helpers.models import make_tokenizer
     import tempfile
     raw = AutoTokenizer.from_pretrained(make_tokenizer(tempfile.mkdtemp()))
     with pytest.raises(PromptError, match="lacks .*load_tokenizer"):

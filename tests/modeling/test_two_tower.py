@@ -13,7 +13,7 @@ import yaml
 
 from launcher.config import load_config
 from modeling.encoder import build_all
-from tests.multirank import REPO
+from tests.helpers.multirank import REPO
 
 MINILM = os.path.join(REPO, "artifacts", "models", "all-minilm-l6-v2")
 NOTES = [
@@ -82,8 +82,8 @@ def test_the_trainer_trains_it_and_embed_reads_it(minilm_dir, tmp_path):
     """Two real training steps on 2 gloo ranks (ZeRO-3), export, and the exported encoder differs from
     the zero-shot one: the backbone itself was trained, not only a head."""
     from launcher.serving import NoteEncoder
-    from tests.fixtures_data import synthetic_shards
-    from tests.multirank import run_command
+    from tests.helpers.data import synthetic_shards
+    from tests.helpers.multirank import run_command
 
     shard_dir, manifest = synthetic_shards(str(tmp_path / "data"), n_notes=40, n_categories=4, n_pairs=80,
                                            shard_size=8, image_size=32, splits=("train",))

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.multirank import free_port
+from tests.helpers.multirank import free_port
 from tests.helpers.paths import REPO
 
 LOCAL_CLUSTER = os.path.join(REPO, "slurm", "local_cluster.sh")

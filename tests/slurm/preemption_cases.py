@@ -1,4 +1,4 @@
-"""Functions run in every rank by tests.multirank.run_ranks (gloo already initialised)."""
+"""Functions run in every rank by tests.helpers.multirank.run_ranks (gloo already initialised)."""
 from __future__ import annotations
 
 import os

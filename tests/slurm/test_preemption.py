@@ -7,7 +7,7 @@ import signal
 import pytest
 
 from launcher.preemption import PREEMPTED_EXIT_CODE, STOP_FILE_ENV, Preempted, PreemptionFlag
-from tests.multirank import run_ranks
+from tests.helpers.multirank import run_ranks
 
 
 @pytest.fixture

@@ -10,11 +10,11 @@ import threading
 
 import pytest
 
-from tests.multirank import free_port, run_command
+from tests.helpers.multirank import free_port, run_command
 from tests.helpers.paths import REPO
 from tests.helpers.runs import logged_steps
 from tests.slurm.cluster import RENDEZVOUS
-from tests.slurm.real_inputs import TINY_CPU, tiny_cpu_overrides
+from tests.helpers.real_inputs import TINY_CPU, tiny_cpu_overrides
 
 
 def rendezvous(nodelist: str, job_id: str = "", port: int | None = None, path_without_scontrol: bool = False,

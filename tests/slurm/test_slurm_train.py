@@ -14,11 +14,11 @@ import time
 
 import pytest
 
-from tests.multirank import free_port
+from tests.helpers.multirank import free_port
 from tests.helpers.paths import REPO
 from tests.helpers.runs import logged_steps
 from tests.slurm.cluster import TRAIN_SBATCH
-from tests.slurm.real_inputs import TINY_CPU, tiny_cpu_overrides
+from tests.helpers.real_inputs import TINY_CPU, tiny_cpu_overrides
 
 pytestmark = pytest.mark.slow
 

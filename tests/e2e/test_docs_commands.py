@@ -1,0 +1,287 @@
+"""Every `notellm2 ...` command line in README.md and docs/*.md runs (litgpt's test_readme.py idea).
+
+A command line is a line of a fenced code block (no info string, or bash/sh/shell/console) that
+starts with `notellm2` (after an optional `$ `); a trailing `\\` joins the next line, a `# comment`
+is dropped, and whitespace and shell quotes are normalised: the key is the command's words joined
+by single spaces. Options in `[...]` (a synopsis) are not part of the key: each must be an option
+of the verb's parser (`test_synopsis_options_are_options_of_their_verb`), and the command runs
+without them. Each key must be either
+
+- in RUN: it runs on tiny inputs built here, with only its paths substituted (PATHS); or
+- in ALLOWLIST, with the reason it cannot run here (cluster-only or long-running).
+
+Any other command line fails `test_every_docs_command_is_run_or_allowlisted`, and so does an entry
+of RUN or ALLOWLIST that no document holds any more.
+
+To add a documented command: add its key (the failure message prints it) as one line of RUN, and,
+if it names a placeholder path not in PATHS, one PATHS entry pointing at the tiny input it stands
+for (the inputs are built in `tiny_inputs`).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import shlex
+import shutil
+
+import numpy as np
+import pytest
+
+from tests.helpers.multirank import REPO
+
+SHELL_BLOCKS = {"", "bash", "sh", "shell", "console"}
+
+RUN = [
+    "notellm2 data validate --catalog A/catalog.jsonl",
+    "notellm2 data simulate-views --catalog A/catalog.jsonl --out A/views.parquet",
+    "notellm2 data mine-pairs --views A/views.parquet --out A/pairs --split-by hash",
+    "notellm2 data write-shards --pairs A/pairs --catalog A/catalog.jsonl --out A/shards",
+    "notellm2 embed --model A/export --shards A/shards/notes-test-*.tar --out A/emb",
+    "notellm2 eval --embeddings A/emb --pairs A/pairs --split test --k 10 50 100",
+    "notellm2 plan --config configs/paper_scale.yaml --nodes 2 --gpus-per-node 8 --gpu-memory-gib 80",
+    "notellm2 plan --config configs/paper_scale.yaml --json",
+    "notellm2 plan --config my.yaml --nodes 4 model.llm.gradient_checkpointing=false data.pairs_per_rank=8",
+    "notellm2 data validate --catalog notes.jsonl",
+    "notellm2 data write-shards --pairs pairs_dir --catalog notes.jsonl --out shards_dir",
+    "notellm2 data mine-pairs --views logs.parquet --out pairs_dir",
+    "notellm2 analyze attention --model EXPORT_DIR --shards data/shards/pairs-test-*.tar --out analysis/",
+    "notellm2 data import-pairs --catalog notes.jsonl --out pairs_dir --train train.csv --val val.csv --test test.csv",
+    "notellm2 data import-pairs --catalog notes.jsonl --out pairs_dir --pairs all.parquet",
+    "notellm2 neighbors --embeddings DIR --k 100 --out related.parquet",
+    "notellm2 neighbors --embeddings emb_minilm --k 100 --out related.parquet",
+    "notellm2 neighbors --embeddings emb_minilm --k 100 --out related_hnsw.parquet --backend faiss-hnsw",
+]
+
+ALLOWLIST = {
+    "notellm2 eval --embeddings minilm=emb_minilm category=emb_category random=emb_random --pairs pairs "
+    "--catalog catalog.jsonl --k 10 100 --out-dir report_small":
+        "needs the example's three embedding sets of a demo-like run; tests/launcher/eval/test_eval_cli.py runs several "
+        "named runs through the same CLI",
+    "notellm2 data mine-pairs --engine spark --views logs.parquet --out pairs_dir":
+        "a fresh Spark session with default settings took 186 s on tiny views here; tests/data_shards/mining runs every "
+        "mining rule on the Spark engine in one shared session tuned for small inputs",
+    "notellm2 data mine-pairs --engine spark --spark-master local[2] --spark-conf spark.driver.memory=6g "
+    "spark.local.dir=/scratch/spark --views logs/ --out pairs_dir":
+        "sized for a large log (6g driver, a scratch disk); the line above runs the same engine on tiny views, "
+        "tests/data_shards/mining runs every rule on both engines",
+    "notellm2 analyze attention --model basic_mm=exports/basic_mm notellm2=exports/notellm2 "
+    "text_only=exports/text_only --shards data/shards/pairs-test-*.tar --out analysis/ --batches 4 --batch-size 8":
+        "needs three trained exports of different variants; tests/launcher/eval/test_attention.py runs the CLI on two tiny ones",
+    "notellm2 data import-openclipart --out A/catalog.jsonl":
+        "long-running: reads and renders all 8,121 items of /usr/share/openclipart (scripts/demo.sh runs it; "
+        "tests/data_shards/openclipart covers the importer on a slice)",
+    "notellm2 export --run-dir A/run --out A/export":
+        "needs a DeepSpeed checkpoint of a training run; tests/e2e/test_real_training.py exports one and checks the vectors",
+    "notellm2 export --run-dir artifacts/demo/run --out artifacts/demo/encoder":
+        "needs a DeepSpeed checkpoint of a training run; tests/e2e/test_real_training.py exports one and checks the vectors",
+}
+
+# Placeholder paths of the docs -> paths under the tiny work folder (a token equal to a key, or
+# starting with a key that ends in '/', is replaced).
+PATHS = {
+    "A/": "A/",
+    "notes.jsonl": "A/catalog.jsonl",
+    "logs.parquet": "A/views.parquet",
+    "pairs_dir": "A/pairs",
+    "shards_dir": "A/shards",
+    "EXPORT_DIR": "A/export",
+    "train.csv": "A/train.csv",
+    "val.csv": "A/val.csv",
+    "test.csv": "A/test.csv",
+    "all.parquet": "A/all.parquet",
+    "DIR": "A/emb_big",
+    "emb_minilm": "A/emb_big",
+    "related.parquet": "A/related.parquet",
+    "related_hnsw.parquet": "A/related_hnsw.parquet",
+    "data/shards/": "A/shards/",
+    "analysis/": "A/analysis/",
+    "my.yaml": os.path.join(REPO, "configs", "paper_scale.yaml"),
+}
+
+
+def _blocks(path: str):
+    """(line number, text) of the lines of the shell-like fenced blocks of a markdown file."""
+    fence = None
+    with open(path, encoding="utf-8") as fh:
+        for no, line in enumerate(fh, 1):
+            m = re.match(r"\s*```\s*(\S*)", line)
+            if m:
+                fence = None if fence is not None else m.group(1).lower()
+                continue
+            if fence in SHELL_BLOCKS:
+                yield no, line.rstrip("\n")
+
+
+def docs_commands() -> dict[str, tuple[str, list[str]]]:
+    """{key: ('file:line', the [...] option names)} of every notellm2 command line in README.md and docs/*.md."""
+    found: dict[str, tuple[str, list[str]]] = {}
+    for path in [os.path.join(REPO, "README.md"), *sorted(glob.glob(os.path.join(REPO, "docs", "*.md")))]:
+        pending, start = "", 0
+        for no, line in _blocks(path):
+            text = line.strip()
+            if pending:
+                text = pending + " " + text
+            elif text.startswith("$ "):
+                text = text[2:]
+            if not (pending or text == "notellm2" or text.startswith("notellm2 ")):
+                continue
+            start = start if pending else no
+            if text.endswith("\\"):
+                pending = text[:-1].strip()
+                continue
+            pending = ""
+            words, optional = _split_synopsis(" ".join(shlex.split(text, comments=True)))
+            found.setdefault(" ".join(["notellm2", *words]), (f"{os.path.relpath(path, REPO)}:{start}", optional))
+    return found
+
+
+def _split_synopsis(command: str) -> tuple[list[str], list[str]]:
+    """(the words that run, the option names inside `[...]`)."""
+    run, optional, depth = [], [], 0
+    for word in command.split()[1:]:
+        opens, closes = word.startswith("["), word.endswith("]")
+        depth += opens
+        if depth:
+            name = word.strip("[]")
+            if name.startswith("--"):
+                optional.append(name)
+        else:
+            run.append(word)
+        if closes and depth:  # a word like local[2] closes nothing
+            depth -= 1
+    return run, optional
+
+
+def _substitute(words: list[str], work: str) -> list[str]:
+    out = []
+    for word in words:
+        for key, value in PATHS.items():
+            if word == key or (key.endswith("/") and word.startswith(key)):
+                word = os.path.join(work, value + word[len(key):]) if not os.path.isabs(value) else value
+                break
+        out.append(word)
+    return out
+
+
+def _verb_parser(words: list[str]):
+    from launcher.cli import build_parser
+
+    parser = build_parser()
+    for word in words:
+        sub = next((a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"), None)
+        if sub is None or word not in sub.choices:
+            break
+        parser = sub.choices[word]
+    return parser
+
+
+def test_every_docs_command_is_run_or_allowlisted():
+    found = docs_commands()
+    unknown = {c: where for c, (where, _) in found.items() if c not in RUN and c not in ALLOWLIST}
+    assert not unknown, ("command lines in the docs that tests/e2e/test_docs_commands.py neither runs nor allowlists "
+                         "(add each to RUN):\n" + "\n".join(f"  {w}: {c}" for c, w in unknown.items()))
+    stale = [c for c in [*RUN, *ALLOWLIST] if c not in found]
+    assert not stale, f"RUN/ALLOWLIST entries no document holds any more: {stale}"
+    assert len(set(RUN)) == len(RUN) and not set(RUN) & set(ALLOWLIST)
+
+
+def test_extraction_joins_continuations_and_skips_output_blocks(tmp_path, monkeypatch):
+    import tests.e2e.test_docs_commands as me
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "README.md").write_text("```bash\n$ notellm2 eval --k 1 \\\n    --out 'x y'   # note\n```\n"
+                                        "```text\nnotellm2 plan: output, not a command\n```\n"
+                                        "notellm2 prose outside a block\n")
+    (tmp_path / "docs" / "a.md").write_text("```\nnotellm2 data validate --catalog c.jsonl [--json]\n```\n")
+    monkeypatch.setattr(me, "REPO", str(tmp_path))
+    assert me.docs_commands() == {"notellm2 eval --k 1 --out x y": ("README.md:2", []),
+                                  "notellm2 data validate --catalog c.jsonl": ("docs/a.md:2", ["--json"])}
+    assert _split_synopsis("notellm2 data validate --catalog c.jsonl [--format jsonl|csv] [--json]") == \
+        (["data", "validate", "--catalog", "c.jsonl"], ["--format", "--json"])
+
+
+def test_synopsis_options_are_options_of_their_verb():
+    found = docs_commands()
+    assert any(optional for _, optional in found.values())  # the docs do hold synopses
+    for command, (where, optional) in found.items():
+        parser = _verb_parser(command.split()[1:])
+        known = {s for a in parser._actions for s in a.option_strings}
+        missing = [o for o in optional if o not in known]
+        assert not missing, f"{where}: {command}: the verb has no option {missing}"
+
+
+def test_allowlisted_commands_parse():
+    """What cannot run here must at least be a valid command line of today's CLI."""
+    from launcher.cli import build_parser
+
+    for command in ALLOWLIST:
+        args = build_parser().parse_args(command.split()[1:])
+        assert hasattr(args, "handler"), command
+
+
+@pytest.fixture(scope="module")
+def tiny_inputs(tmp_path_factory):
+    """A/: catalog.jsonl (+ images), views.parquet, pairs/, shards/, export/ (untrained tiny model), emb/."""
+    from data_shards.synthetic import make_synthetic_views
+    from launcher.evaluate import save_embeddings
+    from tests.launcher.eval.test_serving import tiny_export
+    from tests.helpers.data import synthetic_shards
+
+    root = tmp_path_factory.mktemp("docs-commands")
+    a = root / "A"
+    shard_dir, _ = synthetic_shards(str(root / "data"), n_notes=24, n_categories=3, n_pairs=40, shard_size=8,
+                                    image_size=32)
+    a.mkdir()
+    shutil.copy(root / "data" / "catalog" / "notes.jsonl", a / "catalog.jsonl")
+    shutil.copytree(root / "data" / "catalog" / "images", a / "images")
+    shutil.copytree(root / "data" / "pairs", a / "pairs")
+    # the synthetic pairs carry no note split (mining writes one): give each note its most held-out split
+    import pandas as pd
+
+    pairs = pd.read_parquet(a / "pairs" / "pairs.parquet")
+    rank = {"test": 0, "val": 1, "train": 2}
+    best = {}
+    for q, t, split in zip(pairs["query_id"], pairs["target_id"], pairs["split"]):
+        for n in (q, t):
+            best[n] = min(best.get(n, split), split, key=rank.get)
+    pd.DataFrame({"note_id": list(best), "split": list(best.values())}).to_parquet(a / "pairs" / "note_split.parquet")
+    shutil.copytree(shard_dir, a / "shards")
+    make_synthetic_views(str(a / "catalog.jsonl"), str(a / "views.parquet"), n_users=40, sessions_per_user=2,
+                         views_per_session=4, seed=0)
+    shutil.copytree(tiny_export(root / "model"), a / "export")
+    ids = [json.loads(line)["note_id"] for line in open(a / "catalog.jsonl")]
+    # the paper's header-less per-split CSVs (each note in one split) and one Parquet with a split column
+    import pandas as pd
+
+    rows = {"train": [(ids[i], ids[i + 1]) for i in range(0, 12, 2)], "val": [(ids[12], ids[13])],
+            "test": [(ids[14], ids[15]), (ids[16], ids[14])]}
+    for split, pairs in rows.items():
+        (a / f"{split}.csv").write_text("".join(f"{q},{t}\n" for q, t in pairs))
+    pd.DataFrame([(q, t, s) for s, pairs in rows.items() for q, t in pairs],
+                 columns=["query_id", "target_id", "split"]).to_parquet(a / "all.parquet")
+    vec = np.random.default_rng(0).normal(size=(len(ids), 8)).astype(np.float32)
+    save_embeddings(str(a / "emb"), ids, vec / np.linalg.norm(vec, axis=1, keepdims=True))
+    big = np.random.default_rng(1).normal(size=(150, 8)).astype(np.float32)  # neighbors --k 100 needs > 100 notes
+    save_embeddings(str(a / "emb_big"), [f"x{i}" for i in range(150)], big / np.linalg.norm(big, axis=1, keepdims=True))
+    return root
+
+
+@pytest.mark.parametrize("command", RUN)
+def test_docs_command_runs(command, tiny_inputs, tmp_path, monkeypatch, capsys):
+    from launcher.cli import main
+
+    work = str(tmp_path)
+    shutil.copytree(tiny_inputs / "A", tmp_path / "A")
+    argv = _substitute(command.split()[1:], work)
+    out = argv[argv.index("--out") + 1] if "--out" in argv else None
+    if out and os.path.isdir(out):  # the command's own output: written fresh, as on a first run
+        shutil.rmtree(out)
+    elif out and os.path.exists(out):
+        os.remove(out)
+    monkeypatch.chdir(REPO)
+    rc = main(argv)
+    captured = capsys.readouterr()
+    assert rc == 0, f"{command}\n-> {argv}\nexit {rc}\n{captured.err[-3000:]}"
+    assert out is None or os.path.exists(out), f"{command}: wrote nothing to {out}"
