@@ -48,6 +48,26 @@ GROUP_HELP = {
 }
 
 
+def parse_named_dirs(specs: list[str], option: str) -> list[tuple[str, str]]:
+    """`NAME=DIR` or a bare `DIR` (named by its folder) -> (name, dir), for options that take several
+    runs (`eval --embeddings`, `analyze attention --model`); names must be distinct."""
+    import os
+
+    runs = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = os.path.basename(os.path.normpath(spec)), spec
+        if not name or not path:
+            raise ValueError(f"{option} {spec!r}: expected name=dir or dir")
+        runs.append((name, path))
+    names = [n for n, _ in runs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"{option}: run name {dup[0]!r} given twice (name them: name=dir)")
+    return runs
+
+
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="experiment YAML (see configs/)")
     parser.add_argument("overrides", nargs="*", metavar="key.path=value",

@@ -11,19 +11,9 @@ import sys
 
 def _parse_models(values: list[str]) -> list[tuple[str, str]]:
     """`[NAME=]DIR` -> (name, dir); the name defaults to the directory's base name."""
-    out = []
-    for v in values:
-        name, sep, path = v.partition("=")
-        if not sep:
-            name, path = os.path.basename(os.path.normpath(v)), v
-        if not name or not path:
-            raise ValueError(f"--model {v!r}: expected DIR or NAME=DIR")
-        out.append((name, path))
-    names = [n for n, _ in out]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ValueError(f"--model: the run name {dupes[0]!r} is given twice; name them NAME=DIR")
-    return out
+    from launcher.cli import parse_named_dirs
+
+    return parse_named_dirs(values, "--model")
 
 
 def _attention(args) -> int:

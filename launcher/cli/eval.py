@@ -14,19 +14,9 @@ DEFAULT_KS = (10, 20, 50, 100, 1000, 10_000, 100_000, 1_000_000)
 
 def parse_runs(specs: list[str]) -> list[tuple[str, str]]:
     """`name=dir` or a bare `dir` (named by its folder); names must be distinct."""
-    runs = []
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep:
-            name, path = os.path.basename(os.path.normpath(spec)), spec
-        if not name or not path:
-            raise ValueError(f"--embeddings {spec!r}: expected name=dir or dir")
-        runs.append((name, path))
-    names = [n for n, _ in runs]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise ValueError(f"--embeddings: run name {dup[0]!r} given twice (name them: name=dir)")
-    return runs
+    from launcher.cli import parse_named_dirs
+
+    return parse_named_dirs(specs, "--embeddings")
 
 
 def catalog_lengths(path: str) -> dict:

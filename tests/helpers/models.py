@@ -155,3 +155,27 @@ def make_tiny_siglip_dir(tmp_path, hidden: int = 32, layers: int = 2, vision_onl
         model = SiglipModel(SiglipConfig(text_config=text, vision_config=vision))
     model.save_pretrained(out)
     return out
+
+
+def context_reading_llm_dir(root, seed: int = 0, std: float = 0.1) -> str:
+    """make_tiny_llm_dir's 2-layer Llama (hidden 32) with its decoder matrices redrawn from N(0, std).
+
+    At the initializer's std 0.02 a tiny random model's last-token state is set by the last few tokens
+    and every attention row is nearly uniform; with std 0.1 the model reads its context, so tests of
+    prompts and attention spans see what they test, not the seed. Cached per (seed, std) under `root`."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    src = make_tiny_llm_dir(str(root), arch="llama", num_layers=2, hidden=32)
+    out = os.path.join(str(root), f"tiny-llama-reads-context-s{seed}-{std}")
+    if os.path.exists(os.path.join(out, "config.json")):
+        return out
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM.from_pretrained(src)
+    with torch.no_grad():
+        for p in model.model.layers.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, std)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(src).save_pretrained(out)
+    return out

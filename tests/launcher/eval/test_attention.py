@@ -22,7 +22,7 @@ from torch import nn
 from launcher.attention import FLOWS, analyze_batches, load_model, pair_batches
 from launcher.config import config_from_dict
 from modeling.encoder import build_all
-from tests.helpers.models import make_tiny_clip_dir, make_tiny_llm_dir
+from tests.helpers.models import context_reading_llm_dir, make_tiny_clip_dir, make_tiny_llm_dir
 from tests.helpers.data import synthetic_shards
 from tests.helpers.multirank import REPO, base_env
 
@@ -33,12 +33,7 @@ def _llm_that_reads_context(root) -> str:
     """make_tiny_llm_dir's 2-layer Llama with its decoder matrices redrawn from N(0, 0.1): at the
     initializer's 0.02 every attention row is nearly uniform, and a mix-up of rows or spans would
     change the flows too little to see."""
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
-    src = make_tiny_llm_dir(str(root), arch="llama", num_layers=2, hidden=32)
-    out = os.path.join(str(root), "tiny-llama-reads-context")
-    if os.path.exists(os.path.join(out, "config.json")):
-        return out
+    return context_reading_llm_dir(root, seed=1)
     torch.manual_seed(1)
     model = LlamaForCausalLM.from_pretrained(src)
     with torch.no_grad():

@@ -24,7 +24,7 @@ from data_shards.writer import ShardSettings, write_shards
 from launcher.config import load_config
 from launcher.evaluate import load_embeddings
 from modeling.encoder import build_all
-from tests.helpers.models import make_tiny_clip_dir, make_tiny_llm_dir
+from tests.helpers.models import context_reading_llm_dir, make_tiny_clip_dir, make_tiny_llm_dir
 from tests.helpers.multirank import REPO, base_env, run_command
 
 NPROC = 2
@@ -38,19 +38,7 @@ def _context_reading_llm(root) -> str:
     then had cosine 0.96-0.997 depending on the seed (measured), whatever the prompt before. A
     pretrained LLM reads its context; with std 0.1 this one does too (image vs both at most 0.93 over
     seeds 0-2), so the check below tests the prompts, not the seed."""
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
-    src = make_tiny_llm_dir(str(root), arch="llama", num_layers=2, hidden=32)
-    out = os.path.join(str(root), "tiny-llama-reads-context")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM.from_pretrained(src)
-    with torch.no_grad():
-        for p in model.model.layers.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.1)
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(src).save_pretrained(out)
-    return out
+    return context_reading_llm_dir(root, seed=0)
 
 
 @pytest.fixture(scope="module")
