@@ -70,7 +70,12 @@ def _llm_config(model_cfg, state: dict):
     # embeddings.word_embeddings), on the meta device so nothing is allocated.
     from transformers import AutoModel
 
-    with torch.device("meta"):
+    from launcher.serving import _no_zero3_context
+
+    # Without the guard, from_config inside a live ZeRO-3 training process (export right after
+    # train, as tests/e2e/test_real_training.py does on rank 0) runs under deepspeed.zero.Init and
+    # broadcasts from one rank only: a hang, then a gloo error.
+    with _no_zero3_context(), torch.device("meta"):
         skeleton = AutoModel.from_config(config)
     weight = skeleton.get_input_embeddings().weight
     name = next((n for n, p in skeleton.named_parameters() if p is weight), None)
