@@ -1,5 +1,5 @@
-"""What the tests share: where the repository is, tiny configs, runs' metrics, loaders and (after
-scripts/reorg_tests.sh) the tiny models, data builders and the multi-rank harness.
+"""What the tests share: where the repository is, tiny configs, runs' metrics, loaders, the tiny
+models, data builders and the multi-rank harness.
 
     paths.py    REPO (computed here, once), repo_path("configs/tiny_cpu.yaml"), TINY_CPU
     configs.py  tiny_config({...}) / write_tiny_config(path, {...}): configs/tiny_cpu.yaml + dotted overrides
