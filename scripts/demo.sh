@@ -6,7 +6,7 @@
 # Idempotent: finished stages are reused (delete artifacts/demo to start over); training resumes
 # from its last checkpoint. Extra arguments are config overrides for training (e.g. train.max_steps=40).
 # DEMO_SMOKE=1 runs a few-minute version on a small slice (what the tests run); DEMO_ITEMS=0 uses
-# the whole catalog (7485 notes).
+# the whole catalog (7485 notes). DEMO_DATA_ONLY=1 stops after the shards (scripts/ladder.py uses it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh   # idempotent; set -e stops here if it fails
@@ -56,6 +56,7 @@ stage "co-occurrence pairs (7-day window, top-k; 30% of notes held out for test,
 
 stage "WebDataset shards"
 [ -f "$A/shards/manifest.json" ] || $NL data write-shards --pairs "$A/pairs" --catalog "$A/catalog.jsonl" --out "$A/shards"
+if [ "${DEMO_DATA_ONLY:-0}" = 1 ]; then echo "data ready in $A (DEMO_DATA_ONLY=1: no training)"; exit 0; fi
 
 OV=(data.train_shards="$A/shards/pairs-train-*.tar" data.val_shards="$A/shards/pairs-val-*.tar"
     data.notes_shards="$A/shards/notes-test-*.tar" train.output_dir="$A/run" "${SMOKE[@]}" "$@")
