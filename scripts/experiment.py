@@ -1,15 +1,17 @@
 #!/usr/bin/env python
-"""One measured training experiment: train -> export -> embed a split's notes -> Recall@K on that split.
+"""One measured training experiment: train -> export -> embed a split's notes (each probe) -> Recall@K.
 
     python scripts/experiment.py --name lr1e-4 --root /work/exp/runs --data /work/exp/demo \
         --config configs/demo_cpu.yaml -- train.lr_llm=1e-4
 
 Every stage is idempotent: a finished stage (its output file exists) is skipped, an interrupted
 training run resumes from its last complete checkpoint (`checkpoint.resume: auto`). Diagnosis runs
-score on the *val* split so that the test split stays untouched until the ladder. Results go to
-ROOT/NAME/result.json (the eval report plus wall times and the overrides) and one line
-`RESULT {json}` on stdout. `--untrained` embeds with the config's untrained model instead (the
-zero-shot baseline) and skips training.
+score on the *val* split so that the test split stays untouched until the ladder (scripts/ladder.py,
+which calls `run_experiment` once per rung). Results go to ROOT/NAME/result.json (the eval report of
+every probe, one row each, plus wall times and the overrides) and one line `RESULT {json}` on stdout.
+`--untrained` embeds with the config's untrained model instead (the zero-shot baseline) and skips
+training. `--probes both text image` embeds each probe (`notellm2 embed --mode`); a probe the
+variant does not have (the image probe of a text variant) is skipped.
 """
 from __future__ import annotations
 
@@ -34,6 +36,70 @@ def sh(cmd: list[str], log: str, cwd: str) -> float:
     return time.time() - t
 
 
+def _variant(config: str, overrides: list[str], repo: str) -> str:
+    for ov in overrides:
+        if ov.startswith("model.variant="):
+            return ov.split("=", 1)[1]
+    sys.path.insert(0, repo)
+    from launcher.config import load_config
+
+    return load_config(os.path.join(repo, config) if not os.path.isabs(config) else config).model.variant
+
+
+def run_experiment(name: str, root: str, data: str, config: str = "configs/demo_cpu.yaml", split: str = "val",
+                   nproc: int = 2, ks=(10, 50, 100), untrained: bool = False, repo: str = REPO,
+                   overrides=(), probes=("both",), protocol: str = "paper", catalog: str | None = None) -> dict:
+    """Run (or finish) one experiment and return its result (also written to ROOT/NAME/result.json)."""
+    sys.path.insert(0, repo)
+    from modeling.names import probe_unavailable
+
+    out = os.path.join(os.path.abspath(root), name)
+    os.makedirs(out, exist_ok=True)
+    log = os.path.join(out, "log.txt")
+    py = sys.executable
+    torchrun = [os.path.join(os.path.dirname(py), "torchrun"), "--standalone", f"--nproc-per-node={nproc}"]
+    d = os.path.abspath(data)
+    notes = f"{d}/shards/notes-{split}-*.tar"
+    data_ov = [f"data.train_shards={d}/shards/pairs-train-*.tar", f"data.val_shards={d}/shards/pairs-val-*.tar",
+               f"data.notes_shards={notes}", f"train.output_dir={out}/run", "checkpoint.resume=auto"]
+    ov = data_ov + list(overrides)
+    variant = _variant(config, list(overrides), repo)
+    # a probe the variant lacks is skipped, and so is the text probe of a variant that never sees an
+    # image (it is the full input again)
+    probes = [p for p in probes if not probe_unavailable(variant, p)
+              and (p != "text" or not probe_unavailable(variant, "image"))]
+    times: dict = {}
+    emb = {p: os.path.join(out, f"emb_{split}" + ("" if p == "both" else f"_{p}")) for p in probes}
+    if not untrained:
+        if not os.path.exists(os.path.join(out, "train.done")):
+            times["train_s"] = sh(torchrun + ["-m", "launcher", "train", "--config", config, *ov], log, repo)
+            open(os.path.join(out, "train.done"), "w").write("")
+        if not os.path.exists(os.path.join(out, "export", "config.yaml")):
+            times["export_s"] = sh([py, "-m", "launcher", "export", "--run-dir", f"{out}/run", "--out", f"{out}/export",
+                                    "--overwrite"], log, repo)
+    for p, e in emb.items():
+        if os.path.exists(os.path.join(e, "embeddings.npy")):
+            continue
+        src = ["--config", config, *ov] if untrained else ["--model", f"{out}/export", "--shards", notes]
+        times[f"embed_{p}_s"] = sh(torchrun + ["-m", "launcher", "embed", *src, "--mode", p, "--out", e], log, repo)
+    report = os.path.join(out, f"recall_{split}.json")
+    names = [f"{name}={emb['both']}"] + [f"{name}:{p}={e}" for p, e in emb.items() if p != "both"]
+    cmd = [py, "-m", "launcher", "eval", "--embeddings", *names, "--pairs", f"{d}/pairs", "--split", split,
+           "--protocol", protocol, "--k", *map(str, ks), "--out", report]
+    if catalog:
+        cmd += ["--catalog", catalog]
+    sh(cmd, log, repo)
+    res = {"name": name, "config": config, "overrides": list(overrides), "untrained": untrained, "split": split,
+           "variant": variant, **json.load(open(report)), "times": times}
+    prev = os.path.join(out, "result.json")
+    if os.path.exists(prev):  # keep the wall times of stages run by an earlier call
+        res["times"] = {**json.load(open(prev)).get("times", {}), **times}
+    with open(prev + ".tmp", "w") as fh:
+        json.dump(res, fh, indent=2)
+    os.replace(prev + ".tmp", prev)
+    return res
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--name", required=True)
@@ -41,50 +107,19 @@ def main(argv=None) -> int:
     ap.add_argument("--data", required=True, help="folder with shards/ and pairs/ (the demo's data stage)")
     ap.add_argument("--config", default="configs/demo_cpu.yaml")
     ap.add_argument("--split", default="val", choices=["val", "test"])
+    ap.add_argument("--protocol", default="paper", choices=["paper", "all-pairs"])
+    ap.add_argument("--probes", nargs="+", default=["both"], choices=["both", "text", "image"])
+    ap.add_argument("--catalog", help="catalog JSONL: adds the short/long subsets")
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--k", type=int, nargs="+", default=[10, 50, 100])
     ap.add_argument("--untrained", action="store_true")
     ap.add_argument("--repo", default=REPO, help="checkout whose code runs (default: this script's)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
-
-    out = os.path.join(os.path.abspath(args.root), args.name)
-    os.makedirs(out, exist_ok=True)
-    log = os.path.join(out, "log.txt")
-    py = sys.executable
-    torchrun = [os.path.join(os.path.dirname(py), "torchrun"), "--standalone", f"--nproc-per-node={args.nproc}"]
-    d = os.path.abspath(args.data)
-    data_ov = [f"data.train_shards={d}/shards/pairs-train-*.tar", f"data.val_shards={d}/shards/pairs-val-*.tar",
-               f"data.notes_shards={d}/shards/notes-{args.split}-*.tar", f"train.output_dir={out}/run",
-               "checkpoint.resume=auto"]
-    ov = data_ov + list(args.overrides)
-    times = {}
-    emb = os.path.join(out, f"emb_{args.split}")
-    if args.untrained:
-        if not os.path.exists(os.path.join(emb, "embeddings.npy")):
-            times["embed_s"] = sh(torchrun + ["-m", "launcher", "embed", "--config", args.config, *ov, "--out", emb], log, args.repo)
-    else:
-        if not os.path.exists(os.path.join(out, "export", "config.yaml")) and not os.path.exists(os.path.join(out, "train.done")):
-            times["train_s"] = sh(torchrun + ["-m", "launcher", "train", "--config", args.config, *ov], log, args.repo)
-            open(os.path.join(out, "train.done"), "w").write("")
-        if not os.path.isdir(os.path.join(out, "export")) or not os.listdir(os.path.join(out, "export")):
-            times["export_s"] = sh([py, "-m", "launcher", "export", "--run-dir", f"{out}/run", "--out", f"{out}/export",
-                                    "--overwrite"], log, args.repo)
-        if not os.path.exists(os.path.join(emb, "embeddings.npy")):
-            times["embed_s"] = sh(torchrun + ["-m", "launcher", "embed", "--model", f"{out}/export", "--shards",
-                                              f"{d}/shards/notes-{args.split}-*.tar", "--out", emb], log, args.repo)
-    report = os.path.join(out, f"recall_{args.split}.json")
-    sh([py, "-m", "launcher", "eval", "--embeddings", emb, "--pairs", f"{d}/pairs", "--split", args.split,
-        "--k", *map(str, args.k), "--out", report], log, args.repo)
-    res = {"name": args.name, "overrides": args.overrides, "untrained": args.untrained, "split": args.split,
-           **json.load(open(report)), "times": times}
-    prev = os.path.join(out, "result.json")
-    if os.path.exists(prev):  # keep the wall times of stages run by an earlier call
-        res["times"] = {**json.load(open(prev)).get("times", {}), **times}
-    with open(prev + ".tmp", "w") as fh:
-        json.dump(res, fh, indent=2)
-    os.replace(prev + ".tmp", prev)
-    print("RESULT " + json.dumps({"name": args.name, "recall": res["recall"], "times": res["times"]}))
+    res = run_experiment(args.name, args.root, args.data, args.config, args.split, args.nproc, args.k,
+                         args.untrained, args.repo, args.overrides, args.probes, args.protocol, args.catalog)
+    print("RESULT " + json.dumps({"name": args.name, "recall": {r["name"]: r["subsets"]["all"]["recall"]
+                                                                 for r in res["runs"]}, "times": res["times"]}))
     return 0
 
 
