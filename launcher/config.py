@@ -76,6 +76,10 @@ class EvalConfig:
     # Probes evaluated: eval/recall@K (both) and eval/<probe>_recall@K for the others; a probe the
     # variant does not have (text variants: image) is skipped.
     probes: list[str] = field(default_factory=lambda: ["both", "image"])
+    # The frozen tower's outputs for the evaluation batches (val pairs and the retrieval slice) are
+    # computed at the first evaluation and reused by the later ones (launcher.validation.TowerMemo),
+    # up to this many MiB per rank on the CPU; 0 runs the tower at every evaluation.
+    tower_memo_mb: float = field(default=2048.0, metadata=_nonneg())
 
 
 @dataclass

@@ -42,9 +42,11 @@ def probe_encode(prompter, mode: str, note: dict) -> dict:
 def embed_notes(note_model, vision_tower, prompter, shards, data_cfg: DataConfig, batch_size: int,
                 mode: str = "both", rank: int = 0, world_size: int = 1, image_size: int = 224,
                 progress: bool = True, skipped: dict | None = None,
-                max_notes: int | None = None) -> tuple[list[str], np.ndarray]:
+                max_notes: int | None = None, image_features=None) -> tuple[list[str], np.ndarray]:
     """This rank's (ids, vectors); dummy padding rows of the loader are dropped, and in the image probe
-    the notes without an image (their count is added to `skipped["no_image"]` when given)."""
+    the notes without an image (their count is added to `skipped["no_image"]` when given).
+    `image_features(cpu_batch, device_batch) -> (tokens, pooled)` replaces the tower call when given
+    (the in-training evaluation's launcher.validation.TowerMemo)."""
     if mode not in PROBE_MODES:
         raise ValueError(f"embed mode {mode!r}: allowed {', '.join(PROBE_MODES)}")
     why = probe_unavailable(prompter.variant, mode)
@@ -62,8 +64,8 @@ def embed_notes(note_model, vision_tower, prompter, shards, data_cfg: DataConfig
     from modeling.vision import encode_images  # the one tower call of training, validation and embedding
 
     device = next(note_model.parameters()).device  # under ZeRO-3 a partitioned parameter still sits on the rank's device
-    for batch in bar:
-        batch = to_device(batch, device)  # uint8 pixels -> CLIP-normalised there, as in training
+    for cpu_batch in bar:
+        batch = to_device(cpu_batch, device)  # uint8 pixels -> CLIP-normalised there, as in training
         # has_image: the prompter's word that image features enter this row (an <IMG> slot or the gate).
         # The tower runs for every batch but the text probe's, even one without such a row: then the
         # model still calls its connector and gate (with zero effect), so that every rank calls the same
@@ -71,7 +73,8 @@ def embed_notes(note_model, vision_tower, prompter, shards, data_cfg: DataConfig
         feeds = batch["has_image"]
         tokens = pooled = None
         if mode != "text":
-            tokens, pooled = encode_images(vision_tower, batch)
+            tokens, pooled = (image_features(cpu_batch, batch) if image_features is not None
+                              else encode_images(vision_tower, batch))
         emb = note_model.encode(batch, tokens, pooled, mode=mode).float()
         keep = ~batch["is_dummy"]
         if mode == "image":

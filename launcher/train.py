@@ -31,7 +31,7 @@ from launcher.engine import activation_dtype, build_ds_config, initialize, learn
 from launcher.metrics import MetricsWriter, StepStats, Timer, gather_counters, memory_mb, step_scalars
 from launcher.optim import clamp_temperature
 from launcher.preemption import PREEMPTED_EXIT_CODE, Preempted, install_for_training
-from launcher.validation import read_val_pairs, retrieval_metrics, validation_loss
+from launcher.validation import TowerMemo, read_val_pairs, retrieval_metrics, validation_loss
 
 
 def train(cfg: RunConfig, factory: Optional[Callable] = None, topo: Optional[Topology] = None,
@@ -111,6 +111,7 @@ def _train(cfg: RunConfig, factory: Callable, topo: Topology, watchdog: Watchdog
             val_pairs = read_val_pairs(cfg)
         except (ValueError, FileNotFoundError) as e:
             raise ConfigError(f"eval.pairs: {e}") from None
+    memo = TowerMemo(comps.vision_tower, cfg.eval.tower_memo_mb)  # the frozen tower's eval outputs, once per run
     preempt = install_for_training()
     metrics = MetricsWriter(run_dir, enabled=rank == 0, tensorboard=cfg.logging.tensorboard,
                             max_steps=cfg.train.max_steps, start_step=resumed.step)
@@ -160,11 +161,13 @@ def _train(cfg: RunConfig, factory: Callable, topo: Topology, watchdog: Watchdog
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0:
                 t_eval = time.perf_counter()
                 tick = lambda: watchdog.progress(step, "eval")  # noqa: E731
-                found = validation_loss(engine, comps, device, cast, tick) if evaluate else {}
+                found = validation_loss(engine, comps, device, cast, tick, memo) if evaluate else {}
                 if retrieval:
-                    found.update(retrieval_metrics(engine, comps, cfg, rank, world, tick, val_pairs))
+                    found.update(retrieval_metrics(engine, comps, cfg, rank, world, tick, val_pairs, memo))
                 scalars.update({f"eval/{k}": v for k, v in found.items()})
                 scalars["perf/eval_s"] = time.perf_counter() - t_eval
+                log(f"step {step}: evaluation took {scalars['perf/eval_s']:.1f} s; tower outputs reused for "
+                    f"{memo.hits} batches so far, {memo.bytes / 2**20:.1f} MiB kept")
                 if checkpointer.best_metric and checkpointer.best_metric not in scalars:
                     raise ConfigError(f"checkpoint.keep_best: {checkpointer.best_metric!r} is not logged at evaluations; "
                                       f"they log: {', '.join(sorted(k for k in scalars if k.startswith('eval/'))) or 'nothing'}")

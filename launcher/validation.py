@@ -1,7 +1,8 @@
 """The validation loss every `eval.every_steps` steps: one pass over the validation pairs."""
 from __future__ import annotations
 
-from typing import Callable
+import hashlib
+from typing import Callable, Optional
 
 import torch
 
@@ -11,17 +12,60 @@ from launcher.distributed import all_reduce
 from modeling.vision import encode_images
 
 
-def validation_loss(engine, comps: Components, device, cast, tick: Callable[[], None]) -> dict:
+class TowerMemo:
+    """The frozen tower's outputs for the evaluation's batches, kept for the whole run.
+
+    Every evaluation reads the same val pairs and the same retrieval slice again, and the tower is
+    frozen, so its outputs for a batch never change: it was most of an evaluation's time on the demo
+    model (docs/training.md). A batch is served stored features only when its note ids *and* a digest
+    of its uint8 pixels equal those of the batch that produced them, so a changed image (a random
+    flip, another slice) is computed live. Features are held on the CPU (`eval.tower_memo_mb` bounds
+    them; past the bound new batches are computed live every time) and moved to the batch's device.
+    A batch the loader already serves with cached features (no pixels) goes through unchanged."""
+
+    def __init__(self, tower, max_mb: float):
+        self.tower = tower
+        self.max_bytes = int(max_mb * 2**20)
+        self.bytes = 0
+        self.store: dict = {}
+        self.hits = self.misses = 0
+
+    def __call__(self, cpu_batch: dict, batch: dict, cast=None):
+        pixels = cpu_batch.get("pixel_values")
+        if self.tower is None or pixels is None or self.max_bytes <= 0:
+            return encode_images(self.tower, batch, cast)
+        digest = hashlib.blake2b(pixels.numpy().tobytes(), digest_size=16).digest()
+        key = (tuple(cpu_batch["note_id_strs"]), digest)
+        hit = self.store.get(key)
+        if hit is None:
+            self.misses += 1
+            tokens, pooled = encode_images(self.tower, batch)
+            size = sum(t.numel() * t.element_size() for t in (tokens, pooled) if t is not None)
+            if self.bytes + size <= self.max_bytes:
+                self.store[key] = tuple(None if t is None else t.detach().to("cpu", copy=True) for t in (tokens, pooled))
+                self.bytes += size
+        else:
+            self.hits += 1
+            device = batch["pixel_values"].device
+            tokens, pooled = (None if t is None else t.to(device) for t in hit)
+        if cast is not None:
+            tokens, pooled = (None if t is None else t.to(cast) for t in (tokens, pooled))
+        return tokens, pooled
+
+
+def validation_loss(engine, comps: Components, device, cast, tick: Callable[[], None],
+                    memo: Optional[TowerMemo] = None) -> dict:
     """Mean loss (and mICL parts) over one pass of the validation pairs, averaged over ranks.
     In-batch negatives come from the validation batch, as in training."""
     engine.module.eval()
     sums = torch.zeros(4, dtype=torch.float64)  # loss, loss_mm, loss_vis, batches
     try:
         with torch.no_grad():
-            for batch in comps.make_val_loader():
+            for cpu_batch in comps.make_val_loader():
                 tick()
-                batch = to_device(batch, device)
-                image_tokens, image_pooled = encode_images(comps.vision_tower, batch, cast)
+                batch = to_device(cpu_batch, device)
+                image_tokens, image_pooled = (memo(cpu_batch, batch, cast) if memo is not None
+                                              else encode_images(comps.vision_tower, batch, cast))
                 out = engine(batch, image_tokens=image_tokens, image_pooled=image_pooled)
                 for i, key in enumerate(("loss", "loss_mm", "loss_vis")):
                     if out.get(key) is not None:
@@ -40,7 +84,7 @@ def validation_loss(engine, comps: Components, device, cast, tick: Callable[[], 
 
 
 def retrieval_metrics(engine, comps: Components, cfg, rank: int, world_size: int, tick: Callable[[], None],
-                      val_pairs: list) -> dict:
+                      val_pairs: list, memo: Optional[TowerMemo] = None) -> dict:
     """Recall@K on the val slice (eval.notes_shards, its first eval.max_notes notes) for each probe of
     eval.probes the variant has: `recall@K` for the full input, `<probe>_recall@K` for the others.
 
@@ -65,7 +109,7 @@ def retrieval_metrics(engine, comps: Components, cfg, rank: int, world_size: int
             tick()
             ids, vecs = embed_notes(model, comps.vision_tower, comps.prompter, cfg.eval.notes_shards, cfg.data,
                                     cfg.eval.batch_size, probe, rank, world_size, cfg.model.vision.image_size,
-                                    progress=False, max_notes=cfg.eval.max_notes)
+                                    progress=False, max_notes=cfg.eval.max_notes, image_features=memo)
             parts = all_gather_object((ids, vecs))
             all_ids = [i for p in parts for i in p[0]]
             emb = torch.from_numpy(np.concatenate([p[1] for p in parts]))

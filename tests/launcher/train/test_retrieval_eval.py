@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -83,6 +84,11 @@ def test_two_ranks_log_recall_of_both_probes_equal_to_an_offline_eval_and_keep_t
     m = metrics_by_step(run)
     evals = {s: {k: v for k, v in r.items() if k.startswith("eval/")} for s, r in m.items() if "eval/recall@10" in r}
     assert sorted(evals) == [2, 4, 6], res.output[-2000:]
+    # the frozen tower's outputs of the first evaluation are reused by the later ones (TowerMemo), and
+    # the figures below still equal an offline evaluation of the model
+    reused = [int(x) for x in re.findall(r"tower outputs reused for (\d+) batches", res.output)]
+    assert len(reused) == 3 and reused[0] < reused[1] < reused[2], res.output[-2000:]  # the image probe reuses
+    # the full input's batches already in the first evaluation
     for s, r in evals.items():
         assert {"eval/recall@5", "eval/recall@10", "eval/image_recall@5", "eval/image_recall@10",
                 "eval/val_loss"} <= set(r), r
@@ -111,3 +117,37 @@ def test_two_ranks_log_recall_of_both_probes_equal_to_an_offline_eval_and_keep_t
     assert manifest["metrics"]["eval/recall@10"] == evals[best_step]["eval/recall@10"]
     kept = sorted(d for d in os.listdir(root) if d.startswith("step_") and "." not in d)
     assert kept == sorted({f"step_{best_step:08d}", "step_00000004", "step_00000006"})  # a superseded best is pruned
+
+
+def test_tower_memo_reuses_only_the_exact_same_pixels():
+    """TowerMemo serves stored tower outputs only for a batch with the same note ids and the same
+    uint8 pixels; a changed pixel, another note list, or a memo with no room runs the tower again."""
+    from launcher.validation import TowerMemo
+
+    calls = []
+
+    class Tower(torch.nn.Module):
+        def forward(self, px):
+            calls.append(px.shape[0])
+            return px.mean(dim=(2, 3), keepdim=False)[:, None, :].repeat(1, 2, 1), px.mean(dim=(1, 2, 3))[:, None]
+
+    def batch(ids, px):
+        cpu = {"note_id_strs": ids, "pixel_values": px}
+        return cpu, {"note_id_strs": ids, "pixel_values": px.float() / 255}
+
+    g = torch.Generator().manual_seed(0)
+    px = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8, generator=g)
+    memo = TowerMemo(Tower(), max_mb=1)
+    first = memo(*batch(["a", "b"], px))
+    again = memo(*batch(["a", "b"], px.clone()))
+    assert calls == [2] and memo.hits == 1 and all(torch.equal(x, y) for x, y in zip(first, again))
+    flipped = px.clone()
+    flipped[0, 0, 0, 0] ^= 1
+    memo(*batch(["a", "b"], flipped))
+    memo(*batch(["b", "a"], px))
+    assert calls == [2, 2, 2] and memo.misses == 3
+    cast = memo(*batch(["a", "b"], px), cast=torch.float64)
+    assert cast[0].dtype == torch.float64 and memo.hits == 2
+    full = TowerMemo(Tower(), max_mb=0)
+    full(*batch(["a", "b"], px)), full(*batch(["a", "b"], px))
+    assert calls == [2, 2, 2, 2, 2] and not full.store
