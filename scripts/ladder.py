@@ -82,18 +82,24 @@ def ensure_data(data: str) -> None:
     subprocess.check_call(["bash", "scripts/demo.sh"], cwd=REPO, env=env)
 
 
-def _mean_spread(values: list[float]) -> str:
+def _mean_spread(values: list[float], fmt: str = ".3f") -> str:
     if not values:
         return "-"
     m = sum(values) / len(values)
-    return f"{m:.3f} ± {(max(values) - min(values)) / 2:.3f}" if len(values) > 1 else f"{m:.3f}"
+    return f"{m:{fmt}} ± {(max(values) - min(values)) / 2:{fmt}}" if len(values) > 1 else f"{m:{fmt}}"
+
+
+def _with_ci(run: dict, subset: str, k: int) -> str:
+    sub = run["subsets"].get(subset)
+    if not sub or str(k) not in sub["recall"]:
+        return "-"
+    lo, hi = sub["ci"][str(k)]
+    return f"{sub['recall'][str(k)]:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
 def build_table(results: str) -> str:
     """ladder.md from every report in `results`: one row per run and probe (intervals), then the
     mean ± half-range over seeds per variant and probe, with the chance level K / pool."""
-    from launcher.report import markdown_table
-
     reports = []
     for f in sorted(os.listdir(results)):
         if f.endswith(".json") and f != "ladder.json":
@@ -108,7 +114,12 @@ def build_table(results: str) -> str:
              f"Test split, protocol {merged['protocol']}: " +
              ", ".join(f"{k} {v}" for k, v in merged["protocol_stats"].items()),
              "", "95% bootstrap intervals over queries. `name:text` / `name:image` are the probes.", "",
-             markdown_table(merged), ""]
+             "| run | " + " | ".join(f"all R@{k}" for k in KS) + " | short-query R@100 | queries | pool |",
+             "|---" * (4 + len(KS)) + "|"]
+    for run in merged["runs"]:
+        cells = [_with_ci(run, "all", k) for k in KS] + [_with_ci(run, "short_query", 100)]
+        lines.append(f"| {run['name']} | " + " | ".join(cells) + f" | {run['num_queries']} | {run['pool_size']} |")
+    lines += ["", "Every subset (long queries, short/long targets) is in the JSON reports beside this file.", ""]
     # chance: a random encoder's R@K = K / pool (the full-input pool; the image probe's is a little smaller)
     pool = reports[0]["eval"]["runs"][0]["pool_size"]
     lines += [f"Chance (random encoder, pool {pool}): " + ", ".join(f"R@{k} {k / pool:.3f}" for k in KS), ""]
@@ -131,7 +142,7 @@ def build_table(results: str) -> str:
                 g["wall"].append(r["times"]["train_s"])
     for (base, probe), g in groups.items():
         lines.append(f"| {base} | {probe} | {g['n']} | " + " | ".join(_mean_spread(g["k"][k]) for k in KS) +
-                     f" | {_mean_spread(g['short'])} | {_mean_spread(g['wall']) if g['wall'] else '-'} |")
+                     f" | {_mean_spread(g['short'])} | {_mean_spread(g['wall'], '.0f')} |")
     lines.append("")
     return "\n".join(lines)
 
