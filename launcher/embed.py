@@ -42,11 +42,14 @@ def probe_encode(prompter, mode: str, note: dict) -> dict:
 def embed_notes(note_model, vision_tower, prompter, shards, data_cfg: DataConfig, batch_size: int,
                 mode: str = "both", rank: int = 0, world_size: int = 1, image_size: int = 224,
                 progress: bool = True, skipped: dict | None = None,
-                max_notes: int | None = None, image_features=None) -> tuple[list[str], np.ndarray]:
+                max_notes: int | None = None, image_features=None,
+                visual_out: list | None = None) -> tuple[list[str], np.ndarray]:
     """This rank's (ids, vectors); dummy padding rows of the loader are dropped, and in the image probe
     the notes without an image (their count is added to `skipped["no_image"]` when given).
     `image_features(cpu_batch, device_batch) -> (tokens, pooled)` replaces the tower call when given
-    (the in-training evaluation's launcher.validation.TowerMemo)."""
+    (the in-training evaluation's launcher.validation.TowerMemo). `visual_out` (mode both, mICL
+    variants): gets (ids, vectors) of the image probe read from the same forward
+    (NoteModel.encode_with_visual), for the notes with an image."""
     if mode not in PROBE_MODES:
         raise ValueError(f"embed mode {mode!r}: allowed {', '.join(PROBE_MODES)}")
     why = probe_unavailable(prompter.variant, mode)
@@ -75,8 +78,14 @@ def embed_notes(note_model, vision_tower, prompter, shards, data_cfg: DataConfig
         if mode != "text":
             tokens, pooled = (image_features(cpu_batch, batch) if image_features is not None
                               else encode_images(vision_tower, batch))
-        emb = note_model.encode(batch, tokens, pooled, mode=mode).float()
         keep = ~batch["is_dummy"]
+        if visual_out is not None:
+            emb, vis = note_model.encode_with_visual(batch, tokens, pooled)
+            emb, with_image = emb.float(), keep & feeds
+            visual_out.append(([s for s, k in zip(batch["note_id_strs"], with_image.tolist()) if k],
+                               vis.float()[with_image].cpu().numpy()))
+        else:
+            emb = note_model.encode(batch, tokens, pooled, mode=mode).float()
         if mode == "image":
             no_image += int((keep & ~feeds).sum())
             keep = keep & feeds

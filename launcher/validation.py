@@ -100,30 +100,45 @@ def retrieval_metrics(engine, comps: Components, cfg, rank: int, world_size: int
     from launcher.evaluate import recall_at_k
     from modeling.names import probe_unavailable
 
+    from modeling.names import variant_spec
+
     model = engine.module
-    out = {}
+    probes = [p for p in cfg.eval.probes if not probe_unavailable(model.variant, p)]
+    # mICL: the image probe is the visual representation of the full input's own forward
+    # (NoteModel.encode_with_visual), so one pass over the slice gives both figures
+    shared = variant_spec(model.variant).micl and {"both", "image"} <= set(probes)
+    vectors: dict = {}
     try:
-        for probe in cfg.eval.probes:
-            if probe_unavailable(model.variant, probe):
+        for probe in probes:
+            if probe in vectors:
                 continue
             tick()
-            ids, vecs = embed_notes(model, comps.vision_tower, comps.prompter, cfg.eval.notes_shards, cfg.data,
-                                    cfg.eval.batch_size, probe, rank, world_size, cfg.model.vision.image_size,
-                                    progress=False, max_notes=cfg.eval.max_notes, image_features=memo)
-            parts = all_gather_object((ids, vecs))
-            all_ids = [i for p in parts for i in p[0]]
-            emb = torch.from_numpy(np.concatenate([p[1] for p in parts]))
-            ks = [k for k in cfg.eval.k_values if k < len(all_ids)] or [max(1, len(all_ids) - 1)]
-            try:
-                report = recall_at_k(emb, all_ids, val_pairs, ks)
-            except ValueError:  # no val pair has both notes in the slice (e.g. the image probe's pool)
-                continue
-            prefix = "" if probe == "both" else f"{probe}_"
-            for k, v in report.recall.items():
-                out[f"{prefix}recall@{k}"] = v
-            out[f"{prefix}retrieval_pairs"] = float(report.num_pairs)
+            visual: Optional[list] = [] if shared and probe == "both" else None
+            vectors[probe] = embed_notes(model, comps.vision_tower, comps.prompter, cfg.eval.notes_shards, cfg.data,
+                                         cfg.eval.batch_size, probe, rank, world_size, cfg.model.vision.image_size,
+                                         progress=False, max_notes=cfg.eval.max_notes, image_features=memo,
+                                         visual_out=visual)
+            if visual is not None:
+                vis_ids = [i for part_ids, _ in visual for i in part_ids]
+                dim = vectors[probe][1].shape[1]
+                vis = np.concatenate([v for _, v in visual]) if visual else np.zeros((0, dim), np.float32)
+                vectors["image"] = (vis_ids, vis)
     finally:
         model.train()
+    out = {}
+    for probe in probes:
+        parts = all_gather_object(vectors[probe])
+        all_ids = [i for p in parts for i in p[0]]
+        emb = torch.from_numpy(np.concatenate([p[1] for p in parts]))
+        ks = [k for k in cfg.eval.k_values if k < len(all_ids)] or [max(1, len(all_ids) - 1)]
+        try:
+            report = recall_at_k(emb, all_ids, val_pairs, ks)
+        except ValueError:  # no val pair has both notes in the slice (e.g. the image probe's pool)
+            continue
+        prefix = "" if probe == "both" else f"{probe}_"
+        for k, v in report.recall.items():
+            out[f"{prefix}recall@{k}"] = v
+        out[f"{prefix}retrieval_pairs"] = float(report.num_pairs)
     return out
 
 

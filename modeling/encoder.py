@@ -166,6 +166,17 @@ class NoteModel(nn.Module):
             batch = dict(batch, has_image=torch.zeros_like(batch["input_ids"][:, 0], dtype=torch.bool))
         return self.head(self.represent(batch, image_tokens, image_pooled)["note"])
 
+    @torch.no_grad()
+    def encode_with_visual(self, batch: dict, image_tokens=None, image_pooled=None):
+        """mICL variants: (full-input embeddings, image-probe embeddings) [N, embed_dim] from one forward
+        of a `both` batch. The image probe's prompt is the mICL prompt's prefix up to the visual marker,
+        so under causal attention its last hidden state is the visual representation read here (fused
+        alike); rows without an image get their note embedding (the image probe has none for them)."""
+        if not self.spec.micl:
+            raise ModelInputError(f"encode_with_visual: variant {self.variant!r} has no visual representation")
+        reps = self.represent(batch, image_tokens, image_pooled)
+        return self.head(reps["note"]), self.head(reps["visual"])
+
     def make_prompter(self, tokenizer, language: str = "en", max_text_tokens: int = 96) -> NotePrompter:
         return NotePrompter(tokenizer, self.variant, language=language, max_text_tokens=max_text_tokens,
                             num_image_tokens=self.num_image_tokens if self.spec.image_in_prompt else 0)

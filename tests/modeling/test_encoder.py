@@ -113,6 +113,15 @@ def test_micl_image_probe_is_the_visual_representation(built, variant):
     torch.testing.assert_close(probe, visual, atol=1e-5, rtol=1e-4)
     both = model.encode(batch, tokens, pooled)
     assert not torch.allclose(probe, both, atol=1e-3)
+    # the in-training evaluation reads both probes from one forward
+    full, vis = model.encode_with_visual(batch, tokens, pooled)
+    assert torch.equal(full, both) and torch.equal(vis, visual)
+
+
+def test_encode_with_visual_needs_a_micl_variant(built):
+    model, tower, prompter = built("basic_mm")
+    with pytest.raises(ModelInputError, match="no visual representation"):
+        model.encode_with_visual(*_inputs(model, tower, prompter))
 
 
 @pytest.mark.parametrize("variant", list(VARIANT_SPECS))
