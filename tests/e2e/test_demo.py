@@ -11,6 +11,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -66,18 +67,9 @@ def test_demo_smoke_runs_the_whole_pipeline(tmp_path):
 
     # the smoke run learns: a paired bootstrap over queries puts the lower bound of the trained minus
     # untrained Recall@50 difference above 0 (the seeded run is deterministic, so one run decides)
-    from data_shards.pairs_file import read_note_split, read_pairs
-    from launcher.evaluate import load_embeddings, paper_task, rank_run
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    from paired_diff import paired_difference
 
-    pairs = read_pairs(out / "pairs", split="test", columns=["query_id", "target_id"])
-    split = read_note_split(out / "pairs")
-    task = paper_task(list(zip(pairs["query_id"], pairs["target_id"])),
-                      split.loc[split["split"] == "test", "note_id"].tolist())
-    hits = {}
-    for name in ("emb_trained", "emb_untrained"):
-        rr = rank_run(task, *load_embeddings(str(out / name)))
-        hits[name] = (rr.ranks < 50).astype(float)
-    diff = hits["emb_trained"] - hits["emb_untrained"]
-    draws = np.random.default_rng(0).integers(0, len(diff), size=(1000, len(diff)))
-    low = np.percentile(diff[draws].mean(axis=1), 2.5)
-    assert low > 0, (diff.mean(), low)
+    res = paired_difference(str(out / "pairs"), out / "emb_trained", out / "emb_untrained", ks=(50,))
+    low = res["diff"][50]["ci"][0]
+    assert low > 0, res
