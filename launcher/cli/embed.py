@@ -32,9 +32,12 @@ def _run(args) -> int:
     from launcher.embed import embed_command
 
     cfg = config_from_args(args) if args.config else None
+    # getattr: a namespace built by hand with the verb's first options (tests) still runs, with the defaults
     return embed_command(args.model, cfg, args.config, args.shards, args.out, mode=args.mode,
-                         batch_size=args.batch_size, num_workers=args.num_workers, part_every=args.part_every,
-                         restart=args.restart, device=args.device, dtype=args.dtype)
+                         batch_size=args.batch_size, num_workers=args.num_workers,
+                         part_every=getattr(args, "part_every", DEFAULT_PART_EVERY),
+                         restart=getattr(args, "restart", False), device=getattr(args, "device", "cpu"),
+                         dtype=getattr(args, "dtype", "float32"))
 
 
 def register(sub) -> None:
