@@ -44,13 +44,17 @@ class _NotesSource:
 
 class _NotesStream(IterableDataset):
     def __init__(self, source: _NotesSource, items: list, rank: int, world_size: int, batch: int, n_batches: int,
-                 workers: int, slots: Optional[PixelSlots] = None):
+                 workers: int, slots: Optional[PixelSlots] = None, first: int = 0):
         self.source, self.items, self.rank, self.world_size = source, items, rank, world_size
         self.batch, self.n_batches, self.workers, self.slots = batch, n_batches, workers, slots
+        self.first = first  # batches before this one are not read (NotesLoader's skip_batches)
 
     def __iter__(self):
         info = get_worker_info()
-        owned = range(info.id, self.n_batches, info.num_workers) if info is not None else range(self.n_batches)
+        if info is not None:
+            owned = range(self.first + info.id, self.n_batches, info.num_workers)
+        else:
+            owned = range(self.first, self.n_batches)
         recorder, files = Recorder(), ShardFiles()
         try:
             for k in owned:
@@ -81,11 +85,15 @@ class NotesLoader:
     rank yields `len(loader)` batches of exactly B rows, padding rows (and notes that cannot be read
     at all) have `is_dummy` True and `note_ids` -1. A note whose image is bad keeps a blank image.
     Each batch is a `NoteBatch` (data_shards/batch.py; uint8 pixels, normalised by its `to_device()`).
+
+    `skip_batches=n`: this rank's first n batches are not read at all (no sample of theirs is decoded);
+    the loader yields batches n .. total_batches - 1, each composed exactly as without the skip, and
+    `len()` is the number it yields. `notellm2 embed` resumes from its finished parts with it.
     """
 
     def __init__(self, shards, data_cfg: DataConfig, encode_fn: Callable[[dict], dict],
                  collate_text_fn: Callable[[list], dict], rank: int, world_size: int, batch_size: int,
-                 image_size: int = 224, max_notes: Optional[int] = None):
+                 image_size: int = 224, max_notes: Optional[int] = None, skip_batches: int = 0):
         if not (0 <= rank < world_size):
             raise ValueError(f"NotesLoader: rank {rank} is not in [0, world_size={world_size})")
         if batch_size <= 0:
@@ -110,12 +118,21 @@ class NotesLoader:
             self._items = self._items[:max_notes]
         per_step = world_size * batch_size
         self._n_batches = (len(self._items) + per_step - 1) // per_step
+        if not 0 <= skip_batches <= self._n_batches:
+            raise ValueError(f"NotesLoader: skip_batches {skip_batches} is not in [0, {self._n_batches}] "
+                             f"(this rank's batches)")
+        self.skip_batches = skip_batches
 
     @property
     def num_notes(self) -> int:
         return len(self._items)
 
     def __len__(self) -> int:
+        return self._n_batches - self.skip_batches
+
+    @property
+    def total_batches(self) -> int:
+        """This rank's batches without the skip (the same on every rank)."""
         return self._n_batches
 
     def stats(self) -> dict:
@@ -126,8 +143,8 @@ class NotesLoader:
         if self.num_workers > 0 and self.data_cfg.pixel_slots:
             slots = PixelSlots.create(self.num_workers, self.batch_size, self._source.items.image_size)
         stream = _NotesStream(self._source, self._items, self.rank, self.world_size, self.batch_size,
-                              self._n_batches, max(1, self.num_workers), slots)
+                              self._n_batches, max(1, self.num_workers), slots, first=self.skip_batches)
         for batch, _ in consume(stream, self.num_workers, self.data_cfg.worker_start_method, slots,
-                                self.pixel_transport, NoteBatch, 0, self._stats, self._log_bad, "NotesLoader"):
+                                self.pixel_transport, NoteBatch, self.skip_batches, self._stats, self._log_bad, "NotesLoader"):
             self._stats["batches"] += 1
             yield batch

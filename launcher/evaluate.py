@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from launcher import search
+from launcher.errors import UserError
 
 DEFAULT_KS = (10, 20, 50, 100, 1000, 10_000, 100_000, 1_000_000)
 PROTOCOLS = ("paper", "all-pairs")
@@ -305,22 +306,84 @@ def recall_at_k(pool: torch.Tensor, pool_ids: list[str], pairs: list[tuple[str, 
 
 
 # ----------------------------------------------------------------------------- embedding files
-def save_embeddings(out_dir: str, ids: list[str], emb: np.ndarray, meta: dict | None = None) -> None:
+# Storage dtypes of embeddings.npy (`notellm2 embed --dtype`). The vectors are computed in the model's
+# dtype and kept as float32 until written; float16 only halves the file (unit vectors, about 3
+# significant digits); readers upcast to float32.
+EMBEDDING_DTYPES = ("float32", "float16")
+
+
+class EmbeddingsError(UserError, ValueError):
+    """An embeddings folder that cannot be read as one (one line, naming the file)."""
+
+
+def _replace_all(pairs: list[tuple[str, str]]) -> None:
+    for tmp, final in pairs:
+        os.replace(tmp, final)
+
+
+def save_embedding_chunks(out_dir: str, ids: list[str], dim: int, chunks, meta: dict | None = None,
+                          dtype: str = "float32") -> None:
+    """Write `embeddings.npy` ([len(ids), dim] in `dtype`), `ids.txt` and `embeddings.json` from `chunks`
+    (arrays of rows, in `ids` order) without holding all rows at once: the rows stream into a memory
+    map of a temporary file. Each file is written to a temporary name beside it and moved into place
+    (`os.replace`), `embeddings.json` last, so a killed writer leaves an old file or a whole new one.
+    The bytes are those of `np.save` of the same array."""
+    if dtype not in EMBEDDING_DTYPES:
+        raise EmbeddingsError(f"embeddings dtype {dtype!r}: allowed {', '.join(EMBEDDING_DTYPES)}")
     os.makedirs(out_dir, exist_ok=True)
-    np.save(os.path.join(out_dir, "embeddings.npy"), emb.astype(np.float32))
-    with open(os.path.join(out_dir, "ids.txt"), "w") as fh:
+    npy, ids_txt, info = (os.path.join(out_dir, n) for n in ("embeddings.npy", "ids.txt", "embeddings.json"))
+    shape = (len(ids), int(dim))
+    if shape[0] * shape[1] == 0:  # a memory map of nothing cannot be opened
+        with open(npy + ".tmp", "wb") as fh:
+            np.save(fh, np.zeros(shape, dtype))
+    else:
+        out = np.lib.format.open_memmap(npy + ".tmp", mode="w+", dtype=np.dtype(dtype), shape=shape)
+        row = 0
+        for chunk in chunks:
+            chunk = np.asarray(chunk)
+            if chunk.ndim != 2 or chunk.shape[1] != shape[1] or row + len(chunk) > shape[0]:
+                raise ValueError(f"save_embedding_chunks: a chunk of shape {chunk.shape} at row {row} does "
+                                 f"not fit [{shape[0]}, {shape[1]}]")
+            out[row:row + len(chunk)] = chunk.astype(dtype, copy=False)
+            row += len(chunk)
+        if row != shape[0]:
+            raise ValueError(f"save_embedding_chunks: {row} rows for {shape[0]} ids")
+        out.flush()
+        del out
+    with open(ids_txt + ".tmp", "w") as fh:
         fh.write("\n".join(ids) + "\n")
-    with open(os.path.join(out_dir, "embeddings.json"), "w") as fh:
-        json.dump({"count": len(ids), "dim": int(emb.shape[1]) if emb.ndim == 2 else 0, **(meta or {})}, fh, indent=2)
+    with open(info + ".tmp", "w") as fh:
+        json.dump({"count": len(ids), "dim": shape[1], "dtype": dtype, **(meta or {})}, fh, indent=2)
+    _replace_all([(npy + ".tmp", npy), (ids_txt + ".tmp", ids_txt), (info + ".tmp", info)])
+
+
+def save_embeddings(out_dir: str, ids: list[str], emb: np.ndarray, meta: dict | None = None,
+                    dtype: str = "float32") -> None:
+    """`embeddings.npy` (`emb` stored as `dtype`: float32, or float16 for half the file), `ids.txt`,
+    `embeddings.json`; each file moved into place whole (see save_embedding_chunks)."""
+    emb = np.asarray(emb)
+    dim = int(emb.shape[1]) if emb.ndim == 2 else 0
+    save_embedding_chunks(out_dir, ids, dim, [emb] if emb.ndim == 2 else [], meta, dtype)
 
 
 def load_embeddings(emb_dir: str) -> tuple[list[str], torch.Tensor]:
+    """(ids, float32 [N, dim] tensor) of an embeddings folder; a float16 file is upcast to float32."""
     path = os.path.join(emb_dir, "embeddings.npy")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no embeddings (run `notellm2 embed --out {emb_dir}` first)")
-    emb = np.load(path)
-    with open(os.path.join(emb_dir, "ids.txt")) as fh:
+    try:
+        emb = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise EmbeddingsError(f"{path}: not a readable .npy array ({e})") from None
+    if emb.ndim != 2:
+        raise EmbeddingsError(f"{path}: expected a 2-D [notes, dim] array, got shape {tuple(emb.shape)}")
+    if emb.dtype not in (np.float16, np.float32, np.float64):
+        raise EmbeddingsError(f"{path}: dtype {emb.dtype}; embeddings are float32 or float16")
+    ids_path = os.path.join(emb_dir, "ids.txt")
+    if not os.path.exists(ids_path):
+        raise FileNotFoundError(f"{ids_path}: no ids beside embeddings.npy")
+    with open(ids_path) as fh:
         ids = [line.rstrip("\n") for line in fh if line.strip()]
     if len(ids) != len(emb):
-        raise ValueError(f"{emb_dir}: {len(ids)} ids but {len(emb)} embeddings")
+        raise EmbeddingsError(f"{emb_dir}: {len(ids)} ids in ids.txt but {len(emb)} rows in embeddings.npy")
     return ids, torch.from_numpy(np.asarray(emb, dtype=np.float32))

@@ -25,7 +25,9 @@ The first GPU run of the training stack, in one device call (see docs/training.m
                              10, export; only with --offload, and last
 
 Every run: torchrun --standalone --nproc-per-node 1, train.precision=bf16, 1 rank (NCCL on a GPU).
-Embedding uses `embed --device cuda` where the embed verb has --device, else its default device.
+Embedding uses `embed --device cuda --part-every 2` (the model on cuda:0, a part every 2 batches):
+UNVERIFIED, no GPU run of it yet (written on a CPU machine; tests/launcher/eval/test_embed_parts.py
+covers the CPU path and the device refusal).
 
 options:
   --out DIR      logs: setup.log, one <config>.log per configuration, summary.txt (default gpu_check_out;
@@ -111,9 +113,12 @@ if [ "$REHEARSAL" = 1 ]; then TRAIN_TIMEOUT=900; TOOL_TIMEOUT=600; fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 export PYTHONPATH="$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
+# UNVERIFIED on a GPU: `embed --device cuda` (model and batches on cuda:LOCAL_RANK, parts every 2 batches)
+# was written on a CPU machine. A FAIL here with "--device cuda: no CUDA device here" means torch saw no
+# GPU; any other embed FAIL is the GPU path itself (launcher/embed.py: embed_device, load_embedder).
 EMBED_DEVICE=()
-if "$PY" -m launcher embed --help 2>/dev/null | grep -q -- '--device'; then EMBED_DEVICE=(--device cuda); fi
-[ "$REHEARSAL" = 1 ] && [ ${#EMBED_DEVICE[@]} -gt 0 ] && EMBED_DEVICE=(--device cpu)
+if "$PY" -m launcher embed --help 2>/dev/null | grep -q -- '--device'; then EMBED_DEVICE=(--device cuda --part-every 2); fi
+[ "$REHEARSAL" = 1 ] && [ ${#EMBED_DEVICE[@]} -gt 0 ] && EMBED_DEVICE=(--device cpu --part-every 2)
 
 INPUTS="$WORK/inputs"
 if [ "$DRY" = 1 ]; then

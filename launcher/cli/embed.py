@@ -1,19 +1,43 @@
 """`notellm2 embed`: embed every note of a notes shard set with an exported model (or, with
 --config and no --model, with the untrained model the config describes: the zero-shot baseline).
 
-Runs in one process, or under torchrun / srun with several ranks (each embeds its share)."""
+Runs in one process, or under torchrun / srun with several ranks (each embeds its share). Each rank
+writes a part every --part-every batches under OUT/parts; a killed run, rerun with the same command,
+resumes from the finished parts (docs/evaluation.md, "notellm2 embed")."""
 from __future__ import annotations
+
+import argparse
 
 from launcher.cli import add_config_args, config_from_args
 from modeling.names import PROBE_MODES  # torch-free, so `notellm2 --help` imports no torch
+
+# Mirrors of launcher.embed.DEFAULT_PART_EVERY / EMBED_DEVICES and launcher.evaluate.EMBEDDING_DTYPES
+# (those modules import torch; tests/launcher/eval/test_embed_parts.py checks they agree).
+DEFAULT_PART_EVERY = 20
+DEVICES = ("cpu", "cuda")
+DTYPES = ("float32", "float16")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value}: must be > 0")
+    return value
 
 
 def _run(args) -> int:
     from launcher.embed import embed_command
 
     cfg = config_from_args(args) if args.config else None
+    # getattr: a namespace built by hand with the verb's first options (tests) still runs, with the defaults
     return embed_command(args.model, cfg, args.config, args.shards, args.out, mode=args.mode,
-                         batch_size=args.batch_size, num_workers=args.num_workers)
+                         batch_size=args.batch_size, num_workers=args.num_workers,
+                         part_every=getattr(args, "part_every", DEFAULT_PART_EVERY),
+                         restart=getattr(args, "restart", False), device=getattr(args, "device", "cpu"),
+                         dtype=getattr(args, "dtype", "float32"))
 
 
 def register(sub) -> None:
@@ -23,7 +47,18 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (embeddings.npy, ids.txt, embeddings.json)")
     p.add_argument("--mode", choices=PROBE_MODES, default="both",
                    help="probe: both inputs, the text alone, or the image alone (notes without an image are left out)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=_positive_int, default=32, help="notes per batch per rank (default 32)")
     p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--part-every", type=_positive_int, default=DEFAULT_PART_EVERY, metavar="N",
+                   help=f"each rank writes a part (OUT/parts/rank<R>-<K>.npz) every N batches (default "
+                        f"{DEFAULT_PART_EVERY}); a killed run, rerun with the same settings, resumes after the "
+                        "finished parts; they are removed once the final files are written")
+    p.add_argument("--restart", action="store_true",
+                   help="discard the parts in OUT/parts first (a rerun with other settings is refused without it)")
+    p.add_argument("--device", choices=DEVICES, default="cpu",
+                   help="where the model runs: cpu (default) or cuda, the rank's GPU cuda:LOCAL_RANK")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="storage dtype of embeddings.npy: float32 (default) or float16 (half the file); the model "
+                        "computes in its own dtype either way, readers upcast to float32")
     add_config_args(p)
     p.set_defaults(handler=_run)

@@ -39,6 +39,8 @@ RUN = [
     "notellm2 data mine-pairs --views A/views.parquet --out A/pairs --split-by hash",
     "notellm2 data write-shards --pairs A/pairs --catalog A/catalog.jsonl --out A/shards",
     "notellm2 embed --model A/export --shards A/shards/notes-test-*.tar --out A/emb",
+    "notellm2 embed --model A/export --shards A/shards/notes-test-*.tar --out A/emb --part-every 50 --dtype float16",
+    "notellm2 embed --model A/export --shards A/shards/notes-test-*.tar --out A/emb --restart",
     "notellm2 eval --embeddings A/emb --pairs A/pairs --split test --k 10 50 100",
     "notellm2 plan --config configs/paper_scale.yaml --nodes 2 --gpus-per-node 8 --gpu-memory-gib 80",
     "notellm2 plan --config configs/paper_scale.yaml --json",
