@@ -213,10 +213,16 @@ _LOCK = threading.Lock()
 
 
 def open_cache(path: str) -> VisionCache:
-    """The cache at `path`, opened once per process while its cache.json is unchanged (a PairLoader is
-    built per epoch; reading ids.txt again each time would cost seconds at a million notes)."""
-    meta = os.path.join(os.path.abspath(path), META)
-    stamp = os.stat(meta).st_mtime_ns if os.path.isfile(meta) else None
+    """The cache at `path`, opened once per process while its cache.json and ids.txt are unchanged (a
+    PairLoader is built per epoch; reading ids.txt again each time would cost seconds at a million notes)."""
+    stamp = []
+    for name in (META, IDS):
+        try:
+            st = os.stat(os.path.join(os.path.abspath(path), name))
+            stamp.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        except OSError:
+            stamp = None
+            break
     with _LOCK:
         hit = _OPENED.get(os.path.abspath(path))
         if hit is not None and stamp is not None and hit[0] == stamp:

@@ -217,8 +217,8 @@ def build_vision_cache(cfg: RunConfig, out_dir: Optional[str] = None, shards: Op
             writer.put(o, [len(notes)], b_tokens.float().cpu().numpy().astype(np_dtype),
                        b_pooled.float().cpu().numpy().astype(np_dtype))
         workers = cfg.data.num_workers if num_workers is None else num_workers
-        loader = torch.utils.data.DataLoader(_Decoded(notes, size, cfg.data.max_image_pixels), batch_size=batch_size,
-                                             num_workers=workers, collate_fn=_keep_list)
+        decoded = _Decoded(notes, size, cfg.data.max_image_pixels)
+        loader = torch.utils.data.DataLoader(decoded, batch_size=batch_size, num_workers=workers, collate_fn=_keep_list)
         for items in tqdm(loader, desc="cache-vision: tower", unit="batch", disable=not progress):
             good = [(i, arr) for i, arr, why in items if why is None]
             for i, _, why in items:
@@ -238,6 +238,8 @@ def build_vision_cache(cfg: RunConfig, out_dir: Optional[str] = None, shards: Op
                 tokens, pooled = tokens.float().cpu().numpy(), pooled.float().cpu().numpy()
                 t_tower += time.perf_counter() - t1
                 writer.put(o, rows, tokens.astype(np_dtype, copy=False), pooled.astype(np_dtype, copy=False))
+        if decoded._files is not None:  # decoded in this process (num_workers 0)
+            decoded._files.close()
         entries = manifest_entries(paths)
         for name, entry in entries.items():
             entry["samples"] = samples.get(name, 0)

@@ -189,11 +189,14 @@ def test_a_partial_cache_is_refused_before_the_loader_starts_and_per_note(world,
     with pytest.raises(VisionCacheError, match=r"data\.train_shards.*partial"):
         check_run_cache(cfg, build_vision_tower(world["cfg"].model.vision))
     # a note missing from a cache that claims its shard (the lazy check in the worker): a clear error
-    loader = _notes(world, vision_cache=out)
-    del loader.vision_cache.rows["n4"]
-    with pytest.raises(VisionCacheError, match="no features for note 'n4'.*partial"):
-        list(loader)
-    open_cache.__globals__["_OPENED"].clear()  # the damaged in-memory copy is not reused
+    ids = os.path.join(out, "ids.txt")
+    with open(ids) as fh:
+        text = fh.read()
+    with open(ids, "w") as fh:
+        fh.write(text.replace("n4\n", "someone-else\n"))
+    with pytest.raises(VisionCacheError, match="notes-test-000000.tar/000000004: .*no features for note 'n4'.*partial"):
+        list(NotesLoader(world["notes"], dataclasses.replace(world["cfg"].data, vision_cache=out), CharEncoder(),
+                         CharCollate(), rank=0, world_size=1, batch_size=4, image_size=S))
 
 
 def test_a_changed_shard_or_a_broken_folder_is_refused(world, tmp_path):
