@@ -11,6 +11,12 @@ With N rows and S = the image size:
     has_image        bool           [N]          image features ENTER THE MODEL for this row
     note_ids         int64          [N]          note_id_hash of each note id (-1: a padding row)
     note_id_strs     list of str    N            the note ids
+  or, instead of pixel_values, with data.vision_cache (data_shards/vision_cache.py):
+    image_tokens     float32|16     [N, T, D]    the frozen tower's tokens of each row's image (a row without
+                                                 an image: the tower's output for the blank image)
+    image_pooled     float32|16     [N, Dp]      its pooled feature
+    vision_cache_key str            -            the cache's tower key (encode_images checks it against the tower)
+    vision_cache     str            -            the cache folder (for messages)
   pair batch (PairBatch), N = 2B: rows 0..B-1 the queries, row B + i the target of query i
     sample_keys      list of str    B            "shard/key" of each pair (for logs)
   notes batch (NoteBatch), one row per note:
@@ -23,6 +29,10 @@ else `image_present`. A row may have an image the model does not use (`image_pre
 `has_image`); the reverse is an error, raised at collation. Pixel normalisation masks by
 `image_present` (a row without an image becomes the mean colour, whatever the prompter does); the
 model and the embedding's image probe go by `has_image`.
+
+A batch carries either pixels or cached features, never both; `encode_images` (modeling/vision.py)
+runs the tower on the pixels or returns the cached features, so the model sees the same inputs
+either way (docs/reader.md, "The vision cache").
 
 Pixels stay uint8 from the loader workers to the device: 4 times fewer bytes through shared memory
 and over the host-to-device copy, and no normalising on the loader's CPU. `to_device()` moves a batch
@@ -50,8 +60,17 @@ class Field(NamedTuple):
     meaning: str
 
 
-COMMON_FIELDS = (
+PIXEL_FIELDS = (
     Field("pixel_values", torch.uint8, "N", 4, "decoded pixels [N, 3, S, S] (float32 after to_device)"),
+)
+FEATURE_FIELDS = (
+    Field("image_tokens", torch.float32, "N", 3, "the cached tower tokens [N, T, D] (float32 or float16)"),
+    Field("image_pooled", torch.float32, "N", 2, "the cached pooled tower feature [N, Dp] (float32 or float16)"),
+)
+# the batch-level (not per-row) keys of a batch with cached features
+FEATURE_KEYS = ("vision_cache_key", "vision_cache")
+
+COMMON_FIELDS = (
     Field("image_present", torch.bool, "N", 1, "the note has a usable image"),
     Field("has_image", torch.bool, "N", 1, "image features enter the model for this row"),
     Field("note_ids", torch.int64, "N", 1, "note_id_hash of the note id, -1 for padding"),
@@ -68,12 +87,25 @@ class Batch(dict):
     def num_rows(self) -> int:
         return len(self["note_id_strs"])
 
+    @property
+    def has_cached_features(self) -> bool:
+        """The batch carries the vision cache's features (image_tokens, image_pooled), not pixels."""
+        return "image_tokens" in self
+
     def check(self, where: str = "") -> "Batch":
         """Raise BatchError naming the key that breaks the contract; returns the batch."""
         where = f"{where}: " if where else ""
         name = type(self).__name__
         n = self.num_rows if "note_id_strs" in self else None
-        for f in self.FIELDS:
+        cached = "image_tokens" in self or "image_pooled" in self
+        if cached and "pixel_values" in self:
+            raise BatchError(f"{where}{name} has both 'pixel_values' and cached features ('image_tokens'): a batch "
+                             "carries one or the other")
+        fields = self.FIELDS + (FEATURE_FIELDS if cached else PIXEL_FIELDS)
+        for key in FEATURE_KEYS if cached else ():
+            if not isinstance(self.get(key), str):
+                raise BatchError(f"{where}{name} has cached features but no {key!r} (str)")
+        for f in fields:
             if f.key not in self:
                 raise BatchError(f"{where}{name} has no {f.key!r} ({f.meaning})")
             value = self[f.key]
@@ -85,14 +117,16 @@ class Batch(dict):
                 continue
             if not torch.is_tensor(value):
                 raise BatchError(f"{where}{name}[{f.key!r}]: expected a tensor, got {type(value).__name__}")
-            # pixel_values may already be on the device (float32 after to_device)
-            ok_dtype = value.dtype == f.dtype or (f.key == "pixel_values" and value.dtype == torch.float32)
+            # pixel_values may already be on the device (float32 after to_device); features may be stored in fp16
+            ok_dtype = value.dtype == f.dtype or (f.key == "pixel_values" and value.dtype == torch.float32) or \
+                (f.key in ("image_tokens", "image_pooled") and value.dtype == torch.float16)
             if not ok_dtype or value.dim() != f.ndim or value.shape[0] != want:
                 raise BatchError(f"{where}{name}[{f.key!r}]: expected {f.dtype} with {f.ndim} dims and {want} rows, "
                                  f"got {value.dtype} {tuple(value.shape)}")
-        pix = self["pixel_values"]
-        if pix.shape[1] != 3 or pix.shape[2] != pix.shape[3]:
-            raise BatchError(f"{where}{name}['pixel_values']: expected [N, 3, S, S], got {tuple(pix.shape)}")
+        if not cached:
+            pix = self["pixel_values"]
+            if pix.shape[1] != 3 or pix.shape[2] != pix.shape[3]:
+                raise BatchError(f"{where}{name}['pixel_values']: expected [N, 3, S, S], got {tuple(pix.shape)}")
         for key, value in self.items():  # the text keys of collate_text_fn: one row per note too
             if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] != n:
                 raise BatchError(f"{where}{name}[{key!r}]: {value.shape[0]} rows for a batch of {n} "
@@ -159,7 +193,7 @@ def _to(t: torch.Tensor, device) -> torch.Tensor:
 def to_device(batch: Mapping, device) -> dict:
     """Tensors of `batch` to `device` (non-blocking only from pinned memory to CUDA, see
     `copy_can_be_async`), other values as they are; uint8 `pixel_values` are then CLIP-normalised on
-    `device` (masked by `image_present`). A `Batch` stays its own kind; any other mapping (a test
+    `device` (masked by `image_present`); cached features (`image_tokens`, `image_pooled`) just move. A `Batch` stays its own kind; any other mapping (a test
     double's batch) becomes a dict. Already-normalised pixels are left alone, so calling it twice is
     harmless."""
     out = {k: (_to(v, device) if torch.is_tensor(v) else v) for k, v in batch.items()}

@@ -25,6 +25,13 @@ class NoteItem:
     encoding: dict
     pixels: Optional[Image.Image]  # RGB, already S x S (see prepare_image), or None: no usable image
     is_dummy: bool = False
+    # with a vision cache instead of pixels: (orientation, row) of the note's image features, None: no image
+    feature: Optional[tuple] = None
+
+    @property
+    def has_picture(self) -> bool:
+        """The note has a usable image (pixels, or features in the vision cache)."""
+        return self.pixels is not None or self.feature is not None
 
 
 def prepare_image(img: Image.Image, size: int, flip: bool = False) -> Image.Image:
@@ -58,7 +65,7 @@ def pixel_buffer(n: int, image_size: int) -> torch.Tensor:
 
 
 def collate_notes(notes: list[NoteItem], collate_text_fn: Callable[[list[dict]], dict], image_size: int,
-                  out: Optional[torch.Tensor] = None) -> dict:
+                  out: Optional[torch.Tensor] = None, cache=None) -> dict:
     """Stack notes into the tensors of the batch contract (data_shards/batch.py): the text tensors of
     `collate_text_fn`, `pixel_values` uint8 [N,3,S,S] (zeros for a note without a usable image),
     `image_present`, `has_image`, `note_ids` (-1 for padding rows) and `note_id_strs`.
@@ -67,11 +74,19 @@ def collate_notes(notes: list[NoteItem], collate_text_fn: Callable[[list[dict]],
     `pixel_buffer`, e.g. a shared-memory slot) or a new one. `has_image` is the `has_image` of
     `collate_text_fn` when it returns one, else `image_present`; a row it marks without an image is
     an error.
+
+    With a vision cache (`cache`, a data_shards.vision_cache.VisionCache) the batch carries the cached
+    `image_tokens` / `image_pooled` of each item's `feature` (the blank image's for a row without one)
+    and the cache's key instead of `pixel_values`; `out` is not used.
     """
     n = len(notes)
     text = collate_text_fn([item.encoding for item in notes])
     if not isinstance(text, dict):
         raise TypeError(f"collate_text_fn must return a dict of tensors, got {type(text).__name__}")
+    if cache is not None:
+        return _with_text(notes, text, torch.tensor([item.feature is not None for item in notes], dtype=torch.bool),
+                          dict(zip(("image_tokens", "image_pooled"), cache.gather([item.feature for item in notes])),
+                               vision_cache_key=cache.key, vision_cache=cache.path))
     if out is None:
         out = pixel_buffer(n, image_size)
     elif out.dtype != torch.uint8 or out.shape[0] < n or tuple(out.shape[1:]) != (image_size, image_size, 3) \
@@ -89,6 +104,11 @@ def collate_notes(notes: list[NoteItem], collate_text_fn: Callable[[list[dict]],
             present[i] = True
         else:
             pixels[i].zero_()
+    return _with_text(notes, text, present, {"pixel_values": pixels.permute(0, 3, 1, 2)})
+
+
+def _with_text(notes: list[NoteItem], text: dict, present: torch.Tensor, images: dict) -> dict:
+    """The batch: the text tensors, `images` (pixels or cached features), the image flags and the ids."""
     has_image = present
     if "has_image" in text:  # the prompter says which rows feed image features to the model
         has_image = torch.as_tensor(text["has_image"]).bool()
@@ -99,14 +119,14 @@ def collate_notes(notes: list[NoteItem], collate_text_fn: Callable[[list[dict]],
     note_ids = torch.tensor([DUMMY_NOTE_ID if item.is_dummy else note_id_hash(item.note_id) for item in notes],
                             dtype=torch.long)
     batch = dict(text)
-    nchw = pixels.permute(0, 3, 1, 2)
-    batch.update(pixel_values=nchw, has_image=has_image,
-                 image_present=present, note_ids=note_ids, note_id_strs=[item.note_id for item in notes])
+    batch.update(images)
+    batch.update(has_image=has_image, image_present=present, note_ids=note_ids,
+                 note_id_strs=[item.note_id for item in notes])
     return batch
 
 
 def collate_pairs(pairs: list[tuple[NoteItem, NoteItem]], collate_text_fn: Callable[[list[dict]], dict],
-                  image_size: int, out: Optional[torch.Tensor] = None) -> dict:
+                  image_size: int, out: Optional[torch.Tensor] = None, cache=None) -> dict:
     """[queries; targets]: row i is the query of pair i, row B + i its target."""
     rows = [q for q, _ in pairs] + [t for _, t in pairs]
-    return collate_notes(rows, collate_text_fn, image_size, out)
+    return collate_notes(rows, collate_text_fn, image_size, out, cache)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Optional
 
 
 @dataclass
@@ -30,3 +30,6 @@ class DataConfig:
     # How loader workers start: "fork" (the default: cheapest, inherits the shard index) or a fresh
     # interpreter per worker ("forkserver", "spawn"), for hosts where forking a threaded process is unsafe.
     worker_start_method: Literal["fork", "forkserver", "spawn"] = "fork"
+    # A frozen-tower feature cache written by `notellm2 data cache-vision` (docs/reader.md, "The vision
+    # cache"): the loaders serve its features instead of pixels and the tower is not run. null: pixels.
+    vision_cache: Optional[str] = None

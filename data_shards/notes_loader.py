@@ -16,6 +16,7 @@ from data_shards.config import DataConfig
 from data_shards.pixel_slots import PixelSlots, collate_into_slot
 from data_shards.samples import BadSample, BadSampleLog, ItemLoader, Recorder, new_stats, read_note
 from data_shards.shard_index import Sample, ShardFiles, expand_shards, index_shard
+from data_shards.vision_cache import cache_for_loader
 from data_shards.workers import consume
 
 log = logging.getLogger("data_shards.reader")
@@ -25,9 +26,9 @@ class _NotesSource:
     """What a worker needs to turn notes-shard samples into NoteItems (picklable). A bad image is
     always blanked: embedding drops no note."""
 
-    def __init__(self, data_cfg: DataConfig, encode_fn, collate_text_fn, image_size: int):
+    def __init__(self, data_cfg: DataConfig, encode_fn, collate_text_fn, image_size: int, cache=None):
         self.items = ItemLoader(encode_fn, collate_text_fn, image_size, data_cfg.max_image_pixels,
-                                blank_bad_images=True)
+                                blank_bad_images=True, cache=cache)
 
     def dummy(self) -> NoteItem:
         note = {"note_id": "", "title": "", "content": "", "topics": []}
@@ -84,7 +85,8 @@ class NotesLoader:
     Rank r's batch k holds the notes at global positions (k * world_size + r) * B ... + B - 1; every
     rank yields `len(loader)` batches of exactly B rows, padding rows (and notes that cannot be read
     at all) have `is_dummy` True and `note_ids` -1. A note whose image is bad keeps a blank image.
-    Each batch is a `NoteBatch` (data_shards/batch.py; uint8 pixels, normalised by its `to_device()`).
+    Each batch is a `NoteBatch` (data_shards/batch.py; uint8 pixels, normalised by its `to_device()`,
+    or with data.vision_cache the cached tower features).
 
     `skip_batches=n`: this rank's first n batches are not read at all (no sample of theirs is decoded);
     the loader yields batches n .. total_batches - 1, each composed exactly as without the skip, and
@@ -102,7 +104,9 @@ class NotesLoader:
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.num_workers = data_cfg.num_workers
         self.data_cfg = data_cfg
-        self._source = _NotesSource(data_cfg, encode_fn, collate_text_fn, image_size)
+        # data.vision_cache: features instead of pixels, checked here against the shards and settings
+        self.vision_cache = cache_for_loader(data_cfg, self.paths, image_size, False, "NotesLoader")
+        self._source = _NotesSource(data_cfg, encode_fn, collate_text_fn, image_size, self.vision_cache)
         self._items = []
         self._stats = new_stats()
         self._log_bad = BadSampleLog("bad note %s: %s [%s]; %s", {"blanked": "embedded with a blank image",
@@ -140,7 +144,7 @@ class NotesLoader:
 
     def __iter__(self) -> Iterator[NoteBatch]:
         slots = None
-        if self.num_workers > 0 and self.data_cfg.pixel_slots:
+        if self.num_workers > 0 and self.data_cfg.pixel_slots and self.vision_cache is None:
             slots = PixelSlots.create(self.num_workers, self.batch_size, self._source.items.image_size)
         stream = _NotesStream(self._source, self._items, self.rank, self.world_size, self.batch_size,
                               self._n_batches, max(1, self.num_workers), slots, first=self.skip_batches)

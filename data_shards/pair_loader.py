@@ -25,6 +25,7 @@ from data_shards.pixel_slots import PixelSlots, collate_into_slot
 from data_shards.samples import (BadSample, BadSampleLog, ItemLoader, Recorder, merge_counts, new_stats,
                                  read_pair_notes)
 from data_shards.shard_index import Sample, ShardFiles, expand_shards, index_shard, load_manifest_counts
+from data_shards.vision_cache import cache_for_loader
 from data_shards.workers import consume
 
 log = logging.getLogger("data_shards.reader")
@@ -35,10 +36,10 @@ STATE_VERSION = 1
 class _PairSource:
     """What a worker needs to turn candidates into pairs (picklable)."""
 
-    def __init__(self, data_cfg: DataConfig, encode_fn, collate_text_fn, image_size: int):
+    def __init__(self, data_cfg: DataConfig, encode_fn, collate_text_fn, image_size: int, cache=None):
         self.random_flip = data_cfg.random_flip
         self.items = ItemLoader(encode_fn, collate_text_fn, image_size, data_cfg.max_image_pixels,
-                                blank_bad_images=data_cfg.bad_sample_policy == "blank_image")
+                                blank_bad_images=data_cfg.bad_sample_policy == "blank_image", cache=cache)
 
     def load_pair(self, files: ShardFiles, path: str, sample: Sample, flip_rng: random.Random,
                   recorder: Recorder, where: str) -> Optional[tuple[NoteItem, NoteItem]]:
@@ -171,7 +172,9 @@ class PairLoader:
         self.counts = self._counts(manifest)
         self._epoch_plan = EpochPlan(tuple(self.paths), data_cfg.seed, world_size, max(1, self.num_workers),
                                      pairs_per_rank, data_cfg.shuffle_buffer, data_cfg.resampled)
-        self._source = _PairSource(data_cfg, encode_fn, collate_text_fn, image_size)
+        # data.vision_cache: features instead of pixels, checked here against the shards and settings
+        self.vision_cache = cache_for_loader(data_cfg, self.paths, image_size, data_cfg.random_flip, "PairLoader")
+        self._source = _PairSource(data_cfg, encode_fn, collate_text_fn, image_size, self.vision_cache)
         self.epoch = epoch
         self._batches_done = 0
         self._cursors: dict = {}
@@ -239,7 +242,7 @@ class PairLoader:
         for path in (plan.shards if plan.resampled else plan.rank_shards(self.epoch, self.rank)):
             index_shard(path)
         slots = None
-        if self.num_workers > 0 and self.data_cfg.pixel_slots:  # new slots per iteration: no stray writer
+        if self.num_workers > 0 and self.data_cfg.pixel_slots and self.vision_cache is None:  # new slots per iteration
             slots = PixelSlots.create(self.num_workers, 2 * plan.batch, self.image_size)
         stream = _PairEpochStream(self._source, plan, self.epoch, self.rank, self._batches_done, end,
                                   dict(self._cursors), slots)

@@ -84,9 +84,12 @@ def _log_once(message: str) -> None:
 
 
 def collate_into_slot(collate, items, item_loader, slots: Optional[PixelSlots], worker: int, meta: dict) -> dict:
-    """Collate a batch, its pixels into a free slot of `worker` when there is one (see PixelSlots)."""
+    """Collate a batch, its pixels into a free slot of `worker` when there is one (see PixelSlots); with a
+    vision cache (`item_loader.cache`) the batch carries its features and no pixels (the loaders make
+    no slots then)."""
     claim = slots.claim(worker) if slots is not None else None
-    batch = collate(items, item_loader.collate_text_fn, item_loader.image_size, out=None if claim is None else claim[1])
+    batch = collate(items, item_loader.collate_text_fn, item_loader.image_size, out=None if claim is None else claim[1],
+                    cache=item_loader.cache)
     if claim is not None:
         del batch["pixel_values"]
         meta.update(worker=worker, slot=claim[0])

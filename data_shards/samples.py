@@ -123,33 +123,44 @@ class ItemLoader:
     """One note of a sample -> NoteItem (picklable: it travels to the loader workers).
 
     blank_bad_images: a note whose image is bad (IMAGE_REASONS) keeps a blank image (recorded as
-    "blanked") instead of failing the sample."""
+    "blanked") instead of failing the sample.
+
+    cache: a `data_shards.vision_cache.VisionCache`; then the image member is not read: the note's
+    item carries the (orientation, row) of its cached features, and an image the cache recorded as bad
+    goes through the same policy as one that fails to decode here."""
 
     def __init__(self, encode_fn: Callable[[dict], dict], collate_text_fn: Callable[[list], dict], image_size: int,
-                 max_pixels: int, blank_bad_images: bool):
+                 max_pixels: int, blank_bad_images: bool, cache=None):
         self.encode_fn, self.collate_text_fn, self.image_size = encode_fn, collate_text_fn, image_size
         self.max_pixels, self.blank_bad_images = max_pixels, blank_bad_images
+        self.cache = cache
 
     def load(self, files: ShardFiles, path: str, sample: Sample, note: dict, prefix: str, flip: bool,
              recorder: "Recorder", where: str) -> NoteItem:
         """The item of `note`, whose image member (if any) is `{prefix}jpg|jpeg|png|webp`; raises BadSample."""
-        pixels = None
+        pixels = feature = None
         member = image_member(sample, prefix)
         if member is not None:
             try:
-                raw = read_members(files, path, sample, [member])[member]
-                pixels = decode_image(raw, member, self.max_pixels, self.image_size, flip)
+                if self.cache is not None:
+                    feature = self.cache.lookup(note["note_id"], flip, where)
+                    if feature is None:
+                        reason, message = self.cache.bad_reason(note["note_id"])
+                        raise BadSample(reason, f"{message} (recorded by the vision cache)")
+                else:
+                    raw = read_members(files, path, sample, [member])[member]
+                    pixels = decode_image(raw, member, self.max_pixels, self.image_size, flip)
             except BadSample as e:
                 if not self.blank_bad_images or e.reason not in IMAGE_REASONS:
                     raise
                 recorder.bad(where, e.reason, str(e), "blanked")
-                pixels = None
+                pixels = feature = None
         try:
-            encoding = self.encode_fn(note_text_dict(note, pixels is not None))
+            encoding = self.encode_fn(note_text_dict(note, pixels is not None or feature is not None))
         except Exception as e:  # the prompter rejected this note's text
             raise BadSample("encode_error", f"encode_fn failed on note {note['note_id']!r}: "
                             f"{type(e).__name__}: {e}") from None
-        return NoteItem(note["note_id"], encoding, pixels)
+        return NoteItem(note["note_id"], encoding, pixels, feature=feature)
 
 
 # ----------------------------------------------------------------------------- what went wrong

@@ -5,7 +5,8 @@ the default one (`default_components`) builds the real NoteModel, vision tower, 
 PairLoader. Tests pass their own factory through `train(cfg, factory=...)` or `--components module:fn`.
 Also here: the training batches as one stream over epochs (`BatchStream`). A batch goes onto the
 training device with `data_shards.batch.to_device`
-and through the frozen tower with `modeling.vision.encode_images`.
+and through the frozen tower with `modeling.vision.encode_images` (which returns the features of a
+batch from a vision cache, data.vision_cache, without running the tower).
 """
 from __future__ import annotations
 
@@ -35,9 +36,11 @@ class Components:
     extra: dict = field(default_factory=dict)
 
     def freeze_vision_tower(self, device: torch.device) -> None:
-        """The tower stays replicated on `device`, in eval mode, outside the optimizer."""
+        """The tower stays replicated on `device`, in eval mode, outside the optimizer. With a vision cache
+        (`extra["vision_cache"]`: every batch carries the tower's features) it is never run, so it stays
+        on the host: no device memory for its weights (3.4 GiB for ViT-bigG in bf16)."""
         if self.vision_tower is not None:
-            self.vision_tower.to(device).eval()
+            self.vision_tower.to("cpu" if self.extra.get("vision_cache") is not None else device).eval()
             for p in self.vision_tower.parameters():
                 p.requires_grad_(False)
 
@@ -56,6 +59,7 @@ def default_components(cfg: RunConfig, rank: int, world_size: int, ds_config: di
 
     from data_shards.reader import PairLoader
     from launcher.partitioning import embedding_grower
+    from launcher.vision_cache import check_run_cache
     from modeling.backbone import load_llm
     from modeling.encoder import build_note_model
     from modeling.vision import build_vision_tower
@@ -63,6 +67,8 @@ def default_components(cfg: RunConfig, rank: int, world_size: int, ds_config: di
     if not cfg.data.train_shards:
         raise ConfigError("data.train_shards: empty; point it at pairs-train-*.tar shards (notellm2 data write-shards)")
     tower = build_vision_tower(cfg.model.vision, variant=cfg.model.variant)
+    # data.vision_cache: refused now, before the LLM loads, when it is not this tower's or misses a shard
+    vision_cache = check_run_cache(cfg, tower)
     hf_ds = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"].get("stage") == 3 else None
     # bf16 runs load in bf16 (what ZeRO casts to anyway) so that flash-attn is allowed; under ZeRO-3 the
     # placeholder rows are added without making the embedding whole on every rank (launcher/partitioning.py).
@@ -87,7 +93,7 @@ def default_components(cfg: RunConfig, rank: int, world_size: int, ds_config: di
                               pairs_per_rank=cfg.data.pairs_per_rank, image_size=cfg.model.vision.image_size, epoch=0)
 
     return Components(note_model, tower, prompter, make_loader, make_val_loader=make_val_loader,
-                      extra={"hf_ds_config": hf_ds})
+                      extra={"hf_ds_config": hf_ds, "vision_cache": vision_cache})
 
 
 def load_factory(spec: str) -> Callable:

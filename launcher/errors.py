@@ -23,6 +23,8 @@ DATA_ERRORS = (
     ("data_shards.import_pairs", "PairImportError"),
     ("data_shards.writer", "ShardWriteError"),
     ("data_shards.images", "BadImage"),
+    ("data_shards.vision_cache", "VisionCacheError"),
+    ("modeling.vision", "VisionError"),
     ("modeling.prompts", "PromptError"),
 )
 

@@ -90,6 +90,8 @@ def _train(cfg: RunConfig, factory: Callable, topo: Topology, watchdog: Watchdog
     torch.manual_seed(cfg.train.seed)
     comps = factory(cfg, rank, world, ds_config)
     comps.freeze_vision_tower(device)
+    if comps.extra.get("vision_cache") is not None:
+        log(f"image features from the {comps.extra['vision_cache'].describe()}: the vision tower does not run")
     engine, scheduler, group_names = initialize(cfg, comps.note_model, ds_config)
     watchdog.progress(0, "initialised")
 

@@ -8,13 +8,18 @@ and outside checkpoints, runs it on the batch's pixel values and passes its outp
     tokens, pooled = encode_images(tower, batch, dtype)   # [N, T, D], [N, Dp]: training, validation, embedding
     tokens, pooled = tower(pixel_values)                  # CLIP-normalised float, or the reader's uint8
     tower.token_dim, tower.pooled_dim, tower.num_tokens, tower.image_size
+    tower_key(tower)                                      # sha256 of its settings and weights (the vision cache's key)
 
 Widths are read from the model's config (HF) or probed with one blank image (plugins).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import importlib
+import itertools
+import json
 import logging
 import os
 from typing import Callable, Optional
@@ -75,12 +80,62 @@ class VisionTower(nn.Module):
         return self.encode(pixel_values.to(self.dtype))
 
 
+def _tower_dtype(tower: nn.Module) -> torch.dtype:
+    for p in itertools.chain(tower.parameters(), tower.buffers()):
+        if p.dtype.is_floating_point:
+            return p.dtype
+    return torch.float32
+
+
+def tower_key(tower: nn.Module) -> str:
+    """sha256 over what fixes the tower's outputs: its settings (model.vision without the path, which
+    only says where the weights are), its classes, and the bytes of every parameter and buffer. The key
+    of a vision cache (data_shards/vision_cache.py). Computed once per tower and dtype (the tower is
+    frozen); hashing ViT-bigG's 3.7 GB of bf16 weights takes a few seconds."""
+    dtype = _tower_dtype(tower)
+    memo = getattr(tower, "_tower_key_memo", None)
+    if memo is not None and memo[0] == dtype:
+        return memo[1]
+    cfg = getattr(tower, "vision_config", None)
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "path"} if cfg is not None else {}
+    settings["classes"] = [type(tower).__name__, type(getattr(tower, "model", tower)).__name__]
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    tensors = sorted(itertools.chain(tower.named_parameters(), tower.named_buffers()), key=lambda kv: kv[0])
+    for name, t in tensors:
+        t = t.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{t.numel()}|".encode())
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy())  # the buffer itself, no copy
+    key = h.hexdigest()
+    tower._tower_key_memo = (dtype, key)
+    return key
+
+
+def check_cached_features(tower: nn.Module, batch: dict) -> None:
+    """A batch's cached features come from this very tower (the cache's key is the live tower's)."""
+    key, live = batch.get("vision_cache_key"), tower_key(tower)
+    if key != live:
+        raise VisionError(f"data.vision_cache: {batch.get('vision_cache')!r} holds features of a tower with key "
+                          f"{str(key)[:16]}, but the live tower (model.vision) has key {live[:16]}: other settings or "
+                          "weights; write the cache again with `notellm2 data cache-vision` for this tower")
+
+
 def encode_images(tower: Optional[nn.Module], batch: dict, dtype: Optional[torch.dtype] = None):
     """(image_tokens, image_pooled) of the frozen `tower` for `batch["pixel_values"]`, under no_grad,
     cast to `dtype` when given (bf16 training: what the engine's modules take); (None, None) without a
     tower or without pixels. The one tower call of training, validation and embedding; the batch is on
-    the tower's device already (data_shards.batch.to_device)."""
-    if tower is None or "pixel_values" not in batch:
+    the tower's device already (data_shards.batch.to_device).
+
+    A batch from a vision cache (data.vision_cache) carries the features instead of pixels: they are
+    returned (in the tower's dtype, or `dtype`) without running the tower, once the cache's key is
+    checked to be this tower's (`tower_key`)."""
+    if tower is None:
+        return None, None
+    if "image_tokens" in batch:
+        check_cached_features(tower, batch)
+        cast = dtype or _tower_dtype(tower)
+        return batch["image_tokens"].to(cast), batch["image_pooled"].to(cast)
+    if "pixel_values" not in batch:
         return None, None
     with torch.no_grad():
         image_tokens, image_pooled = tower(batch["pixel_values"])
@@ -150,6 +205,7 @@ class HFVisionTower(VisionTower):
             raise VisionError(f"model.vision.cls_source: 'pre_layernorm' but the {top.model_type} model at {cfg.path!r} has "
                               "no CLS token; allowed here: 'pooled'")
         self.cls_source = cfg.cls_source
+        self.vision_config = cfg
         vcfg = getattr(top, "vision_config", top)
         self.kind = top.model_type
         self.has_cls = has_cls
@@ -225,6 +281,7 @@ class PluginVisionTower(VisionTower):
         if not isinstance(encoder, nn.Module):
             raise VisionError(f"model.vision.factory: {cfg.factory!r} returned {type(encoder).__name__}, not a torch nn.Module")
         self.model = encoder
+        self.vision_config = cfg
         if dtype is not None:
             self.model.to(dtype)
         self.image_size = cfg.image_size

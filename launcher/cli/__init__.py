@@ -33,6 +33,7 @@ VERBS: VerbTable = {
         "mine-pairs": "launcher.cli.data_mine_pairs",
         "write-shards": "launcher.cli.data_write_shards",
         "import-pairs": "launcher.cli.data_import_pairs",
+        "cache-vision": "launcher.cli.data_cache_vision",
     },
     "train": "launcher.cli.train",
     "export": "launcher.cli.export",
@@ -44,7 +45,8 @@ VERBS: VerbTable = {
 }
 
 GROUP_HELP = {
-    "data": "data preparation: validate, import-openclipart, simulate-views, mine-pairs, import-pairs, write-shards",
+    "data": "data preparation: validate, import-openclipart, simulate-views, mine-pairs, import-pairs, write-shards, "
+            "cache-vision",
 }
 
 

@@ -54,6 +54,9 @@ RUN = [
     "notellm2 neighbors --embeddings DIR --k 100 --out related.parquet",
     "notellm2 neighbors --embeddings emb_minilm --k 100 --out related.parquet",
     "notellm2 neighbors --embeddings emb_minilm --k 100 --out related_hnsw.parquet --backend faiss-hnsw",
+    "notellm2 data cache-vision --config run.yaml --out data/shards/vision-cache",
+    "notellm2 data cache-vision --config run.yaml --shards data/shards/pairs-train-*.tar --shards "
+    "data/shards/notes-test-*.tar --flip --out data/shards/vision-cache",
 ]
 
 ALLOWLIST = {
@@ -76,6 +79,9 @@ ALLOWLIST = {
         "tests/data_shards/openclipart covers the importer on a slice)",
     "notellm2 export --run-dir A/run --out A/export":
         "needs a DeepSpeed checkpoint of a training run; tests/e2e/test_real_training.py exports one and checks the vectors",
+    "notellm2 train --config run.yaml data.vision_cache=data/shards/vision-cache":
+        "a training run; tests/data_shards/vision_cache/test_train_with_cache.py trains 2 ranks with and without "
+        "a cache written by `notellm2 data cache-vision` and compares every logged scalar",
     "notellm2 export --run-dir artifacts/demo/run --out artifacts/demo/encoder":
         "needs a DeepSpeed checkpoint of a training run; tests/e2e/test_real_training.py exports one and checks the vectors",
 }
@@ -100,6 +106,7 @@ PATHS = {
     "data/shards/": "A/shards/",
     "analysis/": "A/analysis/",
     "my.yaml": os.path.join(REPO, "configs", "paper_scale.yaml"),
+    "run.yaml": "A/run.yaml",
 }
 
 
@@ -225,7 +232,8 @@ def test_allowlisted_commands_parse():
 
 @pytest.fixture(scope="module")
 def tiny_inputs(tmp_path_factory):
-    """A/: catalog.jsonl (+ images), views.parquet, pairs/, shards/, export/ (untrained tiny model), emb/."""
+    """A/: catalog.jsonl (+ images), views.parquet, pairs/, shards/, export/ (untrained tiny model), emb/,
+    run.yaml (configs/tiny_cpu.yaml with a tiny CLIP tower and the shards)."""
     from data_shards.synthetic import make_synthetic_views
     from launcher.evaluate import save_embeddings
     from tests.launcher.eval.test_serving import tiny_export
@@ -267,6 +275,14 @@ def tiny_inputs(tmp_path_factory):
     save_embeddings(str(a / "emb"), ids, vec / np.linalg.norm(vec, axis=1, keepdims=True))
     big = np.random.default_rng(1).normal(size=(150, 8)).astype(np.float32)  # neighbors --k 100 needs > 100 notes
     save_embeddings(str(a / "emb_big"), [f"x{i}" for i in range(150)], big / np.linalg.norm(big, axis=1, keepdims=True))
+    from tests.helpers.configs import write_tiny_config
+    from tests.helpers.models import make_tiny_clip_dir
+
+    shards = a / "shards"
+    write_tiny_config(a / "run.yaml", {"model.vision.path": make_tiny_clip_dir(str(root / "model")),
+                                       "data.train_shards": f"{shards}/pairs-train-*.tar",
+                                       "data.val_shards": f"{shards}/pairs-val-*.tar",
+                                       "data.notes_shards": f"{shards}/notes-test-*.tar", "data.num_workers": 0})
     return root
 
 
