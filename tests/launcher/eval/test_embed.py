@@ -1,36 +1,18 @@
 """`notellm2 embed`: every note of a notes shard set exactly once, the same vectors on 1 or 2 ranks."""
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-import yaml
 
 from launcher.evaluate import load_embeddings
-from tests.helpers.models import make_tiny_clip_dir, make_tiny_llm_dir
-from tests.helpers.data import synthetic_shards
+from tests.helpers.embed_setup import tiny_embed_setup
 from tests.helpers.multirank import REPO, base_env, run_command
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("embed")
-    llm = make_tiny_llm_dir(str(root), arch="llama", num_layers=2, hidden=32)
-    clip = make_tiny_clip_dir(str(root), hidden=32, layers=1)
-    shard_dir, manifest = synthetic_shards(str(root / "data"), n_notes=30, n_categories=3, n_pairs=40,
-                                           shard_size=7, image_size=32, splits=("test",))
-    cfg = {"model": {"variant": "notellm2", "llm": {"path": llm, "attn_implementation": "sdpa"},
-                     "vision": {"kind": "hf", "path": clip, "image_size": 32},
-                     "connector": {"kind": "qformer", "num_query_tokens": 2, "num_layers": 1, "hidden_size": 32,
-                                   "num_heads": 2},
-                     "max_text_tokens": 16, "embed_dim": 8},
-           "data": {"notes_shards": os.path.join(shard_dir, "notes-test-*.tar"), "num_workers": 0},
-           "train": {"seed": 0}}
-    path = root / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    notes = sum(s["count"] for s in manifest["shards"] if s["kind"] == "notes")
-    return {"root": root, "config": str(path), "notes": notes}
+    return tiny_embed_setup(tmp_path_factory.mktemp("embed"))
 
 
 def test_embed_one_rank_then_two_ranks_agree(setup):

@@ -6,12 +6,10 @@ import os
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from launcher.cli import main
 from launcher.evaluate import EmbeddingsError, load_embeddings, recall_at_k, save_embeddings
-from tests.helpers.data import synthetic_shards
-from tests.helpers.models import make_tiny_clip_dir, make_tiny_llm_dir
+from tests.helpers.embed_setup import tiny_embed_setup
 from tests.helpers.multirank import run_command
 
 FILES = ("embeddings.npy", "ids.txt", "embeddings.json")
@@ -19,22 +17,7 @@ FILES = ("embeddings.npy", "ids.txt", "embeddings.json")
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("embed-parts")
-    llm = make_tiny_llm_dir(str(root), arch="llama", num_layers=2, hidden=32)
-    clip = make_tiny_clip_dir(str(root), hidden=32, layers=1)
-    shard_dir, manifest = synthetic_shards(str(root / "data"), n_notes=30, n_categories=3, n_pairs=40,
-                                           shard_size=7, image_size=32, splits=("test",))
-    cfg = {"model": {"variant": "notellm2", "llm": {"path": llm, "attn_implementation": "sdpa"},
-                     "vision": {"kind": "hf", "path": clip, "image_size": 32},
-                     "connector": {"kind": "qformer", "num_query_tokens": 2, "num_layers": 1, "hidden_size": 32,
-                                   "num_heads": 2},
-                     "max_text_tokens": 16, "embed_dim": 8},
-           "data": {"notes_shards": os.path.join(shard_dir, "notes-test-*.tar"), "num_workers": 0},
-           "train": {"seed": 0}}
-    path = root / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    notes = sum(s["count"] for s in manifest["shards"] if s["kind"] == "notes")
-    return {"root": root, "config": str(path), "notes": notes, "shards": cfg["data"]["notes_shards"]}
+    return tiny_embed_setup(tmp_path_factory.mktemp("embed-parts"))
 
 
 def embed(setup, out, *extra) -> int:
