@@ -24,7 +24,8 @@ def test_bench_vision_cache_tiny_run_prints_result():
     result = json.loads(lines[-1][len("RESULT "):])
     assert {"name", "figure", "bound_or_baseline", "ratio", "target", "pass"} <= set(result)
     assert result["name"] == "bench_vision_cache" and result["bound_or_baseline"] > 0
-    assert result["ratio"] == pytest.approx(result["figure"] / result["bound_or_baseline"], abs=1e-3)
+    # the printed figure and bound are rounded (4 decimals), and on the tiny models the bound is a few ms
+    assert result["ratio"] == pytest.approx(result["figure"] / result["bound_or_baseline"], rel=0.05, abs=1e-3)
     assert result["figure"] == pytest.approx(result["step_s_without_cache"] - result["step_s_with_cache"], abs=1e-3)
     # steps 2..4 measured: the pixel step 3 and the cached steps 2 and 4, all in the one run
     assert result["measured_steps"] == [1, 2]
