@@ -59,11 +59,24 @@ def rungs(seeds, only=None) -> list[dict]:
 
 
 def data_fingerprint(data: str) -> str:
-    """sha256 of the mined pairs, the note split and the shard manifest: the same data, whatever folder."""
+    """sha256 of the mined pairs, the note split and the shard manifest: the same data, whatever folder.
+
+    The manifest records where its inputs were (`sources.*.path`) and the mining manifest's sha256, which
+    itself holds the absolute path of the views: both are dropped, so that the same data built in
+    another folder or on another machine keeps its fingerprint (the pairs, the split and the catalog's
+    sha256 stay in)."""
     h = hashlib.sha256()
-    for rel in ("pairs/pairs.parquet", "pairs/note_split.parquet", "shards/manifest.json"):
+    for rel in ("pairs/pairs.parquet", "pairs/note_split.parquet"):
         with open(os.path.join(data, rel), "rb") as fh:
             h.update(hashlib.sha256(fh.read()).digest())
+    with open(os.path.join(data, "shards", "manifest.json")) as fh:
+        manifest = json.load(fh)
+    for name, src in list(manifest.get("sources", {}).items()):
+        src = {k: v for k, v in src.items() if k != "path"}
+        if name == "mining_manifest":
+            src.pop("sha256", None)
+        manifest["sources"][name] = src
+    h.update(hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).digest())
     return h.hexdigest()[:16]
 
 

@@ -16,7 +16,7 @@ import ladder  # noqa: E402
 def _fake_data(root):
     for rel in ("pairs/pairs.parquet", "pairs/note_split.parquet", "shards/manifest.json"):
         os.makedirs(os.path.join(root, os.path.dirname(rel)), exist_ok=True)
-        open(os.path.join(root, rel), "w").write(rel)
+        open(os.path.join(root, rel), "w").write(json.dumps({"name": rel}) if rel.endswith(".json") else rel)
 
 
 def _report(name, r100, probes):
@@ -70,3 +70,22 @@ def test_rung_names_and_filters():
     assert [r["name"] for r in ladder.rungs([0], only=["micl"])] == ["micl_s0"]
     assert [r["name"] for r in ladder.rungs([0, 1], only=["two_tower_s1", "minilm_zero_shot"])] == \
         ["minilm_zero_shot", "two_tower_s1"]
+
+
+def test_data_fingerprint_ignores_the_folder_but_not_the_data(tmp_path):
+    """The same data built in two folders has one fingerprint (the manifest's recorded paths and the
+    mining manifest's hash, which holds an absolute path, are left out); changed pairs change it."""
+    def build(root, views_path, pairs=b"PAIRS"):
+        os.makedirs(root / "pairs"); os.makedirs(root / "shards")
+        (root / "pairs" / "pairs.parquet").write_bytes(pairs)
+        (root / "pairs" / "note_split.parquet").write_bytes(b"SPLIT")
+        manifest = {"counts": {"test": {"pairs_written": 3}}, "sources": {
+            "catalog": {"path": f"{root}/catalog.jsonl", "sha256": "c0ffee"},
+            "mining_manifest": {"path": f"{root}/pairs/mining_manifest.json", "sha256": views_path}}}
+        (root / "shards" / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        return str(root)
+
+    a = ladder.data_fingerprint(build(tmp_path / "a", "hash-of-/a/views"))
+    b = ladder.data_fingerprint(build(tmp_path / "b", "hash-of-/b/views"))
+    c = ladder.data_fingerprint(build(tmp_path / "c", "hash-of-/c/views", pairs=b"OTHER"))
+    assert a == b and a != c
