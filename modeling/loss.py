@@ -131,7 +131,21 @@ class GatheredContrastiveLoss(nn.Module):
         """exp(log_scale) in fp32, not clamped: the trainer keeps log_scale <= log(max_scale)."""
         return self.log_scale.float().exp()
 
-    def forward(self, emb: torch.Tensor, note_ids: torch.Tensor) -> dict:
+    def forward(self, emb: Optional[torch.Tensor], note_ids: Optional[torch.Tensor] = None,
+                log_scale: Optional[torch.Tensor] = None, log_scale_grad: Optional[torch.Tensor] = None):
+        """The loss of `emb` (see the class docstring). `log_scale` replaces the parameter's value (a
+        detached leaf: chunked caching's first pass computes d loss / d log_scale with it, outside the
+        engine). `forward(None, log_scale_grad=g)` returns the scalar (log_scale * g).sum() instead: the
+        second pass hands that gradient back to the parameter inside this module's call, so that ZeRO-3
+        gathers log_scale and reduces its gradient like any other (launcher/chunked.py)."""
+        if emb is None:
+            if log_scale_grad is None:
+                raise ValueError("contrastive loss: pass emb, or log_scale_grad for the temperature term")
+            return (self.log_scale.float() * log_scale_grad.to(self.log_scale.device).float()).sum()
+        return self.loss(emb, note_ids, self.log_scale if log_scale is None else log_scale)
+
+    def loss(self, emb: torch.Tensor, note_ids: torch.Tensor, log_scale: torch.Tensor) -> dict:
+        """forward's maths with the log scale given (no parameter read: callable outside the engine)."""
         n = emb.shape[0]
         if n % 2 or n == 0:
             raise ValueError(f"contrastive loss: expected [queries; targets] with an even number of rows, got {n}")
@@ -149,7 +163,7 @@ class GatheredContrastiveLoss(nn.Module):
         self_col = offset + local
         partner_col = offset + (local + n // 2) % n
 
-        scale = self.scale()
+        scale = log_scale.float().exp()
         logits = scale * (emb @ all_emb.t())  # [N, G] fp32
         cols = torch.arange(g, device=emb.device).view(1, g)
         partner_ids = note_ids[(local + n // 2) % n]
