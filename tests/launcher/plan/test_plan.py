@@ -156,6 +156,28 @@ def test_gradient_checkpointing_and_micro_batch_drive_activations():
     assert half.row("parameters").bytes == off.row("parameters").bytes
 
 
+def test_chunked_caching_activations_scale_with_the_chunk_not_the_batch():
+    """train.chunk_pairs: c: the LLM, connector and tower terms are those of c pairs, whatever
+    data.pairs_per_rank; the loss (over the whole batch) and the model states do not change."""
+    base = ["model.llm.gradient_checkpointing=false", "data.pairs_per_rank=64"]
+    whole = make_plan(load_config(PAPER, base), nodes=1, gpus_per_node=8)
+    eight = make_plan(load_config(PAPER, ["model.llm.gradient_checkpointing=false", "data.pairs_per_rank=8"]),
+                      nodes=1, gpus_per_node=8)
+    chunked = {c: make_plan(load_config(PAPER, [*base, f"train.chunk_pairs={c}"]), nodes=1, gpus_per_node=8)
+               for c in (8, 16)}
+    for key in ("llm_activations", "connector_activations", "vision_forward"):
+        assert chunked[8].row(key).bytes == pytest.approx(eight.row(key).bytes), key
+        assert chunked[16].row(key).bytes == pytest.approx(2 * chunked[8].row(key).bytes), key
+        assert whole.row(key).bytes == pytest.approx(8 * chunked[8].row(key).bytes), key
+    for key in ("loss", "parameters", "gradients", "optimizer"):
+        assert chunked[8].row(key).bytes == whole.row(key).bytes, key
+    cache = chunked[8].row("tower_cache").bytes  # the tower's outputs of all 128 notes, kept for pass 2
+    assert 0 < cache < 0.1 * whole.row("llm_activations").bytes
+    assert chunked[8].total() < 0.7 * whole.total()
+    assert "chunked representation caching" in format_plan(chunked[8])
+    assert chunked[8].to_dict()["micro_batch"]["chunk_pairs"] == 8
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_activation_formula_matches_what_autograd_saves(attn, dtype):
