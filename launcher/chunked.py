@@ -26,8 +26,9 @@ would repeat across chunks, so `check_chunkable` refuses dropout outside the Q-F
 
 DeepSpeed. Each chunk's backward is its own `engine.backward` (its prologue and epilogue): ZeRO-3
 reduce-scatters each parameter's gradient once per backward and adds it to the partition (its
-micro-step counter moves at the next forward); ZeRO-2 clears its "already reduced" flags at every
-epilogue. The known failure of GradCache under ZeRO ("Gradient computed twice for this partition",
+micro-step counter moves at the next forward). (ZeRO-2 clears its "already reduced" flags at every
+epilogue, so it raises no error either, but its chunked gradient did not match in our test: refused
+for now, see `check_chunkable`.) The known failure of GradCache under ZeRO ("Gradient computed twice for this partition",
 sentence-transformers#3173, tevatron#206) comes from running all chunks' backwards inside ONE
 backward call (a hook on the loss), so a parameter's reduce hook fires once per chunk before the
 epilogue; here it fires once per engine backward. `engine.step()` stays once per batch in the loop,
@@ -98,13 +99,18 @@ def chunk_of(batch: dict, start: int, stop: int) -> dict:
     return out
 
 
-def check_chunkable(model, chunk_pairs: int) -> None:
+def check_chunkable(model, chunk_pairs: int, zero_stage: int = 3) -> None:
     """Chunked caching replays the batch-start generator state in every chunk, so any dropout drawn from
-    the generator (rather than keyed per note, as the Q-Former's) would repeat across chunks: refuse it."""
+    the generator (rather than keyed per note, as the Q-Former's) would repeat across chunks: refuse it.
+    ZeRO-3 only for now: under ZeRO-2 the chunked step's gradient read back after one SGD step disagreed
+    with the unchunked one (tests/launcher/train/test_chunked_gradients.py, marked xfail), unexplained."""
     from modeling.connector import KeyedDropout
 
     if not chunk_pairs:
         return
+    if zero_stage != 3:
+        raise ConfigError(f"train.chunk_pairs: {chunk_pairs} is supported with ZeRO-3 only (train.ds_config has "
+                          f"stage {zero_stage}; ZeRO-2 chunked gradients are not verified); set train.chunk_pairs: 0")
     found = [f"{n} (p={m.p})" for n, m in model.named_modules()
              if isinstance(m, torch.nn.Dropout) and m.p > 0 and not isinstance(m, KeyedDropout)]
     llm = getattr(model, "llm", None)

@@ -93,7 +93,7 @@ def _train(cfg: RunConfig, factory: Callable, topo: Topology, watchdog: Watchdog
     comps.freeze_vision_tower(device)
     if comps.extra.get("vision_cache") is not None:
         log(f"image features from the {comps.extra['vision_cache'].describe()}: the vision tower does not run")
-    check_chunkable(comps.note_model, cfg.train.chunk_pairs)
+    check_chunkable(comps.note_model, cfg.train.chunk_pairs, ds_config["zero_optimization"].get("stage", 0))
     engine, scheduler, group_names = initialize(cfg, comps.note_model, ds_config)
     watchdog.progress(0, "initialised")
 
