@@ -116,6 +116,14 @@ class BatchStream:
         self._it = iter(self.loader.endless()) if hasattr(self.loader, "endless") else iter(self.loader)
 
     def next(self) -> dict:
+        # The loader's own draws from the torch generator (a DataLoader takes a base seed when it starts
+        # its workers: at the first batch of a process, so at step 1 of a fresh run but at the first step
+        # after a resume) stay out of the model's random stream: a resumed run then draws the same dropout
+        # masks as the unbroken one (tests/launcher/train/test_chunked_resume.py).
+        with torch.random.fork_rng(devices=[]):
+            return self._next()
+
+    def _next(self) -> dict:
         try:
             return next(self._it)
         except StopIteration:
