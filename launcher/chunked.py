@@ -26,9 +26,11 @@ would repeat across chunks, so `check_chunkable` refuses dropout outside the Q-F
 
 DeepSpeed. Each chunk's backward is its own `engine.backward` (its prologue and epilogue): ZeRO-3
 reduce-scatters each parameter's gradient once per backward and adds it to the partition (its
-micro-step counter moves at the next forward). (ZeRO-2 clears its "already reduced" flags at every
-epilogue, so it raises no error either, but its chunked gradient did not match in our test: refused
-for now, see `check_chunkable`.) The known failure of GradCache under ZeRO ("Gradient computed twice for this partition",
+micro-step counter moves at the next forward). ZeRO-2 rebuilds its gradient partition from the
+parameters' accumulated gradients at every accumulation boundary, and the next forward clears those,
+so every chunk's backward but the batch's last is marked as no boundary
+(`engine.set_gradient_accumulation_boundary`); without that only the last chunk's gradient reached
+the step (the test's rel error was 1.05). The known failure of GradCache under ZeRO ("Gradient computed twice for this partition",
 sentence-transformers#3173, tevatron#206) comes from running all chunks' backwards inside ONE
 backward call (a hook on the loss), so a parameter's reduce hook fires once per chunk before the
 epilogue; here it fires once per engine backward. `engine.step()` stays once per batch in the loop,
@@ -102,15 +104,15 @@ def chunk_of(batch: dict, start: int, stop: int) -> dict:
 def check_chunkable(model, chunk_pairs: int, zero_stage: int = 3) -> None:
     """Chunked caching replays the batch-start generator state in every chunk, so any dropout drawn from
     the generator (rather than keyed per note, as the Q-Former's) would repeat across chunks: refuse it.
-    ZeRO-3 only for now: under ZeRO-2 the chunked step's gradient read back after one SGD step disagreed
-    with the unchunked one (tests/launcher/train/test_chunked_gradients.py, marked xfail), unexplained."""
+    ZeRO-3 and ZeRO-2, the stages whose chunked step is tested against the unchunked one
+    (tests/launcher/train/test_chunked_gradients.py); stages 0 and 1 are not."""
     from modeling.connector import KeyedDropout
 
     if not chunk_pairs:
         return
-    if zero_stage != 3:
-        raise ConfigError(f"train.chunk_pairs: {chunk_pairs} is supported with ZeRO-3 only (train.ds_config has "
-                          f"stage {zero_stage}; ZeRO-2 chunked gradients are not verified); set train.chunk_pairs: 0")
+    if zero_stage not in (2, 3):
+        raise ConfigError(f"train.chunk_pairs: {chunk_pairs} is supported with ZeRO-2 and ZeRO-3 (train.ds_config has "
+                          f"stage {zero_stage}, whose chunked gradient is not verified); set train.chunk_pairs: 0")
     found = [f"{n} (p={m.p})" for n, m in model.named_modules()
              if isinstance(m, torch.nn.Dropout) and m.p > 0 and not isinstance(m, KeyedDropout)]
     llm = getattr(model, "llm", None)
@@ -193,8 +195,17 @@ def _chunked(engine, comps, batch: dict, device, cast, chunk_pairs: int, timer, 
             out["gate_std"] = z.std() if z.numel() > 1 else torch.tensor(float("nan"))
 
     on_phase("backward")
+    # ZeRO-2 (and 1): only the batch's last backward may be a gradient-accumulation boundary. At a
+    # boundary the optimizer rebuilds its gradient partition from the parameters' accumulated gradients,
+    # which the next forward clears, so with every chunk a boundary only the last chunk's gradient would
+    # reach the step. ZeRO-3 adds each backward's reduce-scatter into its partition, boundary or not.
+    manual_boundary = engine.zero_optimization_stage() in (1, 2)
+    saved_boundary = engine._is_gradient_accumulation_boundary
+    at_boundary = engine.is_gradient_accumulation_boundary()
     with timer("backward"):
         for i, ((s, e), (chunk, image_tokens, image_pooled)) in enumerate(zip(bounds, chunks)):
+            if manual_boundary:
+                engine.set_gradient_accumulation_boundary(at_boundary and i == len(bounds) - 1)
             rows = torch.cat([torch.arange(s, e), torch.arange(pairs + s, pairs + e)]).to(device)
             chunk_grads = {k: g.index_select(0, rows) for k, g in cached.items()}
             if learnable:  # exactly once; a zero elsewhere keeps log_scale in every backward's graph
@@ -204,6 +215,9 @@ def _chunked(engine, comps, batch: dict, device, cast, chunk_pairs: int, timer, 
             res = engine(chunk, image_tokens=image_tokens, image_pooled=image_pooled, cached_grads=chunk_grads)
             engine.backward(res["surrogate"])
             chunks[i] = None  # free the chunk's inputs and tower outputs as we go
+    if manual_boundary:  # back to the engine's own micro-step count (engine.step reads it)
+        engine.set_gradient_accumulation_boundary(at_boundary)
+        engine._is_gradient_accumulation_boundary = saved_boundary
     if replay_rng:
         _set_rng_state(after_state)
     return out

@@ -35,14 +35,16 @@ def _engine(llm_dir: str, clip_dir: str, per_rank: int, run: dict, out_dir: str,
 
     ds_path = "ds_configs/cpu_zero3.json"
     if run.get("stage") == 2:
-        ds_path = os.path.join(out_dir, "cpu_zero2.json")
+        # one file per rank: both ranks writing one path raced (a rank read it half-written)
+        ds_path = os.path.join(out_dir, f"cpu_zero2.rank{dist.get_rank()}.json")
         with open(ds_path, "w") as fh:
             json.dump(ZERO2, fh)
     cfg = tiny_config(None, f"model.llm.path={llm_dir}", f"model.vision.path={clip_dir}",
                       "data.train_shards=unused-by-this-test-{000000..000001}.tar",
                       f"data.pairs_per_rank={per_rank}", "train.precision=fp32", "train.grad_clip=0",
                       f"train.ds_config={ds_path}", f"model.variant={run['variant']}",
-                      f"model.connector.dropout={run.get('dropout', 0.0)}", f"train.chunk_pairs={run['chunk']}")
+                      f"model.connector.dropout={run.get('dropout', 0.0)}", f"train.chunk_pairs={run['chunk']}",
+                      f"train.grad_accum_steps={run.get('accum', 1)}")
     ds_config = build_ds_config(cfg, world)
     torch.manual_seed(cfg.train.seed)  # as launcher.train._train does before the factory
     comps = default_components(cfg, dist.get_rank(), world, ds_config)
@@ -60,7 +62,7 @@ def _engine(llm_dir: str, clip_dir: str, per_rank: int, run: dict, out_dir: str,
 
 
 def chunked_gradients(llm_dir: str, clip_dir: str, total_pairs: int, out_dir: str, runs: list) -> dict:
-    """For each run {"tag", "variant", "chunk", "dropout", "replay", "stage"}: a fresh engine, one
+    """For each run {"tag", "variant", "chunk", "dropout", "replay", "stage", "cached", "accum"}: a fresh engine, one
     forward_backward of this rank's pairs, rank 0 saves {tag}.pt with the full gradients."""
     import deepspeed
     from deepspeed.utils import safe_get_full_grad
@@ -70,7 +72,9 @@ def chunked_gradients(llm_dir: str, clip_dir: str, total_pairs: int, out_dir: st
     per_rank = total_pairs // world
     result = {"world": world}
     for run in runs:
-        engine, comps, cfg = _engine(llm_dir, clip_dir, per_rank, run, out_dir, world)
+        accum = run.get("accum", 1)  # micro-batches of per_rank / accum pairs, one optimizer step
+        micro = per_rank // accum
+        engine, comps, cfg = _engine(llm_dir, clip_dir, micro, run, out_dir, world)
         engine.train()
         named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
         stage3 = run.get("stage", 3) == 3
@@ -78,14 +82,24 @@ def chunked_gradients(llm_dir: str, clip_dir: str, total_pairs: int, out_dir: st
         with deepspeed.zero.GatheredParameters([p for _, p in named] if stage3 else []):
             initial = {n: p.detach().clone().float() for n, p in named}
         pairs = global_pairs(total_pairs)[rank * per_rank:(rank + 1) * per_rank]
-        batch = local_batch(comps.prompter, cfg.model.vision.image_size, pairs)
         torch.manual_seed(1234 + rank)  # the same generator state for every run: the same dropout masks
-        out = forward_backward(engine, comps, batch, torch.device("cpu"), None, run["chunk"],
-                               replay_rng=run.get("replay", True))
+        for m in range(accum):
+            batch = local_batch(comps.prompter, cfg.model.vision.image_size, pairs[m * micro:(m + 1) * micro])
+            if run.get("cached"):  # a vision-cache batch (data.vision_cache): the tower's features, no pixels
+                from modeling.vision import tower_key
+
+                image_tokens, image_pooled = comps.image_features(batch)
+                del batch["pixel_values"]
+                batch.update(image_tokens=image_tokens, image_pooled=image_pooled,
+                             vision_cache_key=tower_key(comps.vision_tower), vision_cache="in-memory")
+            out = forward_backward(engine, comps, batch, torch.device("cpu"), None, run["chunk"],
+                                   replay_rng=run.get("replay", True))
+            # as the training loop: engine.step() after every micro-batch (a no-op before the boundary);
+            # under ZeRO-3 the full gradient is read before the boundary's step
+            if not stage3 or m < accum - 1:
+                engine.step()
         rng_after = torch.get_rng_state()
         grads, missing = {}, []
-        if not stage3:
-            engine.step()
         for n, p in named:  # a collective under ZeRO-3: every rank, same order
             g = safe_get_full_grad(p) if stage3 else (initial[n] - p.detach().float())
             if g is None:
