@@ -48,6 +48,7 @@ import torch
 
 from data_shards.batch import to_device
 from launcher.config import ConfigError
+from modeling.loss import negative_inputs
 
 
 def _null_timer(_name):
@@ -183,7 +184,9 @@ def _chunked(engine, comps, batch: dict, device, cast, chunk_pairs: int, timer, 
             leaves["visual"] = whole("visual").requires_grad_()
         learnable = model.loss_fn.log_scale.requires_grad
         log_scale = _log_scale_value(engine).requires_grad_(learnable)
-        out = model.loss_from_embeddings(leaves, batch["note_ids"].to(device), log_scale=log_scale)
+        negatives = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in negative_inputs(batch).items()}
+        out = model.loss_from_embeddings(leaves, batch["note_ids"].to(device), log_scale=log_scale,
+                                         negatives=negatives)
         wrt = list(leaves.values()) + ([log_scale] if learnable else [])
         grads = torch.autograd.grad(out["loss"], wrt)
         cached = dict(zip(leaves, grads))

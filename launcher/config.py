@@ -319,6 +319,15 @@ def config_to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+HASH_OMITTED_AT_DEFAULT = {"loss.logq_correction": False, "loss.mask_known_positives": False}
+
+
+def _get_dotted(d: dict, key: str):
+    for p in key.split("."):
+        d = d[p]
+    return d
+
+
 def config_hash(cfg: RunConfig, ignore: tuple[str, ...] = ("train.output_dir", "train.max_steps", "train.chunk_pairs",
                                                            "checkpoint", "logging", "eval")) -> str:
     """Hash of the settings that change what a checkpoint means (paths and run length excluded; so is
@@ -332,6 +341,8 @@ def config_hash(cfg: RunConfig, ignore: tuple[str, ...] = ("train.output_dir", "
     if cfg.train.warmup_ratio is not None:
         # Derived from warmup_ratio (hashed) and max_steps (deliberately not): extending a run keeps its hash.
         ignore = (*ignore, "train.warmup_steps")
+    # keys added after runs were already hashed: at their default they stay out, so an older run keeps its hash
+    ignore = (*ignore, *(k for k, default in HASH_OMITTED_AT_DEFAULT.items() if _get_dotted(d, k) == default))
     for key in ignore:
         parts = key.split(".")
         node = d

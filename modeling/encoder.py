@@ -26,7 +26,7 @@ from modeling.backbone import IMG_EMB_TOKEN, IMG_TOKEN, EmbeddingGrower, load_ll
 from modeling.config import LossConfig, ModelConfig
 from modeling.connector import build_connector
 from modeling.fusion import EmbeddingHead, LateFusionGate
-from modeling.loss import GatheredContrastiveLoss
+from modeling.loss import GatheredContrastiveLoss, negative_inputs
 from modeling.names import PROBES, probe_unavailable, variant_spec
 from modeling.prompts import NotePrompter, marker_positions
 from modeling.vision import VisionTower, build_vision_tower
@@ -162,15 +162,24 @@ class NoteModel(nn.Module):
             if cached_grads.get("log_scale") is not None:
                 surrogate = surrogate + self.loss_fn(None, log_scale_grad=cached_grads["log_scale"])
             return {"surrogate": surrogate}
-        out = self.loss_from_embeddings(embs, batch["note_ids"])
+        out = self.loss_from_embeddings(embs, batch["note_ids"], negatives=negative_inputs(batch))
         if "gate_mean" in reps:
             out["gate_mean"], out["gate_std"] = reps["gate_mean"], reps["gate_std"]
         return out
 
-    def loss_from_embeddings(self, embs: dict, note_ids: torch.Tensor, log_scale: Optional[torch.Tensor] = None) -> dict:
+    def loss_from_embeddings(self, embs: dict, note_ids: torch.Tensor, log_scale: Optional[torch.Tensor] = None,
+                             negatives: Optional[dict] = None) -> dict:
         """The (mICL-mixed) gathered loss of the head's outputs `embs` ({"note", "visual"}); `log_scale`
-        replaces the temperature parameter's value (chunked caching's first pass, outside the engine)."""
-        loss_fn = self.loss_fn if log_scale is None else (lambda e, i: self.loss_fn.loss(e, i, log_scale))
+        replaces the temperature parameter's value (chunked caching's first pass, outside the engine);
+        `negatives` ({"logq", "known"}: `modeling.loss.negative_inputs(batch)`) feed the loss's negative
+        options, the same for both mICL losses."""
+        neg = negatives or {}
+        if log_scale is None:
+            def loss_fn(e, i):
+                return self.loss_fn(e, i, **neg)
+        else:
+            def loss_fn(e, i):
+                return self.loss_fn.loss(e, i, log_scale, **neg)
         note_emb = embs["note"]
         mm = loss_fn(note_emb, note_ids)
         out = {"logit_scale": mm["logit_scale"], "embeddings": note_emb.detach()}

@@ -62,7 +62,7 @@ def _engine(llm_dir: str, clip_dir: str, per_rank: int, run: dict, out_dir: str,
 
 
 def chunked_gradients(llm_dir: str, clip_dir: str, total_pairs: int, out_dir: str, runs: list) -> dict:
-    """For each run {"tag", "variant", "chunk", "dropout", "replay", "stage", "cached", "accum"}: a fresh engine, one
+    """For each run {"tag", "variant", "chunk", "dropout", "replay", "stage", "cached", "accum", "negatives"}: a fresh engine, one
     forward_backward of this rank's pairs, rank 0 saves {tag}.pt with the full gradients."""
     import deepspeed
     from deepspeed.utils import safe_get_full_grad
@@ -76,6 +76,8 @@ def chunked_gradients(llm_dir: str, clip_dir: str, total_pairs: int, out_dir: st
         micro = per_rank // accum
         engine, comps, cfg = _engine(llm_dir, clip_dir, micro, run, out_dir, world)
         engine.train()
+        if run.get("negatives"):  # on the live loss (the config's keys would make the loader look for note_stats)
+            engine.module.loss_fn.logq_correction = engine.module.loss_fn.mask_known_positives = True
         named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
         stage3 = run.get("stage", 3) == 3
         partitioned = all(hasattr(p, "ds_id") for _, p in named)
@@ -92,6 +94,10 @@ def chunked_gradients(llm_dir: str, clip_dir: str, total_pairs: int, out_dir: st
                 del batch["pixel_values"]
                 batch.update(image_tokens=image_tokens, image_pooled=image_pooled,
                              vision_cache_key=tower_key(comps.vision_tower), vision_cache="in-memory")
+            if run.get("negatives"):  # both negative options, with per-note inputs as the loader adds them
+                ids = batch["note_ids"]
+                batch["sample_logq"] = -1.0 - (ids % 7).float() / 3  # a fixed function of the note
+                batch["known_pos"] = torch.stack([ids.roll(1), torch.full_like(ids, -2)], dim=1)
             out = forward_backward(engine, comps, batch, torch.device("cpu"), None, run["chunk"],
                                    replay_rng=run.get("replay", True))
             # as the training loop: engine.step() after every micro-batch (a no-op before the boundary);

@@ -25,6 +25,8 @@ RUNS = [
     {"tag": "notellm2-c1", "variant": "notellm2", "chunk": 1, "dropout": 0.1},
     {"tag": "cached-whole", "variant": "notellm2", "chunk": 0, "dropout": 0.1, "cached": True},
     {"tag": "cached-chunked", "variant": "notellm2", "chunk": CHUNK, "dropout": 0.1, "cached": True},
+    {"tag": "negs-whole", "variant": "notellm2", "chunk": 0, "dropout": 0.1, "negatives": True},
+    {"tag": "negs-chunked", "variant": "notellm2", "chunk": CHUNK, "dropout": 0.1, "negatives": True},
     {"tag": "text_only-whole", "variant": "text_only", "chunk": 0},
     {"tag": "text_only-chunked", "variant": "text_only", "chunk": CHUNK},
     {"tag": "basic_mm-whole", "variant": "basic_mm", "chunk": 0, "dropout": 0.1},
@@ -129,6 +131,15 @@ def test_vision_cache_batches_chunked_equal_whole(runs):
     # the features were used (without them the image note would be empty): the live pixels' loss
     a, b = runs["info"][0]["notellm2-whole"]["scalars"], runs["info"][0]["cached-whole"]["scalars"]
     assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+
+
+def test_negative_options_chunked_equal_whole(runs):
+    """loss.logq_correction and loss.mask_known_positives: the chunked loss reads the whole batch's
+    sample_logq and known_pos (in the batch's row order), so the step equals the unchunked one."""
+    good = _check_pair(runs, "negs-whole", "negs-chunked")
+    assert good["ok"], good
+    a, b = runs["info"][0]["notellm2-whole"]["scalars"], runs["info"][0]["negs-whole"]["scalars"]
+    assert abs(a["loss"] - b["loss"]) > 1e-3  # the options are on: another loss than the plain one
 
 
 def test_zero2_chunked_equals_whole(runs):
