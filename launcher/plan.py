@@ -46,6 +46,10 @@ vision-tower terms above are those of one chunk, n = 2c notes, whatever data.pai
 loss stays over the whole batch; added: the tower's outputs of the whole batch, kept from pass 1 for
 pass 2 (images * V * d_v + pooled, run precision).
 
+Vision cache (`data.vision_cache`): the tower never runs and stays on the CPU, so its weights and its
+forward leave the GPU; the batch's cached features take their place (images * (V + 1) * d_v, run
+precision; with chunks they are the kept tower outputs too).
+
 Not counted: allocator fragmentation, the CUDA context (~0.5-1 GiB), communication buckets and the
 working memory of the layer being differentiated; keep 10-20% headroom.
 """
@@ -432,7 +436,11 @@ def make_plan(cfg: RunConfig, nodes: int = 1, gpus_per_node: int = 8, seq_len: O
                     0 if on_cpu else opt_b * p_train / ng, "on CPU" if on_cpu else ""))
     if zero.stage == 3:
         rows.append(Row("gathered", f"ZeRO-3 gathered-module buffer (4 B x {big / 1e6:.0f}M largest module)", gathered))
-    if vision is not None:
+    cached = bool(cfg.data.vision_cache)  # the tower does not run: its features come with the batch
+    if vision is not None and cached:
+        rows.append(Row("vision_weights", "frozen vision tower: not run (data.vision_cache), kept on the CPU", 0,
+                        "on CPU"))
+    elif vision is not None:
         rows.append(Row("vision_weights", f"frozen vision tower ({'bf16' if bf16 else 'fp32'}, replicated)", wb * vision.params))
     llm_on = llm_activation_bytes(llm, act_notes, s, wb, plan.gradient_checkpointing, attn)
     plan.llm_activations_other = llm_activation_bytes(llm, act_notes, s, wb, not plan.gradient_checkpointing, attn)
@@ -440,7 +448,10 @@ def make_plan(cfg: RunConfig, nodes: int = 1, gpus_per_node: int = 8, seq_len: O
     if vision is not None and spec.image_in_prompt:
         rows.append(Row("connector_activations", f"connector activations ({cfg.model.connector.kind}{per})",
                         connector_activation_bytes(cfg, llm, vision, act_images, wb)))
-    if vision is not None:
+    if vision is not None and cached:
+        rows.append(Row("cached_features", "the batch's cached tower features (data.vision_cache; no tower forward)",
+                        images * (vision.tokens_out + 1) * vision.hidden * wb))
+    elif vision is not None:
         rows.append(Row("vision_forward", f"vision forward, no grad (all hidden states + one layer{per})",
                         vision_forward_bytes(vision, act_images, wb)))
         if cfg.train.chunk_pairs:
