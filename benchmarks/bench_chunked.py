@@ -21,7 +21,6 @@ Ends with one `RESULT {json}` line.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -32,6 +31,8 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+from bench_train_step import demo_config_or_exit, driver_parser, make_shards  # noqa: E402  (shared driver parts)
 
 
 def _status_kb(field: str) -> int:
@@ -78,14 +79,6 @@ def worker(args) -> None:
 
 # ----------------------------------------------------------------------------- driver
 
-def make_shards(root: str, n_pairs: int) -> str:
-    from tests.helpers.data import synthetic_shards
-
-    shard_dir, manifest = synthetic_shards(root, n_notes=max(64, n_pairs // 2), n_categories=8, n_pairs=n_pairs,
-                                           shard_size=64, image_size=256, splits=("train",))
-    return os.path.join(shard_dir, manifest["patterns"]["pairs-train"])
-
-
 def run(pairs: int, chunk: int, args, shards: str, work: str) -> dict:
     tag = f"p{pairs}-c{chunk}"
     result = os.path.join(work, f"result-{tag}.json")
@@ -114,11 +107,7 @@ def run(pairs: int, chunk: int, args, shards: str, work: str) -> dict:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--overrides", default="[]", help=argparse.SUPPRESS)
-    p.add_argument("--result", default="", help=argparse.SUPPRESS)
-    p.add_argument("--config", default=os.path.join(REPO, "configs", "demo_cpu.yaml"))
+    p = driver_parser(__doc__)
     p.add_argument("--pairs", type=int, nargs="+", default=[8, 32, 128], help="pairs per rank")
     p.add_argument("--chunk", type=int, default=8)
     p.add_argument("--steps", type=int, default=3)
@@ -129,14 +118,9 @@ def main() -> int:
         worker(args)
         return 0
 
-    from launcher.config import load_config
-
-    cfg = load_config(args.config)
-    llm = cfg.model.llm.path if os.path.isabs(cfg.model.llm.path) else os.path.join(REPO, cfg.model.llm.path)
-    if not os.path.isfile(os.path.join(llm, "config.json")):
-        sys.exit(f"{args.config}: model.llm.path {cfg.model.llm.path} is missing; run scripts/prepare_models.py first")
+    demo_config_or_exit(args.config)
     work = tempfile.mkdtemp(prefix="bench-chunked-")
-    shards = make_shards(os.path.join(work, "data"), n_pairs=max(256, 2 * max(args.pairs) * args.steps))
+    shards = make_shards(os.path.join(work, "data"), n_pairs=max(256, 2 * max(args.pairs) * args.steps), shard_size=64)
     rows = []
     for pairs in sorted(args.pairs):
         for chunk in (0, args.chunk):
