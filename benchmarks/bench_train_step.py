@@ -90,11 +90,12 @@ def worker(args) -> None:
 
 # ----------------------------------------------------------------------------- driver
 
-def make_shards(root: str, n_pairs: int) -> str:
+def make_shards(root: str, n_pairs: int, shard_size: int = 32) -> str:
+    """Synthetic train pair shards (256 px images) for the training benchmarks; their pattern."""
     from tests.helpers.data import synthetic_shards
 
     shard_dir, manifest = synthetic_shards(root, n_notes=max(64, n_pairs // 2), n_categories=8, n_pairs=n_pairs,
-                                           shard_size=32, image_size=256, splits=("train",))
+                                           shard_size=shard_size, image_size=256, splits=("train",))
     return os.path.join(shard_dir, manifest["patterns"]["pairs-train"])
 
 
@@ -120,12 +121,29 @@ def median(rows: list, key: str) -> float:
     return statistics.median(r.get(key, 0.0) for r in rows)
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def driver_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every training benchmark has: the hidden worker-mode ones and --config."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--overrides", default="[]", help=argparse.SUPPRESS)
     p.add_argument("--result", default="", help=argparse.SUPPRESS)
     p.add_argument("--config", default=os.path.join(REPO, "configs", "demo_cpu.yaml"))
+    return p
+
+
+def demo_config_or_exit(path: str):
+    """The benchmark's run config, its LLM checked to be there (scripts/prepare_models.py)."""
+    from launcher.config import load_config
+
+    cfg = load_config(path)
+    llm = cfg.model.llm.path if os.path.isabs(cfg.model.llm.path) else os.path.join(REPO, cfg.model.llm.path)
+    if not os.path.isfile(os.path.join(llm, "config.json")):
+        sys.exit(f"{path}: model.llm.path {cfg.model.llm.path} is missing; run scripts/prepare_models.py first")
+    return cfg
+
+
+def main() -> int:
+    p = driver_parser(__doc__)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--pairs", type=int, default=8, help="pairs per rank")
@@ -134,12 +152,7 @@ def main() -> int:
         worker(args)
         return 0
 
-    from launcher.config import load_config
-
-    cfg = load_config(args.config)
-    llm = cfg.model.llm.path if os.path.isabs(cfg.model.llm.path) else os.path.join(REPO, cfg.model.llm.path)
-    if not os.path.isfile(os.path.join(llm, "config.json")):
-        sys.exit(f"{args.config}: model.llm.path {cfg.model.llm.path} is missing; run scripts/prepare_models.py first")
+    demo_config_or_exit(args.config)
     work = tempfile.mkdtemp(prefix="bench-train-")
     shards = make_shards(os.path.join(work, "data"), n_pairs=max(256, 2 * args.pairs * args.steps * 2))
     two = run(2, args, shards, work)

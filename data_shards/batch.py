@@ -19,6 +19,10 @@ With N rows and S = the image size:
     vision_cache     str            -            the cache folder (for messages)
   pair batch (PairBatch), N = 2B: rows 0..B-1 the queries, row B + i the target of query i
     sample_keys      list of str    B            "shard/key" of each pair (for logs)
+    sample_logq      float32        [N]          only with loss.logq_correction: log of each note's share of
+                                                 the training-pair appearances (data_shards/note_stats.py)
+    known_pos        int64          [N, K]       only with loss.mask_known_positives: note_id_hash of each
+                                                 note's known related notes (training pairs), padded with -2
   notes batch (NoteBatch), one row per note:
     is_dummy         bool           [N]          a padding row or a note that could not be read at all
 
@@ -82,6 +86,7 @@ class Batch(dict):
     """A loader batch: a dict with its contract (`FIELDS`), `check()` and `to_device()`."""
 
     FIELDS: tuple = COMMON_FIELDS
+    OPTIONAL: tuple = ()  # checked like FIELDS when present
 
     @property
     def num_rows(self) -> int:
@@ -101,7 +106,8 @@ class Batch(dict):
         if cached and "pixel_values" in self:
             raise BatchError(f"{where}{name} has both 'pixel_values' and cached features ('image_tokens'): a batch "
                              "carries one or the other")
-        fields = self.FIELDS + (FEATURE_FIELDS if cached else PIXEL_FIELDS)
+        fields = self.FIELDS + (FEATURE_FIELDS if cached else PIXEL_FIELDS) + \
+            tuple(f for f in self.OPTIONAL if f.key in self)
         for key in FEATURE_KEYS if cached else ():
             if not isinstance(self.get(key), str):
                 raise BatchError(f"{where}{name} has cached features but no {key!r} (str)")
@@ -142,6 +148,9 @@ class PairBatch(Batch):
     """N = 2B rows: the B queries, then their B targets (row B + i is the target of query i)."""
 
     FIELDS = COMMON_FIELDS + (Field("sample_keys", None, "B", 0, "'shard/key' of each pair"),)
+    # present only when the run's loss asks for them (NoteStats.annotate)
+    OPTIONAL = (Field("sample_logq", torch.float32, "N", 1, "log sampling frequency of each row's note"),
+                Field("known_pos", torch.int64, "N", 2, "hashes of each row's known related notes"))
 
 
 class NoteBatch(Batch):

@@ -160,7 +160,7 @@ class PairLoader:
 
     def __init__(self, shards, manifest=None, *, data_cfg: DataConfig, encode_fn: Callable[[dict], dict],
                  collate_text_fn: Callable[[list], dict], rank: int, world_size: int, pairs_per_rank: int,
-                 image_size: int = 224, epoch: int = 0):
+                 image_size: int = 224, epoch: int = 0, note_stats=None):
         if not (0 <= rank < world_size):
             raise ValueError(f"PairLoader: rank {rank} is not in [0, world_size={world_size})")
         if pairs_per_rank <= 0:
@@ -175,6 +175,9 @@ class PairLoader:
         # data.vision_cache: features instead of pixels, checked here against the shards and settings
         self.vision_cache = cache_for_loader(data_cfg, self.paths, image_size, data_cfg.random_flip, "PairLoader")
         self._source = _PairSource(data_cfg, encode_fn, collate_text_fn, image_size, self.vision_cache)
+        # loss.logq_correction / loss.mask_known_positives: every batch gets sample_logq / known_pos
+        # (data_shards/note_stats.py), added here in the consuming process (a dict lookup per row)
+        self.note_stats = note_stats
         self.epoch = epoch
         self._batches_done = 0
         self._cursors: dict = {}
@@ -254,7 +257,7 @@ class PairLoader:
             self._stats["batches"] += 1
             if self._batches_done >= end:
                 self._next_epoch()
-            yield batch
+            yield self.note_stats.annotate(batch) if self.note_stats is not None else batch
 
     def endless(self) -> Iterator[dict]:
         """Batches over epochs without end (for a step-driven training loop)."""

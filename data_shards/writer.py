@@ -7,6 +7,9 @@ Guarantees:
   have fixed mtime/uid/gid/owner names; JPEG encoding settings are fixed).
 - Atomic: each shard is written under a hidden temporary name, flushed to disk and renamed;
   ``manifest.json`` is written last, so its presence marks a complete shard set.
+- With a train split, ``note_stats.parquet`` beside the shards holds each note's share of the
+  training-pair appearances and its known related notes (data_shards/note_stats.py; the manifest's
+  ``note_stats`` entry), for ``loss.logq_correction`` and ``loss.mask_known_positives``.
 - Each distinct image is decoded and re-encoded once (in a process pool), however many pairs the
   note appears in; the encoded bytes wait in a temporary spool file, not in memory.
 
@@ -35,6 +38,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from data_shards import pairs_file
+from data_shards.note_stats import NOTE_STATS_FILE, compute_note_stats, write_note_stats
 from data_shards.catalog import CatalogError, _maybe_pool, default_workers, index_catalog, load_catalog, ordered_imap
 
 log = logging.getLogger("notellm2.data")
@@ -45,7 +49,8 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 _SHARD_RE = re.compile(r"^(pairs|notes)-[A-Za-z0-9_]+-\d{6}\.tar$")
 # Temporary files of a run (a shard or the manifest being written, the image spool).
-_TMP_RE = re.compile(r"^\.((pairs|notes)-[A-Za-z0-9_]+-\d{6}\.tar\.tmp|manifest\.json\.tmp|images\.spool)-\d+$")
+_TMP_RE = re.compile(r"^\.((pairs|notes)-[A-Za-z0-9_]+-\d{6}\.tar\.tmp|manifest\.json\.tmp|note_stats\.parquet\.tmp"
+                     r"|images\.spool)-\d+$")
 
 
 class ShardWriteError(ValueError):
@@ -288,6 +293,8 @@ def _prepare_out_dir(out_dir: str, overwrite: bool) -> list[str]:
                  out_dir, len(old))
     if has_manifest:
         os.remove(os.path.join(out_dir, MANIFEST))  # the set is incomplete until the new manifest lands
+    if NOTE_STATS_FILE in names:  # an earlier run's: rewritten below when this run writes a train split
+        os.remove(os.path.join(out_dir, NOTE_STATS_FILE))
     return old
 
 
@@ -320,6 +327,7 @@ def write_shards(pairs_dir: str, catalog: str, out_dir: str, image_root: Optiona
     problems = {k: _Problem() for k in ("missing_note", "bad_image")}
     counts: dict[str, dict] = {}
     split_pairs: dict[str, list[tuple[str, str, float]]] = {}
+    note_stats = None
     missing_seen: set[str] = set()
     for split in st.splits:
         part = df[df["split"] == split]
@@ -406,6 +414,8 @@ def write_shards(pairs_dir: str, catalog: str, out_dir: str, image_root: Optiona
                         members.append((f"{key}.{role}.jpg", img))
                 sink.add(members)
             sink.finish_shard()
+            if split == "train":  # the per-note statistics of the training pairs as written (data_shards/note_stats.py)
+                note_stats = write_note_stats(out_dir, compute_note_stats(pairs), len(pairs))
 
             if split_notes_of is None:  # pairs dropped for bad images leave the notes shards too
                 split_notes[split] = sorted({x for q, t, _ in pairs for x in (q, t)})
@@ -455,6 +465,7 @@ def write_shards(pairs_dir: str, catalog: str, out_dir: str, image_root: Optiona
             "images": {"read": len(with_image), "sha256": image_digest.hexdigest()},
         },
         "counts": counts,
+        "note_stats": note_stats,
         "problems": {k: asdict(p) for k, p in problems.items()},
         "patterns": patterns,
         "shards": entries,

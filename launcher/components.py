@@ -69,6 +69,7 @@ def default_components(cfg: RunConfig, rank: int, world_size: int, ds_config: di
     tower = build_vision_tower(cfg.model.vision, variant=cfg.model.variant)
     # data.vision_cache: refused now, before the LLM loads, when it is not this tower's or misses a shard
     vision_cache = check_run_cache(cfg, tower)
+    note_stats = _note_stats(cfg)  # loss.logq_correction / mask_known_positives: refused now when absent
     hf_ds = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"].get("stage") == 3 else None
     # bf16 runs load in bf16 (what ZeRO casts to anyway) so that flash-attn is allowed; under ZeRO-3 the
     # placeholder rows are added without making the embedding whole on every rank (launcher/partitioning.py).
@@ -81,7 +82,7 @@ def default_components(cfg: RunConfig, rank: int, world_size: int, ds_config: di
         return PairLoader(cfg.data.train_shards, None, data_cfg=cfg.data, encode_fn=prompter.encode,
                           collate_text_fn=prompter.collate, rank=rank, world_size=world_size,
                           pairs_per_rank=cfg.data.pairs_per_rank, image_size=cfg.model.vision.image_size,
-                          epoch=epoch)
+                          epoch=epoch, note_stats=note_stats)
 
     make_val_loader = None
     if cfg.data.val_shards:
@@ -90,10 +91,27 @@ def default_components(cfg: RunConfig, rank: int, world_size: int, ds_config: di
         def make_val_loader():
             return PairLoader(cfg.data.val_shards, None, data_cfg=val_cfg, encode_fn=prompter.encode,
                               collate_text_fn=prompter.collate, rank=rank, world_size=world_size,
-                              pairs_per_rank=cfg.data.pairs_per_rank, image_size=cfg.model.vision.image_size, epoch=0)
+                              pairs_per_rank=cfg.data.pairs_per_rank, image_size=cfg.model.vision.image_size, epoch=0,
+                              note_stats=note_stats)  # the training pairs' statistics: nothing of val leaks in
 
     return Components(note_model, tower, prompter, make_loader, make_val_loader=make_val_loader,
                       extra={"hf_ds_config": hf_ds, "vision_cache": vision_cache})
+
+
+def _note_stats(cfg: RunConfig):
+    """The training shards' note statistics when the loss asks for them (data_shards/note_stats.py)."""
+    from data_shards.note_stats import NoteStatsError, load_for_run
+    from data_shards.shard_index import expand_shards
+
+    keys = [k for k, on in (("loss.logq_correction", cfg.loss.logq_correction),
+                            ("loss.mask_known_positives", cfg.loss.mask_known_positives)) if on]
+    if not keys:
+        return None
+    try:
+        return load_for_run(expand_shards(cfg.data.train_shards), cfg.loss.logq_correction,
+                            cfg.loss.mask_known_positives)
+    except (NoteStatsError, FileNotFoundError) as e:
+        raise ConfigError(f"{' and '.join(keys)}: {e}") from None
 
 
 def load_factory(spec: str) -> Callable:
@@ -116,6 +134,14 @@ class BatchStream:
         self._it = iter(self.loader.endless()) if hasattr(self.loader, "endless") else iter(self.loader)
 
     def next(self) -> dict:
+        # The loader's own draws from the torch generator (a DataLoader takes a base seed when it starts
+        # its workers: at the first batch of a process, so at step 1 of a fresh run but at the first step
+        # after a resume) stay out of the model's random stream: a resumed run then draws the same dropout
+        # masks as the unbroken one (tests/launcher/train/test_chunked_resume.py).
+        with torch.random.fork_rng(devices=[]):
+            return self._next()
+
+    def _next(self) -> dict:
         try:
             return next(self._it)
         except StopIteration:

@@ -55,6 +55,13 @@ class TrainConfig:
     grad_clip: float = field(default=1.0, metadata=_nonneg())
     precision: Literal["fp32", "bf16"] = "bf16"
     seed: int = 0
+    # Chunked representation caching (GradCache, launcher/chunked.py): 0 off; c > 0 runs each rank's
+    # data.pairs_per_rank pairs in chunks of c pairs: a forward of every chunk without gradient keeps
+    # the representations, the gathered loss gives their gradients, then every chunk runs again with
+    # gradient and back-propagates them. Same loss and gradient as without chunks (dropout included),
+    # activation memory of c pairs instead of pairs_per_rank, about one extra forward per step.
+    # Must divide data.pairs_per_rank (every rank runs the same number of chunks: ZeRO-3 gathers).
+    chunk_pairs: int = field(default=0, metadata=_nonneg("an integer >= 0 (0: off)"))
     # A dead or stuck rank ends the job after this many seconds without a finished collective.
     collective_timeout_s: int = field(default=600, metadata=_pos())
 
@@ -220,6 +227,11 @@ def _cross_checks(cfg: RunConfig) -> None:
     if cfg.model.vision.kind == "plugin" and cfg.model.vision.cls_source != "pooled":
         raise ConfigError(f"model.vision.cls_source: got {cfg.model.vision.cls_source!r}; allowed: 'pooled' when "
                           "model.vision.kind is 'plugin' (a plugin returns its own pooled feature)")
+    chunk, pairs = cfg.train.chunk_pairs, cfg.data.pairs_per_rank
+    if chunk and pairs % chunk:
+        divisors = [d for d in range(1, pairs + 1) if pairs % d == 0]
+        raise ConfigError(f"train.chunk_pairs: got {chunk}; allowed: 0 (off) or a divisor of data.pairs_per_rank "
+                          f"({pairs}): {', '.join(map(str, divisors))}")
     if cfg.train.warmup_ratio is not None:
         derived = round(cfg.train.warmup_ratio * cfg.train.max_steps)
         # A resolved config (config.resolved.yaml) holds both, equal: that one loads again.
@@ -307,12 +319,30 @@ def config_to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def config_hash(cfg: RunConfig, ignore: tuple[str, ...] = ("train.output_dir", "train.max_steps", "checkpoint", "logging", "eval")) -> str:
-    """Hash of the settings that change what a checkpoint means (paths and run length excluded)."""
+HASH_OMITTED_AT_DEFAULT = {"loss.logq_correction": False, "loss.mask_known_positives": False}
+
+
+def _get_dotted(d: dict, key: str):
+    for p in key.split("."):
+        d = d[p]
+    return d
+
+
+def config_hash(cfg: RunConfig, ignore: tuple[str, ...] = ("train.output_dir", "train.max_steps", "train.chunk_pairs",
+                                                           "checkpoint", "logging", "eval")) -> str:
+    """Hash of the settings that change what a checkpoint means (paths and run length excluded; so is
+    train.chunk_pairs: chunked caching computes the same step, so a run may turn it on or off when it resumes)."""
     d = config_to_dict(cfg)
+    chunk, pairs = cfg.train.chunk_pairs, cfg.data.pairs_per_rank
+    if chunk and pairs % chunk:
+        divisors = [d for d in range(1, pairs + 1) if pairs % d == 0]
+        raise ConfigError(f"train.chunk_pairs: got {chunk}; allowed: 0 (off) or a divisor of data.pairs_per_rank "
+                          f"({pairs}): {', '.join(map(str, divisors))}")
     if cfg.train.warmup_ratio is not None:
         # Derived from warmup_ratio (hashed) and max_steps (deliberately not): extending a run keeps its hash.
         ignore = (*ignore, "train.warmup_steps")
+    # keys added after runs were already hashed: at their default they stay out, so an older run keeps its hash
+    ignore = (*ignore, *(k for k, default in HASH_OMITTED_AT_DEFAULT.items() if _get_dotted(d, k) == default))
     for key in ignore:
         parts = key.split(".")
         node = d

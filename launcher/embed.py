@@ -13,6 +13,7 @@ one (or whose image could not be read) is left out of the output and counted in 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import glob
 import hashlib
@@ -214,7 +215,8 @@ def parts_fingerprint(model_dir: str | None, cfg, shards: str, mode: str, world_
         st = os.stat(path)
         shard_list.append([os.path.abspath(path), st.st_size, st.st_mtime_ns])
     return {"format": PARTS_FORMAT, "model": model, "shards": shard_list, "mode": mode, "world_size": world_size,
-            "batch_size": batch_size, "part_every": part_every, "max_image_pixels": data_cfg.max_image_pixels}
+            "batch_size": batch_size, "part_every": part_every, "max_image_pixels": data_cfg.max_image_pixels,
+            **({"vision_cache": os.path.abspath(data_cfg.vision_cache)} if data_cfg.vision_cache else {})}
 
 
 def _differences(old: dict, new: dict) -> list[str]:
@@ -429,10 +431,27 @@ def load_embedder(model_dir: str | None, cfg, config_path: str | None = None, de
     return note_model, tower, prompter, cfg.model.vision.image_size, source
 
 
+def check_embed_cache(path: str | None, tower, label: str = "data.vision_cache") -> None:
+    """A vision cache for embedding must hold this model's tower's features (its key), refused in one line
+    naming `label` (the option or key that gave it) before any note is read (the loader checks that it
+    covers the shards)."""
+    if not path:
+        return
+    if tower is None:
+        raise UserError(f"{label}: {path!r} is set, but this model uses no image; embed without it")
+    from data_shards.vision_cache import open_cache
+    from modeling.vision import tower_key
+
+    cache, live = open_cache(path), tower_key(tower)
+    if cache.key != live:
+        raise UserError(f"{label}: {path!r} holds features of a tower with key {cache.key[:16]}, but the model's tower "
+                        f"has key {live[:16]}; write it again with `notellm2 data cache-vision` for this model")
+
+
 def embed_command(model_dir: str | None, cfg, config_path: str | None, shards: str | None, out_dir: str,
                   mode: str = "both", batch_size: int = 32, num_workers: int = 1,
                   part_every: int = DEFAULT_PART_EVERY, restart: bool = False, device: str = "cpu",
-                  dtype: str = "float32") -> int:
+                  dtype: str = "float32", vision_cache: str | None = None) -> int:
     """`notellm2 embed`: the user's mistakes (a probe the variant lacks, no shards, --device cuda without
     a GPU, parts left by other settings) are refused before any rank starts or loads a model; then
     every rank (torchrun / srun, or one process) embeds its share into parts under OUT/parts, resuming
@@ -452,6 +471,8 @@ def embed_command(model_dir: str | None, cfg, config_path: str | None, shards: s
     if not shards:
         raise UserError("no notes shards (--shards, or data.notes_shards in the config)")
     data_cfg = DataConfig(num_workers=num_workers) if model_dir else cfg.data
+    if vision_cache:  # --vision-cache: the tower's features instead of pixels (an export has no data config)
+        data_cfg = dataclasses.replace(data_cfg, vision_cache=vision_cache)
     topo = distributed.detect_topology()
     torch_device = embed_device(topo, device)
     fingerprint = parts_fingerprint(model_dir, cfg, shards, mode, topo.world_size, batch_size, part_every, data_cfg)
@@ -461,6 +482,7 @@ def embed_command(model_dir: str | None, cfg, config_path: str | None, shards: s
         # starts, before anything below touches CUDA; DeepSpeed's comm layer is not needed here.
         distributed.init_distributed(topo, timeout_s=EMBED_COLLECTIVE_TIMEOUT_S, deepspeed_comm=False)
     note_model, tower, prompter, image_size, source = load_embedder(model_dir, cfg, config_path, torch_device)
+    check_embed_cache(data_cfg.vision_cache, tower, "--vision-cache" if vision_cache else "data.vision_cache")
     rc = run_embed(note_model, tower, prompter, shards, out_dir, data_cfg, batch_size, mode,
                    topo.rank, topo.world_size, image_size, source, part_every=part_every,
                    fingerprint=fingerprint, restart=restart, dtype=dtype)

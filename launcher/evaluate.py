@@ -176,6 +176,20 @@ def popularity_subsets(target_ids, train_counts: dict) -> dict:
             "tail": np.array([t in tail for t in target_ids], dtype=bool)}
 
 
+def split_popularity_subsets(query_ids, target_ids) -> dict:
+    """Popularity within the evaluated pairs themselves: a target's appearances among them (as query or
+    target). With notes held out by split (the paper protocol's test notes are in no training pair,
+    so every target is cold for `popularity_subsets`), this is the popularity left to measure.
+    pop_head / pop_tail: the pairs whose target is in the top / bottom third of the distinct targets
+    by that count (ties by id)."""
+    counts = train_pair_counts(zip(query_ids, target_ids))
+    targets = sorted(set(target_ids), key=lambda t: (-counts[t], t))
+    third = len(targets) // 3
+    head, tail = set(targets[:third]), set(targets[len(targets) - third:]) if third else set()
+    return {"pop_head": np.array([t in head for t in target_ids], dtype=bool),
+            "pop_tail": np.array([t in tail for t in target_ids], dtype=bool)}
+
+
 def train_pair_counts(train_pairs: list[tuple[str, str]]) -> dict:
     counts: dict = {}
     for q, t in train_pairs:
@@ -248,7 +262,9 @@ def evaluate_runs(runs: list[tuple[str, str]], task: Task, ks=DEFAULT_KS, length
                                "length_quantile": length_quantile if lengths is not None else None,
                                "popularity": "training-pair appearances of the target; cold_start: 0; head/"
                                              "tail: top/bottom third of the others" if train_counts is not None
-                               else None},
+                               else None,
+                               "split_popularity": "appearances of the target among the evaluated pairs; "
+                                                   "pop_head/pop_tail: top/bottom third of the distinct targets"},
               "runs": []}
     for name, emb_dir in runs:
         ids, emb = load_embeddings(emb_dir)
@@ -264,6 +280,7 @@ def evaluate_runs(runs: list[tuple[str, str]], task: Task, ks=DEFAULT_KS, length
             report["subset_rules"]["length_threshold_chars"] = thr
         if train_counts is not None:
             subsets.update(popularity_subsets(rr.target_ids, train_counts))
+        subsets.update(split_popularity_subsets(rr.query_ids, rr.target_ids))
         res = summarise(rr, ks, subsets, resamples, seed, level)
         if rr.faiss_recall is not None:
             log(f"[eval] {name}: {backend} recall@{rr.max_k} against exact search on "

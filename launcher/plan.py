@@ -41,6 +41,14 @@ Connector (Q-Former: Q queries of width d, V vision tokens of width d_v, H_q hea
 Vision tower forward (no grad): `output_hidden_states` keeps every layer's output until the forward
 returns: images * V' * d_v * (layers + 1) elements (V' tokens incl. CLS), plus one layer's working set.
 Contrastive loss: n rows x (n * world) columns of fp32 logits, three copies (logits, softmax, grad).
+Chunked representation caching (`train.chunk_pairs: c`, launcher/chunked.py): the LLM, connector and
+vision-tower terms above are those of one chunk, n = 2c notes, whatever data.pairs_per_rank is; the
+loss stays over the whole batch; added: the tower's outputs of the whole batch, kept from pass 1 for
+pass 2 (images * V * d_v + pooled, run precision).
+
+Vision cache (`data.vision_cache`): the tower never runs and stays on the CPU, so its weights and its
+forward leave the GPU; the batch's cached features take their place (images * (V + 1) * d_v, run
+precision; with chunks they are the kept tower outputs too).
 
 Not counted: allocator fragmentation, the CUDA context (~0.5-1 GiB), communication buckets and the
 working memory of the layer being differentiated; keep 10-20% headroom.
@@ -271,6 +279,7 @@ class MemoryPlan:
     seq_parts: dict
     gradient_checkpointing: bool
     attn_implementation: str
+    chunk_pairs: int = 0  # train.chunk_pairs: activations are those of 2 * chunk_pairs notes
     rows: list[Row] = field(default_factory=list)
     llm_activations_other: float = 0.0  # the LLM activations with the other checkpointing choice
     cpu_bytes_per_node: float = 0.0
@@ -308,7 +317,7 @@ class MemoryPlan:
                        "trainable": self.trainable_params, "largest_module": self.largest_module,
                        "vision_frozen": self.vision.params if self.vision else 0},
             "micro_batch": {"notes": self.notes_per_micro_batch, "images": self.images_per_micro_batch,
-                            "seq_len": self.seq_len, "seq_parts": self.seq_parts},
+                            "seq_len": self.seq_len, "seq_parts": self.seq_parts, "chunk_pairs": self.chunk_pairs},
             "gradient_checkpointing": self.gradient_checkpointing,
             "bytes_per_gpu": {r.key: r.bytes for r in self.rows},
             "total_bytes_per_gpu": self.total(),
@@ -403,7 +412,11 @@ def make_plan(cfg: RunConfig, nodes: int = 1, gpus_per_node: int = 8, seq_len: O
     attn = "sdpa" if attn in ("auto", "flash_attention_2") else attn
     plan = MemoryPlan(config_name or cfg.name, nodes, gpus_per_node, zero, cfg.train.precision, llm, vision, new, notes,
                       images, s,
-                parts, cfg.model.llm.gradient_checkpointing, attn)
+                parts, cfg.model.llm.gradient_checkpointing, attn, cfg.train.chunk_pairs)
+    # The notes whose activations are alive at once: the batch, or one chunk (chunked caching).
+    act_notes = 2 * cfg.train.chunk_pairs if cfg.train.chunk_pairs else notes
+    act_images = act_notes if vision is not None else 0
+    per = f", per chunk of {cfg.train.chunk_pairs} pairs" if cfg.train.chunk_pairs else ""
 
     ng, p_train, big = plan.gpus, plan.trainable_params, plan.largest_module
     bf16 = cfg.train.precision == "bf16"
@@ -423,16 +436,27 @@ def make_plan(cfg: RunConfig, nodes: int = 1, gpus_per_node: int = 8, seq_len: O
                     0 if on_cpu else opt_b * p_train / ng, "on CPU" if on_cpu else ""))
     if zero.stage == 3:
         rows.append(Row("gathered", f"ZeRO-3 gathered-module buffer (4 B x {big / 1e6:.0f}M largest module)", gathered))
-    if vision is not None:
+    cached = bool(cfg.data.vision_cache)  # the tower does not run: its features come with the batch
+    if vision is not None and cached:
+        rows.append(Row("vision_weights", "frozen vision tower: not run (data.vision_cache), kept on the CPU", 0,
+                        "on CPU"))
+    elif vision is not None:
         rows.append(Row("vision_weights", f"frozen vision tower ({'bf16' if bf16 else 'fp32'}, replicated)", wb * vision.params))
-    llm_on = llm_activation_bytes(llm, notes, s, wb, plan.gradient_checkpointing, attn)
-    plan.llm_activations_other = llm_activation_bytes(llm, notes, s, wb, not plan.gradient_checkpointing, attn)
-    rows.append(Row("llm_activations", f"LLM activations (gradient checkpointing {'on' if plan.gradient_checkpointing else 'off'}, {attn})", llm_on))
+    llm_on = llm_activation_bytes(llm, act_notes, s, wb, plan.gradient_checkpointing, attn)
+    plan.llm_activations_other = llm_activation_bytes(llm, act_notes, s, wb, not plan.gradient_checkpointing, attn)
+    rows.append(Row("llm_activations", f"LLM activations (gradient checkpointing {'on' if plan.gradient_checkpointing else 'off'}, {attn}{per})", llm_on))
     if vision is not None and spec.image_in_prompt:
-        rows.append(Row("connector_activations", f"connector activations ({cfg.model.connector.kind})",
-                        connector_activation_bytes(cfg, llm, vision, images, wb)))
-    if vision is not None:
-        rows.append(Row("vision_forward", "vision forward, no grad (all hidden states + one layer)", vision_forward_bytes(vision, images, wb)))
+        rows.append(Row("connector_activations", f"connector activations ({cfg.model.connector.kind}{per})",
+                        connector_activation_bytes(cfg, llm, vision, act_images, wb)))
+    if vision is not None and cached:
+        rows.append(Row("cached_features", "the batch's cached tower features (data.vision_cache; no tower forward)",
+                        images * (vision.tokens_out + 1) * vision.hidden * wb))
+    elif vision is not None:
+        rows.append(Row("vision_forward", f"vision forward, no grad (all hidden states + one layer{per})",
+                        vision_forward_bytes(vision, act_images, wb)))
+        if cfg.train.chunk_pairs:
+            rows.append(Row("tower_cache", "frozen tower outputs of the batch, kept for pass 2 (chunked caching)",
+                            images * (vision.tokens_out + 1) * vision.hidden * wb))
     reps = 2 if spec.micl else 1
     rows.append(Row("loss", "contrastive loss logits (fp32)", 3 * 4 * reps * notes * notes * ng))
 
@@ -524,6 +548,9 @@ def format_plan(plan: MemoryPlan, gpu_memory_gib: Optional[float] = None) -> str
     L.append(f"micro batch per GPU: {plan.notes_per_micro_batch // 2} pairs = {plan.notes_per_micro_batch} notes x {plan.seq_len} tokens "
              f"(text {sp['text']} + image {sp['image']} + template {sp['template']}; {sp['template_count']}); "
              f"{plan.images_per_micro_batch} images")
+    if plan.chunk_pairs:
+        L.append(f"chunked representation caching (train.chunk_pairs): activations of {plan.chunk_pairs} pairs at a time, "
+                 f"{plan.notes_per_micro_batch // (2 * plan.chunk_pairs)} chunks per micro batch, one extra forward each")
     L.append("")
     L.append("| per-GPU memory | GiB | |")
     L.append("|---|---:|---|")

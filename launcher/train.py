@@ -5,6 +5,7 @@
     DeepSpeed JSON + YAML batch sizes -> build the components (LLM partitioned)       launcher/engine.py, components.py
     client AdamW (param groups) + LR schedule -> deepspeed.initialize                  launcher/engine.py
     loop: batch -> frozen vision tower (no_grad, replicated) -> engine forward/backward/step
+          (whole, or in chunks of train.chunk_pairs with cached representations)       launcher/chunked.py
           -> step stats, one all-reduce -> metrics (rank 0)                            launcher/metrics.py
           -> checkpoint every N steps, on a stop request and at the end                launcher/checkpoint.py
 
@@ -22,7 +23,7 @@ import torch
 
 from launcher import faults
 from launcher.checkpoint import Checkpointer, CheckpointError
-from data_shards.batch import to_device
+from launcher.chunked import check_chunkable, forward_backward
 from launcher.components import BatchStream, default_components
 from launcher.config import ConfigError, RunConfig, save_resolved
 from launcher.distributed import (Topology, Watchdog, all_gather_object, barrier, detect_topology,
@@ -92,6 +93,7 @@ def _train(cfg: RunConfig, factory: Callable, topo: Topology, watchdog: Watchdog
     comps.freeze_vision_tower(device)
     if comps.extra.get("vision_cache") is not None:
         log(f"image features from the {comps.extra['vision_cache'].describe()}: the vision tower does not run")
+    check_chunkable(comps.note_model, cfg.train.chunk_pairs, ds_config["zero_optimization"].get("stage", 0))
     engine, scheduler, group_names = initialize(cfg, comps.note_model, ds_config)
     watchdog.progress(0, "initialised")
 
@@ -121,8 +123,10 @@ def _train(cfg: RunConfig, factory: Callable, topo: Topology, watchdog: Watchdog
     cast = activation_dtype(cfg)
     step = resumed.step
     accum = cfg.train.grad_accum_steps
+    chunk = cfg.train.chunk_pairs
     log(f"training steps {resumed.step + 1}..{cfg.train.max_steps} on {world} rank(s), "
-        f"{cfg.data.pairs_per_rank} pairs/rank x {accum} accumulation; run dir {run_dir}")
+        f"{cfg.data.pairs_per_rank} pairs/rank x {accum} accumulation"
+        f"{f' (in chunks of {chunk} pairs, cached representations)' if chunk else ''}; run dir {run_dir}")
 
     try:
         while step < cfg.train.max_steps:
@@ -134,15 +138,12 @@ def _train(cfg: RunConfig, factory: Callable, topo: Topology, watchdog: Watchdog
             for _ in range(accum):
                 with timer("data_wait"):
                     batch = batches.next()
-                batch = to_device(batch, device)  # uint8 pixels are normalised there (data_shards/batch.py)
                 stats.add_batch(batch)
                 watchdog.progress(step, "forward")
-                with timer("forward"):
-                    image_tokens, image_pooled = comps.image_features(batch, cast)
-                    out = engine(batch, image_tokens=image_tokens, image_pooled=image_pooled)
-                watchdog.progress(step, "backward")
-                with timer("backward"):
-                    engine.backward(out["loss"])
+                # to_device (pixels normalised there), frozen tower, engine forward + backward; in chunks
+                # of train.chunk_pairs when set (launcher/chunked.py: same loss and gradient)
+                out = forward_backward(engine, comps, batch, device, cast, chunk, timer,
+                                       on_phase=lambda phase: watchdog.progress(step, phase))
                 watchdog.progress(step, "optimizer")
                 with timer("optimizer"):
                     engine.step()

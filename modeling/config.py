@@ -125,3 +125,10 @@ class LossConfig:
     micl_weight_vis: float = field(default=1.0, metadata=non_negative())
     # The paper's extra 1/world_size scaling of the gathered loss.
     scale_by_world_size: bool = False
+    # Subtract log q_j (column j's note's share of the training-pair appearances) from every logit: the
+    # sampled-softmax correction for popular notes drawn more often as in-batch negatives (batches carry
+    # `sample_logq`, data_shards/note_stats.py).
+    logq_correction: bool = False
+    # A column holding one of the anchor's known related notes (training pairs), other than its own
+    # partner, is not a negative (batches carry `known_pos`).
+    mask_known_positives: bool = False

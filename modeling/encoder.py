@@ -5,6 +5,8 @@
     with torch.no_grad():
         image_tokens, image_pooled = tower(pixel_values)                     # frozen, outside the model
     out = note_model(batch, image_tokens, image_pooled)                      # out["loss"].backward()
+    embs = note_model(batch, image_tokens, image_pooled, embed_only=True)    # chunked caching's passes:
+    out = note_model.loss_from_embeddings(embs, batch["note_ids"], log_scale)  #   launcher/chunked.py
     emb = note_model.encode(batch, image_tokens, image_pooled, mode="both")  # [N, embed_dim], L2-normalised
 
 NoteModel holds everything trainable (LLM, connector, gate, head, temperature) and nothing of the
@@ -24,7 +26,7 @@ from modeling.backbone import IMG_EMB_TOKEN, IMG_TOKEN, EmbeddingGrower, load_ll
 from modeling.config import LossConfig, ModelConfig
 from modeling.connector import build_connector
 from modeling.fusion import EmbeddingHead, LateFusionGate
-from modeling.loss import GatheredContrastiveLoss
+from modeling.loss import GatheredContrastiveLoss, negative_inputs
 from modeling.names import PROBES, probe_unavailable, variant_spec
 from modeling.prompts import NotePrompter, marker_positions
 from modeling.vision import VisionTower, build_vision_tower
@@ -61,7 +63,7 @@ class NoteModel(nn.Module):
 
     # ------------------------------------------------------------------ representations
 
-    def _embed_inputs(self, input_ids, mask, image_tokens):
+    def _embed_inputs(self, input_ids, mask, image_tokens, row_keys=None):
         embeds = self.llm.get_input_embeddings()(input_ids)
         slot = (input_ids == self.img_id) & mask.bool()
         rows = slot.any(dim=1)
@@ -80,7 +82,8 @@ class NoteModel(nn.Module):
             raise ModelInputError(f"image slots must hold {self.num_image_tokens} {IMG_TOKEN} tokens; found "
                                   f"{sorted(set(counts.tolist()))} (was the prompter built with this model's num_image_tokens?)")
         if rows.any():
-            proj = self.connector(image_tokens[rows].to(embeds.device))  # [n, K, H]
+            keys = row_keys[rows.to(row_keys.device)] if row_keys is not None else None  # keyed dropout (connector.py)
+            proj = self.connector(image_tokens[rows].to(embeds.device), row_keys=keys)  # [n, K, H]
             embeds = embeds.masked_scatter(slot.unsqueeze(-1), proj.to(embeds.dtype))
         else:
             # Keep the connector in the graph (zero contribution) so every rank reduces the same gradients.
@@ -92,7 +95,7 @@ class NoteModel(nn.Module):
         input_ids, mask = batch["input_ids"], batch["attention_mask"]
         if input_ids.shape != mask.shape:
             raise ModelInputError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(mask.shape)} differ")
-        embeds = self._embed_inputs(input_ids, mask, image_tokens)
+        embeds = self._embed_inputs(input_ids, mask, image_tokens, batch.get("note_ids"))
         # Positions count real tokens only, so left and right padding give the same result.
         position_ids = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
         out = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=False)
@@ -127,29 +130,66 @@ class NoteModel(nn.Module):
             if self.spec.micl:
                 result["visual"], _ = self.late_fusion(result["visual"], pooled, has_image)
             zi = z[has_image].float()
+            result["gate_values"] = zi.detach()  # chunked caching combines the chunks' gate statistics
             result["gate_mean"] = zi.mean().detach() if zi.numel() else torch.tensor(float("nan"))
             result["gate_std"] = zi.std().detach() if zi.numel() > 1 else torch.tensor(float("nan"))
         return result
 
     # ------------------------------------------------------------------ training and inference
 
-    def forward(self, batch: dict, image_tokens=None, image_pooled=None) -> dict:
+    def forward(self, batch: dict, image_tokens=None, image_pooled=None, embed_only: bool = False,
+                cached_grads: Optional[dict] = None) -> dict:
+        """The training loss of a batch (default). Chunked representation caching (launcher/chunked.py)
+        calls it through the engine in two other ways, so that ZeRO-3 gathers the parameters as usual:
+        `embed_only=True` returns the representations after the gate and the head ("note", "visual" for
+        mICL; "gate_values"), and `cached_grads` ({"note", "visual", "log_scale"}: d loss / d those)
+        returns {"surrogate": sum(embedding * its cached gradient) (+ log_scale * its gradient)},
+        whose backward is this batch's share of the loss's gradient."""
         if "note_ids" not in batch:
             raise ModelInputError("batch: missing note_ids (int64 hashes of the note ids, used for duplicate masking)")
         reps = self.represent(batch, image_tokens, image_pooled)
-        note_emb = self.head(reps["note"])
-        ids = batch["note_ids"]
-        mm = self.loss_fn(note_emb, ids)
+        embs = {"note": self.head(reps["note"])}
+        if self.spec.micl:
+            embs["visual"] = self.head(reps["visual"])
+        if "gate_values" in reps:
+            embs["gate_values"] = reps["gate_values"]
+        if embed_only:
+            return embs
+        if cached_grads is not None:
+            surrogate = (embs["note"] * cached_grads["note"].to(embs["note"])).sum()
+            if self.spec.micl:
+                surrogate = surrogate + (embs["visual"] * cached_grads["visual"].to(embs["visual"])).sum()
+            if cached_grads.get("log_scale") is not None:
+                surrogate = surrogate + self.loss_fn(None, log_scale_grad=cached_grads["log_scale"])
+            return {"surrogate": surrogate}
+        out = self.loss_from_embeddings(embs, batch["note_ids"], negatives=negative_inputs(batch))
+        if "gate_mean" in reps:
+            out["gate_mean"], out["gate_std"] = reps["gate_mean"], reps["gate_std"]
+        return out
+
+    def loss_from_embeddings(self, embs: dict, note_ids: torch.Tensor, log_scale: Optional[torch.Tensor] = None,
+                             negatives: Optional[dict] = None) -> dict:
+        """The (mICL-mixed) gathered loss of the head's outputs `embs` ({"note", "visual"}); `log_scale`
+        replaces the temperature parameter's value (chunked caching's first pass, outside the engine);
+        `negatives` ({"logq", "known"}: `modeling.loss.negative_inputs(batch)`) feed the loss's negative
+        options, the same for both mICL losses."""
+        neg = negatives or {}
+        if log_scale is None:
+            def loss_fn(e, i):
+                return self.loss_fn(e, i, **neg)
+        else:
+            def loss_fn(e, i):
+                return self.loss_fn.loss(e, i, log_scale, **neg)
+        note_emb = embs["note"]
+        mm = loss_fn(note_emb, note_ids)
         out = {"logit_scale": mm["logit_scale"], "embeddings": note_emb.detach()}
         if self.spec.micl:
-            vis = self.loss_fn(self.head(reps["visual"]), ids)
+            vis = loss_fn(embs["visual"], note_ids)
             w_mm, w_vis = self.micl_weight_mm, self.micl_weight_vis
             out["loss"] = (w_mm * mm["loss"] + w_vis * vis["loss"]) / (w_mm + w_vis)
             out["loss_mm"], out["loss_vis"] = mm["loss"].detach(), vis["loss"].detach()
         else:
             out["loss"] = mm["loss"]
-        if "gate_mean" in reps:
-            out["gate_mean"], out["gate_std"] = reps["gate_mean"], reps["gate_std"]
         return out
 
     @torch.no_grad()

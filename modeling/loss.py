@@ -34,6 +34,16 @@ rank's N local CEs. Local batch sizes must be equal on all ranks (the gather req
 With `loss.scale_by_world_size: true` (the paper's convention) loss_r is further divided by world,
 which scales the averaged gradient by 1/world.
 
+Recommendation-aware negatives (both off by default; docs/training.md, "Negatives").
+`loss.logq_correction`: column j's logit becomes scale * sim - log q_j, q_j the sampling frequency of
+column j's note (its share of the training-pair appearances), the positive's column included (the
+sampled-softmax correction of Yi et al. 2019: a popular note is drawn as a negative more often, and
+without it the model learns to push popular notes down). `loss.mask_known_positives`: a column whose
+note is one of the anchor's known related notes (from the training pairs), other than the anchor's
+own partner, is excluded like a duplicate: the loss is that of the batch with that column deleted.
+The per-row inputs (`logq` [N], `known` [N, K] of note hashes padded with -2) come from the batch
+(`sample_logq`, `known_pos`); the column frequencies are gathered like the note ids.
+
 Temperature. The logit scale is exp(log_scale), unclamped here, so its gradient never vanishes. The
 upper bound `loss.max_scale` is applied to the parameter itself after each optimizer step by the
 trainer (launcher.optim.clamp_temperature), so a scale pushed to the bound can come back down.
@@ -107,6 +117,12 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def negative_inputs(batch) -> dict:
+    """The loss's per-row negative options of a batch: {"logq": sample_logq, "known": known_pos} (None
+    when the batch has no such key)."""
+    return {"logq": batch.get("sample_logq"), "known": batch.get("known_pos")}
+
+
 class GatheredContrastiveLoss(nn.Module):
     """InfoNCE over the gathered batch with a learnable logit scale (a (1,)-shaped Parameter).
 
@@ -126,17 +142,45 @@ class GatheredContrastiveLoss(nn.Module):
         # log of the scale; shape (1,) because a 0-dim Parameter crashes ZeRO-3.
         self.log_scale = nn.Parameter(torch.full((1,), math.log(cfg.init_scale)), requires_grad=cfg.learnable_temperature)
         self.gather_fn = gather_fn
+        self.logq_correction = bool(getattr(cfg, "logq_correction", False))
+        self.mask_known_positives = bool(getattr(cfg, "mask_known_positives", False))
 
     def scale(self) -> torch.Tensor:
         """exp(log_scale) in fp32, not clamped: the trainer keeps log_scale <= log(max_scale)."""
         return self.log_scale.float().exp()
 
-    def forward(self, emb: torch.Tensor, note_ids: torch.Tensor) -> dict:
+    def forward(self, emb: Optional[torch.Tensor], note_ids: Optional[torch.Tensor] = None,
+                log_scale: Optional[torch.Tensor] = None, log_scale_grad: Optional[torch.Tensor] = None,
+                logq: Optional[torch.Tensor] = None, known: Optional[torch.Tensor] = None):
+        """The loss of `emb` (see the class docstring). `log_scale` replaces the parameter's value (a
+        detached leaf: chunked caching's first pass computes d loss / d log_scale with it, outside the
+        engine). `forward(None, log_scale_grad=g)` returns the scalar (log_scale * g).sum() instead: the
+        second pass hands that gradient back to the parameter inside this module's call, so that ZeRO-3
+        gathers log_scale and reduces its gradient like any other (launcher/chunked.py)."""
+        if emb is None:
+            if log_scale_grad is None:
+                raise ValueError("contrastive loss: pass emb, or log_scale_grad for the temperature term")
+            return (self.log_scale.float() * log_scale_grad.to(self.log_scale.device).float()).sum()
+        return self.loss(emb, note_ids, self.log_scale if log_scale is None else log_scale, logq, known)
+
+    def loss(self, emb: torch.Tensor, note_ids: torch.Tensor, log_scale: torch.Tensor,
+             logq: Optional[torch.Tensor] = None, known: Optional[torch.Tensor] = None) -> dict:
+        """forward's maths with the log scale given (no parameter read: callable outside the engine).
+        `logq` / `known` are read only when loss.logq_correction / loss.mask_known_positives is on, and
+        are then required."""
         n = emb.shape[0]
         if n % 2 or n == 0:
             raise ValueError(f"contrastive loss: expected [queries; targets] with an even number of rows, got {n}")
         if note_ids.shape != (n,):
             raise ValueError(f"contrastive loss: note_ids must have shape ({n},), got {tuple(note_ids.shape)}")
+        if self.logq_correction and (logq is None or tuple(logq.shape) != (n,)):
+            raise ValueError(f"loss.logq_correction: the batch needs 'sample_logq' of shape ({n},) (the pair "
+                             f"loader adds it from note_stats.parquet), got "
+                             f"{None if logq is None else tuple(logq.shape)}")
+        if self.mask_known_positives and (known is None or known.dim() != 2 or known.shape[0] != n):
+            raise ValueError(f"loss.mask_known_positives: the batch needs 'known_pos' of shape ({n}, K) (the pair "
+                             f"loader adds it from note_stats.parquet), got "
+                             f"{None if known is None else tuple(known.shape)}")
         gather = self.gather_fn or gather_with_grad
         emb = emb.float()
         note_ids = note_ids.to(device=emb.device, dtype=torch.long)
@@ -149,8 +193,11 @@ class GatheredContrastiveLoss(nn.Module):
         self_col = offset + local
         partner_col = offset + (local + n // 2) % n
 
-        scale = self.scale()
+        scale = log_scale.float().exp()
         logits = scale * (emb @ all_emb.t())  # [N, G] fp32
+        if self.logq_correction:  # every column's note's log sampling frequency, positives included
+            all_logq = gather(logq.to(device=emb.device, dtype=torch.float32))
+            logits = logits - all_logq.view(1, -1)
         cols = torch.arange(g, device=emb.device).view(1, g)
         partner_ids = note_ids[(local + n // 2) % n]
         # A note gathered more than once counts once: every later copy of an id is not a negative.
@@ -160,6 +207,9 @@ class GatheredContrastiveLoss(nn.Module):
             | (all_ids.view(1, g) == note_ids.view(-1, 1)) \
             | (all_ids.view(1, g) == partner_ids.view(-1, 1)) \
             | later_copy.view(1, g)
+        if self.mask_known_positives:  # the anchor's known related notes are not negatives
+            known = known.to(device=emb.device, dtype=torch.long)
+            excluded |= (known.unsqueeze(2) == all_ids.view(1, 1, g)).any(dim=1)
         excluded &= cols != partner_col.view(-1, 1)
         logits = logits.masked_fill(excluded, float("-inf"))
         per_anchor = F.cross_entropy(logits, partner_col, reduction="none")

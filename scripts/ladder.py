@@ -39,6 +39,7 @@ VARIANTS = ("text_only", "basic_mm", "micl", "late_fusion", "late_early_fusion",
 DEMO = "configs/demo_cpu.yaml"
 TWO_TOWER = "configs/minilm_two_tower.yaml"
 PROBES = ("both", "text", "image")
+ABLATIONS = {"logq": "loss.logq_correction", "mask": "loss.mask_known_positives"}
 KS = (10, 50, 100)
 
 
@@ -53,6 +54,12 @@ def rungs(seeds, only=None) -> list[dict]:
         for v in ("notellm2",) + tuple(x for x in VARIANTS if x != "notellm2"):
             out.append(dict(name=f"{v}_s{s}", config=DEMO, overrides=[f"model.variant={v}", *seed], untrained=False))
         out.append(dict(name=f"two_tower_s{s}", config=TWO_TOWER, overrides=list(seed), untrained=False))
+    # issue #14's negative options on the paper's model, after the ladder itself (docs/training.md, "Negatives")
+    for s in seeds:
+        seed = [f"train.seed={s}", f"data.seed={s}"]
+        for tag, key in ABLATIONS.items():
+            out.append(dict(name=f"notellm2_{tag}_s{s}", config=DEMO, overrides=["model.variant=notellm2", *seed,
+                                                                               f"{key}=true"], untrained=False))
     if only:
         out = [r for r in out if any(r["name"] == o or r["name"].rsplit("_s", 1)[0] == o for o in only)]
     return out
@@ -64,13 +71,15 @@ def data_fingerprint(data: str) -> str:
     The manifest records where its inputs were (`sources.*.path`) and the mining manifest's sha256, which
     itself holds the absolute path of the views: both are dropped, so that the same data built in
     another folder or on another machine keeps its fingerprint (the pairs, the split and the catalog's
-    sha256 stay in)."""
+    sha256 stay in). So is the manifest's `note_stats` entry: a function of the pairs, written by newer
+    write-shards only."""
     h = hashlib.sha256()
     for rel in ("pairs/pairs.parquet", "pairs/note_split.parquet"):
         with open(os.path.join(data, rel), "rb") as fh:
             h.update(hashlib.sha256(fh.read()).digest())
     with open(os.path.join(data, "shards", "manifest.json")) as fh:
         manifest = json.load(fh)
+    manifest.pop("note_stats", None)  # derived from the pairs (hashed above); older shard sets lack it
     for name, src in list(manifest.get("sources", {}).items()):
         src = {k: v for k, v in src.items() if k != "path"}
         if name == "mining_manifest":
@@ -85,6 +94,16 @@ def budget_key(rung: dict, data_fp: str) -> str:
     text = open(os.path.join(REPO, rung["config"])).read()
     payload = json.dumps([text, rung["overrides"], rung["untrained"], data_fp], sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def ensure_note_stats(data: str) -> None:
+    """The ablations' negative options read shards/note_stats.parquet: written from the train shards when
+    an older write-shards made them (the fingerprint leaves it out: it is a function of the pairs)."""
+    if not os.path.exists(os.path.join(data, "shards", "note_stats.parquet")):
+        from data_shards.note_stats import backfill_note_stats
+
+        print(f"[ladder] writing {data}/shards/note_stats.parquet (the ablations' negative options)", flush=True)
+        backfill_note_stats(os.path.join(data, "shards"))
 
 
 def ensure_data(data: str) -> None:
@@ -180,6 +199,8 @@ def main(argv=None) -> int:
             if os.path.exists(kept) and json.load(open(kept)).get("budget_key") == key:
                 print(f"[ladder] {rung['name']}: done (kept report {kept})", flush=True)
                 continue
+            if any(o.startswith(tuple(ABLATIONS.values())) for o in rung["overrides"]):
+                ensure_note_stats(args.data)
             t0 = time.time()
             print(f"[ladder] {rung['name']}: {' '.join(rung['overrides'])} ({time.strftime('%H:%M:%S')})", flush=True)
             res = run_experiment(rung["name"], args.root, args.data, rung["config"], "test", 2, KS,

@@ -34,6 +34,7 @@ VERBS: VerbTable = {
         "write-shards": "launcher.cli.data_write_shards",
         "import-pairs": "launcher.cli.data_import_pairs",
         "cache-vision": "launcher.cli.data_cache_vision",
+        "note-stats": "launcher.cli.data_note_stats",
     },
     "train": "launcher.cli.train",
     "export": "launcher.cli.export",
@@ -46,7 +47,7 @@ VERBS: VerbTable = {
 
 GROUP_HELP = {
     "data": "data preparation: validate, import-openclipart, simulate-views, mine-pairs, import-pairs, write-shards, "
-            "cache-vision",
+            "cache-vision, note-stats",
 }
 
 

@@ -37,7 +37,7 @@ def _run(args) -> int:
                          batch_size=args.batch_size, num_workers=args.num_workers,
                          part_every=getattr(args, "part_every", DEFAULT_PART_EVERY),
                          restart=getattr(args, "restart", False), device=getattr(args, "device", "cpu"),
-                         dtype=getattr(args, "dtype", "float32"))
+                         dtype=getattr(args, "dtype", "float32"), vision_cache=getattr(args, "vision_cache", None))
 
 
 def register(sub) -> None:
@@ -55,6 +55,9 @@ def register(sub) -> None:
                         "finished parts; they are removed once the final files are written")
     p.add_argument("--restart", action="store_true",
                    help="discard the parts in OUT/parts first (a rerun with other settings is refused without it)")
+    p.add_argument("--vision-cache", default=None, metavar="DIR",
+                   help="a cache written by `notellm2 data cache-vision` for this model's tower and these shards: "
+                        "its features instead of pixels, the tower not run (default: data.vision_cache of --config)")
     p.add_argument("--device", choices=DEVICES, default="cpu",
                    help="where the model runs: cpu (default) or cuda, the rank's GPU cuda:LOCAL_RANK")
     p.add_argument("--dtype", choices=DTYPES, default="float32",

@@ -57,6 +57,7 @@ RUN = [
     "notellm2 data cache-vision --config run.yaml --out data/shards/vision-cache",
     "notellm2 data cache-vision --config run.yaml --shards data/shards/pairs-train-*.tar --shards "
     "data/shards/notes-test-*.tar --flip --out data/shards/vision-cache",
+    "notellm2 data note-stats --shards shards_dir",
 ]
 
 ALLOWLIST = {

@@ -67,6 +67,11 @@ def test_rung_names_and_filters():
     assert names[:3] == ["untrained_notellm2", "minilm_zero_shot", "notellm2_s0"]
     assert {f"{v}_s{s}" for v in ladder.VARIANTS for s in (0, 1)} | {"two_tower_s0", "two_tower_s1"} <= set(names)
     assert names.index("two_tower_s0") < names.index("notellm2_s1")  # seed-major
+    # the negative-option ablations come after the whole ladder, one per option and seed
+    assert names[-4:] == ["notellm2_logq_s0", "notellm2_mask_s0", "notellm2_logq_s1", "notellm2_mask_s1"]
+    assert ladder.rungs([0], only=["notellm2_logq"])[0]["overrides"] == [
+        "model.variant=notellm2", "train.seed=0", "data.seed=0", "loss.logq_correction=true"]
+    assert [r["name"] for r in ladder.rungs([0], only=["notellm2"])] == ["notellm2_s0"]  # not the ablations
     assert [r["name"] for r in ladder.rungs([0], only=["micl"])] == ["micl_s0"]
     assert [r["name"] for r in ladder.rungs([0, 1], only=["two_tower_s1", "minilm_zero_shot"])] == \
         ["minilm_zero_shot", "two_tower_s1"]

@@ -207,3 +207,28 @@ def test_micl_cross_check_follows_the_registry():
                 load_config(None, overrides)
         else:
             load_config(None, overrides)
+
+
+def test_chunk_pairs_must_divide_pairs_per_rank():
+    from launcher.config import ConfigError, config_hash, load_config
+
+    assert load_config(None, ["data.pairs_per_rank=8", "train.chunk_pairs=4"]).train.chunk_pairs == 4
+    with pytest.raises(ConfigError, match=r"^train\.chunk_pairs: got 3; allowed: 0 \(off\) or a divisor of "
+                                          r"data\.pairs_per_rank \(8\): 1, 2, 4, 8$"):
+        load_config(None, ["data.pairs_per_rank=8", "train.chunk_pairs=3"])
+    with pytest.raises(ConfigError, match="train.chunk_pairs"):
+        load_config(None, ["train.chunk_pairs=-1"])
+    # chunking computes the same step: a run may turn it on or off when it resumes
+    assert config_hash(load_config(None, ["train.chunk_pairs=2"])) == config_hash(load_config(None))
+
+
+def test_the_negative_options_stay_out_of_the_hash_at_their_default():
+    """Keys added after runs were hashed (HASH_OMITTED_AT_DEFAULT): off, an older run keeps its hash; on,
+    the hash changes (a checkpoint trained with them is another run)."""
+    from launcher.config import HASH_OMITTED_AT_DEFAULT, config_hash
+
+    cfg = load_config(None, [])
+    base = ("train.output_dir", "train.max_steps", "train.chunk_pairs", "checkpoint", "logging", "eval")
+    assert config_hash(cfg) == config_hash(cfg, ignore=(*base, *HASH_OMITTED_AT_DEFAULT))
+    for key in HASH_OMITTED_AT_DEFAULT:
+        assert config_hash(load_config(None, [f"{key}=true"])) != config_hash(cfg), key

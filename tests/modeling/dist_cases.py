@@ -222,3 +222,38 @@ def duplicate_pairs_match_deduplicated_batch() -> dict:
             "num_kept": int(out["num_kept"]), "kept": out["kept"].tolist(), "kept_expected": kept_expected,
             "grad_max_diff": (grad - expected).abs().max().item(), "ref_grad_max": ref_emb.grad.abs().max().item(),
             "dropped_grad_max": grad[[not k for k in kept_expected]].abs().max().item()}
+
+
+def negative_options_match_one_process() -> dict:
+    """2 ranks x 3 pairs with loss.logq_correction and loss.mask_known_positives against the single-process
+    loss on the 6 pairs (same per-note log q and known positives). Embedding gradients: a rank's / world
+    must equal the reference's rows (DeepSpeed averages parameter gradients over ranks)."""
+    from modeling.loss import GatheredContrastiveLoss
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    assert world == 2
+    g = torch.Generator().manual_seed(11)
+    q = torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    t = torch.nn.functional.normalize(q + 0.8 * torch.randn(6, 8, generator=g), dim=-1)
+    q_ids, t_ids = torch.arange(100, 106), torch.arange(200, 206)
+    all_ids = torch.cat([q_ids, t_ids])
+    logq = torch.log(torch.linspace(0.02, 0.3, 12))  # per note, in the reference's row order
+    known = torch.full((12, 2), -2, dtype=torch.long)
+    known[0] = torch.tensor([103, 204])  # pair 0's query knows notes on the other rank
+    known[9] = torch.tensor([101, -2])   # pair 3's target (rank 1) knows pair 1's query (rank 0)
+    cfg = LossConfig(logq_correction=True, mask_known_positives=True)
+    layout = [0, 1, 2] if rank == 0 else [3, 4, 5]
+    rows = layout + [6 + k for k in layout]
+    emb = torch.cat([q, t])[rows].clone().requires_grad_(True)
+    out = GatheredContrastiveLoss(cfg)(emb, all_ids[rows], logq=logq[rows], known=known[rows])
+    out["loss"].backward()
+    loss = out["loss"].detach().clone()
+    dist.all_reduce(loss)
+    loss /= world
+    ref_emb = torch.cat([q, t]).requires_grad_(True)
+    ref = GatheredContrastiveLoss(cfg, gather_fn=lambda x: x)(ref_emb, all_ids, logq=logq, known=known)
+    ref["loss"].backward()
+    plain = GatheredContrastiveLoss(LossConfig(), gather_fn=lambda x: x)(torch.cat([q, t]), all_ids)
+    return {"rank": rank, "loss": loss.item(), "ref_loss": ref["loss"].item(), "plain_loss": plain["loss"].item(),
+            "grad_max_diff": (emb.grad / world - ref_emb.grad[rows]).abs().max().item(),
+            "ref_grad_max": ref_emb.grad.abs().max().item()}

@@ -137,3 +137,43 @@ def test_init_error_names_the_key():
         LateFusionGate(8, 5, init="zeros")
     with pytest.raises(ValueError, match="my.key: got 'x'"):
         init_linear(nn.Linear(2, 2), "x", key="my.key")
+
+
+def test_qformer_dropout_is_keyed_per_row_and_chunk_invariant():
+    """The masks of a row depend on the generator state at the forward's start and the row's key, not on
+    which other rows share the forward (what chunked representation caching relies on)."""
+    from modeling.connector import KEYED_ATTENTION, KeyedDropout
+
+    cfg = ConnectorConfig(num_layers=2, hidden_size=32, num_heads=4, dropout=0.3)
+    conn = build_connector(cfg, 24, 40, 17).train()
+    assert conn.qformer.config._attn_implementation == KEYED_ATTENTION
+    sites = [m for m in conn.modules() if isinstance(m, KeyedDropout)]
+    assert len(sites) >= 6 and len({m.site for m in sites}) == len(sites)
+    x, keys = torch.randn(6, 17, 24), torch.tensor([11, 5, 2 ** 40 + 3, -1, 7, 9])
+    torch.manual_seed(0)
+    whole = conn(x, row_keys=keys)
+    after = torch.get_rng_state()
+    parts = []
+    for rows in (slice(0, 2), slice(2, 5), slice(5, 6)):
+        torch.manual_seed(0)
+        parts.append(conn(x[rows], row_keys=keys[rows]))
+    torch.testing.assert_close(torch.cat(parts), whole, rtol=1e-5, atol=1e-6)
+    assert torch.equal(torch.get_rng_state(), after)  # one draw per forward, whatever the rows
+    # live: another generator state gives other masks; eval: no dropout
+    assert not torch.allclose(conn(x, row_keys=keys), whole)
+    conn.eval()
+    torch.testing.assert_close(conn(x, row_keys=keys), conn(x, row_keys=keys))
+
+
+def test_keyed_dropout_rate_and_scale():
+    from modeling.connector import DropoutKeys, KeyedDropout
+
+    src = DropoutKeys()
+    src.seed, src.keys = 123, torch.arange(64)
+    drop = KeyedDropout(0.25, src, site=0).train()
+    y = drop(torch.ones(64, 1000))
+    kept = (y > 0).float().mean().item()
+    assert abs(kept - 0.75) < 0.01, kept
+    assert torch.allclose(y[y > 0], torch.full_like(y[y > 0], 1 / 0.75))
+    src.keys = torch.arange(64) + 1  # other keys, other masks
+    assert not torch.equal(drop(torch.ones(64, 1000)) > 0, y > 0)

@@ -1,7 +1,8 @@
 """A run with data.vision_cache trains, validates and embeds exactly as the run without it: the same
 fixed-seed 2-rank ZeRO-3 training (gloo, fp32, random flips on), its validation loss and its
-in-training retrieval evaluation (which embeds through launcher/embed.py), and `notellm2 embed
---config`, each run once on pixels and once on a cache written by `notellm2 data cache-vision`."""
+in-training retrieval evaluation (which embeds through launcher/embed.py), `notellm2 embed --config`
+and `notellm2 embed --model EXPORT --vision-cache`, each run once on pixels and once on a cache written
+by `notellm2 data cache-vision`."""
 from __future__ import annotations
 
 import json
@@ -76,6 +77,18 @@ def test_training_validation_and_embedding_are_identical_with_and_without_the_ca
         vecs[name] = (ids, np.load(os.path.join(emb, "embeddings.npy")))
     assert vecs["pixels"][0] == vecs["cached"][0]
     assert np.array_equal(vecs["pixels"][1], vecs["cached"][1])
+
+    # notellm2 embed --model EXPORT (the trained model: no config) with --vision-cache, both ways
+    export = str(tmp_path / "export")
+    _cli("export", "--run-dir", str(tmp_path / "pixels"), "--out", export)
+    got = {}
+    for name, extra in (("pixels", []), ("cached", ["--vision-cache", cache])):
+        emb = str(tmp_path / f"emb-model-{name}")
+        _cli("embed", "--model", export, *extra, "--shards", notes, "--out", emb, "--num-workers", "0")
+        got[name] = (open(os.path.join(emb, "ids.txt")).read().split(), np.load(os.path.join(emb, "embeddings.npy")))
+    assert got["pixels"][0] == got["cached"][0] and len(got["pixels"][0]) > 0
+    assert np.array_equal(got["pixels"][1], got["cached"][1])
+    assert not np.array_equal(got["pixels"][1], vecs["pixels"][1])  # the trained model, not the untrained one
 
 
 def test_cli_refuses_a_mismatched_cache_in_one_line(tmp_path):

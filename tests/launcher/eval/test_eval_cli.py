@@ -69,7 +69,7 @@ def test_several_runs_make_one_table_and_every_output(tmp_path, capsys):
     assert [r["name"] for r in rep["runs"]] == ["trained", "plain_dir"] and "recall" not in rep
     subs = rep["runs"][0]["subsets"]
     assert set(subs) == {"all", "short_query", "long_query", "short_target", "long_target", "cold_start",
-                         "head", "tail"}
+                         "head", "tail", "pop_head", "pop_tail"}
     # t1 has 2 training pairs (tr->t1, u->t1), t2 none: t1 is the only warm target, too few for thirds
     assert subs["cold_start"]["n"] == 1 and subs["head"]["n"] == 0
     md = (tmp_path / "out" / "eval.md").read_text()

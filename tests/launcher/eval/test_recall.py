@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from launcher.evaluate import (all_pairs_task, bootstrap_ci, evaluate_runs, length_subsets, paper_task,
-                               popularity_subsets, rank_run, recall_at_k, save_embeddings, target_ranks,
-                               train_pair_counts)
+                               popularity_subsets, rank_run, recall_at_k, save_embeddings, split_popularity_subsets,
+                               target_ranks, train_pair_counts)
 
 
 def brute_force_rank(pool, q, t):
@@ -131,6 +131,17 @@ def test_popularity_subsets_cold_head_and_tail():
     # six warm targets by count (ties by id): a3 b3 c2 | d1 e1 f1 -> head a, b; tail e, f
     assert [t for t, h in zip(targets, subs["head"]) if h] == ["a", "b"]
     assert [t for t, h in zip(targets, subs["tail"]) if h] == ["e", "f"]
+
+
+def test_split_popularity_subsets_count_the_evaluated_pairs():
+    # appearances among these pairs: a 3 (q, t, t), b 2, c 1, d 1, e 1 (queries count too)
+    queries = ["a", "x", "y", "b", "z", "b"]
+    targets = ["b", "a", "a", "c", "d", "e"]
+    subs = split_popularity_subsets(queries, targets)
+    # five distinct targets by count (ties by id): a3 b3 c1 d1 e1; a third is 1 -> head a, tail e
+    assert [t for t, h in zip(targets, subs["pop_head"]) if h] == ["a", "a"]
+    assert [t for t, h in zip(targets, subs["pop_tail"]) if h] == ["e"]
+    assert not (subs["pop_head"] & subs["pop_tail"]).any()
 
 
 def test_bootstrap_interval_is_seeded_and_has_the_binomial_width():

@@ -156,6 +156,48 @@ def test_gradient_checkpointing_and_micro_batch_drive_activations():
     assert half.row("parameters").bytes == off.row("parameters").bytes
 
 
+def test_chunked_caching_activations_scale_with_the_chunk_not_the_batch():
+    """train.chunk_pairs: c: the LLM, connector and tower terms are those of c pairs, whatever
+    data.pairs_per_rank; the loss (over the whole batch) and the model states do not change."""
+    base = ["model.llm.gradient_checkpointing=false", "data.pairs_per_rank=64"]
+    whole = make_plan(load_config(PAPER, base), nodes=1, gpus_per_node=8)
+    eight = make_plan(load_config(PAPER, ["model.llm.gradient_checkpointing=false", "data.pairs_per_rank=8"]),
+                      nodes=1, gpus_per_node=8)
+    chunked = {c: make_plan(load_config(PAPER, [*base, f"train.chunk_pairs={c}"]), nodes=1, gpus_per_node=8)
+               for c in (8, 16)}
+    for key in ("llm_activations", "connector_activations", "vision_forward"):
+        assert chunked[8].row(key).bytes == pytest.approx(eight.row(key).bytes), key
+        assert chunked[16].row(key).bytes == pytest.approx(2 * chunked[8].row(key).bytes), key
+        assert whole.row(key).bytes == pytest.approx(8 * chunked[8].row(key).bytes), key
+    for key in ("loss", "parameters", "gradients", "optimizer"):
+        assert chunked[8].row(key).bytes == whole.row(key).bytes, key
+    cache = chunked[8].row("tower_cache").bytes  # the tower's outputs of all 128 notes, kept for pass 2
+    assert 0 < cache < 0.1 * whole.row("llm_activations").bytes
+    assert chunked[8].total() < 0.7 * whole.total()
+    assert "chunked representation caching" in format_plan(chunked[8])
+    assert chunked[8].to_dict()["micro_batch"]["chunk_pairs"] == 8
+
+
+@pytest.mark.parametrize("chunk", [0, 8])
+def test_vision_cache_takes_the_tower_off_the_gpu(chunk):
+    """data.vision_cache: no tower weights and no tower forward on the GPU, the batch's cached features
+    instead (those are also the kept outputs of chunked caching); the other rows do not change."""
+    base = ["data.pairs_per_rank=64", f"train.chunk_pairs={chunk}"]
+    live = make_plan(load_config(PAPER, base), nodes=1, gpus_per_node=8)
+    cached = make_plan(load_config(PAPER, [*base, "data.vision_cache=/cache"]), nodes=1, gpus_per_node=8)
+    assert live.row("vision_weights").bytes > 1e9 and cached.row("vision_weights").bytes == 0  # ViT-bigG
+    keys = {r.key for r in cached.rows}
+    assert "vision_forward" not in keys and "tower_cache" not in keys
+    v, notes = cached.vision, 2 * 64
+    assert cached.row("cached_features").bytes == notes * (v.tokens_out + 1) * v.hidden * 2  # bf16
+    if chunk:
+        assert cached.row("cached_features").bytes == live.row("tower_cache").bytes
+    for r in live.rows:
+        if r.key not in ("vision_weights", "vision_forward", "tower_cache"):
+            assert cached.row(r.key).bytes == r.bytes, r.key
+    assert cached.total() < live.total() - live.row("vision_weights").bytes + 1
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_activation_formula_matches_what_autograd_saves(attn, dtype):
