@@ -246,7 +246,8 @@ def test_existing_complete_set_needs_overwrite_and_stale_shards_go(inputs, tmp_p
     m = write_shards(pairs, cat, out, settings=ShardSettings(shard_size=400, image_size=32), workers=1, overwrite=True)
     now = sorted(os.listdir(out))
     assert len(now) < len(many)
-    assert now == sorted([e["name"] for e in m["shards"]] + ["manifest.json"]) and verify_shards(out) == []
+    assert now == sorted([e["name"] for e in m["shards"]] + ["manifest.json", m["note_stats"]["file"]])
+    assert verify_shards(out) == []
 
 
 def test_verify_detects_corruption(inputs, tmp_path):
