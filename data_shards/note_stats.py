@@ -24,7 +24,6 @@ The pair loader (`NoteStats.annotate`) adds two keys to every pair batch when th
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from typing import Iterable, Optional
@@ -69,12 +68,11 @@ def write_note_stats(out_dir: str, stats, n_pairs: int, max_known: int = MAX_KNO
     """Write `stats` to out_dir/note_stats.parquet (atomically); return its manifest entry."""
     path = os.path.join(out_dir, NOTE_STATS_FILE)
     tmp = os.path.join(out_dir, f".{NOTE_STATS_FILE}.tmp-{os.getpid()}")
+    from data_shards.writer import sha256_file  # lazily: the writer imports this module
+
     stats.to_parquet(tmp, index=False)
     os.replace(tmp, path)
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        h.update(fh.read())
-    return {"file": NOTE_STATS_FILE, "sha256": h.hexdigest(), "split": "train", "pairs": int(n_pairs),
+    return {"file": NOTE_STATS_FILE, "sha256": sha256_file(path), "split": "train", "pairs": int(n_pairs),
             "notes": int(len(stats)), "max_known": int(max_known)}
 
 
@@ -87,8 +85,9 @@ def backfill_note_stats(shards_dir: str) -> dict:
     import tarfile
 
     from data_shards.shard_index import expand_shards
+    from data_shards.writer import MANIFEST, write_manifest  # lazily: the writer imports this module
 
-    manifest_path = os.path.join(shards_dir, "manifest.json")
+    manifest_path = os.path.join(shards_dir, MANIFEST)
     if not os.path.exists(manifest_path):
         raise NoteStatsError(f"{manifest_path}: no shard manifest (not a complete write-shards output)")
     with open(manifest_path, encoding="utf-8") as fh:
@@ -108,11 +107,7 @@ def backfill_note_stats(shards_dir: str) -> dict:
         raise NoteStatsError(f"{shards_dir}: read {len(pairs)} train pairs from the shards, the manifest says {expected}")
     entry = write_note_stats(shards_dir, compute_note_stats(pairs), len(pairs))
     manifest["note_stats"] = entry
-    tmp = os.path.join(shards_dir, f".manifest.json.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(manifest, fh, indent=2, sort_keys=True, ensure_ascii=False)
-        fh.write("\n")
-    os.replace(tmp, manifest_path)
+    write_manifest(shards_dir, manifest)
     return entry
 
 

@@ -470,6 +470,12 @@ def write_shards(pairs_dir: str, catalog: str, out_dir: str, image_root: Optiona
         "patterns": patterns,
         "shards": entries,
     }
+    write_manifest(out_dir, manifest)
+    return manifest
+
+
+def write_manifest(out_dir: str, manifest: dict) -> None:
+    """out_dir/manifest.json, atomically (a hidden temporary file, flushed to disk, renamed)."""
     tmp = os.path.join(out_dir, f".{MANIFEST}.tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump(manifest, fh, indent=2, sort_keys=True, ensure_ascii=False)
@@ -477,7 +483,6 @@ def write_shards(pairs_dir: str, catalog: str, out_dir: str, image_root: Optiona
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, os.path.join(out_dir, MANIFEST))
-    return manifest
 
 
 def verify_shards(out_dir: str) -> list[str]:

@@ -142,8 +142,8 @@ class GatheredContrastiveLoss(nn.Module):
         # log of the scale; shape (1,) because a 0-dim Parameter crashes ZeRO-3.
         self.log_scale = nn.Parameter(torch.full((1,), math.log(cfg.init_scale)), requires_grad=cfg.learnable_temperature)
         self.gather_fn = gather_fn
-        self.logq_correction = bool(getattr(cfg, "logq_correction", False))
-        self.mask_known_positives = bool(getattr(cfg, "mask_known_positives", False))
+        self.logq_correction = bool(cfg.logq_correction)
+        self.mask_known_positives = bool(cfg.mask_known_positives)
 
     def scale(self) -> torch.Tensor:
         """exp(log_scale) in fp32, not clamped: the trainer keeps log_scale <= log(max_scale)."""

@@ -81,6 +81,11 @@ def test_both_options_together_and_their_gradients_flow():
     out = local(logq_correction=True, mask_known_positives=True)(emb, ids, logq=logq, known=known)
     out["loss"].backward()
     assert torch.isfinite(out["loss"]) and emb.grad.abs().max() > 1e-3
+    # together they are each one's change: neither alone, nor the plain loss
+    e = emb.detach()
+    for other in (local()(e, ids), local(logq_correction=True)(e, ids, logq=logq),
+                  local(mask_known_positives=True)(e, ids, known=known)):
+        assert abs(other["loss"].item() - out["loss"].item()) > 1e-4
 
 
 @pytest.mark.parametrize("key, kwargs", [("sample_logq", {"logq_correction": True}),
