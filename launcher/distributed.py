@@ -103,12 +103,26 @@ def enable_crash_traces() -> None:
     """faulthandler on, for every thread, into this rank's stderr: a native crash (SIGSEGV, SIGABRT,
     SIGBUS, SIGFPE, SIGILL) then prints each thread's Python stack into the rank's log before it dies.
     The trainer and `notellm2 embed` call it first thing."""
-    stream = sys.stderr
+    faulthandler.enable(file=_stderr_with_fd(), all_threads=True)
+
+
+def _stderr_with_fd():
+    """sys.stderr, or the process's own when it has no file descriptor (pytest, notebooks capture it)."""
     try:
-        stream.fileno()
-    except (AttributeError, OSError, ValueError):  # a captured stderr (pytest, notebooks) has no fd
-        stream = sys.__stderr__
-    faulthandler.enable(file=stream, all_threads=True)
+        sys.stderr.fileno()
+        return sys.stderr
+    except (AttributeError, OSError, ValueError):
+        return sys.__stderr__
+
+
+def _dump_stacks() -> None:
+    """Every thread's Python stack into this rank's stderr (the watchdog's last words)."""
+    stream = _stderr_with_fd()
+    try:
+        stream.flush()
+        faulthandler.dump_traceback(file=stream, all_threads=True)
+    except Exception:  # the diagnosis must not stop the exit
+        pass
 
 
 def init_distributed(topo: Topology, timeout_s: float, deepspeed_comm: bool = True) -> str:
@@ -361,8 +375,10 @@ class Watchdog:
                     msg = f"cannot read the other ranks' heartbeats ({e}); rank 0 (the store host) may be dead"
                 self.log(f"[watchdog rank {self.rank}] no training progress for {stalled:.0f}s "
                          f"(train.collective_timeout_s={self.timeout_s:g}) at step {self.step} ({self.phase}); "
-                         f"{msg}; ending this rank with exit code {WATCHDOG_EXIT_CODE}")
+                         f"{msg}; ending this rank with exit code {WATCHDOG_EXIT_CODE}; its threads' stacks follow "
+                         f"on stderr")
                 sys.stdout.flush()
+                _dump_stacks()  # where this rank's main thread waits: which collective, called from where
                 sys.stderr.flush()
                 os._exit(WATCHDOG_EXIT_CODE)
 

@@ -145,6 +145,8 @@ def test_watchdog_ends_a_stalled_process_only_once_armed():
     assert r.returncode == 3, r.stdout + r.stderr
     assert "survived start-up" in r.stdout and "not reached" not in r.stdout
     assert "no training progress" in r.stdout and "at step 1 (data)" in r.stdout
+    # every thread's stack follows on stderr: the main thread waits in the script's time.sleep(30)
+    assert "(most recent call first)" in r.stderr and 'File "<string>", line 8' in r.stderr, r.stderr
 
 
 def test_step_stats_pack_by_field_name_and_keep_local_fields():
