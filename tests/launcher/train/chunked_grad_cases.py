@@ -85,25 +85,17 @@ def chunked_gradients(llm_dir: str, clip_dir: str, total_pairs: int, out_dir: st
             initial = {n: p.detach().clone().float() for n, p in named}
         pairs = global_pairs(total_pairs)[rank * per_rank:(rank + 1) * per_rank]
         torch.manual_seed(1234 + rank)  # the same generator state for every run: the same dropout masks
-        for m in range(accum):
-            batch = local_batch(comps.prompter, cfg.model.vision.image_size, pairs[m * micro:(m + 1) * micro])
-            if run.get("cached"):  # a vision-cache batch (data.vision_cache): the tower's features, no pixels
-                from modeling.vision import tower_key
-
-                image_tokens, image_pooled = comps.image_features(batch)
-                del batch["pixel_values"]
-                batch.update(image_tokens=image_tokens, image_pooled=image_pooled,
-                             vision_cache_key=tower_key(comps.vision_tower), vision_cache="in-memory")
-            if run.get("negatives"):  # both negative options, with per-note inputs as the loader adds them
-                ids = batch["note_ids"]
-                batch["sample_logq"] = -1.0 - (ids % 7).float() / 3  # a fixed function of the note
-                batch["known_pos"] = torch.stack([ids.roll(1), torch.full_like(ids, -2)], dim=1)
-            out = forward_backward(engine, comps, batch, torch.device("cpu"), None, run["chunk"],
-                                   replay_rng=run.get("replay", True))
-            # as the training loop: engine.step() after every micro-batch (a no-op before the boundary);
-            # under ZeRO-3 the full gradient is read before the boundary's step
-            if not stage3 or m < accum - 1:
-                engine.step()
+        steps = run.get("steps", 1)  # steps - 1 whole optimizer steps first; the last one is read
+        gathers = _count_all_gathers()
+        for step in range(steps):
+            last = step == steps - 1
+            if last:
+                gathers["n"] = 0
+            out = _one_step(engine, comps, cfg, run, pairs, micro, accum, stage3, last)
+        coordinator = getattr(getattr(engine.optimizer, "parameter_offload", None), "get_param_coordinator", None)
+        complete_trace = bool(coordinator().is_complete_trace()) if coordinator else None
+        all_gathers = gathers["n"]
+        gathers["undo"]()
         rng_after = torch.get_rng_state()
         grads, missing = {}, []
         for n, p in named:  # a collective under ZeRO-3: every rank, same order
@@ -119,8 +111,50 @@ def chunked_gradients(llm_dir: str, clip_dir: str, total_pairs: int, out_dir: st
                         "embeddings": out["embeddings"].detach().clone()}, os.path.join(out_dir, f"{run['tag']}.pt"))
         keyed = [m.p for m in engine.module.modules() if isinstance(m, KeyedDropout)]
         result[run["tag"]] = {"scalars": scalars, "missing": missing, "partitioned": partitioned,
+                              "complete_trace": complete_trace, "all_gathers": all_gathers,
                               "keyed_dropouts": len(keyed), "dropout_p": sorted(set(keyed)), "n_params": len(named),
                               "stage": engine.zero_optimization_stage()}
         engine.destroy()
         dist.barrier()
     return result
+
+
+def _count_all_gathers() -> dict:
+    """Counts ZeRO-3's parameter all-gathers (deepspeed.comm.allgather_fn, looked up at every call by
+    partition_parameters) in {"n"}; {"undo"}() puts the function back."""
+    import deepspeed.comm as ds_comm
+
+    real, counter = ds_comm.allgather_fn, {"n": 0}
+
+    def counted(*args, **kwargs):
+        counter["n"] += 1
+        return real(*args, **kwargs)
+
+    ds_comm.allgather_fn = counted
+    counter["undo"] = lambda: setattr(ds_comm, "allgather_fn", real)
+    return counter
+
+
+def _one_step(engine, comps, cfg, run, pairs, micro, accum, stage3, read):
+    """One optimizer step's micro-batches through forward_backward; `read`: the step whose gradient is read
+    (under ZeRO-3 its boundary step is left to the caller). Returns the last micro-batch's outputs."""
+    for m in range(accum):
+        batch = local_batch(comps.prompter, cfg.model.vision.image_size, pairs[m * micro:(m + 1) * micro])
+        if run.get("cached"):  # a vision-cache batch (data.vision_cache): the tower's features, no pixels
+            from modeling.vision import tower_key
+
+            image_tokens, image_pooled = comps.image_features(batch)
+            del batch["pixel_values"]
+            batch.update(image_tokens=image_tokens, image_pooled=image_pooled,
+                         vision_cache_key=tower_key(comps.vision_tower), vision_cache="in-memory")
+        if run.get("negatives"):  # both negative options, with per-note inputs as the loader adds them
+            ids = batch["note_ids"]
+            batch["sample_logq"] = -1.0 - (ids % 7).float() / 3  # a fixed function of the note
+            batch["known_pos"] = torch.stack([ids.roll(1), torch.full_like(ids, -2)], dim=1)
+        out = forward_backward(engine, comps, batch, torch.device("cpu"), None, run["chunk"],
+                               replay_rng=run.get("replay", True))
+        # as the training loop: engine.step() after every micro-batch (a no-op before the boundary);
+        # under ZeRO-3 the full gradient of the read step is read before the boundary's step
+        if not (stage3 and read) or m < accum - 1:
+            engine.step()
+    return out
