@@ -2,7 +2,10 @@
 their batches (pixels out of their slot, batch order checked, counters merged, problems logged)."""
 from __future__ import annotations
 
+import faulthandler
 import gc
+import signal
+import sys
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -14,8 +17,20 @@ from data_shards.samples import merge_counts
 from data_shards.shard_index import _gc_freeze_if_none_frozen
 
 
+# A worker prints every thread's Python stack to its stderr (the rank's log) on this signal: a stalled
+# rank's watchdog sends it to its forked loader workers before ending the rank (launcher/distributed.py),
+# so that a batch that never comes shows where its worker waits.
+STACKS_SIGNAL = signal.SIGUSR2
+
+
 def _worker_init(_):
     torch.set_num_threads(1)
+    stream = sys.__stderr__
+    if stream is not None:
+        try:
+            faulthandler.register(STACKS_SIGNAL, file=stream, all_threads=True)
+        except (AttributeError, OSError, ValueError, RuntimeError):  # no such signal, or stderr has no fd
+            pass
 
 
 def start_workers(stream: IterableDataset, num_workers: int, start_method: str = "fork"):

@@ -115,14 +115,60 @@ def _stderr_with_fd():
         return sys.__stderr__
 
 
-def _dump_stacks() -> None:
-    """Every thread's Python stack into this rank's stderr (the watchdog's last words)."""
+def _dump_stacks(worker_wait_s: float = 0.5) -> None:
+    """Every thread's Python stack into this rank's stderr (the watchdog's last words), then those of
+    its forked loader workers (each prints its own on data_shards.workers.STACKS_SIGNAL)."""
     stream = _stderr_with_fd()
     try:
         stream.flush()
         faulthandler.dump_traceback(file=stream, all_threads=True)
     except Exception:  # the diagnosis must not stop the exit
         pass
+    if signal_forked_workers() and worker_wait_s > 0:
+        time.sleep(worker_wait_s)  # let them write before this rank exits (and they with it)
+
+
+def forked_children() -> list:
+    """PIDs of this process's children that run this process's command line: the loader workers it
+    forked (a spawned or forkserver worker, the forkserver and resource tracker run other command
+    lines). Linux /proc only; [] elsewhere."""
+    import glob
+
+    try:
+        with open("/proc/self/cmdline", "rb") as fh:
+            mine = fh.read()
+    except OSError:
+        return []
+    pids = []
+    for path in glob.glob("/proc/self/task/*/children"):
+        try:
+            with open(path) as fh:
+                pids += [int(p) for p in fh.read().split()]
+        except OSError:
+            continue
+    found = []
+    for pid in sorted(set(pids)):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                if fh.read() == mine:
+                    found.append(pid)
+        except OSError:
+            continue
+    return found
+
+
+def signal_forked_workers() -> list:
+    """Ask this rank's forked loader workers for their stacks; returns the PIDs signalled."""
+    from data_shards.workers import STACKS_SIGNAL
+
+    sent = []
+    for pid in forked_children():
+        try:
+            os.kill(pid, STACKS_SIGNAL)
+            sent.append(pid)
+        except OSError:
+            continue
+    return sent
 
 
 def init_distributed(topo: Topology, timeout_s: float, deepspeed_comm: bool = True) -> str:
@@ -375,8 +421,8 @@ class Watchdog:
                     msg = f"cannot read the other ranks' heartbeats ({e}); rank 0 (the store host) may be dead"
                 self.log(f"[watchdog rank {self.rank}] no training progress for {stalled:.0f}s "
                          f"(train.collective_timeout_s={self.timeout_s:g}) at step {self.step} ({self.phase}); "
-                         f"{msg}; ending this rank with exit code {WATCHDOG_EXIT_CODE}; its threads' stacks follow "
-                         f"on stderr")
+                         f"{msg}; ending this rank with exit code {WATCHDOG_EXIT_CODE}; its threads' stacks, and its "
+                         f"loader workers', follow on stderr")
                 sys.stdout.flush()
                 _dump_stacks()  # where this rank's main thread waits: which collective, called from where
                 sys.stderr.flush()

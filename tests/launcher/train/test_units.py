@@ -170,3 +170,45 @@ def test_step_stats_pack_by_field_name_and_keep_local_fields():
     assert (summed.loss, summed.tokens, summed.stop_asked) == (4.0, 12.0, 2.0)
     assert summed.seen_parts == {"loss", "loss_mm"} and summed.extras == {"logit_scale": 20.0}
     assert s.all_reduced() == s  # no process group: the sums are this rank's figures
+
+
+class _WaitingStream(torch.utils.data.IterableDataset):
+    """A loader stream whose worker says it started (a file) and then waits until told to stop."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def __iter__(self):
+        import time
+
+        open(os.path.join(self.folder, "started"), "w").close()
+        for _ in range(300):
+            if os.path.exists(os.path.join(self.folder, "stop")):
+                break
+            time.sleep(0.1)
+        return iter(())
+
+
+def test_a_stalled_rank_gets_its_forked_loader_workers_stacks(tmp_path, capfd):
+    """The watchdog's last words include the loader workers' stacks: a forked worker (data_shards'
+    start_workers) prints its own on STACKS_SIGNAL, and signal_forked_workers finds and signals it."""
+    import time
+
+    from data_shards.workers import start_workers
+    from launcher.distributed import signal_forked_workers
+
+    it = start_workers(_WaitingStream(str(tmp_path)), num_workers=1, start_method="fork")
+    try:
+        for _ in range(200):
+            if os.path.exists(tmp_path / "started"):
+                break
+            time.sleep(0.05)
+        assert os.path.exists(tmp_path / "started")
+        sent = signal_forked_workers()
+        assert len(sent) == 1, sent
+        time.sleep(1.0)
+        err = capfd.readouterr().err
+        assert "(most recent call first)" in err and "in __iter__" in err, err
+    finally:
+        open(tmp_path / "stop", "w").close()
+        del it
