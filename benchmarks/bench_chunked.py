@@ -48,6 +48,8 @@ def _status_kb(field: str) -> int:
 def worker(args) -> None:
     import torch.distributed as dist
 
+    from launcher.distributed import shutdown
+
     import launcher.train as train_module
     from launcher.config import load_config
 
@@ -75,6 +77,7 @@ def worker(args) -> None:
     if dist.get_rank() == 0:
         with open(args.result, "w") as fh:
             json.dump(ranks, fh)
+    shutdown()  # the process group ends before the interpreter does (launcher/cli/train.py says why)
 
 
 # ----------------------------------------------------------------------------- driver

@@ -41,6 +41,8 @@ def _time_collectives(acc: dict) -> None:
     """Wrap torch.distributed collectives: each call is completed (waited on) inside the timer."""
     import torch.distributed as dist
 
+    from launcher.distributed import shutdown
+
     for name in COLLECTIVES:
         fn = getattr(dist, name, None)
         if fn is None:
@@ -86,6 +88,7 @@ def worker(args) -> None:
     if dist.get_rank() == 0:
         with open(args.result, "w") as fh:
             json.dump(steps, fh)
+    shutdown()  # the process group ends before the interpreter does (launcher/cli/train.py says why)
 
 
 # ----------------------------------------------------------------------------- driver

@@ -110,6 +110,8 @@ def bench_components(cfg, rank, world_size, ds_config):
 def worker(args) -> None:
     import torch.distributed as dist
 
+    from launcher.distributed import shutdown
+
     from launcher.config import load_config
     from launcher.train import train
 
@@ -135,6 +137,7 @@ def worker(args) -> None:
     if dist.get_rank() == 0:
         with open(args.result, "w") as fh:
             json.dump(per_rank, fh)
+    shutdown()  # the process group ends before the interpreter does (launcher/cli/train.py says why)
 
 
 # ----------------------------------------------------------------------------- driver

@@ -23,11 +23,13 @@ def main() -> None:
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=int(os.environ.get("MULTIRANK_PG_TIMEOUT", "60"))))
     module_name, fn_name = target.split(":")
     fn = getattr(importlib.import_module(module_name), fn_name)
+    rank = dist.get_rank()
     value = fn(**kwargs)
-    with open(os.path.join(out_dir, f"rank{dist.get_rank()}.json"), "w") as fh:
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
         json.dump(value, fh)
-    dist.barrier()
-    dist.destroy_process_group()
+    if dist.is_initialized():  # the function may have ended the group itself (`notellm2 train` does)
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
