@@ -24,8 +24,13 @@ def test_bench_vision_cache_tiny_run_prints_result():
     result = json.loads(lines[-1][len("RESULT "):])
     assert {"name", "figure", "bound_or_baseline", "ratio", "target", "pass"} <= set(result)
     assert result["name"] == "bench_vision_cache" and result["bound_or_baseline"] > 0
-    # the printed figure and bound are rounded (4 decimals), and on the tiny models the bound is a few ms
-    assert result["ratio"] == pytest.approx(result["figure"] / result["bound_or_baseline"], rel=0.05, abs=1e-3)
+    # the printed figure and bound are rounded to 4 decimals, and on the tiny models the bound is a few ms,
+    # so the ratio (of the unrounded values) lies in the range the rounding allows (a 5 % tolerance failed
+    # once: 0.1966 printed against 0.2105 from the rounded figures)
+    half = 0.5e-4
+    figure, bound = result["figure"], result["bound_or_baseline"]
+    ends = [(figure + a) / (bound + b) for a in (-half, half) for b in (-half, half)]  # the figure may be < 0
+    assert min(ends) - half <= result["ratio"] <= max(ends) + half, (result, ends)
     assert result["figure"] == pytest.approx(result["step_s_without_cache"] - result["step_s_with_cache"], abs=1e-3)
     # steps 2..4 measured: the pixel step 3 and the cached steps 2 and 4, all in the one run
     assert result["measured_steps"] == [1, 2]
