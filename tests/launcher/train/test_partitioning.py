@@ -34,6 +34,7 @@ def test_default_components_loads_the_llm_for_the_engine(monkeypatch, ds_name, p
     """The LLM loads in the training dtype (flash-attn needs bf16) and, under ZeRO-3, with the grower."""
     import transformers.integrations
     import modeling.backbone
+    import modeling.encoder  # noqa: F401  before the patch: imported under it, its own `load_llm` would stay the fake
     import modeling.vision
 
     seen = {}
