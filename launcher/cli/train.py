@@ -22,7 +22,8 @@ def _run(args) -> int:
         code = PREEMPTED_EXIT_CODE
     # End the process group while the interpreter is whole: left to the interpreter's exit, gloo's worker
     # threads outlived it and a finished run died of SIGABRT ("terminate called without an active
-    # exception", seen once in benchmarks/bench_chunked.py; pytorch/pytorch#179291 describes the race).
+    # exception", in 2 of 6 configurations of benchmarks/bench_chunked.py; pytorch/pytorch#179291
+    # describes the race).
     shutdown()
     return code
 
