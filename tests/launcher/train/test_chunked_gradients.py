@@ -167,7 +167,7 @@ def test_later_steps_keep_the_zero3_trace(runs):
     """The third optimizer step, after two whole steps in each mode, still equals the unchunked one; and
     ZeRO-3's parameter coordinator holds a complete module trace through the chunked batch
     (launcher/chunked.py, `_one_coordinator_step`), so a parameter is gathered about as often as in the
-    unchunked step. Without it every chunk's forward and backward re-gathered every module (about 5x the
+    unchunked step. Without it every chunk's forward and backward re-gathered every module (about 6x the
     all-gathers at 2 chunks: 248 against 42 here)."""
     good = _check_pair(runs, "steps-whole", "steps-chunked")
     assert good["ok"], good

