@@ -3,7 +3,7 @@
 Model: configs/demo_cpu.yaml (SmolLM2-135M truncated to 4 layers, frozen EfficientNet-Lite0, Q-Former),
 ZeRO-3 on 2 CPU ranks (ds_configs/cpu_zero3.json, fp32), synthetic 224 px shards written here. Each
 configuration (P pairs per rank, with or without chunks of C pairs) is a fresh 2-rank run of the real
-`launcher.train.train` loop, so that no configuration inherits another's allocator state.
+`notellm2.launcher.train.train.train` loop, so that no configuration inherits another's allocator state.
 
 Figures per configuration:
   * activation memory per rank = peak RSS during the training steps minus the RSS right after the
@@ -48,9 +48,9 @@ def _status_kb(field: str) -> int:
 def worker(args) -> None:
     import torch.distributed as dist
 
-    import launcher.train as train_module
-    from launcher.config import load_config
-    from launcher.distributed import shutdown
+    import notellm2.launcher.train.train as train_module
+    from notellm2.launcher.config import load_config
+    from notellm2.launcher.distributed import shutdown
 
     cfg = load_config(args.config, json.loads(args.overrides))
     base = {}

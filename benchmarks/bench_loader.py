@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from PIL import Image  # noqa: E402
 
-from data_shards.images import center_crop, resize_shorter_side  # noqa: E402
+from notellm2.data_shards.images import center_crop, resize_shorter_side  # noqa: E402
 # the tests' char-level stand-in for the prompter: text encoding costs next to nothing here
 from tests.helpers.shards import CharCollate, CharEncoder  # noqa: E402
 
@@ -138,9 +138,9 @@ def measure_raw(paths, procs: int, size: int) -> tuple[float, int]:
 def _rank_main(pattern, rank, world, workers, batch, size, normalize, slots, start, out):
     import torch
 
-    from data_shards.batch import to_device
-    from data_shards.config import DataConfig
-    from data_shards.reader import PairLoader
+    from notellm2.data_shards.batch import to_device
+    from notellm2.data_shards.config import DataConfig
+    from notellm2.data_shards.reader import PairLoader
 
     torch.set_num_threads(1)
     loader = PairLoader(pattern, data_cfg=DataConfig(num_workers=workers, shuffle_buffer=100, pixel_slots=slots),
@@ -191,7 +191,7 @@ def main(argv=None) -> dict:
                     help="data.pixel_slots: false (pixels through fresh shared memory per batch), to compare")
     args = ap.parse_args(argv)
 
-    from data_shards.reader import expand_shards
+    from notellm2.data_shards.reader import expand_shards
 
     tmp = None
     if args.shards:

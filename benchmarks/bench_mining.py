@@ -38,9 +38,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from data_shards.mining import (MiningSettings, hash_split_of, split_counts,  # noqa: E402
+from notellm2.data_shards.mining.mine import (MiningSettings, hash_split_of, split_counts,  # noqa: E402
                                 weight_scale)
-from data_shards.mining import parse_spark_conf  # noqa: E402
+from notellm2.data_shards.mining.mine import parse_spark_conf  # noqa: E402
 
 DAY = 86_400
 T0 = 1_700_000_000
@@ -246,7 +246,7 @@ def _worker(args) -> None:
     t0 = time.perf_counter()
     sampler = _MemorySampler().__enter__()
     if args.worker in ("duckdb", "spark"):
-        from data_shards.mining import mine_pairs
+        from notellm2.data_shards.mining.mine import mine_pairs
 
         if args.worker == "spark":
             s.engine, s.spark_master = "spark", args.spark_master

@@ -1,4 +1,4 @@
-"""Exact chunked top-k (launcher.search) against three references on the same vectors.
+"""Exact chunked top-k (notellm2.launcher.eval.search) against three references on the same vectors.
 
 A pool of --pool unit vectors (--dim, clustered) holds --queries related pairs: each query is a
 pool row and its target a noisy copy of it elsewhere in the pool; the query itself is excluded.
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from launcher import search  # noqa: E402
+from notellm2.launcher.eval import search  # noqa: E402
 
 
 def legacy_target_ranks(pool, query_idx, target_idx, chunk=1024):
@@ -102,7 +102,7 @@ def make_vectors(n_pool, n_queries, dim, seed, centers=4096, spread=0.6, pair_no
 
 def bare_matmuls(queries, pool, qc, pc, workers=1):
     """The same score blocks as the search, nothing else; over `workers` threads of single-threaded
-    ops (as launcher.search runs) or, with workers=1, torch's own intra-op threads."""
+    ops (as notellm2.launcher.eval.search runs) or, with workers=1, torch's own intra-op threads."""
     n_p = len(pool)
     local = threading.local()
 
@@ -228,7 +228,7 @@ def main(argv=None) -> int:
         overlap = search.overlap_recall(fi, top_i)
         report("faiss", m, f"({backend}, build + search; recall of the exact top {k}: {overlap:.4f})")
         loss = {x: round(recalls["ranks"][x] - f_rec[x], 4) for x in ks}
-        print(f"   faiss: Recall@K " + " ".join(f"{f_rec[x]:.4f}" for x in ks) + f"; loss against exact {loss}")
+        print("   faiss: Recall@K " + " ".join(f"{f_rec[x]:.4f}" for x in ks) + f"; loss against exact {loss}")
         result_faiss = {"backend": backend, "seconds": rows["faiss"]["seconds"],
                         "speedup_vs_exact_topk": round(topk_s / rows["faiss"]["seconds"], 3),
                         "recall_of_exact_topk": round(overlap, 4), "recall_loss": loss}

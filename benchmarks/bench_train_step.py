@@ -2,7 +2,7 @@
 
 Model: configs/demo_cpu.yaml (SmolLM2-135M truncated to 4 layers, frozen EfficientNet-Lite0, Q-Former),
 ZeRO-3 on CPU (ds_configs/cpu_zero3.json, bf16), on synthetic 224 px shards written here
-(catalog -> pairs -> WebDataset shards). Two runs of the real `launcher.train.train` loop under
+(catalog -> pairs -> WebDataset shards). Two runs of the real `notellm2.launcher.train.train.train` loop under
 torchrun: 2 ranks and 1 rank, same pairs per rank.
 
 Figures (2-rank run, steps after `--warmup`, medians):
@@ -60,10 +60,10 @@ def _time_collectives(acc: dict) -> None:
 def worker(args) -> None:
     import torch.distributed as dist
 
-    from launcher.config import load_config
-    from launcher.distributed import shutdown
-    from launcher.plan import model_state_bytes
-    from launcher.train import train
+    from notellm2.launcher.config import load_config
+    from notellm2.launcher.distributed import shutdown
+    from notellm2.launcher.plan import model_state_bytes
+    from notellm2.launcher.train.train import train
 
     acc = {"comm": 0.0}
     _time_collectives(acc)
@@ -135,7 +135,7 @@ def driver_parser(doc: str) -> argparse.ArgumentParser:
 
 def demo_config_or_exit(path: str):
     """The benchmark's run config, its LLM checked to be there (scripts/prepare_models.py)."""
-    from launcher.config import load_config
+    from notellm2.launcher.config import load_config
 
     cfg = load_config(path)
     llm = cfg.model.llm.path if os.path.isabs(cfg.model.llm.path) else os.path.join(REPO, cfg.model.llm.path)

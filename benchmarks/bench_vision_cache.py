@@ -2,8 +2,8 @@
 
 Model: configs/demo_cpu.yaml (SmolLM2-135M truncated to 4 layers, frozen EfficientNet-Lite0 at 224 px,
 Q-Former), ZeRO-3 on CPU ranks, on synthetic 256 px shards written here. The cache is written first
-(`launcher.vision_cache`, the library of `notellm2 data cache-vision`); then ONE training run of the
-real loop (`launcher.train.train`) takes its batches alternately from two PairLoaders over the same
+(`notellm2.launcher.train.vision_cache`, the library of `notellm2 data cache-vision`); then ONE training run of the
+real loop (`notellm2.launcher.train.train.train`) takes its batches alternately from two PairLoaders over the same
 shards and plan, one on pixels and one on the cache (batch k is the same pairs either way, so the run
 trains exactly as a plain run), and so measures, under the same load of the machine, step for step:
 
@@ -74,8 +74,8 @@ def bench_components(cfg, rank, world_size, ds_config):
 
     import torch
 
-    from data_shards.reader import PairLoader
-    from launcher.components import default_components
+    from notellm2.data_shards.reader import PairLoader
+    from notellm2.launcher.train.components import default_components
 
     comps = default_components(cfg, rank, world_size, ds_config)
     comps.extra["vision_cache"] = None  # keep the tower on the device: the pixel steps need it
@@ -110,9 +110,9 @@ def bench_components(cfg, rank, world_size, ds_config):
 def worker(args) -> None:
     import torch.distributed as dist
 
-    from launcher.config import load_config
-    from launcher.distributed import shutdown
-    from launcher.train import train
+    from notellm2.launcher.config import load_config
+    from notellm2.launcher.distributed import shutdown
+    from notellm2.launcher.train.train import train
 
     cfg = load_config(args.config, json.loads(args.overrides))
     built = {}
@@ -185,7 +185,7 @@ def prepare(args, work: str) -> tuple[str, list, str]:
         ov = [f"model.llm.path={inputs['llm']}", f"model.vision.path={inputs['clip']}", "model.connector.num_heads=4",
               f"data.train_shards={inputs['train_shards']}", "data.val_shards=", "data.notes_shards="]
         return config, ov, "tiny Llama + tiny CLIP (tests/helpers), 32 px"
-    from launcher.config import load_config
+    from notellm2.launcher.config import load_config
 
     config = args.config
     cfg = load_config(config)
@@ -219,8 +219,8 @@ def main() -> int:
     if args.steps - args.warmup < 2:
         sys.exit("--steps must exceed --warmup by 2 or more (one pixel and one cached step at least)")
 
-    from launcher.config import load_config
-    from launcher.vision_cache import build_vision_cache
+    from notellm2.launcher.config import load_config
+    from notellm2.launcher.train.vision_cache import build_vision_cache
 
     work = tempfile.mkdtemp(prefix="bench-vcache-")
     config, overrides, model = prepare(args, work)

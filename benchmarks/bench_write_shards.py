@@ -20,8 +20,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data_shards.synthetic import make_synthetic_catalog, make_synthetic_pairs  # noqa: E402
-from data_shards.writer import ShardSettings, write_shards  # noqa: E402
+from notellm2.data_shards.catalog.synthetic import make_synthetic_catalog, make_synthetic_pairs  # noqa: E402
+from notellm2.data_shards.writing.shards import ShardSettings, write_shards  # noqa: E402
 
 
 def _digest(out_dir: str) -> str:

@@ -20,7 +20,7 @@ With N rows and S = the image size:
   pair batch (PairBatch), N = 2B: rows 0..B-1 the queries, row B + i the target of query i
     sample_keys      list of str    B            "shard/key" of each pair (for logs)
     sample_logq      float32        [N]          only with loss.logq_correction: log of each note's share of
-                                                 the training-pair appearances (data_shards/note_stats.py)
+                                                 the training-pair appearances (data_shards/writing/note_stats.py)
     known_pos        int64          [N, K]       only with loss.mask_known_positives: note_id_hash of each
                                                  note's known related notes (training pairs), padded with -2
   notes batch (NoteBatch), one row per note:
@@ -41,7 +41,7 @@ either way (docs/reader.md, "The vision cache").
 Pixels stay uint8 from the loader workers to the device: 4 times fewer bytes through shared memory
 and over the host-to-device copy, and no normalising on the loader's CPU. `to_device()` moves a batch
 and CLIP-normalises uint8 `pixel_values` there, in one place (`normalize_pixels`): float32
-[N, 3, S, S], contiguous, bit-identical to `data_shards.images.clip_transform` of the same image.
+[N, 3, S, S], contiguous, bit-identical to `notellm2.data_shards.images.clip_transform` of the same image.
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ from typing import Mapping, NamedTuple, Optional
 
 import torch
 
-from data_shards.images import CLIP_BIAS, CLIP_SCALE
+from notellm2.data_shards.images import CLIP_BIAS, CLIP_SCALE
 
 
 class BatchError(ValueError):

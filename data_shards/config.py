@@ -1,8 +1,12 @@
-"""Configuration dataclasses owned by the data_shards package (validated by `launcher.config`)."""
+"""Configuration dataclasses owned by the data_shards package (validated by `notellm2.launcher.config`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal, Optional
+
+# The decoder's pixel limit: a larger image counts as bad (a decompression bomb is refused from its header,
+# before any pixel is decoded). The default of every option, key and function that takes a limit.
+MAX_IMAGE_PIXELS = 40_000_000
 
 
 @dataclass
@@ -22,7 +26,7 @@ class DataConfig:
     # What happens to a pair whose image cannot be decoded or whose sample is malformed.
     bad_sample_policy: Literal["drop", "blank_image"] = "drop"
     # Images with more pixels than this are rejected before decoding (decompression-bomb guard).
-    max_image_pixels: int = field(default=40_000_000, metadata={"check": lambda v: v > 0, "allowed": "an integer > 0"})
+    max_image_pixels: int = field(default=MAX_IMAGE_PIXELS, metadata={"check": lambda v: v > 0, "allowed": "an integer > 0"})
     random_flip: bool = False
     # Loader workers hand pixels over through a few reused shared-memory buffers per worker instead of
     # fresh shared memory per batch (docs/reader.md, "Moving pixels"); off only to compare or debug.

@@ -9,6 +9,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from notellm2.errors import UserError
+from notellm2.data_shards.config import MAX_IMAGE_PIXELS
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # (x / 255 - mean) / std as one float32 affine map x * CLIP_SCALE + CLIP_BIAS: two passes over the
@@ -18,11 +21,11 @@ CLIP_SCALE = (1.0 / (255.0 * np.asarray(CLIP_STD, dtype=np.float64))).astype(np.
 CLIP_BIAS = (-np.asarray(CLIP_MEAN, dtype=np.float64) / np.asarray(CLIP_STD, dtype=np.float64)).astype(np.float32)
 
 
-class BadImage(ValueError):
+class BadImage(UserError, ValueError):
     """An image that cannot be used: undecodable, truncated, or over the pixel limit."""
 
 
-def open_image(data: bytes, max_pixels: int = 40_000_000) -> Image.Image:
+def open_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Decode `data` into an RGB image with EXIF orientation applied.
 
     The pixel count is checked from the header before any pixel is decoded, so a decompression

@@ -1,9 +1,9 @@
 """The frozen-tower feature cache: the vision tower's outputs for every note, computed once.
 
 The tower is frozen, so its outputs for a note's image never change. `notellm2 data cache-vision`
-(launcher/vision_cache.py) runs it once over every note with an image in the given shards and writes a
+(launcher/train/vision_cache.py) runs it once over every note with an image in the given shards and writes a
 folder; with `data.vision_cache: DIR` the loaders serve the stored features instead of decoding pixels
-and `modeling.vision.encode_images` returns them without running the tower (docs/reader.md, "The
+and `notellm2.modeling.vision.encode_images` returns them without running the tower (docs/reader.md, "The
 vision cache").
 
     DIR/cache.json    what the cache holds (below), written last: a folder without it is not a cache
@@ -20,7 +20,7 @@ image hold zeros and are never served: the loader treats such a note as the live
 that does not decode (the bad-sample policy). Values are float32 (exact) or float16 (half the bytes,
 about 3 significant digits).
 
-cache.json: format, tower_key (sha256 of the tower's config and weights, `modeling.vision.tower_key`),
+cache.json: format, tower_key (sha256 of the tower's config and weights, `notellm2.modeling.vision.tower_key`),
 tower (the model.vision settings), image_size, orientations, dtype, num_notes (N, bad images
 included), bad_images, num_tokens, token_dim, pooled_dim, blank_row (= N), max_image_pixels (the
 decoder's limit, which decides what is a bad image), shards ({shard name: {size, samples, sha256}}: the
@@ -41,13 +41,16 @@ from typing import Iterable, Optional
 import numpy as np
 import torch
 
+from notellm2.errors import UserError
+from notellm2.files import commit_dir
+
 FORMAT = 1
 ORIENTATIONS = ("plain", "flipped")
 DTYPES = {"float32": np.float32, "float16": np.float16}
 META, IDS, TOKENS, POOLED, BAD = "cache.json", "ids.txt", "tokens.npy", "pooled.npy", "bad_images.json"
 
 
-class VisionCacheError(ValueError):
+class VisionCacheError(UserError, ValueError):
     """A vision cache that cannot serve this run: missing, partial, mismatched (names the cache)."""
 
 
@@ -323,7 +326,7 @@ class CacheWriter:
         if os.path.exists(self.out):
             old = f"{self.out}.old-{os.getpid()}"
             os.rename(self.out, old)
-        os.rename(self.tmp, self.out)
+        commit_dir(self.tmp, self.out)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         with _LOCK:

@@ -1,5 +1,5 @@
 import sys
 
-from launcher.cli import main
+from notellm2.launcher.cli import main
 
 sys.exit(main())

@@ -10,21 +10,16 @@ import dataclasses
 import hashlib
 import json
 import os
-import types
-import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional
 
 import yaml
 
-from data_shards.config import DataConfig
-from launcher.errors import UserError
-from modeling.config import LossConfig, ModelConfig
-from modeling.names import variant_spec
-
-
-class ConfigError(UserError, ValueError):
-    """A config key, type or value that the schema does not allow."""
+from notellm2 import find_shipped
+from notellm2.data_shards.config import DataConfig
+from notellm2.modeling.config import LossConfig, ModelConfig, check_model_and_loss
+from notellm2.schema import ConfigError, build_dataclass
+from notellm2.files import atomic_write
 
 
 def _pos(allowed="an integer > 0"):
@@ -55,7 +50,7 @@ class TrainConfig:
     grad_clip: float = field(default=1.0, metadata=_nonneg())
     precision: Literal["fp32", "bf16"] = "bf16"
     seed: int = 0
-    # Chunked representation caching (GradCache, launcher/chunked.py): 0 off; c > 0 runs each rank's
+    # Chunked representation caching (GradCache, launcher/train/chunked.py): 0 off; c > 0 runs each rank's
     # data.pairs_per_rank pairs in chunks of c pairs: a forward of every chunk without gradient keeps
     # the representations, the gathered loss gives their gradients, then every chunk runs again with
     # gradient and back-propagates them. Same loss and gradient as without chunks (dropout included),
@@ -84,7 +79,7 @@ class EvalConfig:
     # variant does not have (text variants: image) is skipped.
     probes: list[str] = field(default_factory=lambda: ["both", "image"])
     # The frozen tower's outputs for the evaluation batches (val pairs and the retrieval slice) are
-    # computed at the first evaluation and reused by the later ones (launcher.validation.TowerMemo),
+    # computed at the first evaluation and reused by the later ones (notellm2.launcher.train.validation.TowerMemo),
     # up to this many MiB per rank on the CPU; 0 runs the tower at every evaluation.
     tower_memo_mb: float = field(default=2048.0, metadata=_nonneg())
 
@@ -123,110 +118,8 @@ class RunConfig:
 
 # ----------------------------------------------------------------------------- validation
 
-def _type_name(tp) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        (inner,) = typing.get_args(tp)
-        return f"a list of {_type_name(inner)}"
-    if tp is type(None):
-        return "null"
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
-
-
-def _convert(value: Any, tp, path: str) -> Any:
-    """Return `value` as type `tp`, or raise ConfigError naming `path`."""
-    origin = typing.get_origin(tp)
-    bad = ConfigError(f"{path}: got {value!r} ({type(value).__name__}); allowed: {_type_name(tp)}")
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise bad
-        return _build(tp, value, path)
-    if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-        raise bad
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise bad
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _convert(value, a, path)
-            except ConfigError:
-                continue
-        raise bad
-    if origin is list:
-        (inner,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise bad
-        return [_convert(v, inner, f"{path}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise bad
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "2e-4" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise bad
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise bad
-    raise ConfigError(f"{path}: unsupported schema type {tp}")
-
-
-def _build(cls, data: dict, prefix: str = ""):
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in fields:
-            where = f"{prefix}.{key}" if prefix else key
-            raise ConfigError(f"{where}: unknown key; allowed keys here: {', '.join(sorted(fields))}")
-    kwargs = {}
-    for name, f in fields.items():
-        path = f"{prefix}.{name}" if prefix else name
-        if name in data:
-            value = _convert(data[name], hints[name], path)
-        elif f.default is not dataclasses.MISSING:
-            value = f.default
-        else:
-            value = f.default_factory()  # type: ignore[misc]
-        check = f.metadata.get("check")
-        if check is not None and value is not None and not check(value):
-            raise ConfigError(f"{path}: got {value!r}; allowed: {f.metadata.get('allowed', 'see the schema')}")
-        kwargs[name] = value
-    return cls(**kwargs)
-
-
 def _cross_checks(cfg: RunConfig) -> None:
-    if cfg.loss.init_scale > cfg.loss.max_scale:
-        raise ConfigError(f"loss.init_scale: got {cfg.loss.init_scale}; allowed: <= loss.max_scale ({cfg.loss.max_scale})")
-    if variant_spec(cfg.model.variant).micl and cfg.loss.micl_weight_mm + cfg.loss.micl_weight_vis <= 0:
-        raise ConfigError("loss.micl_weight_mm: weights sum to 0; allowed: micl_weight_mm + micl_weight_vis > 0")
-    if cfg.model.vision.kind == "plugin" and ":" not in cfg.model.vision.factory:
-        raise ConfigError(f"model.vision.factory: got {cfg.model.vision.factory!r}; allowed: 'module:function' when model.vision.kind is 'plugin'")
-    if cfg.model.vision.kind == "plugin" and cfg.model.vision.cls_source != "pooled":
-        raise ConfigError(f"model.vision.cls_source: got {cfg.model.vision.cls_source!r}; allowed: 'pooled' when "
-                          "model.vision.kind is 'plugin' (a plugin returns its own pooled feature)")
+    check_model_and_loss(cfg.model, cfg.loss)
     chunk, pairs = cfg.train.chunk_pairs, cfg.data.pairs_per_rank
     if chunk and pairs % chunk:
         divisors = [d for d in range(1, pairs + 1) if pairs % d == 0]
@@ -242,7 +135,7 @@ def _cross_checks(cfg: RunConfig) -> None:
         cfg.train.warmup_steps = derived
     if (cfg.eval.notes_shards == "") != (cfg.eval.pairs == ""):
         raise ConfigError("eval.notes_shards and eval.pairs: set both (retrieval evaluation during training) or neither")
-    from modeling.names import PROBE_MODES
+    from notellm2.modeling.names import PROBE_MODES
 
     bad = [p for p in cfg.eval.probes if p not in PROBE_MODES]
     if bad:
@@ -286,7 +179,7 @@ def _set_dotted(tree: dict, parts: list[str], value: Any) -> None:
 def config_from_dict(data: dict) -> RunConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"config: top level must be a mapping, got {type(data).__name__}")
-    cfg = _build(RunConfig, data)
+    cfg = build_dataclass(RunConfig, data)
     _cross_checks(cfg)
     return cfg
 
@@ -295,6 +188,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     """Read a YAML file (optional), apply dotted overrides, validate, return the RunConfig."""
     data: dict = {}
     if path:
+        path = find_shipped(path)  # configs/*.yaml ship with the package too
         if not os.path.exists(path):
             raise ConfigError(f"config file {path}: does not exist")
         with open(path) as fh:
@@ -355,8 +249,6 @@ def config_hash(cfg: RunConfig, ignore: tuple[str, ...] = ("train.output_dir", "
 def save_resolved(cfg: RunConfig, run_dir: str) -> str:
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, "config.resolved.yaml")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
+    with atomic_write(path) as fh:
         yaml.safe_dump(config_to_dict(cfg), fh, sort_keys=False)
-    os.replace(tmp, path)
     return path

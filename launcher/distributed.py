@@ -34,6 +34,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from notellm2 import compat
+
 WATCHDOG_EXIT_CODE = 3
 ReduceOp = dist.ReduceOp
 # Backend name -> the device its collectives take tensors on ("cuda" means this rank's cuda:LOCAL_RANK).
@@ -92,13 +94,6 @@ def detect_topology(env: Optional[dict] = None) -> Topology:
     return Topology(rank, local, world, addr, int(port), source)
 
 
-def _skip_shm_build() -> None:
-    """DeepSpeed compiles a shared-memory all-reduce op in init_distributed (~90 s) that only serves
-    inference. Replace its builder with a no-op (FACTS: identical losses)."""
-    import deepspeed.comm.torch  # noqa: F401  (makes sure the module is in sys.modules)
-    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
-
-
 def enable_crash_traces() -> None:
     """faulthandler on, for every thread, into this rank's stderr: a native crash (SIGSEGV, SIGABRT,
     SIGBUS, SIGFPE, SIGILL) then prints each thread's Python stack into the rank's log before it dies.
@@ -117,7 +112,7 @@ def _stderr_with_fd():
 
 def _dump_stacks(worker_wait_s: float = 0.5) -> None:
     """Every thread's Python stack into this rank's stderr (the watchdog's last words), then those of
-    its forked loader workers (each prints its own on data_shards.workers.STACKS_SIGNAL)."""
+    its forked loader workers (each prints its own on notellm2.data_shards.reader.workers.STACKS_SIGNAL)."""
     stream = _stderr_with_fd()
     try:
         stream.flush()
@@ -159,7 +154,7 @@ def forked_children() -> list:
 
 def signal_forked_workers() -> list:
     """Ask this rank's forked loader workers for their stacks; returns the PIDs signalled."""
-    from data_shards.workers import STACKS_SIGNAL
+    from notellm2.data_shards.reader.workers import STACKS_SIGNAL
 
     sent = []
     for pid in forked_children():
@@ -192,7 +187,7 @@ def init_distributed(topo: Topology, timeout_s: float, deepspeed_comm: bool = Tr
         extra["device_id"] = torch.device("cuda", topo.local_rank)
     _bound_local_rank = topo.local_rank
     if deepspeed_comm:
-        _skip_shm_build()
+        compat.skip_deepspeed_shm_build()  # ~90 s of compiling an inference-only op (FACTS)
     if not dist.is_initialized():
         dist.init_process_group(backend, rank=topo.rank, world_size=topo.world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s), **extra)
@@ -251,7 +246,7 @@ def _device_checked() -> torch.device:
     device = collective_device()
     if device.type == "cuda" and torch.cuda.current_device() != device.index:
         raise RuntimeError(f"the current CUDA device is cuda:{torch.cuda.current_device()} but this rank's is "
-                           f"{device}: start the process group with launcher.distributed.init_distributed "
+                           f"{device}: start the process group with notellm2.launcher.distributed.init_distributed "
                            "(it calls torch.cuda.set_device(local_rank) first)")
     return device
 
@@ -310,7 +305,7 @@ def barrier() -> None:
 
 
 def default_store():
-    return dist.distributed_c10d._get_default_store()
+    return compat.default_store()
 
 
 class Watchdog:

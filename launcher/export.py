@@ -12,7 +12,7 @@
 The frozen vision tower's weights are not copied: the export names its directory (`hf`) or
 factory (`plugin`) and the serving encoder builds it from there. The export is read in one place:
 
-    from launcher.serving import NoteEncoder
+    from notellm2.modeling.pretrained import NoteEncoder
     encoder = NoteEncoder.from_pretrained("out/")   # .note_model, .vision_tower, .prompter, .encode(notes)
 
 Before the directory is moved into place it is loaded back through `NoteEncoder` (the weights must
@@ -28,9 +28,10 @@ from typing import Optional
 
 import torch
 
-from launcher import checkpoint as ckpt
-from launcher.config import RunConfig, config_from_dict
-from launcher.serving import EXPORT_META, FORMAT, WEIGHTS, ExportError, NoteEncoder, reference_notes
+from notellm2.launcher.train import checkpoint as ckpt
+from notellm2.launcher.config import RunConfig, config_from_dict
+from notellm2.modeling.pretrained import EXPORT_META, FORMAT, WEIGHTS, ExportError, NoteEncoder, reference_notes
+from notellm2.files import commit_dir
 
 
 def _pick_checkpoint(run_dir: str, step: Optional[int]) -> str:
@@ -70,12 +71,12 @@ def _llm_config(model_cfg, state: dict):
     # embeddings.word_embeddings), on the meta device so nothing is allocated.
     from transformers import AutoModel
 
-    from launcher.serving import _no_zero3_context
+    from notellm2.compat import without_hf_zero3
 
     # Without the guard, from_config inside a live ZeRO-3 training process (export right after
     # train, as tests/e2e/test_real_training.py does on rank 0) runs under deepspeed.zero.Init and
     # broadcasts from one rank only: a hang, then a gloo error.
-    with _no_zero3_context(), torch.device("meta"):
+    with without_hf_zero3(), torch.device("meta"):
         skeleton = AutoModel.from_config(config)
     weight = skeleton.get_input_embeddings().weight
     name = next((n for n, p in skeleton.named_parameters() if p is weight), None)
@@ -116,7 +117,7 @@ def write_export(state: dict, cfg: RunConfig, out_dir: str, source: dict, overwr
     reference notes embedded, then moved into place."""
     from safetensors.torch import save_file
 
-    from modeling.backbone import load_tokenizer
+    from notellm2.modeling.backbone import load_tokenizer
 
     _check_out(out_dir, overwrite)
     tmp = out_dir.rstrip("/") + ".tmp-export"
@@ -150,5 +151,5 @@ def write_export(state: dict, cfg: RunConfig, out_dir: str, source: dict, overwr
     del encoder
     if os.path.exists(out_dir):
         shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    commit_dir(tmp, out_dir)
     return out_dir

@@ -41,7 +41,7 @@ Connector (Q-Former: Q queries of width d, V vision tokens of width d_v, H_q hea
 Vision tower forward (no grad): `output_hidden_states` keeps every layer's output until the forward
 returns: images * V' * d_v * (layers + 1) elements (V' tokens incl. CLS), plus one layer's working set.
 Contrastive loss: n rows x (n * world) columns of fp32 logits, three copies (logits, softmax, grad).
-Chunked representation caching (`train.chunk_pairs: c`, launcher/chunked.py): the LLM, connector and
+Chunked representation caching (`train.chunk_pairs: c`, launcher/train/chunked.py): the LLM, connector and
 vision-tower terms above are those of one chunk, n = 2c notes, whatever data.pairs_per_rank is; the
 loss stays over the whole batch; added: the tower's outputs of the whole batch, kept from pass 1 for
 pass 2 (images * V * d_v + pooled, run precision).
@@ -61,12 +61,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from launcher.config import ConfigError, RunConfig
-from launcher.errors import UserError
-from modeling.names import variant_spec
+from notellm2 import compat, find_shipped, shipped_root
+from notellm2.launcher.config import RunConfig
+from notellm2.errors import UserError
+from notellm2.modeling.names import variant_spec
 
 GiB = 1024 ** 3
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class PlanError(UserError, ValueError):
@@ -95,7 +95,7 @@ def _arch_config(path: str, key: str):
 
     if not path:
         raise PlanError(f"{key}: empty; allowed: a directory with a Hugging Face config.json (weights not needed)")
-    resolved = path if os.path.isabs(path) or os.path.exists(path) else os.path.join(REPO, path)
+    resolved = find_shipped(path)
     if not os.path.isfile(os.path.join(resolved, "config.json")):
         raise PlanError(f"{key}: {path!r} has no config.json (the planner needs the architecture, not the weights)")
     try:
@@ -137,7 +137,7 @@ class VisionArch:
 
 
 def llm_arch(cfg: RunConfig) -> LLMArch:
-    """The LLM base model (no LM head, as modeling.backbone.load_llm loads it) on the meta device."""
+    """The LLM base model (no LM head, as notellm2.modeling.backbone.load_llm loads it) on the meta device."""
     from transformers import AutoModel
 
     config = _arch_config(cfg.model.llm.path, "model.llm.path")
@@ -161,7 +161,7 @@ def llm_arch(cfg: RunConfig) -> LLMArch:
 def vision_arch(cfg: RunConfig) -> VisionArch:
     import transformers
 
-    from modeling.vision import _HF_FAMILIES
+    from notellm2.modeling.vision import _HF_FAMILIES
 
     if cfg.model.vision.kind != "hf":
         raise PlanError("model.vision.kind: 'plugin' towers cannot be sized from a config; allowed for planning: 'hf'")
@@ -192,8 +192,8 @@ class NewModules:
 
 def new_modules(cfg: RunConfig, llm: LLMArch, vision: Optional[VisionArch]) -> NewModules:
     """The trainable modules around the LLM, built from `modeling` on the meta device."""
-    from modeling.connector import build_connector
-    from modeling.fusion import EmbeddingHead, LateFusionGate
+    from notellm2.modeling.connector import build_connector
+    from notellm2.modeling.fusion import EmbeddingHead, LateFusionGate
 
     spec = variant_spec(cfg.model.variant)
     out = NewModules()
@@ -231,9 +231,9 @@ class ZeroSetup:
 
 def zero_setup(cfg: RunConfig) -> ZeroSetup:
     path = cfg.train.ds_config
-    resolved = path if os.path.isabs(path) or os.path.exists(path) else os.path.join(REPO, path)
+    resolved = find_shipped(path)
     if not os.path.isfile(resolved):
-        raise PlanError(f"train.ds_config: {path!r} does not exist (looked in the working directory and {REPO})")
+        raise PlanError(f"train.ds_config: {path!r} does not exist (looked in the working directory and {shipped_root()})")
     try:
         with open(resolved) as fh:
             ds = json.load(fh)
@@ -333,20 +333,19 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 
 def _template_tokens(cfg: RunConfig, prompt: str) -> tuple[int, str]:
     """Tokens of the prompt's fixed text: exact when the LLM directory has a tokenizer, else ~3 chars/token."""
-    from modeling.prompts import _TEMPLATES, EMB, FIELDS, IMG
+    from notellm2.modeling.prompts import _TEMPLATES, EMB, FIELDS, IMG
 
     pieces = [p for p in _TEMPLATES[cfg.model.prompt_language][prompt] if p not in FIELDS and p not in (IMG, EMB)]
     markers = sum(1 for p in _TEMPLATES[cfg.model.prompt_language][prompt] if p == EMB)
     tok_dir = cfg.model.llm.tokenizer_path or cfg.model.llm.path
-    if not os.path.isabs(tok_dir) and not os.path.exists(tok_dir):
-        tok_dir = os.path.join(REPO, tok_dir)
+    tok_dir = find_shipped(tok_dir)
     has_tokenizer = any(os.path.exists(os.path.join(tok_dir, f)) for f in TOKENIZER_FILES)
     try:
         if not has_tokenizer:
             raise FileNotFoundError(tok_dir)
         from transformers import AutoTokenizer
 
-        from modeling.backbone import quiet_transformers
+        from notellm2.modeling.backbone import quiet_transformers
 
         with quiet_transformers():
             tok = AutoTokenizer.from_pretrained(tok_dir)
@@ -504,22 +503,8 @@ def model_state_bytes(engine) -> dict:
     for p in engine.module.parameters():
         held = getattr(p, "ds_tensor", None)
         params += nbytes(held) if held is not None else nbytes(p.data)
-    opt = engine.optimizer
-    master = 0
-    for name in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups"):
-        for t in getattr(opt, name, None) or []:
-            master += nbytes(t)
-    grads = nbytes(getattr(opt, "grad_partitions_flat_buffer", None))
-    if grads == 0:
-        for group in getattr(opt, "averaged_gradients", {}) or {}:
-            value = opt.averaged_gradients[group]
-            grads += sum(nbytes(t) for t in (value if isinstance(value, list) else [value]))
-    inner = getattr(opt, "optimizer", opt)
-    states = 0
-    for st in inner.state.values():
-        for v in st.values():
-            if torch.is_tensor(v) and v.dim() > 0:
-                states += nbytes(v)
+    held = compat.optimizer_state_tensors(engine)
+    master, grads, states = (sum(nbytes(t) for t in held[k]) for k in ("master", "grads", "optimizer"))
     total = params + master + grads + states
     return {"params": params, "master": master, "grads": grads, "optimizer": states, "total": total}
 
@@ -531,7 +516,7 @@ def _fmt_params(n: float) -> str:
 def format_plan(plan: MemoryPlan, gpu_memory_gib: Optional[float] = None) -> str:
     L = []
     L.append(f"notellm2 plan: {plan.config_name} on {plan.nodes} node(s) x {plan.gpus_per_node} GPU(s) = {plan.gpus} ranks; "
-             f"{plan.zero.label} ({os.path.relpath(plan.zero.path, REPO) if plan.zero.path.startswith(REPO) else plan.zero.path}); "
+             f"{plan.zero.label} ({os.path.relpath(plan.zero.path, shipped_root()) if plan.zero.path.startswith(shipped_root()) else plan.zero.path}); "
              f"{plan.precision}")
     L.append("")
     L.append("| module | parameters | training |")

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 import torch
 
-from modeling.config import LLMConfig
+from notellm2.modeling.config import LLMConfig
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class BackboneError(ValueError):
 
 # grow_embeddings(model, rows): make the model's input embedding `rows` long, keeping the existing rows
 # unchanged (the values of the new rows do not matter: the placeholder rows are set afterwards). The
-# launcher passes one that keeps a ZeRO-3 matrix partitioned (launcher/partitioning.py); without one,
+# launcher passes one that keeps a ZeRO-3 matrix partitioned (launcher/train/partitioning.py); without one,
 # transformers' resize_token_embeddings is used, which under ZeRO-3 hands back a whole, replicated matrix.
 EmbeddingGrower = Callable[[torch.nn.Module, int], None]
 

@@ -1,7 +1,9 @@
 """Configuration dataclasses owned by the modeling package.
 
-These are plain data: the launcher composes them into the run schema and validates them
-(`launcher.config`). Field metadata keys understood by the validator:
+These are plain data: the launcher composes them into the run schema, the serving encoder reads the
+model and loss sections of an export; both validate through `notellm2.schema.build_dataclass`, and
+`check_model_and_loss` holds the checks across fields of these sections. Field metadata keys
+understood by the validator:
 
 - ``check``: a callable ``value -> bool``; ``allowed``: a text saying what passes the check.
 """
@@ -10,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from modeling.names import VARIANTS  # the one registry of variant names
+from notellm2.modeling.names import VARIANTS  # the one registry of variant names
 
 
 def positive(allowed: str = "an integer > 0"):
@@ -127,8 +129,25 @@ class LossConfig:
     scale_by_world_size: bool = False
     # Subtract log q_j (column j's note's share of the training-pair appearances) from every logit: the
     # sampled-softmax correction for popular notes drawn more often as in-batch negatives (batches carry
-    # `sample_logq`, data_shards/note_stats.py).
+    # `sample_logq`, data_shards/writing/note_stats.py).
     logq_correction: bool = False
     # A column holding one of the anchor's known related notes (training pairs), other than its own
     # partner, is not a negative (batches carry `known_pos`).
     mask_known_positives: bool = False
+
+
+def check_model_and_loss(model: "ModelConfig", loss: "LossConfig") -> None:
+    """Checks across keys of the model and loss sections (ConfigError names the key)."""
+    from notellm2.modeling.names import variant_spec
+    from notellm2.schema import ConfigError
+
+    if loss.init_scale > loss.max_scale:
+        raise ConfigError(f"loss.init_scale: got {loss.init_scale}; allowed: <= loss.max_scale ({loss.max_scale})")
+    if variant_spec(model.variant).micl and loss.micl_weight_mm + loss.micl_weight_vis <= 0:
+        raise ConfigError("loss.micl_weight_mm: weights sum to 0; allowed: micl_weight_mm + micl_weight_vis > 0")
+    if model.vision.kind == "plugin" and ":" not in model.vision.factory:
+        raise ConfigError(f"model.vision.factory: got {model.vision.factory!r}; allowed: 'module:function' when "
+                          "model.vision.kind is 'plugin'")
+    if model.vision.kind == "plugin" and model.vision.cls_source != "pooled":
+        raise ConfigError(f"model.vision.cls_source: got {model.vision.cls_source!r}; allowed: 'pooled' when "
+                          "model.vision.kind is 'plugin' (a plugin returns its own pooled feature)")

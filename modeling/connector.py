@@ -17,7 +17,7 @@ The seed is drawn from the torch generator once per forward (one `torch.randint`
 rows' note-id hashes (`row_keys`, NoteModel passes `note_ids`; the row index without them). So a row
 gets the same masks whether it is encoded alone, in a chunk or in the whole batch, as long as the
 forward starts from the same generator state: this is what lets chunked representation caching
-(launcher/chunked.py) replay a batch's dropout exactly in its second pass and give the gradient of
+(launcher/train/chunked.py) replay a batch's dropout exactly in its second pass and give the gradient of
 the unchunked step. The same note twice in one forward gets the same masks (it is the same input).
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from modeling.config import ConnectorConfig
+from notellm2.modeling.config import ConnectorConfig
 
 _M32 = 0xFFFFFFFF
 KEYED_ATTENTION = "notellm2_keyed_eager"
@@ -102,17 +102,18 @@ def _register_keyed_attention() -> None:
 def _key_the_dropouts(qformer: nn.Module, p: float, source: DropoutKeys) -> int:
     """Replace every nn.Dropout of `qformer` with a KeyedDropout and key its attention dropouts; returns
     the number of sites."""
-    from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerMultiHeadAttention
+    from notellm2.compat import blip2_qformer_attention_class
 
+    attention_class = blip2_qformer_attention_class()
     _register_keyed_attention()
-    qformer.config._attn_implementation = KEYED_ATTENTION
+    qformer.set_attn_implementation(KEYED_ATTENTION)  # public since transformers 4.48; checked in tests/test_compat.py
     site = 0
     for name, module in list(qformer.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Dropout):
                 setattr(module, child_name, KeyedDropout(p, source, site))
                 site += 1
-        if isinstance(module, Blip2QFormerMultiHeadAttention):
+        if isinstance(module, attention_class):
             module.attn_dropout = KeyedDropout(p, source, site)
             site += 1
     return site

@@ -6,14 +6,14 @@
         image_tokens, image_pooled = tower(pixel_values)                     # frozen, outside the model
     out = note_model(batch, image_tokens, image_pooled)                      # out["loss"].backward()
     embs = note_model(batch, image_tokens, image_pooled, embed_only=True)    # chunked caching's passes:
-    out = note_model.loss_from_embeddings(embs, batch["note_ids"], log_scale)  #   launcher/chunked.py
+    out = note_model.loss_from_embeddings(embs, batch["note_ids"], log_scale)  #   launcher/train/chunked.py
     emb = note_model.encode(batch, image_tokens, image_pooled, mode="both")  # [N, embed_dim], L2-normalised
 
 NoteModel holds everything trainable (LLM, connector, gate, head, temperature) and nothing of the
 frozen vision tower. image_tokens / image_pooled have one row per batch row (rows whose note has no
 image may hold anything, e.g. a blank image's features: they are ignored).
 
-Variants and probes: the registry in `modeling.names` (VARIANT_SPECS, PROBES).
+Variants and probes: the registry in `notellm2.modeling.names` (VARIANT_SPECS, PROBES).
 """
 from __future__ import annotations
 
@@ -22,14 +22,14 @@ from typing import Optional
 import torch
 from torch import nn
 
-from modeling.backbone import IMG_EMB_TOKEN, IMG_TOKEN, EmbeddingGrower, load_llm
-from modeling.config import LossConfig, ModelConfig
-from modeling.connector import build_connector
-from modeling.fusion import EmbeddingHead, LateFusionGate
-from modeling.loss import GatheredContrastiveLoss, negative_inputs
-from modeling.names import PROBES, probe_unavailable, variant_spec
-from modeling.prompts import NotePrompter, marker_positions
-from modeling.vision import VisionTower, build_vision_tower
+from notellm2.modeling.backbone import IMG_EMB_TOKEN, IMG_TOKEN, EmbeddingGrower, load_llm
+from notellm2.modeling.config import LossConfig, ModelConfig
+from notellm2.modeling.connector import build_connector
+from notellm2.modeling.fusion import EmbeddingHead, LateFusionGate
+from notellm2.modeling.loss import GatheredContrastiveLoss, negative_inputs
+from notellm2.modeling.names import PROBES, probe_unavailable, variant_spec
+from notellm2.modeling.prompts import NotePrompter, marker_positions
+from notellm2.modeling.vision import VisionTower, build_vision_tower
 
 
 class ModelInputError(ValueError):
@@ -139,7 +139,7 @@ class NoteModel(nn.Module):
 
     def forward(self, batch: dict, image_tokens=None, image_pooled=None, embed_only: bool = False,
                 cached_grads: Optional[dict] = None) -> dict:
-        """The training loss of a batch (default). Chunked representation caching (launcher/chunked.py)
+        """The training loss of a batch (default). Chunked representation caching (launcher/train/chunked.py)
         calls it through the engine in two other ways, so that ZeRO-3 gathers the parameters as usual:
         `embed_only=True` returns the representations after the gate and the head ("note", "visual" for
         mICL; "gate_values"), and `cached_grads` ({"note", "visual", "log_scale"}: d loss / d those)
@@ -171,7 +171,7 @@ class NoteModel(nn.Module):
                              negatives: Optional[dict] = None) -> dict:
         """The (mICL-mixed) gathered loss of the head's outputs `embs` ({"note", "visual"}); `log_scale`
         replaces the temperature parameter's value (chunked caching's first pass, outside the engine);
-        `negatives` ({"logq", "known"}: `modeling.loss.negative_inputs(batch)`) feed the loss's negative
+        `negatives` ({"logq", "known"}: `notellm2.modeling.loss.negative_inputs(batch)`) feed the loss's negative
         options, the same for both mICL losses."""
         neg = negatives or {}
         if log_scale is None:
@@ -251,7 +251,7 @@ def build_note_model(model_cfg: ModelConfig, loss_cfg: LossConfig, vision_tower:
                          projection=hcfg.projection)
     img_id, img_emb_id = tokenizer.convert_tokens_to_ids([IMG_TOKEN, IMG_EMB_TOKEN])
     if img_id is None or img_id == tokenizer.unk_token_id:
-        raise ValueError("build_note_model: the tokenizer lacks the placeholder tokens; load it with modeling.backbone.load_llm/load_tokenizer")
+        raise ValueError("build_note_model: the tokenizer lacks the placeholder tokens; load it with notellm2.modeling.backbone.load_llm/load_tokenizer")
     return NoteModel(model_cfg.variant, llm, connector, gate, head, GatheredContrastiveLoss(loss_cfg), img_id, img_emb_id,
                      num_image_tokens, loss_cfg.micl_weight_mm, loss_cfg.micl_weight_vis)
 

@@ -7,7 +7,7 @@ fused = z * h + (1 - z) * v. Rows without an image keep h unchanged. `bias=False
 EmbeddingHead: a linear map to `model.embed_dim` followed by L2 normalisation.
 
 Both compute in fp32 up to the L2 normalisation whatever dtype their weights are stored in: under
-`train.precision: bf16` the trainer casts every parameter to bf16 for ZeRO (launcher/engine.py), and a
+`train.precision: bf16` the trainer casts every parameter to bf16 for ZeRO (launcher/train/engine.py), and a
 bf16 gate or head would round the representation to bf16 (8 significant bits) right before the
 similarities.
 Fp32Linear upcasts its input AND its weight inside forward. It stays an nn.Module call (not F.linear on
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modeling.config import INITS
+from notellm2.modeling.config import INITS
 
 
 def init_linear(linear: nn.Linear, init: str = "default", std: float = 0.02, key: str = "init") -> None:

@@ -46,7 +46,7 @@ The per-row inputs (`logq` [N], `known` [N, K] of note hashes padded with -2) co
 
 Temperature. The logit scale is exp(log_scale), unclamped here, so its gradient never vanishes. The
 upper bound `loss.max_scale` is applied to the parameter itself after each optimizer step by the
-trainer (launcher.optim.clamp_temperature), so a scale pushed to the bound can come back down.
+trainer (notellm2.launcher.train.optim.clamp_temperature), so a scale pushed to the bound can come back down.
 
 The only collective in modeling/ is `gather_with_grad`; with world size 1 or no process group it is
 the identity.
@@ -61,7 +61,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from modeling.config import LossConfig
+from notellm2.modeling.config import LossConfig
 
 
 def _world() -> int:
@@ -156,7 +156,7 @@ class GatheredContrastiveLoss(nn.Module):
         detached leaf: chunked caching's first pass computes d loss / d log_scale with it, outside the
         engine). `forward(None, log_scale_grad=g)` returns the scalar (log_scale * g).sum() instead: the
         second pass hands that gradient back to the parameter inside this module's call, so that ZeRO-3
-        gathers log_scale and reduces its gradient like any other (launcher/chunked.py)."""
+        gathers log_scale and reduces its gradient like any other (launcher/train/chunked.py)."""
         if emb is None:
             if log_scale_grad is None:
                 raise ValueError("contrastive loss: pass emb, or log_scale_grad for the temperature term")

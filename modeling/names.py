@@ -24,7 +24,7 @@ from typing import Optional
 
 @dataclass(frozen=True)
 class VariantSpec:
-    prompt: str            # which template (modeling.prompts) the variant trains with: text, basic_mm, micl
+    prompt: str            # which template (notellm2.modeling.prompts) the variant trains with: text, basic_mm, micl
     image_in_prompt: bool  # a connector feeds image tokens into the LLM
     micl: bool             # mICL: a second (visual) representation and the mixed loss
     late_fusion: bool      # the gate mixes the pooled ViT feature into the representation(s)

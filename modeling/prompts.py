@@ -25,12 +25,12 @@ right under left padding, right padding and a pad id occurring inside the text.
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 
-from modeling.backbone import IMG_EMB_TOKEN, IMG_TOKEN
-from modeling.names import PROBE_MODES, VARIANTS, probe_unavailable, variant_spec
+from notellm2.errors import UserError
+from notellm2.modeling.backbone import IMG_EMB_TOKEN, IMG_TOKEN
+from notellm2.modeling.names import PROBE_MODES, VARIANTS, probe_unavailable, variant_spec
 
 IMG, EMB = "\x00IMG", "\x00EMB"  # segment markers for the image slot and the mICL visual marker
 FIELDS = ("title", "topic", "content")
@@ -60,7 +60,7 @@ _TEMPLATES = {
     },
 }
 
-class PromptError(ValueError):
+class PromptError(UserError, ValueError):
     """A note or a prompter setting that cannot be encoded."""
 
 
@@ -134,7 +134,7 @@ class NotePrompter:
         vocab = tokenizer.get_vocab()
         missing = [t for t in (IMG_TOKEN, IMG_EMB_TOKEN) if t not in vocab]
         if missing:
-            raise PromptError(f"NotePrompter: the tokenizer lacks {missing}; load it with modeling.backbone.load_tokenizer")
+            raise PromptError(f"NotePrompter: the tokenizer lacks {missing}; load it with notellm2.modeling.backbone.load_tokenizer")
         self.img_id = tokenizer.convert_tokens_to_ids(IMG_TOKEN)
         self.img_emb_id = tokenizer.convert_tokens_to_ids(IMG_EMB_TOKEN)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -14,10 +14,8 @@ Widths are read from the model's config (HF) or probed with one blank image (plu
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
-import importlib
 import itertools
 import json
 import logging
@@ -27,14 +25,15 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from data_shards.batch import normalize_pixels
-from modeling.backbone import quiet_transformers
-from modeling.config import VisionConfig
+from notellm2.errors import UserError
+from notellm2.data_shards.batch import normalize_pixels
+from notellm2.modeling.backbone import quiet_transformers
+from notellm2.modeling.config import VisionConfig
 
 log = logging.getLogger(__name__)
 
 
-class VisionError(ValueError):
+class VisionError(UserError, ValueError):
     """A vision tower setting or directory that cannot be used."""
 
 
@@ -124,7 +123,7 @@ def encode_images(tower: Optional[nn.Module], batch: dict, dtype: Optional[torch
     """(image_tokens, image_pooled) of the frozen `tower` for `batch["pixel_values"]`, under no_grad,
     cast to `dtype` when given (bf16 training: what the engine's modules take); (None, None) without a
     tower or without pixels. The one tower call of training, validation and embedding; the batch is on
-    the tower's device already (data_shards.batch.to_device).
+    the tower's device already (notellm2.data_shards.batch.to_device).
 
     A batch from a vision cache (data.vision_cache) carries the features instead of pixels: they are
     returned (in the tower's dtype, or `dtype`) without running the tower, once the cache's key is
@@ -144,28 +143,13 @@ def encode_images(tower: Optional[nn.Module], batch: dict, dtype: Optional[torch
     return image_tokens, image_pooled
 
 
-@contextlib.contextmanager
 def replicated_loading():
-    """Load without ZeRO-3 partitioning even while the launcher's HfDeepSpeedConfig is alive.
+    """Load without ZeRO-3 partitioning even while the launcher's HfDeepSpeedConfig is alive:
+    transformers partitions every from_pretrained under an active ZeRO-3 HfDeepSpeedConfig, and the
+    tower lives outside the engine, so partitioned weights would never be gathered for its forward."""
+    from notellm2.compat import without_hf_zero3
 
-    transformers partitions every from_pretrained under an active ZeRO-3 HfDeepSpeedConfig; the
-    tower lives outside the engine, so partitioned weights would never be gathered for its forward.
-    """
-    try:
-        from transformers.integrations import deepspeed as hf_ds
-    except Exception:
-        yield
-        return
-    ref = getattr(hf_ds, "_hf_deepspeed_config_weak_ref", None)
-    held = ref() if ref is not None else None
-    if held is None:
-        yield
-        return
-    hf_ds.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        hf_ds.set_hf_deepspeed_config(held)
+    return without_hf_zero3()
 
 
 # ----------------------------------------------------------------------------- Hugging Face towers
@@ -250,18 +234,10 @@ class HFVisionTower(VisionTower):
 # ----------------------------------------------------------------------------- plugin towers
 
 def resolve_factory(spec: str) -> Callable:
-    """Look up "package.module:function" with importlib (never eval)."""
-    if spec.count(":") != 1 or not all(spec.split(":")):
-        raise VisionError(f"model.vision.factory: got {spec!r}; allowed: 'module:function'")
-    mod_name, fn_name = spec.split(":")
-    try:
-        module = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise VisionError(f"model.vision.factory: cannot import module {mod_name!r} ({e})") from None
-    fn = getattr(module, fn_name, None)
-    if fn is None or not callable(fn):
-        raise VisionError(f"model.vision.factory: module {mod_name!r} has no callable {fn_name!r}")
-    return fn
+    """Look up "package.module:function" (never eval; old spellings resolve: notellm2.codenames)."""
+    from notellm2.codenames import import_code
+
+    return import_code(spec, "model.vision.factory", VisionError)
 
 
 class PluginVisionTower(VisionTower):
@@ -315,7 +291,7 @@ VISION_KINDS: dict[str, type[VisionTower]] = {"hf": HFVisionTower, "plugin": Plu
 def build_vision_tower(cfg: VisionConfig, variant: Optional[str] = None,
                        dtype: Optional[torch.dtype] = None) -> Optional[VisionTower]:
     """The frozen tower for `cfg`, or None when `variant` uses no image (text_only, text_two_tower)."""
-    from modeling.names import variant_spec
+    from notellm2.modeling.names import variant_spec
 
     if variant is not None and not variant_spec(variant).uses_images:
         return None

@@ -5,7 +5,7 @@ checkouts and compare their per-step scalars bitwise.
 Each run: `configs/tiny_cpu.yaml` on 2 CPU ranks (torchrun --standalone), with the tiny Llama, tiny CLIP
 and synthetic shards of the tests (tests/helpers/real_inputs.py, built once under --work and shared by
 both runs; nothing downloaded), `train.max_steps=8` and a checkpoint every 4 steps. A checkout runs
-as itself: cwd and PYTHONPATH are that checkout, so `-m launcher train` is its own trainer.
+as itself: cwd and PYTHONPATH are that checkout, so `-m notellm2.launcher train` is its own trainer.
 
 Compared, every step of rank 0's `metrics.jsonl`: the `loss/*`, `lr/*`, `optim/grad_norm` and `model/*`
 scalars, for exact float equality (the bits of the float64 written to the JSONL; perf/, memory/ and
@@ -44,6 +44,11 @@ def build_inputs(work: str) -> list[str]:
     return cached_tiny_cpu_overrides(work)
 
 
+def launcher_module(repo: str) -> str:
+    """The checkout's CLI module: `notellm2.launcher` under the import root, `launcher` before it."""
+    return "notellm2.launcher" if os.path.isfile(os.path.join(repo, "notellm2", "__init__.py")) else "launcher"
+
+
 def git_commit(repo: str) -> str:
     try:
         head = subprocess.run(["git", "-C", repo, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -69,7 +74,7 @@ def run_training(repo: str, label: str, work: str, inputs: list[str], steps: int
     env = dict(os.environ, PYTHONPATH=repo, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "launcher", "train", "--config", os.path.join(repo, "configs", "tiny_cpu.yaml"), *inputs,
+           "-m", launcher_module(repo), "train", "--config", os.path.join(repo, "configs", "tiny_cpu.yaml"), *inputs,
            f"train.output_dir={run_dir}", f"train.max_steps={steps}", f"checkpoint.every_steps={every}",
            "checkpoint.resume=none", *extra]
     log_path = os.path.join(work, f"run-{label}.log")
@@ -101,15 +106,16 @@ def bits(value) -> bytes | None:
     return struct.pack("<d", float(value)) if isinstance(value, (int, float)) else None
 
 
-def compare(base: dict[int, dict], head: dict[int, dict]) -> dict:
-    """Bitwise comparison of the compared scalars of every step; a step or key present on one side only differs."""
+def compare(base: dict[int, dict], head: dict[int, dict], ignore: tuple = ()) -> dict:
+    """Bitwise comparison of the compared scalars of every step; a step or key present on one side only differs.
+    `ignore`: key prefixes left out (e.g. `lr/` across a change that fixes which step's rate is logged)."""
     diffs, n_values, keys = [], 0, set()
     for step in sorted(set(base) | set(head)):
         b, h = base.get(step), head.get(step)
         if b is None or h is None:
             diffs.append({"step": step, "key": "<step>", "base": b is not None, "head": h is not None})
             continue
-        for key in sorted(k for k in set(b) | set(h) if compared(k)):
+        for key in sorted(k for k in set(b) | set(h) if compared(k) and not k.startswith(tuple(ignore))):
             keys.add(key)
             n_values += 1
             bv, hv = b.get(key), h.get(key)
@@ -134,6 +140,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reuse-base", action="store_true", help="keep the base run of an earlier call in --work")
     ap.add_argument("--head-override", action="append", default=[], metavar="KEY=VALUE",
                     help="extra config override for the head run only (a negative control: train.seed=1 must differ)")
+    ap.add_argument("--ignore", action="append", default=[], metavar="PREFIX",
+                    help="leave keys with this prefix out of the comparison (repeatable), e.g. lr/")
     args = ap.parse_args(argv)
     if not args.repo and not (args.base and args.head):
         ap.error("give --repo DIR, or --base DIR --head DIR")
@@ -151,7 +159,7 @@ def main(argv=None) -> int:
     except RuntimeError as e:
         print(f"RESULT {json.dumps({'name': 'compare_scalars', 'identical': False, 'error': str(e)})}")
         return 2
-    result = compare(read_steps(base_path), read_steps(head_path))
+    result = compare(read_steps(base_path), read_steps(head_path), tuple(args.ignore))
     for d in result["differences"]:
         print(f"DIFF step {d['step']} {d['key']}: base {d['base']!r} head {d['head']!r}"
               + (f" (head - base = {d['delta']:.3g})" if d.get("delta") is not None else ""))
@@ -159,7 +167,7 @@ def main(argv=None) -> int:
     summary = {"name": "compare_scalars", "identical": identical, "steps": result["steps"],
                "keys": result["keys"], "values_compared": result["values_compared"],
                "differing": len(result["differences"]), "same_key_order": result["same_key_order"],
-               "head_overrides": args.head_override,
+               "head_overrides": args.head_override, "ignored": args.ignore,
                "base": {"repo": os.path.abspath(args.base), "commit": git_commit(args.base)},
                "head": {"repo": os.path.abspath(args.head), "commit": git_commit(args.head)}}
     print(f"RESULT {json.dumps(summary)}")

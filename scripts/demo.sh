@@ -62,13 +62,13 @@ OV=(data.train_shards="$A/shards/pairs-train-*.tar" data.val_shards="$A/shards/p
     data.notes_shards="$A/shards/notes-test-*.tar" train.output_dir="$A/run" "${SMOKE[@]}" "$@")
 
 stage "training on 2 CPU ranks (torchrun, DeepSpeed ZeRO-3 over gloo); TensorBoard: $A/run/tensorboard"
-.venv/bin/torchrun --standalone --nproc-per-node 2 -m launcher train --config "$CONFIG" "${OV[@]}"
+.venv/bin/torchrun --standalone --nproc-per-node 2 -m notellm2.launcher train --config "$CONFIG" "${OV[@]}"
 
 stage "export (consolidated safetensors, loads without DeepSpeed)"
 $NL export --run-dir "$A/run" --out "$A/export" --overwrite
 
 stage "embeddings of the held-out test notes: trained (full input and image-only probe), untrained, zero-shot MiniLM"
-RUN2=(.venv/bin/torchrun --standalone --nproc-per-node 2 -m launcher)   # each rank embeds half the notes
+RUN2=(.venv/bin/torchrun --standalone --nproc-per-node 2 -m notellm2.launcher)   # each rank embeds half the notes
 NOTES="$A/shards/notes-test-*.tar"
 [ -f "$A/emb_untrained/embeddings.npy" ] || "${RUN2[@]}" embed --config "$CONFIG" "${OV[@]}" --out "$A/emb_untrained"
 "${RUN2[@]}" embed --model "$A/export" --shards "$NOTES" --out "$A/emb_trained"

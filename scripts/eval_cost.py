@@ -5,7 +5,7 @@
 
 Reads perf/eval_s of each evaluation and the mean step time of the steps without one, and prints the
 share of training time the evaluations would take in a run of --steps steps evaluated every --every
-steps: the first evaluation (which also runs the frozen tower, launcher.validation.TowerMemo) once,
+steps: the first evaluation (which also runs the frozen tower, notellm2.launcher.train.validation.TowerMemo) once,
 the mean of the later ones for the rest. One `RESULT {json}` line at the end."""
 from __future__ import annotations
 

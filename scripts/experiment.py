@@ -41,7 +41,7 @@ def _variant(config: str, overrides: list[str], repo: str) -> str:
         if ov.startswith("model.variant="):
             return ov.split("=", 1)[1]
     sys.path.insert(0, repo)
-    from launcher.config import load_config
+    from notellm2.launcher.config import load_config
 
     return load_config(os.path.join(repo, config) if not os.path.isabs(config) else config).model.variant
 
@@ -51,7 +51,7 @@ def run_experiment(name: str, root: str, data: str, config: str = "configs/demo_
                    overrides=(), probes=("both",), protocol: str = "paper", catalog: str | None = None) -> dict:
     """Run (or finish) one experiment and return its result (also written to ROOT/NAME/result.json)."""
     sys.path.insert(0, repo)
-    from modeling.names import probe_unavailable
+    from notellm2.modeling.names import probe_unavailable
 
     out = os.path.join(os.path.abspath(root), name)
     os.makedirs(out, exist_ok=True)
@@ -72,19 +72,19 @@ def run_experiment(name: str, root: str, data: str, config: str = "configs/demo_
     emb = {p: os.path.join(out, f"emb_{split}" + ("" if p == "both" else f"_{p}")) for p in probes}
     if not untrained:
         if not os.path.exists(os.path.join(out, "train.done")):
-            times["train_s"] = sh(torchrun + ["-m", "launcher", "train", "--config", config, *ov], log, repo)
+            times["train_s"] = sh(torchrun + ["-m", "notellm2.launcher", "train", "--config", config, *ov], log, repo)
             open(os.path.join(out, "train.done"), "w").write("")
         if not os.path.exists(os.path.join(out, "export", "config.yaml")):
-            times["export_s"] = sh([py, "-m", "launcher", "export", "--run-dir", f"{out}/run", "--out", f"{out}/export",
+            times["export_s"] = sh([py, "-m", "notellm2.launcher", "export", "--run-dir", f"{out}/run", "--out", f"{out}/export",
                                     "--overwrite"], log, repo)
     for p, e in emb.items():
         if os.path.exists(os.path.join(e, "embeddings.npy")):
             continue
         src = ["--config", config, *ov] if untrained else ["--model", f"{out}/export", "--shards", notes]
-        times[f"embed_{p}_s"] = sh(torchrun + ["-m", "launcher", "embed", *src, "--mode", p, "--out", e], log, repo)
+        times[f"embed_{p}_s"] = sh(torchrun + ["-m", "notellm2.launcher", "embed", *src, "--mode", p, "--out", e], log, repo)
     report = os.path.join(out, f"recall_{split}.json")
     names = [f"{name}={emb['both']}"] + [f"{name}:{p}={e}" for p, e in emb.items() if p != "both"]
-    cmd = [py, "-m", "launcher", "eval", "--embeddings", *names, "--pairs", f"{d}/pairs", "--split", split,
+    cmd = [py, "-m", "notellm2.launcher", "eval", "--embeddings", *names, "--pairs", f"{d}/pairs", "--split", split,
            "--protocol", protocol, "--k", *map(str, ks), "--out", report]
     if catalog:
         cmd += ["--catalog", catalog]

@@ -115,9 +115,9 @@ export PYTHONPATH="$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
 # UNVERIFIED on a GPU: `embed --device cuda` (model and batches on cuda:LOCAL_RANK, parts every 2 batches)
 # was written on a CPU machine. A FAIL here with "--device cuda: no CUDA device here" means torch saw no
-# GPU; any other embed FAIL is the GPU path itself (launcher/embed.py: embed_device, load_embedder).
+# GPU; any other embed FAIL is the GPU path itself (launcher/eval/embed.py: embed_device, load_embedder).
 EMBED_DEVICE=()
-if "$PY" -m launcher embed --help 2>/dev/null | grep -q -- '--device'; then EMBED_DEVICE=(--device cuda --part-every 2); fi
+if "$PY" -m notellm2.launcher embed --help 2>/dev/null | grep -q -- '--device'; then EMBED_DEVICE=(--device cuda --part-every 2); fi
 [ "$REHEARSAL" = 1 ] && [ ${#EMBED_DEVICE[@]} -gt 0 ] && EMBED_DEVICE=(--device cpu --part-every 2)
 
 INPUTS="$WORK/inputs"
@@ -252,7 +252,7 @@ for spec in "${CONFIGS[@]}"; do
   env_prefix=(env "NCCL_DEBUG=INFO" "NCCL_DEBUG_SUBSYS=INIT")
   [ "$REHEARSAL" = 1 ] && env_prefix=(env "DS_ACCELERATOR=cpu" "OMP_NUM_THREADS=2")
   # shellcheck disable=SC2207
-  launch=("${env_prefix[@]}" $(torchrun_cmd) -m launcher train --config configs/tiny_cpu.yaml)
+  launch=("${env_prefix[@]}" $(torchrun_cmd) -m notellm2.launcher train --config configs/tiny_cpu.yaml)
   reason=""
   if [ -n "$first" ]; then
     run "$log" "$limit" "${launch[@]}" "${overrides[@]}" "train.max_steps=$first" || reason="train to step $first failed"
@@ -267,11 +267,11 @@ for spec in "${CONFIGS[@]}"; do
     run "$log" 60 "${verify[@]}" || reason="$( [ "$DRY" = 1 ] || grep -o 'check failed: .*' "$log" | tail -n 1 | cut -c1-160)"
   fi
   if [ -z "$reason" ] && [ "$do_export" = 1 ]; then
-    run "$log" "$TOOL_TIMEOUT" "$PY" -m launcher export --run-dir "$run_dir" --out "$export_dir" --overwrite \
+    run "$log" "$TOOL_TIMEOUT" "$PY" -m notellm2.launcher export --run-dir "$run_dir" --out "$export_dir" --overwrite \
       || reason="export failed"
   fi
   if [ -z "$reason" ] && [ "$do_embed" = 1 ]; then
-    run "$log" "$TOOL_TIMEOUT" "$PY" -m launcher embed --model "$export_dir" --shards "$NOTES" --out "$emb_dir" \
+    run "$log" "$TOOL_TIMEOUT" "$PY" -m notellm2.launcher embed --model "$export_dir" --shards "$NOTES" --out "$emb_dir" \
       --batch-size 16 "${EMBED_DEVICE[@]}" || reason="embed failed"
     if [ -z "$reason" ]; then
       run "$log" 60 "$PY" "$HELPERS" verify-embed "$emb_dir" --count "$NOTES_COUNT" \

@@ -65,7 +65,7 @@ def cmd_field(args) -> int:
 
 
 def cmd_verify_run(args) -> int:
-    from launcher import checkpoint as ckpt
+    from notellm2.launcher.train import checkpoint as ckpt
 
     path = os.path.join(args.run, "metrics.jsonl")
     if not os.path.exists(path):

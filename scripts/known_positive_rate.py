@@ -45,7 +45,7 @@ def main(argv=None) -> int:
 
     import pandas as pd
 
-    from data_shards.pairs_file import read_pairs
+    from notellm2.data_shards.mining.pairs_file import read_pairs
 
     stats = pd.read_parquet(args.note_stats, columns=["note_id", "known"])
     known = {row.note_id: set(row.known) for row in stats.itertuples()}

@@ -100,7 +100,7 @@ def ensure_note_stats(data: str) -> None:
     """The ablations' negative options read shards/note_stats.parquet: written from the train shards when
     an older write-shards made them (the fingerprint leaves it out: it is a function of the pairs)."""
     if not os.path.exists(os.path.join(data, "shards", "note_stats.parquet")):
-        from data_shards.note_stats import backfill_note_stats
+        from notellm2.data_shards.writing.note_stats import backfill_note_stats
 
         print(f"[ladder] writing {data}/shards/note_stats.parquet (the ablations' negative options)", flush=True)
         backfill_note_stats(os.path.join(data, "shards"))

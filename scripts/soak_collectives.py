@@ -6,7 +6,7 @@ Each iteration: a linear map of random features, L2-normalised, gathered over th
 gradient), an InfoNCE-style loss against the gathered rows, backward, and one blocking all_reduce of
 the loss (what the trainer does with its step metrics). `--gather` picks how the rows are gathered:
 
-* `blocking`: `modeling.loss.gather_with_grad` (blocking all_gather_into_tensor, reduce_scatter_tensor
+* `blocking`: `notellm2.modeling.loss.gather_with_grad` (blocking all_gather_into_tensor, reduce_scatter_tensor
   in backward), what the loss uses;
 * `functional`: torch's functional collectives (`all_gather_tensor_autograd` + `all_gather_tensor`,
   AsyncCollectiveTensor results that wait on first use), what the loss used before 2026-12-01;
@@ -34,7 +34,7 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=10000)
     args = ap.parse_args()
     dist.init_process_group("gloo")
-    from modeling.loss import gather_with_grad
+    from notellm2.modeling.loss import gather_with_grad
 
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(rank)

@@ -19,11 +19,11 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def llama_tok(tiny):
-    from modeling.backbone import load_tokenizer
+    from notellm2.modeling.backbone import load_tokenizer
     return load_tokenizer(tiny["llama"])
 
 
 @pytest.fixture(scope="session")
 def qwen_tok(tiny):
-    from modeling.backbone import load_tokenizer
+    from notellm2.modeling.backbone import load_tokenizer
     return load_tokenizer(tiny["qwen2"])

@@ -2,47 +2,50 @@
 
 `VERBS` maps each verb to the module that parses its arguments (a nested dict is a verb with
 sub-verbs, e.g. `notellm2 data mine-pairs`). Each module is named like its verb (`data mine-pairs`
--> `launcher/cli/data_mine_pairs.py`) and defines `register(subparsers)`, which adds the verb's
+-> `launcher/cli/data/mine_pairs.py`) and defines `register(subparsers)`, which adds the verb's
 parser with `set_defaults(handler=...)`; the handler receives the parsed namespace and returns an
 exit code. Verbs only parse arguments and call a library function; they import torch, pandas and
 the like inside the handler, so `notellm2 --help` stays light. A new verb is one line in `VERBS`
 plus its module.
 
 Verbs that take a run config use `add_config_args` and `config_from_args`, so that
-`--config file.yaml a.b=c ...` behaves the same everywhere. A user's mistake (`launcher.errors`)
+`--config file.yaml a.b=c ...` behaves the same everywhere. A user's mistake (`notellm2.errors`)
 becomes one line on stderr and exit code 2, never a traceback.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Union
 
-from launcher.config import RunConfig, load_config
-from launcher.errors import one_line, user_error_types
+import notellm2
+from notellm2 import __version__
+from notellm2.launcher.config import RunConfig, load_config
+from notellm2.errors import one_line, user_error_types
 
 VerbTable = dict[str, Union[str, "VerbTable"]]
 
 VERBS: VerbTable = {
-    "config": "launcher.cli.config",
+    "config": "notellm2.launcher.cli.config",
     "data": {
-        "validate": "launcher.cli.data_validate",
-        "import-openclipart": "launcher.cli.data_import_openclipart",
-        "simulate-views": "launcher.cli.data_simulate_views",
-        "mine-pairs": "launcher.cli.data_mine_pairs",
-        "write-shards": "launcher.cli.data_write_shards",
-        "import-pairs": "launcher.cli.data_import_pairs",
-        "cache-vision": "launcher.cli.data_cache_vision",
-        "note-stats": "launcher.cli.data_note_stats",
+        "validate": "notellm2.launcher.cli.data.validate",
+        "import-openclipart": "notellm2.launcher.cli.data.import_openclipart",
+        "simulate-views": "notellm2.launcher.cli.data.simulate_views",
+        "mine-pairs": "notellm2.launcher.cli.data.mine_pairs",
+        "write-shards": "notellm2.launcher.cli.data.write_shards",
+        "import-pairs": "notellm2.launcher.cli.data.import_pairs",
+        "cache-vision": "notellm2.launcher.cli.data.cache_vision",
+        "note-stats": "notellm2.launcher.cli.data.note_stats",
     },
-    "train": "launcher.cli.train",
-    "export": "launcher.cli.export",
-    "embed": "launcher.cli.embed",
-    "eval": "launcher.cli.eval",
-    "neighbors": "launcher.cli.neighbors",
-    "plan": "launcher.cli.plan",
-    "analyze": "launcher.cli.analyze",
+    "train": "notellm2.launcher.cli.train",
+    "export": "notellm2.launcher.cli.export",
+    "embed": "notellm2.launcher.cli.embed",
+    "eval": "notellm2.launcher.cli.eval",
+    "neighbors": "notellm2.launcher.cli.neighbors",
+    "plan": "notellm2.launcher.cli.plan",
+    "analyze": "notellm2.launcher.cli.analyze",
 }
 
 GROUP_HELP = {
@@ -54,7 +57,6 @@ GROUP_HELP = {
 def parse_named_dirs(specs: list[str], option: str) -> list[tuple[str, str]]:
     """`NAME=DIR` or a bare `DIR` (named by its folder) -> (name, dir), for options that take several
     runs (`eval --embeddings`, `analyze attention --model`); names must be distinct."""
-    import os
 
     runs = []
     for spec in specs:
@@ -91,13 +93,14 @@ def _add_verbs(sub, table: VerbTable, path: tuple[str, ...]) -> None:
             continue
         importlib.import_module(target).register(sub)
         if verb not in sub.choices:
-            raise RuntimeError(f"{target}.register added no parser named {verb!r} (VERBS in launcher/cli)")
+            raise RuntimeError(f"{target}.register added no parser named {verb!r} (VERBS in notellm2.launcher.cli)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="notellm2",
         description="Train and evaluate NoteLLM-2 style multimodal note encoders for I2I recommendation.")
+    parser.add_argument("--version", action="version", version=f"notellm2 {__version__} ({os.path.dirname(notellm2.__file__)})")
     sub = parser.add_subparsers(dest="verb", metavar="<verb>")
     _add_verbs(sub, VERBS, ())
     return parser

@@ -1,7 +1,7 @@
 """`notellm2 analyze attention --model EXPORT --shards PAIRS --out DIR`: the visual-neglect diagnosis.
 
 Per layer, the saliency flow of the batch contrastive loss into the representation position from
-image tokens, from text tokens, and between all other token pairs (launcher/attention.py), written as
+image tokens, from text tokens, and between all other token pairs (launcher/eval/attention.py), written as
 attention_flow.csv, attention_flow.png and attention_flow.json. Runs in one process."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sys
 
 def _parse_models(values: list[str]) -> list[tuple[str, str]]:
     """`[NAME=]DIR` -> (name, dir); the name defaults to the directory's base name."""
-    from launcher.cli import parse_named_dirs
+    from notellm2.launcher.cli import parse_named_dirs
 
     return parse_named_dirs(values, "--model")
 
@@ -19,9 +19,9 @@ def _parse_models(values: list[str]) -> list[tuple[str, str]]:
 def _attention(args) -> int:
     import torch
 
-    from launcher.attention import (AttentionAnalysisError, analyze_batches, load_model, pair_batches,
+    from notellm2.launcher.eval.attention import (AttentionAnalysisError, analyze_batches, load_model, pair_batches,
                                     pair_shard_paths, write_outputs)
-    from launcher.serving import ExportError, read_export_config
+    from notellm2.modeling.pretrained import ExportError, read_export_config
 
     def fail(message: str) -> int:
         print(f"notellm2 analyze attention: {message}", file=sys.stderr)

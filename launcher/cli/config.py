@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import yaml
 
-from launcher.cli import add_config_args, config_from_args
-from launcher.config import config_hash, config_to_dict
+from notellm2.launcher.cli import add_config_args, config_from_args
+from notellm2.launcher.config import config_hash, config_to_dict
 
 
 def _run(args) -> int:

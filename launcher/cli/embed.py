@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import argparse
 
-from launcher.cli import add_config_args, config_from_args
-from modeling.names import PROBE_MODES  # torch-free, so `notellm2 --help` imports no torch
+from notellm2.launcher.cli import add_config_args, config_from_args
+from notellm2.modeling.names import PROBE_MODES  # torch-free, so `notellm2 --help` imports no torch
 
-# Mirrors of launcher.embed.DEFAULT_PART_EVERY / EMBED_DEVICES and launcher.evaluate.EMBEDDING_DTYPES
+# Mirrors of notellm2.launcher.eval.embed.DEFAULT_PART_EVERY / EMBED_DEVICES and notellm2.launcher.eval.evaluate.EMBEDDING_DTYPES
 # (those modules import torch; tests/launcher/eval/test_embed_parts.py checks they agree).
 DEFAULT_PART_EVERY = 20
 DEVICES = ("cpu", "cuda")
@@ -29,7 +29,7 @@ def _positive_int(text: str) -> int:
 
 
 def _run(args) -> int:
-    from launcher.embed import embed_command
+    from notellm2.launcher.eval.embed import embed_command
 
     cfg = config_from_args(args) if args.config else None
     # getattr: a namespace built by hand with the verb's first options (tests) still runs, with the defaults

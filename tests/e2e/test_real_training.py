@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from launcher import checkpoint as ckpt
+from notellm2.launcher.train import checkpoint as ckpt
 from tests.helpers.multirank import run_command, run_ranks
 from tests.helpers.runs import metrics_by_step
 from tests.helpers.real_setup import build_inputs, write_config
@@ -27,7 +27,7 @@ def reference(inputs, tmp_path_factory):
     root = tmp_path_factory.mktemp("real-ref")
     run_dir = str(root / "run")
     cfg = write_config(str(root / "run.yaml"), inputs, run_dir)
-    r = run_command(["-m", "launcher", "train", "--config", cfg], nproc=2, timeout=300)
+    r = run_command(["-m", "notellm2.launcher", "train", "--config", cfg], nproc=2, timeout=300)
     return {"run_dir": run_dir, "config": cfg, "output": r.output}
 
 
@@ -79,11 +79,11 @@ def test_real_checkpoint_has_no_vision_weights(reference):
 def test_real_exact_resume_after_kill(reference, inputs, tmp_path):
     run_dir = str(tmp_path / "run")
     cfg = write_config(str(tmp_path / "run.yaml"), inputs, run_dir)
-    r = run_command(["-m", "launcher", "train", "--config", cfg], nproc=2, timeout=300,
+    r = run_command(["-m", "notellm2.launcher", "train", "--config", cfg], nproc=2, timeout=300,
                     env={"NOTELLM2_TEST_DIE_AT": "1:3"}, check=False)
     assert r.returncode != 0
     assert ckpt.latest_complete(ckpt.checkpoint_root(run_dir)).endswith("step_00000002")
-    r = run_command(["-m", "launcher", "train", "--config", cfg], nproc=2, timeout=300)
+    r = run_command(["-m", "notellm2.launcher", "train", "--config", cfg], nproc=2, timeout=300)
     assert "resumed step 2" in r.output
     ref, got = metrics_by_step(reference["run_dir"]), metrics_by_step(run_dir)
     assert sorted(got) == [1, 2, 3, 4]
@@ -97,11 +97,11 @@ def live_vs_export(config: str, out_dir: str) -> dict:
     live (partitioned) model; rank 0 then exports the final checkpoint and embeds the same batch."""
     import torch.distributed as dist
 
-    from launcher.config import load_config
-    from launcher.export import export
-    from launcher.serving import NoteEncoder
-    from data_shards.batch import to_device as move_batch
-    from launcher.train import train
+    from notellm2.launcher.config import load_config
+    from notellm2.launcher.export import export
+    from notellm2.modeling.pretrained import NoteEncoder
+    from notellm2.data_shards.batch import to_device as move_batch
+    from notellm2.launcher.train.train import train
 
     cfg = load_config(config, ["train.precision=fp32", "train.max_steps=2"])
     summary = train(cfg)

@@ -1,5 +1,5 @@
 """Tiny run configs: configs/tiny_cpu.yaml (the shipped smallest run) plus dotted overrides, loaded
-and validated by launcher.config.load_config, as `notellm2 train --config ... a.b=c` would.
+and validated by notellm2.launcher.config.load_config, as `notellm2 train --config ... a.b=c` would.
 
     cfg = tiny_config({"train.max_steps": 4, "model.llm.path": llm})      # a RunConfig
     path = write_tiny_config(tmp / "run.yaml", {...})                     # the same, as a YAML file
@@ -21,7 +21,7 @@ def tiny_overrides(values: dict | None = None) -> list[str]:
 
 def tiny_config(values: dict | None = None, *dotted: str, path: str = TINY_CPU):
     """configs/tiny_cpu.yaml with `values` ({"a.b": v}) and `dotted` ("a.b=v") applied, validated."""
-    from launcher.config import load_config
+    from notellm2.launcher.config import load_config
 
     return load_config(path, [*tiny_overrides(values), *dotted])
 
@@ -30,7 +30,7 @@ def write_tiny_config(out_path, values: dict | None = None, *dotted: str) -> str
     """`tiny_config(values, *dotted)` written out resolved (every key) as a YAML file; returns its path."""
     import yaml
 
-    from launcher.config import config_to_dict
+    from notellm2.launcher.config import config_to_dict
 
     cfg = tiny_config(values, *dotted)
     out_path = str(out_path)

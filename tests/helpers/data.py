@@ -16,7 +16,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from data_shards.synthetic import make_synthetic_catalog, make_synthetic_pairs, make_synthetic_views
+from notellm2.data_shards.catalog.synthetic import make_synthetic_catalog, make_synthetic_pairs, make_synthetic_views
 
 
 def synthetic_catalog(out_dir, n_notes: int = 60, n_categories: int = 4, seed: int = 0,
@@ -36,7 +36,7 @@ def synthetic_pairs(out_dir, catalog: str, n_pairs: int = 120, seed: int = 0, ex
 def synthetic_shards(root, n_notes: int = 60, n_categories: int = 4, n_pairs: int = 120, shard_size: int = 32,
                      image_size: int = 64, seed: int = 0, workers: int = 1, splits=("train", "val", "test")):
     """Catalog -> pairs -> shards under `root`; returns (shard_dir, manifest dict)."""
-    from data_shards.writer import ShardSettings, write_shards
+    from notellm2.data_shards.writing.shards import ShardSettings, write_shards
 
     root = str(root)
     cat = synthetic_catalog(os.path.join(root, "catalog"), n_notes=n_notes, n_categories=n_categories, seed=seed)

@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from launcher.components import Components
+from notellm2.launcher.train.components import Components
 
 VOCAB, HIDDEN, SEQ, VIS_DIM, VIS_TOKENS = 97, 32, 12, 24, 4
 
@@ -60,7 +60,7 @@ class TinyNoteModel(nn.Module):
         n = emb.shape[0] // 2
         q, t = emb[:n], emb[n:]
         if dist.is_initialized() and dist.get_world_size() > 1:
-            from modeling.loss import gather_with_grad
+            from notellm2.modeling.loss import gather_with_grad
 
             t_all = gather_with_grad(t)
             offset = dist.get_rank() * n

@@ -14,8 +14,8 @@ import dataclasses
 
 def pair_loader(shards, B: int = 4, image_size: int = 32, rank: int = 0, world_size: int = 1, manifest=None, *,
                 encode_fn=None, collate_text_fn=None, **options):
-    from data_shards.config import DataConfig
-    from data_shards.reader import PairLoader
+    from notellm2.data_shards.config import DataConfig
+    from notellm2.data_shards.reader import PairLoader
     from tests.helpers.shards import CharCollate, CharEncoder
 
     fields = {f.name for f in dataclasses.fields(DataConfig)}

@@ -91,7 +91,7 @@ def run_command(args: list[str], nproc: int = 2, timeout: float = 300, env: dict
                 cwd: str | None = None) -> RankResult:
     """Run a Python module/script command line under torchrun with `nproc` ranks.
 
-    `args` is what follows `torchrun ...`: e.g. ["-m", "launcher", "train", "--config", c] or a script path.
+    `args` is what follows `torchrun ...`: e.g. ["-m", "notellm2.launcher", "train", "--config", c] or a script path.
     """
     log_dir = tempfile.mkdtemp(prefix="multirank-")
     if nnodes == 1 and rdzv is None:

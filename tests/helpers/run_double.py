@@ -9,7 +9,7 @@ while not os.path.exists(os.path.join(_root, "pytest.ini")) and os.path.dirname(
     _root = os.path.dirname(_root)
 sys.path[0] = _root
 
-from launcher.cli import main  # noqa: E402
+from notellm2.launcher.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(["train", "--components", "tests.helpers.doubles:components", *sys.argv[1:]]))

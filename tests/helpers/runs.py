@@ -1,4 +1,4 @@
-"""A run's `metrics.jsonl` (rank 0 writes one JSON line per step; launcher/metrics.py), parsed here only."""
+"""A run's `metrics.jsonl` (rank 0 writes one JSON line per step; launcher/train/metrics.py), parsed here only."""
 from __future__ import annotations
 
 import json

@@ -1,5 +1,5 @@
 """Test shards in the fixed shard format (written with webdataset.TarWriter) and a char-level
-stand-in for the prompter's encode/collate (a picklable test double of modeling.prompts)."""
+stand-in for the prompter's encode/collate (a picklable test double of notellm2.modeling.prompts)."""
 from __future__ import annotations
 
 import io

@@ -12,7 +12,7 @@ NOTELLM2 = os.path.join(os.path.dirname(sys.executable), "notellm2")
 
 
 def _table_paths(table=None, prefix=()):
-    from launcher.cli import VERBS
+    from notellm2.launcher.cli import VERBS
 
     for verb, target in (VERBS if table is None else table).items():
         if isinstance(target, dict):
@@ -22,21 +22,23 @@ def _table_paths(table=None, prefix=()):
 
 
 def _cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "launcher", *args], capture_output=True, text=True, cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "notellm2.launcher", *args], capture_output=True, text=True, cwd=REPO,
                           env=base_env(), timeout=timeout)
 
 
 def test_every_verb_module_is_named_like_its_verb_and_every_module_is_in_the_table():
     modules = {target for _, target in _table_paths()}
     for path, target in _table_paths():
-        assert target == "launcher.cli." + "_".join(path).replace("-", "_"), (path, target)
-    on_disk = {f"launcher.cli.{f[:-3]}" for f in os.listdir(os.path.join(REPO, "launcher", "cli"))
-               if f.endswith(".py") and f != "__init__.py"}
+        assert target == "notellm2.launcher.cli." + ".".join(p.replace("-", "_") for p in path), (path, target)
+    on_disk = set()
+    for folder, _, files in os.walk(os.path.join(REPO, "launcher", "cli")):
+        package = "notellm2." + os.path.relpath(folder, REPO).replace(os.sep, ".")
+        on_disk |= {f"{package}.{f[:-3]}" for f in files if f.endswith(".py") and f != "__init__.py"}
     assert on_disk == modules, f"modules in launcher/cli without a verb: {sorted(on_disk - modules)}"
 
 
 def test_console_script_lists_every_verb():
-    from launcher.cli import VERBS
+    from notellm2.launcher.cli import VERBS
 
     out = subprocess.run([NOTELLM2, "--help"], capture_output=True, text=True, cwd=REPO, env=base_env())
     assert out.returncode == 0, out.stderr
@@ -65,7 +67,7 @@ def test_no_verb_prints_help_and_fails():
 def test_building_the_cli_imports_no_heavy_library():
     """`notellm2 --help` and the light verbs start in a fraction of a second: torch, pandas,
     deepspeed and transformers are imported only by the verbs that run them."""
-    code = ("import sys; from launcher.cli import build_parser; build_parser(); "
+    code = ("import sys; from notellm2.launcher.cli import build_parser; build_parser(); "
             "print(sorted(m for m in ('torch', 'pandas', 'deepspeed', 'transformers', 'duckdb') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=base_env())
     assert out.returncode == 0, out.stderr
@@ -73,8 +75,8 @@ def test_building_the_cli_imports_no_heavy_library():
 
 
 def test_embed_cli_offers_exactly_the_registered_probes():
-    from launcher.cli import build_parser
-    from modeling.names import PROBE_MODES
+    from notellm2.launcher.cli import build_parser
+    from notellm2.modeling.names import PROBE_MODES
 
     sub = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
     mode = next(a for a in sub.choices["embed"]._actions if a.dest == "mode")
@@ -141,8 +143,8 @@ def test_data_error_is_one_line_exit_2(tmp_path):
 
 def test_a_bug_keeps_its_traceback(monkeypatch, capsys):
     """Only the user's mistakes are shortened: any other exception propagates."""
-    import launcher.cli.config as verb
-    from launcher.cli import main
+    import notellm2.launcher.cli.config as verb
+    from notellm2.launcher.cli import main
 
     def boom(args):
         raise KeyError("internal")
@@ -153,13 +155,13 @@ def test_a_bug_keeps_its_traceback(monkeypatch, capsys):
 
 
 def test_user_error_types_cover_the_data_errors_once_imported():
-    from data_shards.catalog import CatalogError
-    from data_shards.mining import MiningError
-    from data_shards.writer import ShardWriteError
-    from launcher.config import ConfigError
-    from launcher.errors import user_error_types
-    from launcher.plan import PlanError
-    from launcher.serving import ExportError
+    from notellm2.data_shards.catalog.notes import CatalogError
+    from notellm2.data_shards.mining.mine import MiningError
+    from notellm2.data_shards.writing.shards import ShardWriteError
+    from notellm2.launcher.config import ConfigError
+    from notellm2.errors import user_error_types
+    from notellm2.launcher.plan import PlanError
+    from notellm2.modeling.pretrained import ExportError
 
     types = user_error_types()
     for cls in (CatalogError, MiningError, ShardWriteError, ConfigError, PlanError, ExportError, FileNotFoundError):

@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from launcher.config import (ConfigError, RunConfig, config_hash, load_config, parse_override,
+from notellm2.launcher.config import (ConfigError, RunConfig, config_hash, load_config, parse_override,
                              save_resolved)
 
 from tests.helpers.paths import REPO
@@ -159,7 +159,7 @@ def test_new_model_keys_default_to_the_earlier_behaviour():
 
 
 def test_cli_rejects_bad_config_before_any_work(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "launcher", "config", "train.max_steps=-1"],
+    out = subprocess.run([sys.executable, "-m", "notellm2.launcher", "config", "train.max_steps=-1"],
                          capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 2
     assert "train.max_steps: got -1; allowed: an integer > 0" in out.stderr
@@ -186,8 +186,8 @@ def test_every_shipped_deepspeed_json_is_valid():
 
 
 def test_variant_names_come_from_the_one_registry():
-    """model.variant accepts exactly the registered variants (modeling.names) and lists them when refused."""
-    from modeling.names import VARIANT_SPECS
+    """model.variant accepts exactly the registered variants (notellm2.modeling.names) and lists them when refused."""
+    from notellm2.modeling.names import VARIANT_SPECS
 
     for variant in VARIANT_SPECS:
         assert load_config(None, [f"model.variant={variant}"]).model.variant == variant
@@ -198,7 +198,7 @@ def test_variant_names_come_from_the_one_registry():
 
 def test_micl_cross_check_follows_the_registry():
     """The mICL weight check applies to the variants the registry marks as mICL, and only to them."""
-    from modeling.names import VARIANT_SPECS
+    from notellm2.modeling.names import VARIANT_SPECS
 
     for variant, spec in VARIANT_SPECS.items():
         overrides = [f"model.variant={variant}", "loss.micl_weight_mm=0", "loss.micl_weight_vis=0"]
@@ -210,7 +210,7 @@ def test_micl_cross_check_follows_the_registry():
 
 
 def test_chunk_pairs_must_divide_pairs_per_rank():
-    from launcher.config import ConfigError, config_hash, load_config
+    from notellm2.launcher.config import ConfigError, config_hash, load_config
 
     assert load_config(None, ["data.pairs_per_rank=8", "train.chunk_pairs=4"]).train.chunk_pairs == 4
     with pytest.raises(ConfigError, match=r"^train\.chunk_pairs: got 3; allowed: 0 \(off\) or a divisor of "
@@ -225,7 +225,7 @@ def test_chunk_pairs_must_divide_pairs_per_rank():
 def test_the_negative_options_stay_out_of_the_hash_at_their_default():
     """Keys added after runs were hashed (HASH_OMITTED_AT_DEFAULT): off, an older run keeps its hash; on,
     the hash changes (a checkpoint trained with them is another run)."""
-    from launcher.config import HASH_OMITTED_AT_DEFAULT, config_hash
+    from notellm2.launcher.config import HASH_OMITTED_AT_DEFAULT, config_hash
 
     cfg = load_config(None, [])
     base = ("train.output_dir", "train.max_steps", "train.chunk_pairs", "checkpoint", "logging", "eval")

@@ -5,14 +5,13 @@ fusion on the pre-LayerNorm CLS, a bias-free gate (Xavier-normal) and head (N(0,
 off for norms, biases, the temperature and the query tokens, and warm-up 10 % then linear decay to 0."""
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 from torch import nn
 
-from launcher.config import load_config
-from launcher.optim import lr_lambda, param_groups
+from notellm2.launcher.config import load_config
+from notellm2.launcher.train.optim import lr_lambda, param_groups
 from tests.helpers import models as fixtures
 from tests.helpers.paths import repo_path
 
@@ -21,7 +20,7 @@ PAPER = repo_path("configs/paper_scale.yaml")
 
 @pytest.fixture(scope="module")
 def paper_model(tmp_path_factory):
-    from modeling.encoder import build_all
+    from notellm2.modeling.encoder import build_all
 
     root = tmp_path_factory.mktemp("paper-recipe")
     llm, clip = fixtures.make_tiny_llm_dir(root), fixtures.make_tiny_clip_dir(root)

@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from data_shards.ids import note_id_hash  # the ids the reader gives the loss
-from modeling.config import ConnectorConfig, LLMConfig, LossConfig, ModelConfig, VisionConfig
-from modeling.encoder import build_all
+from notellm2.data_shards.ids import note_id_hash  # the ids the reader gives the loss
+from notellm2.modeling.config import ConnectorConfig, LLMConfig, LossConfig, ModelConfig, VisionConfig
+from notellm2.modeling.encoder import build_all
 
 
 def _note(k: int, role: str, has_image: bool = True) -> dict:
@@ -95,16 +95,16 @@ def zero3_load_and_step(llm_dir: str, clip_dir: str) -> dict:
     """Load the encoder under DeepSpeed ZeRO-3 (HfDeepSpeedConfig kept alive and the embedding grown by
     the launcher's hook, as the launcher does), check the embedding is partitioned before
     deepspeed.initialize, check the placeholder and pretrained rows, and run one training step."""
-    import sys
-    import deepspeed.comm.torch  # noqa: F401
-    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # FACTS: skip the ~90 s shm compile
+    from notellm2.compat import skip_deepspeed_shm_build
+
+    skip_deepspeed_shm_build()  # FACTS: skip the ~90 s shm compile
     import deepspeed
     from safetensors.torch import load_file
     from transformers.integrations import HfDeepSpeedConfig
     import os
 
-    from launcher.partitioning import embedding_grower
-    from modeling.backbone import IMG_EMB_TOKEN, IMG_TOKEN, load_llm
+    from notellm2.launcher.train.partitioning import embedding_grower
+    from notellm2.modeling.backbone import IMG_EMB_TOKEN, IMG_TOKEN, load_llm
 
     deepspeed.init_distributed(dist_backend="gloo")
     ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
@@ -117,7 +117,7 @@ def zero3_load_and_step(llm_dir: str, clip_dir: str) -> dict:
                       max_text_tokens=16, embed_dim=8)
     model, tower, prompter = build_all(cfg, LossConfig(), grow_embeddings=embedding_grower(ds_config))
     emb = model.llm.get_input_embeddings().weight
-    # Grown by launcher.partitioning: partitioned from the start, each rank holding its share, nothing
+    # Grown by notellm2.launcher.train.partitioning: partitioned from the start, each rank holding its share, nothing
     # materialised outside a gather. The decoder layers are partitioned while they load.
     world = dist.get_world_size()
     emb_before_engine = {"has_ds": hasattr(emb, "ds_numel"), "held": int(emb.ds_tensor.numel()) if hasattr(emb, "ds_tensor") else -1,
@@ -186,7 +186,7 @@ def duplicate_pairs_match_deduplicated_batch() -> dict:
     """2 ranks x 4 pairs with two injected duplicate pairs (A twice on rank 0, B on both ranks) against the
     single-process loss on the 6 distinct pairs. Gradients are w.r.t. the embeddings: DeepSpeed averages
     parameter gradients over ranks, so a rank's embedding gradient / world must equal the reference's."""
-    from modeling.loss import GatheredContrastiveLoss
+    from notellm2.modeling.loss import GatheredContrastiveLoss
 
     rank, world = dist.get_rank(), dist.get_world_size()
     assert world == 2
@@ -228,7 +228,7 @@ def negative_options_match_one_process() -> dict:
     """2 ranks x 3 pairs with loss.logq_correction and loss.mask_known_positives against the single-process
     loss on the 6 pairs (same per-note log q and known positives). Embedding gradients: a rank's / world
     must equal the reference's rows (DeepSpeed averages parameter gradients over ranks)."""
-    from modeling.loss import GatheredContrastiveLoss
+    from notellm2.modeling.loss import GatheredContrastiveLoss
 
     rank, world = dist.get_rank(), dist.get_world_size()
     assert world == 2

@@ -2,9 +2,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from modeling import backbone
-from modeling.backbone import IMG_EMB_TOKEN, IMG_TOKEN, BackboneError, load_llm, resolve_attn_implementation
-from modeling.config import LLMConfig
+from notellm2.modeling import backbone
+from notellm2.modeling.backbone import IMG_EMB_TOKEN, IMG_TOKEN, BackboneError, load_llm, resolve_attn_implementation
+from notellm2.modeling.config import LLMConfig
 
 
 def _saved_weights(path):

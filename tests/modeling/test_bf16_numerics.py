@@ -1,4 +1,4 @@
-"""bf16 runs: the trainer casts every parameter to bf16 for ZeRO (launcher/engine.py `initialize`, the
+"""bf16 runs: the trainer casts every parameter to bf16 for ZeRO (launcher/train/engine.py `initialize`, the
 `precision == "bf16"` block); the late-fusion gate and the head must still compute in fp32 up to the L2
 normalisation, and so must the similarities and the loss (modeling/loss.py upcasts the embeddings).
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modeling.config import ConnectorConfig, LLMConfig, LossConfig, ModelConfig, VisionConfig
-from modeling.encoder import build_all
+from notellm2.modeling.config import ConnectorConfig, LLMConfig, LossConfig, ModelConfig, VisionConfig
+from notellm2.modeling.encoder import build_all
 
 NOTES = [
     {"note_id": f"n{i}", "title": ["cooking pasta", "travel diary", "cute kitten", "city night"][i % 4] + f" {i}",
@@ -19,8 +19,8 @@ NOTES = [
 
 
 def _cast_like_the_trainer(model):
-    """launcher/engine.py `initialize` under train.precision: bf16 (no ZeRO here, so no parameter has ds_id)."""
-    from launcher.engine import cast_unpartitioned_to_bf16
+    """launcher/train/engine.py `initialize` under train.precision: bf16 (no ZeRO here, so no parameter has ds_id)."""
+    from notellm2.launcher.train.engine import cast_unpartitioned_to_bf16
 
     cast_unpartitioned_to_bf16(model)
 
@@ -59,7 +59,7 @@ def bf16_model(tiny):
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         tokens, pooled = tower(torch.randn(len(NOTES), 3, 32, 32, generator=g))
-    # The trainer feeds the frozen tower's outputs in the training dtype (launcher/engine.py `activation_dtype`).
+    # The trainer feeds the frozen tower's outputs in the training dtype (launcher/train/engine.py `activation_dtype`).
     return model, batch, tokens.to(torch.bfloat16), pooled.to(torch.bfloat16)
 
 

@@ -2,9 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from modeling.config import ConnectorConfig
-from modeling.connector import CONNECTORS, MLPConnector, QFormerConnector, build_connector
-from modeling.fusion import EmbeddingHead, LateFusionGate
+from notellm2.modeling.config import ConnectorConfig
+from notellm2.modeling.connector import CONNECTORS, MLPConnector, QFormerConnector, build_connector
+from notellm2.modeling.fusion import EmbeddingHead, LateFusionGate
 
 
 def test_qformer_connector_shapes_and_init():
@@ -129,7 +129,7 @@ def test_init_choices_draw_the_documented_distributions():
 
 
 def test_init_error_names_the_key():
-    from modeling.fusion import init_linear
+    from notellm2.modeling.fusion import init_linear
 
     with pytest.raises(ValueError, match="model.head.init: got 'orthogonal'; allowed: default, xavier_normal, normal"):
         EmbeddingHead(8, 3, init="orthogonal")
@@ -142,7 +142,7 @@ def test_init_error_names_the_key():
 def test_qformer_dropout_is_keyed_per_row_and_chunk_invariant():
     """The masks of a row depend on the generator state at the forward's start and the row's key, not on
     which other rows share the forward (what chunked representation caching relies on)."""
-    from modeling.connector import KEYED_ATTENTION, KeyedDropout
+    from notellm2.modeling.connector import KEYED_ATTENTION, KeyedDropout
 
     cfg = ConnectorConfig(num_layers=2, hidden_size=32, num_heads=4, dropout=0.3)
     conn = build_connector(cfg, 24, 40, 17).train()
@@ -166,7 +166,7 @@ def test_qformer_dropout_is_keyed_per_row_and_chunk_invariant():
 
 
 def test_keyed_dropout_rate_and_scale():
-    from modeling.connector import DropoutKeys, KeyedDropout
+    from notellm2.modeling.connector import DropoutKeys, KeyedDropout
 
     src = DropoutKeys()
     src.seed, src.keys = 123, torch.arange(64)

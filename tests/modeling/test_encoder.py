@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from modeling.config import ConnectorConfig, LLMConfig, LossConfig, ModelConfig, VisionConfig
-from modeling.encoder import ModelInputError, build_all, build_note_model
-from modeling.names import VARIANT_SPECS
+from notellm2.modeling.config import ConnectorConfig, LLMConfig, LossConfig, ModelConfig, VisionConfig
+from notellm2.modeling.encoder import ModelInputError, build_all, build_note_model
+from notellm2.modeling.names import VARIANT_SPECS
 
 NOTES = [
     {"note_id": f"n{i}", "title": ["cooking pasta", "travel diary", "cute kitten", "city night"][i % 4] + f" {i}",
@@ -41,7 +41,7 @@ def built(tiny):
 
 
 def test_every_registered_variant_has_its_prompt_template_in_every_language():
-    from modeling.prompts import _TEMPLATES
+    from notellm2.modeling.prompts import _TEMPLATES
     for language, templates in _TEMPLATES.items():
         for variant, spec in VARIANT_SPECS.items():
             assert spec.prompt in templates, (language, variant, spec.prompt)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from modeling.config import ConnectorConfig
-from modeling.connector import MLPConnector, QFormerConnector
-from modeling.fusion import LateFusionGate
+from notellm2.modeling.config import ConnectorConfig
+from notellm2.modeling.connector import MLPConnector, QFormerConnector
+from notellm2.modeling.fusion import LateFusionGate
 
 
 def _offset_pair(n=3, t=5, d=16):

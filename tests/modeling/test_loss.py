@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from modeling.config import LossConfig
-from modeling.loss import GatheredContrastiveLoss, gather_with_grad
+from notellm2.modeling.config import LossConfig
+from notellm2.modeling.loss import GatheredContrastiveLoss, gather_with_grad
 
 
 def reference_per_anchor(emb, ids, scale):
@@ -47,7 +47,7 @@ def test_temperature_parameter():
 
 
 def test_forward_does_not_clamp_the_scale_so_its_gradient_survives_past_the_bound():
-    """The bound is applied to the parameter after the optimizer step (launcher.optim.clamp_temperature);
+    """The bound is applied to the parameter after the optimizer step (notellm2.launcher.train.optim.clamp_temperature);
     a clamp inside forward would zero the gradient there and the scale could never come back."""
     loss = GatheredContrastiveLoss(LossConfig(init_scale=20, max_scale=100))
     with torch.no_grad():
@@ -159,7 +159,7 @@ def test_odd_batch_is_rejected():
 
 
 def test_scale_by_world_size_divides_the_per_rank_loss(monkeypatch):
-    import modeling.loss as loss_mod
+    import notellm2.modeling.loss as loss_mod
 
     emb, ids = unit(8, seed=3), torch.arange(8)
     plain = GatheredContrastiveLoss(LossConfig(), gather_fn=lambda x: x)

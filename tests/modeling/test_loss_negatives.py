@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from modeling.config import LossConfig
-from modeling.loss import GatheredContrastiveLoss
+from notellm2.modeling.config import LossConfig
+from notellm2.modeling.loss import GatheredContrastiveLoss
 from tests.helpers.multirank import run_ranks
 
-PAD = -2  # data_shards.note_stats.KNOWN_PAD
+PAD = -2  # notellm2.data_shards.writing.note_stats.KNOWN_PAD
 
 
 def unit(n, d=8, seed=0):

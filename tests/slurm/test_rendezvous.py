@@ -11,7 +11,6 @@ import threading
 import pytest
 
 from tests.helpers.multirank import free_port, run_command
-from tests.helpers.paths import REPO
 from tests.helpers.runs import logged_steps
 from tests.slurm.cluster import RENDEZVOUS
 from tests.helpers.real_inputs import TINY_CPU, tiny_cpu_overrides
@@ -79,7 +78,7 @@ def test_two_launchers_as_two_nodes_train_together(tmp_path):
     endpoint = rendezvous("localhost", port=free_port())
     assert endpoint.startswith("localhost:")
     run_dir = str(tmp_path / "run")
-    args = ["-m", "launcher", "train", "--config", TINY_CPU, *tiny_cpu_overrides(str(tmp_path / "inputs")),
+    args = ["-m", "notellm2.launcher", "train", "--config", TINY_CPU, *tiny_cpu_overrides(str(tmp_path / "inputs")),
             f"train.output_dir={run_dir}", "train.max_steps=3", "checkpoint.every_steps=3"]
     results = _two_nodes(args, endpoint)
     with open(os.path.join(run_dir, "checkpoints", "step_00000003", "manifest.json")) as fh:

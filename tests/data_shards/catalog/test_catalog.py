@@ -1,9 +1,8 @@
 import json
-import os
 
 import pytest
 
-from data_shards.catalog import CatalogError, Note, index_catalog, load_catalog, validate_catalog, write_catalog_jsonl
+from notellm2.data_shards.catalog.notes import CatalogError, Note, index_catalog, load_catalog, validate_catalog, write_catalog_jsonl
 from tests.helpers.data import (synthetic_catalog, write_exif_rotated_jpeg, write_garbage, write_plain_jpeg,
                                  write_truncated_jpeg)
 
@@ -180,7 +179,7 @@ def _square(x):
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_ordered_imap_keeps_order_across_windows(workers):
-    from data_shards.catalog import _maybe_pool, default_workers, ordered_imap
+    from notellm2.data_shards.catalog.notes import _maybe_pool, default_workers, ordered_imap
 
     items = list(range(23))
     with _maybe_pool(workers) as pool:

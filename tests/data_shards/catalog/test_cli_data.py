@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from launcher.cli import main
+from notellm2.launcher.cli import main
 from tests.helpers.data import synthetic_catalog, synthetic_pairs, write_garbage
 from tests.helpers.paths import REPO
 

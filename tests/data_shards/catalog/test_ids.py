@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pytest
 
-from data_shards.ids import note_id_hash, note_id_hashes
+from notellm2.data_shards.ids import note_id_hash, note_id_hashes
 
 
 def test_hash_matches_documented_formula_and_is_int64():
@@ -18,7 +18,7 @@ def test_hash_matches_documented_formula_and_is_int64():
 
 def test_hash_is_stable_across_processes():
     # Python's own hash() is salted per process; ours must not be.
-    code = "from data_shards.ids import note_id_hash; print(note_id_hash('note-7'))"
+    code = "from notellm2.data_shards.ids import note_id_hash; print(note_id_hash('note-7'))"
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={"PYTHONHASHSEED": str(seed), "PATH": ""}, cwd=None).stdout.strip()
             for seed in (1, 2)}

@@ -1,11 +1,11 @@
-"""data_shards.images.open_image on decompression bombs: our limit, one message, no PIL noise."""
+"""notellm2.data_shards.images.open_image on decompression bombs: our limit, one message, no PIL noise."""
 import struct
 import warnings
 import zlib
 
 import pytest
 
-from data_shards.images import BadImage, open_image
+from notellm2.data_shards.images import BadImage, open_image
 
 
 def png_header(w: int, h: int) -> bytes:

@@ -4,8 +4,8 @@ import os
 
 import pandas as pd
 
-from data_shards.catalog import load_catalog
-from launcher.cli import main
+from notellm2.data_shards.catalog.notes import load_catalog
+from notellm2.launcher.cli import main
 from tests.helpers.data import synthetic_catalog, synthetic_views
 
 
@@ -35,7 +35,7 @@ def test_views_to_mined_pairs_to_shards(tmp_path, capsys):
     # that test pairs also touch in the default "either" pair split).
     import tarfile
 
-    from data_shards.pairs_file import read_note_split
+    from notellm2.data_shards.mining.pairs_file import read_note_split
 
     note_split = read_note_split(pairs)
     in_test_pairs = set(mined[mined.split == "test"].query_id) | set(mined[mined.split == "test"].target_id)

@@ -5,8 +5,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from data_shards.catalog import load_catalog
-from data_shards.synthetic import category_names, category_style, make_synthetic_catalog, make_synthetic_views, \
+from notellm2.data_shards.catalog.notes import load_catalog
+from notellm2.data_shards.catalog.synthetic import category_names, category_style, make_synthetic_catalog, make_synthetic_views, \
     make_synthetic_pairs
 
 

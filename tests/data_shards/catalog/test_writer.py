@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from data_shards.catalog import load_catalog
-from data_shards.writer import (ShardSettings, ShardWriteError, bounded_size, read_pairs, shard_pattern, verify_shards,
+from notellm2.data_shards.catalog.notes import load_catalog
+from notellm2.data_shards.writing.shards import (ShardSettings, ShardWriteError, bounded_size, read_pairs, shard_pattern, verify_shards,
                                 write_shards)
 from tests.helpers.data import (synthetic_catalog, synthetic_pairs, write_exif_rotated_jpeg, write_garbage,
                                  write_plain_jpeg)
@@ -198,7 +198,7 @@ def test_bad_image_policy(tmp_path, policy):
 
 
 def test_interrupted_run_leaves_no_truncated_shard_and_rerun_recovers(inputs, tmp_path, monkeypatch):
-    import data_shards.writer as w
+    import notellm2.data_shards.writing.shards as w
 
     root, cat, pairs = inputs
     st = lambda: ShardSettings(shard_size=8, image_size=32, splits=("train",))
@@ -293,8 +293,8 @@ def test_bad_inputs_give_clear_errors(inputs, tmp_path):
 
 _KILL_SCRIPT = """
 import os, signal, sys
-import data_shards.writer as w
-from data_shards.writer import ShardSettings, write_shards
+import notellm2.data_shards.writing.shards as w
+from notellm2.data_shards.writing.shards import ShardSettings, write_shards
 real_add = w._ShardSink.add
 def add(self, members):
     real_add(self, members)
@@ -363,7 +363,7 @@ def test_note_split_puts_every_split_note_in_the_notes_shards(inputs, tmp_path):
 
 
 def test_pairs_file_readers(tmp_path):
-    from data_shards.pairs_file import read_note_split, read_pairs
+    from notellm2.data_shards.mining.pairs_file import read_note_split, read_pairs
 
     d = tmp_path / "p"
     d.mkdir()

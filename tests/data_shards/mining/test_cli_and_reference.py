@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from data_shards.mining import MiningSettings, mine_pairs
-from launcher.cli import main
+from notellm2.data_shards.mining.mine import MiningSettings, mine_pairs
+from notellm2.launcher.cli import main
 
 from tests.helpers.paths import REPO
 BENCH = os.path.join(REPO, "benchmarks", "bench_mining.py")

@@ -9,7 +9,7 @@ import sys
 import pandas as pd
 import pytest
 
-from data_shards.mining import MiningSettings, mine_pairs
+from notellm2.data_shards.mining.mine import MiningSettings, mine_pairs
 
 from tests.helpers.paths import REPO
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))

@@ -9,8 +9,8 @@ import sys
 import pandas as pd
 import pytest
 
-from data_shards.import_pairs import PairImportError, import_pairs
-from data_shards.pairs_file import read_note_split, read_pairs
+from notellm2.data_shards.mining.import_pairs import PairImportError, import_pairs
+from notellm2.data_shards.mining.pairs_file import read_note_split, read_pairs
 from tests.helpers.paths import REPO
 
 
@@ -100,7 +100,7 @@ def test_cli_one_line_error_and_write_shards_reads_the_import(tmp_path):
     ids = [json.loads(l)["note_id"] for l in open(cat)]
     train = _csv(tmp_path, "train.csv", [(ids[0], ids[1]), (ids[2], ids[3])])
     test = _csv(tmp_path, "test.csv", [(ids[6], ids[7])])
-    run = lambda *a: subprocess.run([sys.executable, "-m", "launcher", "data", *a], cwd=REPO, capture_output=True, text=True)  # noqa: E731
+    run = lambda *a: subprocess.run([sys.executable, "-m", "notellm2.launcher", "data", *a], cwd=REPO, capture_output=True, text=True)  # noqa: E731
     bad = run("import-pairs", "--catalog", cat, "--out", str(tmp_path / "p"), "--train", str(tmp_path / "nope.csv"))
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     ok = run("import-pairs", "--catalog", cat, "--out", str(tmp_path / "p"), "--train", train, "--test", test)

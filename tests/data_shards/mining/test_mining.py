@@ -11,7 +11,7 @@ import time
 import pandas as pd
 import pytest
 
-from data_shards.mining import MiningError, MiningSettings, mine_pairs
+from notellm2.data_shards.mining.mine import MiningError, MiningSettings, mine_pairs
 
 DAY = 86_400
 T0 = 1_700_000_000
@@ -200,7 +200,7 @@ def test_time_split_holds_out_latest_notes(tmp_path, engine):
 
 
 def test_hash_split_is_stable_per_note_and_seeded(tmp_path, engine):
-    from data_shards.mining import hash_split_of
+    from notellm2.data_shards.mining.mine import hash_split_of
 
     rows = _split_log()
     settings = dict(weighting=False, split_by="hash", val_fraction=0.2, test_fraction=0.3)
@@ -348,7 +348,7 @@ def test_each_timestamp_type_gives_the_same_pairs(tmp_path, engine, kind):
 
 
 def test_note_split_file_and_the_two_pair_split_modes(tmp_path, engine):
-    from data_shards.pairs_file import read_note_split, read_pairs
+    from notellm2.data_shards.mining.pairs_file import read_note_split, read_pairs
 
     rows = _split_log() + [("lonely", "n99", 50 * 3600)]  # a note in no pair, seen last: a test note
     settings = dict(weighting=False, split_by="time", val_fraction=0.1, test_fraction=0.2)

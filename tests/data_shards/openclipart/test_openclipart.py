@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from data_shards.openclipart import build_openclipart_catalog, parse_svg_metadata
+from notellm2.data_shards.catalog.openclipart import build_openclipart_catalog, parse_svg_metadata
 
 SVG = """<svg><metadata><rdf:RDF><cc:Work rdf:about="">
 <dc:title>Red &amp; blue bat</dc:title><dc:description>A bat at night</dc:description>

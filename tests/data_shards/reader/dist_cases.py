@@ -6,8 +6,8 @@ import itertools
 import torch
 import torch.distributed as dist
 
-from data_shards.config import DataConfig
-from data_shards.reader import NotesLoader, PairLoader
+from notellm2.data_shards.config import DataConfig
+from notellm2.data_shards.reader import NotesLoader, PairLoader
 from tests.helpers.shards import CharCollate, CharEncoder
 
 

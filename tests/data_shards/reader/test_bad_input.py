@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 
-from data_shards.config import DataConfig
-from data_shards.reader import NotesLoader, PairLoader
+from notellm2.data_shards.config import DataConfig
+from notellm2.data_shards.reader import NotesLoader
 from tests.helpers.shards import (CharCollate, CharEncoder, huge_png_bytes, write_note_shards,
                                        write_pair_shards)
 from tests.helpers.loaders import pair_loader
@@ -48,7 +48,7 @@ def corrupt(s, i, sample):
 def test_huge_png_is_small_on_disk_but_over_the_limit():
     data = _huge()
     assert len(data) < 1_000_000
-    from data_shards.images import BadImage, open_image
+    from notellm2.data_shards.images import BadImage, open_image
     with pytest.raises(BadImage, match="exceeds"):
         open_image(data, 10_000_000)
 
@@ -58,7 +58,7 @@ def test_drop_policy_counts_logs_once_and_keeps_full_batches(tmp_path, caplog):
     loader = pair_loader(str(tmp_path / "pairs-train-*.tar"), num_workers=2, shuffle_buffer=4,
                          max_image_pixels=10_000_000, bad_sample_policy="drop")
     assert loader.batches_per_epoch == 6
-    caplog.set_level(logging.WARNING, logger="data_shards.reader")
+    caplog.set_level(logging.WARNING, logger="notellm2.data_shards.reader")
     batches = list(loader)
     assert len(batches) == 6 and all(b["pixel_values"].shape[0] == 8 for b in batches)
     seen = {s for b in batches for s in b["note_id_strs"]}
@@ -106,7 +106,7 @@ def test_truncated_shard_is_reported_and_epoch_stays_full(tmp_path, caplog):
     size = os.path.getsize(paths[1])
     with open(paths[1], "r+b") as fh:
         fh.truncate(size // 2 + 300)  # cut inside a member
-    caplog.set_level(logging.WARNING, logger="data_shards.reader")
+    caplog.set_level(logging.WARNING, logger="notellm2.data_shards.reader")
     loader = pair_loader(str(tmp_path / "pairs-train-*.tar"), num_workers=2, shuffle_buffer=4,
                          max_image_pixels=10_000_000, bad_sample_policy="drop")
     assert loader.batches_per_epoch == 9  # from the manifest: 36 // 4
@@ -156,6 +156,6 @@ def test_notes_loader_blanks_bad_images_and_flags_unreadable_notes(tmp_path):
     assert int(batch["note_ids"][3]) == -1
     assert loader.stats()["blanked"] == {"bad_image": 1} and loader.stats()["unusable"] == {"missing_field": 1}
     # never a random flip at inference, whatever data.random_flip says
-    from data_shards.images import clip_transform, open_image
+    from notellm2.data_shards.images import clip_transform, open_image
     from tests.helpers.shards import jpeg_bytes
     assert torch.equal(batch.to_device(torch.device("cpu"))["pixel_values"][0], clip_transform(open_image(jpeg_bytes(0)), 32))

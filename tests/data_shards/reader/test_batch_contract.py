@@ -7,11 +7,11 @@ import itertools
 import pytest
 import torch
 
-from data_shards.batch import BatchError, NoteBatch, PairBatch, normalize_pixels, to_device
-from data_shards.config import DataConfig
-from data_shards.images import CLIP_MEAN, CLIP_STD
-from data_shards.pair_loader import _WorkerCursor
-from data_shards.reader import NotesLoader, PairLoader
+from notellm2.data_shards.batch import BatchError, NoteBatch, PairBatch, normalize_pixels, to_device
+from notellm2.data_shards.config import DataConfig
+from notellm2.data_shards.images import CLIP_MEAN, CLIP_STD
+from notellm2.data_shards.reader.pair_loader import _WorkerCursor
+from notellm2.data_shards.reader import NotesLoader, PairLoader
 from tests.helpers.shards import CharCollate, CharEncoder, write_note_shards, write_pair_shards
 
 CPU = torch.device("cpu")

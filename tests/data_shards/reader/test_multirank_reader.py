@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import logging
 
-from data_shards.config import DataConfig
-from data_shards.reader import PairLoader
+from notellm2.data_shards.config import DataConfig
+from notellm2.data_shards.reader import PairLoader
 from tests.helpers.shards import CharCollate, CharEncoder, write_note_shards, write_pair_shards
 from tests.helpers.multirank import run_ranks
 
@@ -45,7 +45,7 @@ def test_two_ranks_unequal_shards_equal_batches_and_resume_at_one_rank(tmp_path,
 
     # resume the 2-rank position (2 batches taken) on 1 rank with 1 worker
     states = [json.loads(json.dumps(res.returns[r]["state"])) for r in (0, 1)]
-    caplog.set_level(logging.WARNING, logger="data_shards.reader")
+    caplog.set_level(logging.WARNING, logger="notellm2.data_shards.reader")
     one = PairLoader(f"{pair_dir}/pairs-train-*.tar", data_cfg=DataConfig(num_workers=1, shuffle_buffer=4),
                      encode_fn=CharEncoder(), collate_text_fn=CharCollate(), rank=0, world_size=1,
                      pairs_per_rank=B, image_size=32)

@@ -1,4 +1,4 @@
-"""Per-note statistics of the training pairs (data_shards/note_stats.py): computed by write-shards from
+"""Per-note statistics of the training pairs (data_shards/writing/note_stats.py): computed by write-shards from
 the train pairs it writes, loaded for a run, and added to every pair batch (sample_logq, known_pos)."""
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 import torch
 
-from data_shards.config import DataConfig
-from data_shards.ids import note_id_hash
-from data_shards.note_stats import KNOWN_PAD, NOTE_STATS_FILE, NoteStats, NoteStatsError, compute_note_stats
-from data_shards.reader import PairLoader
+from notellm2.data_shards.config import DataConfig
+from notellm2.data_shards.ids import note_id_hash
+from notellm2.data_shards.writing.note_stats import KNOWN_PAD, NOTE_STATS_FILE, NoteStats, NoteStatsError, compute_note_stats
+from notellm2.data_shards.reader import PairLoader
 from tests.helpers.data import synthetic_shards
 from tests.helpers.shards import CharCollate, CharEncoder
 
@@ -71,8 +71,8 @@ def test_missing_statistics_are_refused_with_the_path_and_the_fix(tmp_path):
 
 
 def test_a_run_asking_for_them_is_refused_before_the_model_loads(tmp_path):
-    from launcher.components import _note_stats
-    from launcher.config import ConfigError
+    from notellm2.launcher.train.components import _note_stats
+    from notellm2.launcher.config import ConfigError
     from tests.helpers.configs import tiny_config
 
     (tmp_path / "pairs-train-000000.tar").write_bytes(b"")
@@ -85,7 +85,7 @@ def test_a_run_asking_for_them_is_refused_before_the_model_loads(tmp_path):
 def test_note_stats_cli_backfills_an_older_shard_set_with_the_same_file(tmp_path, capsys):
     """A shard set written before write-shards wrote note_stats.parquet: `notellm2 data note-stats` reads
     the train pairs back from the shards and writes the same statistics, and the manifest's entry."""
-    from launcher.cli import main
+    from notellm2.launcher.cli import main
 
     out, manifest = synthetic_shards(tmp_path, n_pairs=60, shard_size=32)
     written = pd.read_parquet(os.path.join(out, NOTE_STATS_FILE))

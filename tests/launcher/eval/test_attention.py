@@ -19,10 +19,10 @@ import pytest
 import torch
 from torch import nn
 
-from launcher.attention import FLOWS, analyze_batches, load_model, pair_batches
-from launcher.config import config_from_dict
-from modeling.encoder import build_all
-from tests.helpers.models import context_reading_llm_dir, make_tiny_clip_dir, make_tiny_llm_dir
+from notellm2.launcher.eval.attention import FLOWS, analyze_batches, load_model, pair_batches
+from notellm2.launcher.config import config_from_dict
+from notellm2.modeling.encoder import build_all
+from tests.helpers.models import context_reading_llm_dir, make_tiny_clip_dir
 from tests.helpers.data import synthetic_shards
 from tests.helpers.multirank import REPO, base_env
 
@@ -34,15 +34,6 @@ def _llm_that_reads_context(root) -> str:
     initializer's 0.02 every attention row is nearly uniform, and a mix-up of rows or spans would
     change the flows too little to see."""
     return context_reading_llm_dir(root, seed=1)
-    torch.manual_seed(1)
-    model = LlamaForCausalLM.from_pretrained(src)
-    with torch.no_grad():
-        for p in model.model.layers.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.1)
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(src).save_pretrained(out)
-    return out
 
 
 def _model_cfg(variant: str, llm: str, clip: str) -> dict:
@@ -279,7 +270,7 @@ def write_tiny_export(out_dir: str, cfg, note_model, prompter) -> str:
     (no training: the analysis only needs some weights)."""
     from safetensors.torch import save_file
 
-    from launcher.export import EXPORT_META, FORMAT, WEIGHTS
+    from notellm2.launcher.export import EXPORT_META, FORMAT, WEIGHTS
 
     os.makedirs(out_dir)
     state = {k: v.detach().contiguous() for k, v in note_model.state_dict().items()}
@@ -311,7 +302,7 @@ def cli_setup(dirs):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "launcher", "analyze", "attention", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "notellm2.launcher", "analyze", "attention", *args], capture_output=True,
                           text=True, cwd=REPO, env=base_env(), timeout=300)
 
 

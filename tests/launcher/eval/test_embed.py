@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pytest
 
-from launcher.evaluate import load_embeddings
+from notellm2.launcher.eval.evaluate import load_embeddings
 from tests.helpers.embed_setup import tiny_embed_setup
 from tests.helpers.multirank import REPO, base_env, run_command
 
@@ -17,7 +17,7 @@ def setup(tmp_path_factory):
 
 def test_embed_one_rank_then_two_ranks_agree(setup):
     one = setup["root"] / "emb1"
-    out = subprocess.run([sys.executable, "-m", "launcher", "embed", "--config", setup["config"], "--out", str(one),
+    out = subprocess.run([sys.executable, "-m", "notellm2.launcher", "embed", "--config", setup["config"], "--out", str(one),
                           "--batch-size", "4"], capture_output=True, text=True, cwd=REPO, env=base_env(), timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     ids1, emb1 = load_embeddings(str(one))
@@ -25,7 +25,7 @@ def test_embed_one_rank_then_two_ranks_agree(setup):
     assert np.allclose(np.linalg.norm(emb1.numpy(), axis=1), 1.0, atol=1e-4)
 
     two = setup["root"] / "emb2"
-    run_command(["-m", "launcher", "embed", "--config", setup["config"], "--out", str(two), "--batch-size", "4"],
+    run_command(["-m", "notellm2.launcher", "embed", "--config", setup["config"], "--out", str(two), "--batch-size", "4"],
                 nproc=2, timeout=300)
     ids2, emb2 = load_embeddings(str(two))
     assert sorted(ids2) == sorted(ids1)

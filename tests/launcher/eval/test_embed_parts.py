@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from launcher.cli import main
-from launcher.evaluate import EmbeddingsError, load_embeddings, recall_at_k, save_embeddings
+from notellm2.launcher.cli import main
+from notellm2.launcher.eval.evaluate import EmbeddingsError, load_embeddings, recall_at_k, save_embeddings
 from tests.helpers.embed_setup import tiny_embed_setup
 from tests.helpers.multirank import run_command
 
@@ -31,18 +31,18 @@ def read_bytes(folder) -> dict:
 # ----------------------------------------------------------------------------- the CLI's mirrors, device choice
 
 def test_cli_choices_mirror_the_library():
-    from launcher.cli import embed as cli
-    from launcher.embed import DEFAULT_PART_EVERY, EMBED_DEVICES
-    from launcher.evaluate import EMBEDDING_DTYPES
+    from notellm2.launcher.cli import embed as cli
+    from notellm2.launcher.eval.embed import DEFAULT_PART_EVERY, EMBED_DEVICES
+    from notellm2.launcher.eval.evaluate import EMBEDDING_DTYPES
 
     assert cli.DEFAULT_PART_EVERY == DEFAULT_PART_EVERY and cli.DEVICES == EMBED_DEVICES
     assert cli.DTYPES == EMBEDDING_DTYPES
 
 
 def test_embed_device_is_the_ranks_gpu_or_a_one_line_refusal():
-    from launcher.distributed import detect_topology
-    from launcher.embed import embed_device
-    from launcher.errors import UserError
+    from notellm2.launcher.distributed import detect_topology
+    from notellm2.launcher.eval.embed import embed_device
+    from notellm2.errors import UserError
 
     topo = detect_topology({"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8"})
     assert embed_device(topo, "cpu", cuda_available=False) == torch.device("cpu")
@@ -59,7 +59,7 @@ def test_embed_device_is_the_ranks_gpu_or_a_one_line_refusal():
 def test_device_cuda_without_cuda_exits_2_before_any_model_loads(setup, tmp_path, monkeypatch, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    import launcher.embed as embed_mod
+    import notellm2.launcher.eval.embed as embed_mod
 
     def no_model(*a, **k):
         raise AssertionError("a model was loaded")
@@ -83,9 +83,9 @@ def test_bad_options_are_refused_by_the_parser(setup, tmp_path, args, message, c
 # ----------------------------------------------------------------------------- the loader's skip
 
 def test_notes_loader_skip_batches_gives_the_same_later_batches_and_decodes_none_before(setup, monkeypatch):
-    from data_shards import notes_loader
-    from data_shards.config import DataConfig
-    from data_shards.reader import NotesLoader
+    from notellm2.data_shards.reader import notes_loader
+    from notellm2.data_shards.config import DataConfig
+    from notellm2.data_shards.reader import NotesLoader
     from tests.helpers.shards import CharCollate, CharEncoder
 
     def loader(skip, rank=1, workers=0):
@@ -140,8 +140,8 @@ def test_parts_give_identical_files_run_to_run_and_float16_halves_the_vectors(se
 
 
 def test_other_settings_are_refused_and_restart_discards_the_parts(setup, tmp_path, capsys):
-    from launcher.config import load_config
-    from launcher.embed import PARTS_DIR, parts_fingerprint, write_part
+    from notellm2.launcher.config import load_config
+    from notellm2.launcher.eval.embed import PARTS_DIR, parts_fingerprint, write_part
 
     out = tmp_path / "out"
     parts = out / PARTS_DIR
@@ -237,7 +237,7 @@ def test_two_ranks_killed_mid_way_resume_from_their_parts_and_equal_an_unbroken_
     after its part 1 (torchrun then ends rank 0). The rerun skips the finished parts (fewer batches
     embedded, in the log) and its files equal, byte for byte, an unbroken 2-rank run's."""
     root = setup["root"]
-    args = ["-m", "launcher", "embed", "--config", setup["config"], "--batch-size", "2", "--part-every", "1"]
+    args = ["-m", "notellm2.launcher", "embed", "--config", setup["config"], "--batch-size", "2", "--part-every", "1"]
     killed = root / "killed"
     res = run_command([*args, "--out", str(killed)], nproc=2, timeout=300, check=False,
                       env={"NOTELLM2_TEST_DIE_AFTER_PART": "1:1"})

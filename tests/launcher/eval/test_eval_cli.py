@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from launcher.cli import main
-from launcher.evaluate import save_embeddings
+from notellm2.launcher.cli import main
+from notellm2.launcher.eval.evaluate import save_embeddings
 from tests.helpers.multirank import REPO
 
 
@@ -41,7 +41,7 @@ BAD = {"q1": 0, "x": 1, "q2": 180, "t2": 1.5, "t1": 2, "tr": 1, "u": 2}  # q1->t
 
 def test_the_demo_flags_still_work_under_the_paper_protocol(tmp_path):
     emb = embeddings(tmp_path, "emb", GOOD)
-    out = subprocess.run([sys.executable, "-m", "launcher", "eval", "--embeddings", emb, "--pairs",
+    out = subprocess.run([sys.executable, "-m", "notellm2.launcher", "eval", "--embeddings", emb, "--pairs",
                           str(pairs_dir(tmp_path)), "--split", "test", "--k", "1", "3", "10", "--out",
                           str(tmp_path / "r.json")], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr
@@ -117,8 +117,8 @@ def test_bad_input_is_one_line_naming_the_file(tmp_path, capsys, args, message):
 
 
 def test_the_cli_choices_are_the_librarys():
-    from launcher import evaluate, search
-    from launcher.cli import eval as eval_cmd
+    from notellm2.launcher.eval import evaluate, search
+    from notellm2.launcher.cli import eval as eval_cmd
 
     assert eval_cmd.PROTOCOLS == evaluate.PROTOCOLS and eval_cmd.DEFAULT_KS == evaluate.DEFAULT_KS
     assert eval_cmd.BACKENDS == search.BACKENDS

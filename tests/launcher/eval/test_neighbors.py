@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from launcher.cli import main
-from launcher.evaluate import save_embeddings
+from notellm2.launcher.cli import main
+from notellm2.launcher.eval.evaluate import save_embeddings
 
 
 def circle(tmp_path, angles):
@@ -57,23 +57,23 @@ def test_a_bad_k_is_one_line_and_leaves_the_old_table(tmp_path, capsys):
     assert out.read_bytes() == b"old"
 
 
-def test_progress_counts_every_note_and_falls_back_without_tqdm(tmp_path, monkeypatch, capsys):
-    import sys
-
+def test_progress_counts_every_note(tmp_path, capsys):
+    """The search reports every note once, in chunks; the verb's tqdm bar ends at the note count."""
+    import numpy as np
     import torch
 
-    from launcher.cli.neighbors import _Counter
-    from launcher.search import write_related_table
+    from notellm2.launcher.cli import main
+    from notellm2.launcher.eval.evaluate import save_embedding_chunks
+    from notellm2.launcher.eval.search import write_related_table
 
     seen = []
     ids = [f"n{i}" for i in range(150)]
     write_related_table(ids, torch.randn(150, 4), str(tmp_path / "r.parquet"), 3, query_chunk=40,
                         progress=seen.append)
-    assert sum(seen) == 150 and len(seen) > 1
-    monkeypatch.setitem(sys.modules, "tqdm", None)  # `import tqdm` now fails
-    bar = _Counter(150, "neighbors")
-    for n in seen:
-        bar(n)
-    bar.close()
-    err = capsys.readouterr().err.strip().splitlines()
-    assert bar.bar is None and err[-1] == "neighbors: 150/150 notes" and len(err) >= 2
+    assert sum(seen) == 150 and len(seen) == 4
+    vectors = np.random.default_rng(0).standard_normal((150, 4)).astype(np.float32)
+    save_embedding_chunks(str(tmp_path / "emb"), ids, 4, [vectors / np.linalg.norm(vectors, axis=1, keepdims=True)])
+    assert main(["neighbors", "--embeddings", str(tmp_path / "emb"), "--k", "3", "--chunk", "40",
+                 "--out", str(tmp_path / "r2.parquet")]) == 0
+    err = capsys.readouterr().err
+    assert "neighbors: 100%" in err and "150/150" in err

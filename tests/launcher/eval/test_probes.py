@@ -16,15 +16,15 @@ import pytest
 import torch
 import yaml
 
-from data_shards.collate import note_text_dict
-from data_shards.config import DataConfig
-from data_shards.reader import NotesLoader, expand_shards
-from data_shards.synthetic import make_synthetic_catalog, make_synthetic_pairs
-from data_shards.writer import ShardSettings, write_shards
-from launcher.config import load_config
-from launcher.evaluate import load_embeddings
-from modeling.encoder import build_all
-from tests.helpers.models import context_reading_llm_dir, make_tiny_clip_dir, make_tiny_llm_dir
+from notellm2.data_shards.reader.collate import note_text_dict
+from notellm2.data_shards.config import DataConfig
+from notellm2.data_shards.reader import NotesLoader, expand_shards
+from notellm2.data_shards.catalog.synthetic import make_synthetic_catalog, make_synthetic_pairs
+from notellm2.data_shards.writing.shards import ShardSettings, write_shards
+from notellm2.launcher.config import load_config
+from notellm2.launcher.eval.evaluate import load_embeddings
+from notellm2.modeling.encoder import build_all
+from tests.helpers.models import context_reading_llm_dir, make_tiny_clip_dir
 from tests.helpers.multirank import REPO, base_env, run_command
 
 NPROC = 2
@@ -70,7 +70,7 @@ def setup(tmp_path_factory):
 def _cli_probe(setup, mode: str):
     """{note id: vector} and the embeddings.json of `embed --mode mode` on NPROC ranks."""
     out = setup["root"] / f"emb-{mode}"
-    run_command(["-m", "launcher", "embed", "--config", str(setup["configs"]["notellm2"]), "--out", str(out),
+    run_command(["-m", "notellm2.launcher", "embed", "--config", str(setup["configs"]["notellm2"]), "--out", str(out),
                  "--batch-size", "4", "--mode", mode], nproc=NPROC, timeout=300)
     ids, emb = load_embeddings(str(out))
     return dict(zip(ids, emb.numpy())), json.loads((out / "embeddings.json").read_text())
@@ -151,7 +151,7 @@ def test_text_probe_of_a_note_without_image_is_its_both_vector(probes):
 
 
 def test_text_only_has_no_image_probe_one_line_exit_2(setup):
-    out = subprocess.run([sys.executable, "-m", "launcher", "embed", "--config", str(setup["configs"]["text_only"]),
+    out = subprocess.run([sys.executable, "-m", "notellm2.launcher", "embed", "--config", str(setup["configs"]["text_only"]),
                           "--out", str(setup["root"] / "emb-text-only"), "--mode", "image"],
                          capture_output=True, text=True, cwd=REPO, env=base_env(), timeout=120)
     assert out.returncode == 2, out.stderr[-3000:]

@@ -1,5 +1,5 @@
 """Recall@K: the paper protocol's pair selection and pool, ranks on hand-built embeddings, capped K,
-subsets and bootstrap intervals (launcher.evaluate)."""
+subsets and bootstrap intervals (notellm2.launcher.eval.evaluate)."""
 import math
 
 import numpy as np
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from launcher.evaluate import (all_pairs_task, bootstrap_ci, evaluate_runs, length_subsets, paper_task,
+from notellm2.launcher.eval.evaluate import (all_pairs_task, bootstrap_ci, evaluate_runs, length_subsets, paper_task,
                                popularity_subsets, rank_run, recall_at_k, save_embeddings, split_popularity_subsets,
                                target_ranks, train_pair_counts)
 
@@ -200,7 +200,7 @@ def test_an_image_probe_run_skips_the_notes_without_an_image_and_others_still_fa
     is an error."""
     import torch as _torch
 
-    from launcher.evaluate import paper_task, rank_run
+    from notellm2.launcher.eval.evaluate import paper_task, rank_run
 
     task = paper_task([("a", "b"), ("c", "d"), ("e", "f")], ["a", "b", "c", "d", "e", "f", "g"])
     ids = ["a", "b", "d", "e", "f", "g"]  # c has no image

@@ -1,11 +1,10 @@
 """Exact chunked search against brute force (both the group-maxima path and the plain one), ties,
-exclusion, and the faiss backends against exact search (launcher.search)."""
-import numpy as np
+exclusion, and the faiss backends against exact search (notellm2.launcher.eval.search)."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from launcher import search
+from notellm2.launcher.eval import search
 
 
 def vectors(n, d=16, seed=0):

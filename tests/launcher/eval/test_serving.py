@@ -1,4 +1,4 @@
-"""The serving encoder (`launcher.serving.NoteEncoder`): an export loads and embeds raw notes with
+"""The serving encoder (`notellm2.modeling.pretrained.NoteEncoder`): an export loads and embeds raw notes with
 no DeepSpeed import, gives back the reference vectors stored at export time, and embeds a note
 exactly as `notellm2 embed` does from the shards."""
 import json
@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from launcher.config import config_from_dict
-from launcher.evaluate import load_embeddings
+from notellm2.launcher.config import config_from_dict
+from notellm2.launcher.eval.evaluate import load_embeddings
 from tests.helpers.models import make_tiny_clip_dir, make_tiny_llm_dir
 from tests.helpers.data import synthetic_shards
 from tests.helpers.multirank import REPO, base_env
@@ -24,8 +24,8 @@ GAP = 1e-5  # same device and dtype
 
 def tiny_export(root, variant="notellm2"):
     """An export of an untrained tiny model, written by the exporter's own `write_export`."""
-    from launcher.export import write_export
-    from modeling.encoder import build_all
+    from notellm2.launcher.export import write_export
+    from notellm2.modeling.encoder import build_all
 
     llm = make_tiny_llm_dir(str(root), arch="llama", num_layers=2, hidden=32)
     clip = make_tiny_clip_dir(str(root), hidden=32, layers=1)
@@ -72,7 +72,7 @@ def test_the_export_holds_reference_vectors_of_fixed_notes(export_dir):
 def test_a_fresh_interpreter_reloads_the_export_without_deepspeed_and_matches_the_reference(export_dir):
     got = _fresh(f"""
         import json, sys
-        from launcher.serving import NoteEncoder
+        from notellm2.modeling.pretrained import NoteEncoder
         enc = NoteEncoder.from_pretrained({export_dir!r})
         gaps = enc.reference_gap()
         vec = enc.encode([{{"title": "coffee", "topics": ["city"], "content": "night", "image": None}}])
@@ -92,7 +92,7 @@ def test_a_changed_weight_shows_in_the_reference_gap(export_dir, tmp_path):
 
     from safetensors.torch import load_file, save_file
 
-    from launcher.serving import NoteEncoder
+    from notellm2.modeling.pretrained import NoteEncoder
 
     copy = str(tmp_path / "altered")
     shutil.copytree(export_dir, copy)
@@ -105,7 +105,7 @@ def test_a_changed_weight_shows_in_the_reference_gap(export_dir, tmp_path):
 
 
 def test_encode_is_independent_of_batching_and_of_how_the_image_is_given(export_dir, tmp_path):
-    from launcher.serving import NoteEncoder
+    from notellm2.modeling.pretrained import NoteEncoder
 
     enc = NoteEncoder.from_pretrained(export_dir)
     rng = np.random.default_rng(0)
@@ -134,7 +134,7 @@ def test_encode_is_independent_of_batching_and_of_how_the_image_is_given(export_
 
 
 def test_bad_notes_are_one_line_errors_naming_the_note(export_dir, tmp_path):
-    from launcher.serving import NoteEncoder, NoteInputError
+    from notellm2.modeling.pretrained import NoteEncoder, NoteInputError
 
     enc = NoteEncoder.from_pretrained(export_dir)
     good = {"title": "a", "topics": [], "content": "b", "image": None}
@@ -153,12 +153,12 @@ def test_bad_notes_are_one_line_errors_naming_the_note(export_dir, tmp_path):
 def test_serving_gives_the_vectors_of_notellm2_embed(export_dir, tmp_path):
     """Notes read back from the notes shards (their JPEG bytes as image files) embed through
     NoteEncoder.encode exactly as `notellm2 embed --model EXPORT` embeds the shards."""
-    from launcher.serving import NoteEncoder
+    from notellm2.modeling.pretrained import NoteEncoder
 
     shard_dir, _ = synthetic_shards(str(tmp_path / "data"), n_notes=14, n_categories=2, n_pairs=16, shard_size=5,
                                     image_size=32, splits=("test",))
     pattern = os.path.join(shard_dir, "notes-test-*.tar")
-    out = subprocess.run([sys.executable, "-m", "launcher", "embed", "--model", export_dir, "--shards", pattern,
+    out = subprocess.run([sys.executable, "-m", "notellm2.launcher", "embed", "--model", export_dir, "--shards", pattern,
                           "--out", str(tmp_path / "emb"), "--batch-size", "4", "--num-workers", "0"],
                          capture_output=True, text=True, cwd=REPO, env=base_env(), timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -191,7 +191,7 @@ def test_serving_gives_the_vectors_of_notellm2_embed(export_dir, tmp_path):
 
 
 def test_a_bf16_load_stays_within_cosine_0999_of_the_fp32_reference(export_dir):
-    from launcher.serving import REFERENCE_NOTES, NoteEncoder, _resolve_images
+    from notellm2.modeling.pretrained import REFERENCE_NOTES, NoteEncoder, _resolve_images
 
     ref = json.load(open(os.path.join(export_dir, REFERENCE_NOTES)))
     stored = np.load(os.path.join(export_dir, "reference_embeddings.npz"))

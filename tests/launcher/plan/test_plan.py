@@ -13,8 +13,8 @@ import sys
 import pytest
 import torch
 
-from launcher.config import load_config
-from launcher.plan import (GiB, LLMArch, PlanError, count_params, format_plan, llm_activation_bytes, llm_arch,
+from notellm2.launcher.config import load_config
+from notellm2.launcher.plan import (GiB, LLMArch, PlanError, count_params, format_plan, llm_activation_bytes, llm_arch,
                            make_plan)
 from tests.helpers.multirank import base_env
 from tests.helpers.paths import REPO
@@ -59,7 +59,7 @@ def test_llm_params_from_config_alone_match_the_architecture_formula(tmp_path):
     assert arch.params == _qwen_expected(256, 688, 4, 8, 2, 32000)
     assert arch.largest_module == 32000 * 256  # the embedding matrix
     assert (arch.hidden, arch.layers, arch.kv_dim, arch.ffn) == (256, 4, 64, 688)
-    # model.llm.num_layers truncates the trunk the way modeling.backbone.load_llm does.
+    # model.llm.num_layers truncates the trunk the way notellm2.modeling.backbone.load_llm does.
     cut = llm_arch(load_config(None, [f"model.llm.path={path}", "model.llm.num_layers=2"]))
     assert cut.params == _qwen_expected(256, 688, 2, 8, 2, 32000)
 
@@ -228,7 +228,7 @@ def test_activation_formula_matches_what_autograd_saves(attn, dtype):
 
 def test_plan_cli_on_paper_scale_runs_offline_and_prints_the_table():
     env = base_env({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
-    p = subprocess.run([sys.executable, "-m", "launcher", "plan", "--config", "configs/paper_scale.yaml", "--nodes", "2",
+    p = subprocess.run([sys.executable, "-m", "notellm2.launcher", "plan", "--config", "configs/paper_scale.yaml", "--nodes", "2",
                         "--gpus-per-node", "8", "--gpu-memory-gib", "80"], cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=300)
     assert p.returncode == 0, p.stderr
@@ -243,7 +243,7 @@ def test_plan_cli_on_paper_scale_runs_offline_and_prints_the_table():
 
 
 def test_plan_json_output_is_consistent(capsys):
-    from launcher.cli import main
+    from notellm2.launcher.cli import main
 
     assert main(["plan", "--config", PAPER, "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
@@ -263,7 +263,7 @@ def test_plan_errors_name_the_key_or_file(tmp_path, capsys):
         make_plan(load_config(PAPER, [f"train.ds_config={ds}"]))
     with pytest.raises(PlanError, match=r"train\.ds_config: .*missing\.json.* does not exist"):
         make_plan(load_config(PAPER, ["train.ds_config=missing.json"]))
-    from launcher.cli import main
+    from notellm2.launcher.cli import main
 
     assert main(["plan", "--config", PAPER, f"model.vision.path={empty}"]) == 2
     assert "model.vision.path" in capsys.readouterr().err

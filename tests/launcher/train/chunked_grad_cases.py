@@ -1,6 +1,6 @@
 """Rank functions for tests/launcher/train/test_chunked_gradients.py (run by tests.helpers.multirank.run_ranks).
 
-One batch through `launcher.chunked.forward_backward` (the training loop's own call) on a real
+One batch through `notellm2.launcher.train.chunked.forward_backward` (the training loop's own call) on a real
 `deepspeed.initialize` engine built as the trainer builds it (default_components, param_groups,
 build_optimizer; the frozen tower outside the engine), whole or in chunks, on this rank's share of a
 fixed global batch (tests/launcher/train/engine_grad_cases.py). Every run starts from the same
@@ -16,12 +16,12 @@ import os
 import torch
 import torch.distributed as dist
 
-from launcher.chunked import forward_backward
-from launcher.components import default_components
-from launcher.distributed import detect_topology, init_distributed
-from launcher.engine import build_ds_config
-from launcher.optim import build_optimizer, param_groups
-from modeling.connector import KeyedDropout
+from notellm2.launcher.train.chunked import forward_backward
+from notellm2.launcher.train.components import default_components
+from notellm2.launcher.distributed import detect_topology, init_distributed
+from notellm2.launcher.train.engine import build_ds_config
+from notellm2.launcher.train.optim import build_optimizer, param_groups
+from notellm2.modeling.connector import KeyedDropout
 from tests.helpers.configs import tiny_config
 from tests.launcher.train.engine_grad_cases import global_pairs, local_batch
 
@@ -46,7 +46,7 @@ def _engine(llm_dir: str, clip_dir: str, per_rank: int, run: dict, out_dir: str,
                       f"model.connector.dropout={run.get('dropout', 0.0)}", f"train.chunk_pairs={run['chunk']}",
                       f"train.grad_accum_steps={run.get('accum', 1)}")
     ds_config = build_ds_config(cfg, world)
-    torch.manual_seed(cfg.train.seed)  # as launcher.train._train does before the factory
+    torch.manual_seed(cfg.train.seed)  # as notellm2.launcher.train.train._train does before the factory
     comps = default_components(cfg, dist.get_rank(), world, ds_config)
     comps.freeze_vision_tower(torch.device("cpu"))
     model = comps.note_model
@@ -141,7 +141,7 @@ def _one_step(engine, comps, cfg, run, pairs, micro, accum, stage3, read):
     for m in range(accum):
         batch = local_batch(comps.prompter, cfg.model.vision.image_size, pairs[m * micro:(m + 1) * micro])
         if run.get("cached"):  # a vision-cache batch (data.vision_cache): the tower's features, no pixels
-            from modeling.vision import tower_key
+            from notellm2.modeling.vision import tower_key
 
             image_tokens, image_pooled = comps.image_features(batch)
             del batch["pixel_values"]

@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from launcher import distributed as D
-from launcher.metrics import StepStats
-from launcher.preemption import PreemptionFlag
+from notellm2.launcher import distributed as D
+from notellm2.launcher.train.metrics import StepStats
+from notellm2.launcher.train.preemption import PreemptionFlag
 
 
 def helpers_on_gloo() -> dict:

@@ -1,7 +1,7 @@
 """Rank functions for tests/launcher/train/test_engine_gradients.py (run by tests.helpers.multirank.run_ranks).
 
 One forward + backward of the `notellm2` note model through a real `deepspeed.initialize` ZeRO-3
-engine, built the way the trainer builds it (launcher.engine.build_ds_config / launcher.components.default_components /
+engine, built the way the trainer builds it (notellm2.launcher.train.engine.build_ds_config / notellm2.launcher.train.components.default_components /
 param_groups / build_optimizer, the frozen vision tower outside the engine), on a fixed global batch
 of pairs of which this rank takes its share. Rank 0 writes the full gradients (read with
 `deepspeed.utils.safe_get_full_grad` after `engine.backward`, before any step) and the full initial
@@ -14,11 +14,10 @@ import os
 import torch
 import torch.distributed as dist
 
-from launcher.components import default_components
-from launcher.config import load_config
-from launcher.distributed import detect_topology, init_distributed
-from launcher.engine import build_ds_config
-from launcher.optim import build_optimizer, param_groups
+from notellm2.launcher.train.components import default_components
+from notellm2.launcher.distributed import detect_topology, init_distributed
+from notellm2.launcher.train.engine import build_ds_config
+from notellm2.launcher.train.optim import build_optimizer, param_groups
 from tests.helpers.configs import tiny_config
 
 WORDS = ["cooking pasta", "travel diary", "lipstick review", "cute kitten", "coffee garden", "city night",
@@ -67,7 +66,7 @@ def _build_engine(llm_dir: str, clip_dir: str, pairs_per_rank: int, scale_by_wor
     assert cfg.train.ds_config == "ds_configs/cpu_zero3.json"
     ds_config = build_ds_config(cfg, world)
     assert ds_config["zero_optimization"]["stage"] == 3 and ds_config["gradient_clipping"] == 0
-    torch.manual_seed(cfg.train.seed)  # as launcher.train._train does before the factory
+    torch.manual_seed(cfg.train.seed)  # as notellm2.launcher.train.train._train does before the factory
     comps = default_components(cfg, dist.get_rank(), world, ds_config)
     tower = comps.vision_tower.eval()
     for p in tower.parameters():

@@ -1,13 +1,13 @@
-"""`launcher.chunked.check_chunkable`: which runs may use train.chunk_pairs (the ZeRO stages whose chunked
+"""`notellm2.launcher.train.chunked.check_chunkable`: which runs may use train.chunk_pairs (the ZeRO stages whose chunked
 step is tested, and models whose only dropout is keyed per note)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from launcher.chunked import check_chunkable
-from launcher.config import ConfigError
-from modeling.connector import DropoutKeys, KeyedDropout
+from notellm2.launcher.train.chunked import check_chunkable
+from notellm2.launcher.config import ConfigError
+from notellm2.modeling.connector import DropoutKeys, KeyedDropout
 
 
 class _Model(torch.nn.Module):

@@ -1,4 +1,4 @@
-"""Chunked representation caching (`train.chunk_pairs`, launcher/chunked.py) through the DeepSpeed engine
+"""Chunked representation caching (`train.chunk_pairs`, launcher/train/chunked.py) through the DeepSpeed engine
 on 2 real gloo ranks (issue #14): one step in chunks gives the same loss, logged scalars and full
 gradients (`safe_get_full_grad`, ZeRO-3) as the unchunked step, for `notellm2` with the Q-Former's
 dropout on (0.1, the paper's), `text_only` and `basic_mm`, a vision-cache batch, ZeRO-2, gradient accumulation, and the third of
@@ -148,7 +148,7 @@ def test_negative_options_chunked_equal_whole(runs):
 
 def test_zero2_chunked_equals_whole(runs):
     """ZeRO-2: read as the change of one SGD step with lr 1. Every chunk's backward but the batch's last
-    is marked as no accumulation boundary (launcher/chunked.py); before that fix only the last chunk's
+    is marked as no accumulation boundary (launcher/train/chunked.py); before that fix only the last chunk's
     gradient reached the step (rel 1.05 here)."""
     good = _check_pair(runs, "zero2-whole", "zero2-chunked", stage=2)
     assert good["ok"], good
@@ -166,7 +166,7 @@ def test_gradient_accumulation_chunked_equals_whole(runs, stage):
 def test_later_steps_keep_the_zero3_trace(runs):
     """The third optimizer step, after two whole steps in each mode, still equals the unchunked one; and
     ZeRO-3's parameter coordinator holds a complete module trace through the chunked batch
-    (launcher/chunked.py, `_one_coordinator_step`), so a parameter is gathered about as often as in the
+    (launcher/train/chunked.py through `notellm2.compat.one_zero3_trace_step`), so a parameter is gathered about as often as in the
     unchunked step. Without it every chunk's forward and backward re-gathered every module (about 6x the
     all-gathers at 2 chunks: 248 against 42 here)."""
     good = _check_pair(runs, "steps-whole", "steps-chunked")

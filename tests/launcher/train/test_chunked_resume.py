@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from launcher import checkpoint as ckpt
+from notellm2.launcher.train import checkpoint as ckpt
 from tests.helpers.multirank import run_command
 from tests.helpers.real_setup import build_inputs, write_config
 from tests.helpers.runs import metrics_by_step
@@ -23,14 +23,14 @@ def test_chunked_run_resumes_exactly_after_kill(tmp_path):
     inputs = build_inputs(str(tmp_path / "inputs"))
     ref_cfg, ref_dir = _config(tmp_path, inputs, "ref")
     dropout = ["model.connector.dropout=0.1"]
-    r = run_command(["-m", "launcher", "train", "--config", ref_cfg, *dropout], nproc=2, timeout=400)
+    r = run_command(["-m", "notellm2.launcher", "train", "--config", ref_cfg, *dropout], nproc=2, timeout=400)
     assert "in chunks of 2 pairs" in r.output
     cfg, run_dir = _config(tmp_path, inputs, "killed")
-    r = run_command(["-m", "launcher", "train", "--config", cfg, *dropout], nproc=2, timeout=400,
+    r = run_command(["-m", "notellm2.launcher", "train", "--config", cfg, *dropout], nproc=2, timeout=400,
                     env={"NOTELLM2_TEST_DIE_AT": "1:3"}, check=False)
     assert r.returncode != 0
     assert ckpt.latest_complete(ckpt.checkpoint_root(run_dir)).endswith("step_00000002")
-    r = run_command(["-m", "launcher", "train", "--config", cfg, *dropout], nproc=2, timeout=400)
+    r = run_command(["-m", "notellm2.launcher", "train", "--config", cfg, *dropout], nproc=2, timeout=400)
     assert "resumed step 2" in r.output
     ref, got = metrics_by_step(ref_dir), metrics_by_step(run_dir)
     assert sorted(got) == sorted(ref) == [1, 2, 3, 4]

@@ -18,9 +18,9 @@ import textwrap
 import pytest
 import torch
 
-from launcher import distributed as D
-from data_shards.batch import copy_can_be_async
-from data_shards.batch import to_device as move_batch
+from notellm2.launcher import distributed as D
+from notellm2.data_shards.batch import copy_can_be_async
+from notellm2.data_shards.batch import to_device as move_batch
 from tests.helpers.multirank import base_env, run_ranks
 from tests.helpers.paths import REPO
 
@@ -89,7 +89,7 @@ def test_the_checker_catches_every_spelling_of_a_direct_collective():
     assert [f.split(" ")[1] for f in found] == [
         "torch.distributed.all_reduce", "torch.distributed.all_gather_object", "torch.distributed.broadcast",
         "torch.distributed.barrier", "deepspeed.comm.barrier"], found
-    clean = "from launcher.distributed import all_reduce, barrier\nall_reduce(t)\nbarrier()\n"
+    clean = "from notellm2.launcher.distributed import all_reduce, barrier\nall_reduce(t)\nbarrier()\n"
     assert direct_collective_calls(clean) == []
 
 
@@ -174,8 +174,8 @@ def _raise_stop(*args, **kwargs):
 
 
 def test_trainer_entry_turns_faulthandler_on_before_anything_else(monkeypatch):
-    import launcher.train as T
-    from launcher.config import config_from_dict
+    import notellm2.launcher.train.train as T
+    from notellm2.launcher.config import config_from_dict
 
     monkeypatch.setattr(T, "detect_topology", _raise_stop)  # the step after the crash traces
     faulthandler.disable()
@@ -188,8 +188,8 @@ def test_trainer_entry_turns_faulthandler_on_before_anything_else(monkeypatch):
 
 
 def test_embed_entry_turns_faulthandler_on(monkeypatch):
-    from launcher.cli import embed as E
-    from launcher.errors import UserError
+    from notellm2.launcher.cli import embed as E
+    from notellm2.errors import UserError
 
     import argparse
 
@@ -208,7 +208,7 @@ def test_embed_entry_turns_faulthandler_on(monkeypatch):
 def test_a_segfault_prints_every_threads_python_stack():
     child = textwrap.dedent("""
         import ctypes, threading, time
-        from launcher.distributed import enable_crash_traces
+        from notellm2.launcher.distributed import enable_crash_traces
 
         def loader_thread_waits():
             time.sleep(60)

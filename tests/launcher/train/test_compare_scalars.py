@@ -35,3 +35,15 @@ def test_missing_step_or_key_is_a_difference():
     del head["optim/grad_norm"]
     r = cs.compare({1: _rec(), 2: _rec()}, {1: head})
     assert {(d["step"], d["key"]) for d in r["differences"]} == {(1, "optim/grad_norm"), (2, "<step>")}
+
+
+def test_ignored_prefix_is_left_out_and_either_spelling_is_run(tmp_path):
+    head = _rec()
+    head["lr/new"] = 2e-3
+    r = cs.compare({1: _rec()}, {1: head}, ignore=("lr/",))
+    assert r["differences"] == [] and "lr/new" not in r["keys"]
+    assert cs.compare({1: _rec()}, {1: head})["differences"]
+    old = tmp_path / "old"
+    (old / "launcher").mkdir(parents=True)
+    assert cs.launcher_module(str(old)) == "launcher"
+    assert cs.launcher_module(REPO) == "notellm2.launcher"

@@ -3,16 +3,15 @@ exact resume after kill -9 (also in the middle of a save), keep-last, manifest, 
 scalars, world-size change through universal checkpoints, stuck and dead ranks."""
 from __future__ import annotations
 
-import json
 import os
 import time
 
 import pytest
 import torch
 
-from launcher import checkpoint as ckpt
-from launcher import faults
-from launcher.config import config_hash, load_config
+from notellm2.launcher.train import checkpoint as ckpt
+from notellm2.launcher.train import faults
+from notellm2.launcher.config import config_hash, load_config
 from tests.helpers.multirank import run_ranks
 from tests.helpers.runs import metrics_by_step
 from tests.helpers.double_runs import train_double
@@ -126,7 +125,7 @@ def resume_on_one_rank(run_dir: str) -> dict:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     import deepspeed
 
-    from launcher.train import train
+    from notellm2.launcher.train.train import train
     from tests.helpers.doubles import components
 
     cfg = load_config(os.path.join(run_dir, "config.resolved.yaml"), [f"train.max_steps={STEPS}"])
@@ -233,8 +232,8 @@ def test_dead_rank_named_without_torchrun(tmp_path):
 
 
 def accumulate(run_dir: str) -> dict:
-    from launcher.config import load_config
-    from launcher.train import train
+    from notellm2.launcher.config import load_config
+    from notellm2.launcher.train.train import train
     from tests.helpers.doubles import components
 
     cfg = load_config(None, [f"train.output_dir={run_dir}", "train.ds_config=ds_configs/cpu_zero3.json",

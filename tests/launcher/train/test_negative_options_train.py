@@ -20,12 +20,12 @@ OPTIONS = ["loss.logq_correction=true", "loss.mask_known_positives=true"]
 def test_both_options_train_in_chunks_with_validation(tmp_path):
     inputs = build_inputs(str(tmp_path / "inputs"))
     cfg = write_config(str(tmp_path / "negs.yaml"), inputs, str(tmp_path / "negs"), chunk_pairs=2, precision="fp32")
-    r = run_command(["-m", "launcher", "train", "--config", cfg, *OPTIONS], nproc=2, timeout=400)
+    r = run_command(["-m", "notellm2.launcher", "train", "--config", cfg, *OPTIONS], nproc=2, timeout=400)
     assert "in chunks of 2 pairs" in r.output
     got = metrics_by_step(str(tmp_path / "negs"))
     assert sorted(got) == [1, 2, 3, 4] and all(math.isfinite(got[s]["loss/total"]) for s in got)
     plain_cfg = write_config(str(tmp_path / "plain.yaml"), inputs, str(tmp_path / "plain"), precision="fp32",
                              max_steps=1)
-    run_command(["-m", "launcher", "train", "--config", plain_cfg], nproc=2, timeout=400)
+    run_command(["-m", "notellm2.launcher", "train", "--config", plain_cfg], nproc=2, timeout=400)
     plain = metrics_by_step(str(tmp_path / "plain"))
     assert abs(plain[1]["loss/total"] - got[1]["loss/total"]) > 1e-3, (plain[1], got[1])

@@ -1,4 +1,4 @@
-"""The launcher's ZeRO-3 hook for growing the embedding (launcher/partitioning.py) and how
+"""The launcher's ZeRO-3 hook for growing the embedding (launcher/train/partitioning.py) and how
 default_components loads the LLM. The 2-rank check that the grown matrix is partitioned before
 deepspeed.initialize is tests/modeling/test_multirank_loss.py::test_loads_and_trains_under_zero3."""
 from __future__ import annotations
@@ -9,10 +9,10 @@ import os
 import pytest
 import torch
 
-from launcher.config import load_config
-from launcher.partitioning import embedding_grower
-from launcher.components import default_components
-from launcher.engine import build_ds_config
+from notellm2.launcher.config import load_config
+from notellm2.launcher.train.partitioning import embedding_grower
+from notellm2.launcher.train.components import default_components
+from notellm2.launcher.train.engine import build_ds_config
 from tests.helpers.paths import REPO
 
 
@@ -33,9 +33,9 @@ class _Stop(Exception):
 def test_default_components_loads_the_llm_for_the_engine(monkeypatch, ds_name, precision):
     """The LLM loads in the training dtype (flash-attn needs bf16) and, under ZeRO-3, with the grower."""
     import transformers.integrations
-    import modeling.backbone
-    import modeling.encoder  # noqa: F401  before the patch: imported under it, its own `load_llm` would stay the fake
-    import modeling.vision
+    import notellm2.modeling.backbone
+    import notellm2.modeling.encoder  # noqa: F401  before the patch: imported under it, its own `load_llm` would stay the fake
+    import notellm2.modeling.vision
 
     seen = {}
 
@@ -45,8 +45,8 @@ def test_default_components_loads_the_llm_for_the_engine(monkeypatch, ds_name, p
 
     # No live HfDeepSpeedConfig may outlive this test (it would turn ZeRO-3 on for later tests).
     monkeypatch.setattr(transformers.integrations, "HfDeepSpeedConfig", lambda ds: object())
-    monkeypatch.setattr(modeling.vision, "build_vision_tower", lambda *a, **k: None)
-    monkeypatch.setattr(modeling.backbone, "load_llm", fake_load_llm)
+    monkeypatch.setattr(notellm2.modeling.vision, "build_vision_tower", lambda *a, **k: None)
+    monkeypatch.setattr(notellm2.modeling.backbone, "load_llm", fake_load_llm)
     cfg = load_config(None, [f"train.ds_config=ds_configs/{ds_name}", f"train.precision={precision}"])
     cfg.data.train_shards = ["pairs-train-000000.tar"]
     ds = build_ds_config(cfg, world_size=2)

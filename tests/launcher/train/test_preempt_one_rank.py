@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from launcher import checkpoint as ckpt
+from notellm2.launcher.train import checkpoint as ckpt
 from tests.helpers.multirank import base_env, free_port
 from tests.helpers.paths import REPO
 from tests.helpers.real_inputs import TINY_CPU, tiny_cpu_overrides
@@ -35,7 +35,7 @@ def test_one_rank_signalled_all_checkpoint_the_same_step_and_exit_75(tmp_path):
         f"train.output_dir={run_dir}", "train.max_steps=200", "checkpoint.every_steps=1000"]
     # Plain processes, one per rank (as srun starts them): each rank's own exit code is seen. (Under
     # torchrun the agent SIGTERMs the others as soon as the first rank exits 75, whatever they do.)
-    args = [sys.executable, "-m", "launcher", "train", "--config", TINY_CPU, *overrides]
+    args = [sys.executable, "-m", "notellm2.launcher", "train", "--config", TINY_CPU, *overrides]
     port = str(free_port())
     procs, logs = [], []
     for r in range(2):

@@ -11,7 +11,7 @@ def cli_train(run_dir: str) -> dict:
     """In each rank (gloo already up, as torchrun + an earlier init would leave it): the train verb."""
     import torch.distributed as dist
 
-    from launcher.cli import main
+    from notellm2.launcher.cli import main
 
     rc = main(["train", "--components", "tests.helpers.doubles:components", *double_args(run_dir, "train.max_steps=2")[1:]])
     return {"rc": rc, "initialized": dist.is_initialized()}

@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from launcher.checkpoint import BEST, MANIFEST, best_checkpoint, prune
-from launcher.config import ConfigError, load_config
+from notellm2.launcher.train.checkpoint import BEST, MANIFEST, best_checkpoint, prune
+from notellm2.launcher.config import ConfigError, load_config
 from tests.helpers.paths import REPO
 from tests.helpers.runs import metrics_by_step
 
@@ -35,7 +35,7 @@ def test_prune_keeps_the_last_k_and_the_best(tmp_path):
 
 
 def test_improves_higher_for_recall_lower_for_loss(tmp_path):
-    from launcher.checkpoint import Checkpointer
+    from notellm2.launcher.train.checkpoint import Checkpointer
 
     cfg = load_config(os.path.join(REPO, "configs", "tiny_cpu.yaml"),
                       [f"train.output_dir={tmp_path}", "eval.every_steps=2", "checkpoint.keep_best=eval/recall@10"])
@@ -64,10 +64,10 @@ def test_two_ranks_log_recall_of_both_probes_equal_to_an_offline_eval_and_keep_t
     step 4 equals what the exported step-4 model gives in one process on the same slice and pairs; the
     `best` pointer names the step with the best eval/recall@10 and that checkpoint is kept beside the last 2
     (test_prune_keeps_the_last_k_and_the_best covers a best older than the kept ones)."""
-    from launcher.embed import embed_notes
-    from launcher.evaluate import recall_at_k
-    from launcher.serving import NoteEncoder
-    from launcher.validation import read_val_pairs
+    from notellm2.launcher.eval.embed import embed_notes
+    from notellm2.launcher.eval.evaluate import recall_at_k
+    from notellm2.modeling.pretrained import NoteEncoder
+    from notellm2.launcher.train.validation import read_val_pairs
     from tests.helpers.multirank import run_command
     from tests.helpers.real_setup import build_inputs, write_config
 
@@ -80,7 +80,7 @@ def test_two_ranks_log_recall_of_both_probes_equal_to_an_offline_eval_and_keep_t
     ov = [f"eval.notes_shards={notes}", f"eval.pairs={pairs}", "eval.max_notes=40", "eval.k_values=[5, 10]",
           "eval.batch_size=8", "checkpoint.keep_best=eval/recall@10", "checkpoint.keep_last=2",
           "checkpoint.every_steps=4", "train.max_steps=6"]
-    res = run_command(["-m", "launcher", "train", "--config", cfg_path, *ov], nproc=2, timeout=400)
+    res = run_command(["-m", "notellm2.launcher", "train", "--config", cfg_path, *ov], nproc=2, timeout=400)
     m = metrics_by_step(run)
     evals = {s: {k: v for k, v in r.items() if k.startswith("eval/")} for s, r in m.items() if "eval/recall@10" in r}
     assert sorted(evals) == [2, 4, 6], res.output[-2000:]
@@ -95,7 +95,7 @@ def test_two_ranks_log_recall_of_both_probes_equal_to_an_offline_eval_and_keep_t
         assert r["eval/retrieval_pairs"] > 0 and 0 <= r["eval/recall@5"] <= r["eval/recall@10"] <= 1
         assert "perf/eval_s" in m[s]
     # the logged figure is the model's: export step 4 and evaluate it in one process
-    out = subprocess.run([sys.executable, "-m", "launcher", "export", "--run-dir", run, "--step", "4", "--out",
+    out = subprocess.run([sys.executable, "-m", "notellm2.launcher", "export", "--run-dir", run, "--step", "4", "--out",
                           str(tmp_path / "exp4")], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     enc = NoteEncoder.from_pretrained(str(tmp_path / "exp4"))
@@ -122,7 +122,7 @@ def test_two_ranks_log_recall_of_both_probes_equal_to_an_offline_eval_and_keep_t
 def test_tower_memo_reuses_only_the_exact_same_pixels():
     """TowerMemo serves stored tower outputs only for a batch with the same note ids and the same
     uint8 pixels; a changed pixel, another note list, or a memo with no room runs the tower again."""
-    from launcher.validation import TowerMemo
+    from notellm2.launcher.train.validation import TowerMemo
 
     calls = []
 

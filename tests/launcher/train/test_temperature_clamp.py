@@ -1,4 +1,4 @@
-"""The temperature bound is applied to the parameter after each optimizer step (launcher.optim.clamp_temperature),
+"""The temperature bound is applied to the parameter after each optimizer step (notellm2.launcher.train.optim.clamp_temperature),
 on 2 real ranks through deepspeed.initialize at ZeRO-3: a scale set above the bound is clamped in the fp32
 master and in what the model's forward reads after every step, and with the gradient pushing it down it
 comes back below the bound (the old clamp inside forward had zero gradient there)."""
@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from launcher.optim import clamp_temperature, largest_at_most
-from modeling.config import LossConfig
-from modeling.loss import GatheredContrastiveLoss
+from notellm2.launcher.train.optim import clamp_temperature, largest_at_most
+from notellm2.modeling.config import LossConfig
+from notellm2.modeling.loss import GatheredContrastiveLoss
 from tests.helpers.multirank import run_ranks
 
 MAX_SCALE = 30.0
@@ -47,11 +47,10 @@ def _inputs(rank: int, direction: str):
     return torch.cat([q, t]), ids
 
 
-def clamp_case(bf16: bool, persistence_threshold: int) -> dict:
-    import sys
+def clamp_case(bf16: bool, persistence_threshold: int, stage: int = 3) -> dict:
+    from notellm2.compat import skip_deepspeed_shm_build
 
-    import deepspeed.comm.torch  # noqa: F401
-    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # FACTS: skip the ~90 s shm compile
+    skip_deepspeed_shm_build()  # FACTS: skip the ~90 s shm compile
     import deepspeed
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_fp32_param
@@ -68,11 +67,12 @@ def clamp_case(bf16: bool, persistence_threshold: int) -> dict:
               {"params": [model.loss_fn.log_scale], "lr": 0.05}]
     ds_config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
                  "train_batch_size": 4 * dist.get_world_size(),
-                 "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": persistence_threshold},
+                 "zero_optimization": ({"stage": 3, "stage3_param_persistence_threshold": persistence_threshold}
+                                       if stage == 3 else {"stage": stage}),
                  "bf16": {"enabled": bf16}, "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(groups), config=ds_config)
     p = engine.module.loss_fn.log_scale
-    lp_dtype = p.ds_tensor.dtype
+    lp_dtype = p.ds_tensor.dtype if stage == 3 else p.dtype
     steps = []
     for direction in ["up"] * 3 + ["down"] * 3:
         x, ids = _inputs(rank, direction)
@@ -86,18 +86,23 @@ def clamp_case(bf16: bool, persistence_threshold: int) -> dict:
             seen = engine(x, ids)["logit_scale"].item()
         steps.append({"direction": direction, "view_before_step": out["logit_scale"].item(), "master_before": before,
                       "master": master, "seen": seen, "clamped": n})
-    return {"rank": rank, "lp_dtype": str(lp_dtype), "partitioned": p.ds_persist is False,
+    return {"rank": rank, "lp_dtype": str(lp_dtype), "partitioned": getattr(p, "ds_persist", True) is False,
             "cap": largest_at_most(math.log(MAX_SCALE), lp_dtype), "steps": steps}
 
 
-@pytest.mark.parametrize("bf16,persistence", [(True, 0), (False, 100000)], ids=["bf16-partitioned", "fp32-persistent"])
-def test_temperature_is_clamped_after_each_step_and_can_come_back(bf16, persistence):
+@pytest.mark.parametrize("bf16,persistence,stage", [(True, 0, 3), (False, 100000, 3), (True, 0, 2)],
+                         ids=["bf16-partitioned", "fp32-persistent", "zero2-bf16"])
+def test_temperature_is_clamped_after_each_step_and_can_come_back(bf16, persistence, stage):
+    """ZeRO-2 takes the clamp's other branch (notellm2.compat.is_zero12_param: the fp32 master is set
+    through safe_set_full_fp32_param); were it treated as a plain parameter, its master would stay above
+    the bound and the `master <= cap` checks below would fail."""
     res = run_ranks("tests.launcher.train.test_temperature_clamp:clamp_case", nproc=2, timeout=180,
-                    kwargs={"bf16": bf16, "persistence_threshold": persistence}, env={"DS_ACCELERATOR": "cpu"})
+                    kwargs={"bf16": bf16, "persistence_threshold": persistence, "stage": stage},
+                    env={"DS_ACCELERATOR": "cpu"})
     cap = math.log(MAX_SCALE)
     for rank in (0, 1):
         r = res.returns[rank]
-        assert r["partitioned"] == (persistence == 0), r
+        assert r["partitioned"] == (stage == 3 and persistence == 0), r
         assert r["cap"] <= cap and cap - r["cap"] < (0.02 if bf16 else 1e-6)
         steps = r["steps"]
         lp_dtype = getattr(torch, r["lp_dtype"].split(".")[-1])

@@ -10,14 +10,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from launcher.config import ConfigError, load_config
-from launcher.distributed import Watchdog, detect_topology
-from launcher.metrics import MetricsWriter
-from launcher.optim import lr_lambda, param_groups
-from launcher.engine import build_ds_config
+from notellm2.launcher.config import ConfigError, load_config
+from notellm2.launcher.distributed import Watchdog, detect_topology
+from notellm2.launcher.train.metrics import MetricsWriter
+from notellm2.launcher.train.optim import lr_lambda, param_groups
+from notellm2.launcher.train.engine import build_ds_config
 from tests.helpers.paths import REPO
 from tests.helpers.runs import logged_steps
-from launcher.metrics import flatten_counters
+from notellm2.launcher.train.metrics import flatten_counters
 
 
 def test_topology_from_torchrun_slurm_and_single():
@@ -131,7 +131,7 @@ def test_watchdog_ends_a_stalled_process_only_once_armed():
 
     code = textwrap.dedent("""
         import sys, time, torch.distributed as dist
-        from launcher.distributed import Watchdog
+        from notellm2.launcher.distributed import Watchdog
         dog = Watchdog(0, 1, timeout_s=1, store=dist.HashStore(), poll_s=0.1).start()
         time.sleep(2.5)  # start-up longer than the timeout: not armed yet, nothing happens
         print("survived start-up", flush=True)
@@ -154,7 +154,7 @@ def test_step_stats_pack_by_field_name_and_keep_local_fields():
     leaves the rank-local fields (which loss parts the model returned, its extras) as they were."""
     import torch
 
-    from launcher.metrics import StepStats
+    from notellm2.launcher.train.metrics import StepStats
 
     s = StepStats()
     out = {"loss": torch.tensor(2.0), "loss_mm": torch.tensor(1.0), "logit_scale": torch.tensor([20.0])}
@@ -194,8 +194,8 @@ def test_a_stalled_rank_gets_its_forked_loader_workers_stacks(tmp_path, capfd):
     start_workers) prints its own on STACKS_SIGNAL, and signal_forked_workers finds and signals it."""
     import time
 
-    from data_shards.workers import start_workers
-    from launcher.distributed import signal_forked_workers
+    from notellm2.data_shards.reader.workers import start_workers
+    from notellm2.launcher.distributed import signal_forked_workers
 
     it = start_workers(_WaitingStream(str(tmp_path)), num_workers=1, start_method="fork")
     try:

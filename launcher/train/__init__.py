@@ -1,0 +1,1 @@
+"""The training room: the loop (`train.py`, read top to bottom), the DeepSpeed engine, what a run is built from, checkpoints, chunked caching, optimizer groups, step metrics, preemption, validation, the vision-cache driver and test-only faults."""
