@@ -229,7 +229,7 @@ def score_counts(score_block: ScoreBlock, n_q: int, n_p: int, target_idx, exclud
             cmp = buffers.cmp[:m, :p1 - p0]
             for op, acc in ((torch.gt, above), (torch.ge, at_or_above)):
                 op(s, t_score, out=cmp)
-                acc += cmp.sum(1, dtype=torch.int64) if w is None else (cmp.double() @ w[p0:p1]).round().long()
+                acc += cmp.sum(1, dtype=torch.int32) if w is None else (cmp.double() @ w[p0:p1]).round().long()
             if x is not None:  # the excluded note: take back what it added
                 inside = ((x >= p0) & (x < p1)).nonzero().squeeze(1)
                 xs = s[inside, x[inside] - p0].unsqueeze(1)
