@@ -152,8 +152,20 @@ def _atomic_write(path: str, text: str) -> None:
     atomic_write_text(path, text)
 
 
+def to_json(obj, indent: int = 2, level: int = 0) -> str:
+    """JSON indented like json.dumps(indent=2), except that a list of numbers or strings stays on one
+    line: the per-query records (thousands of entries per run) would otherwise take a line each."""
+    pad, inner = " " * (indent * level), " " * (indent * (level + 1))
+    if isinstance(obj, dict) and obj:
+        items = [f"{inner}{json.dumps(str(k))}: {to_json(v, indent, level + 1)}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+    if isinstance(obj, (list, tuple)) and any(isinstance(v, (dict, list, tuple)) for v in obj):
+        return "[\n" + ",\n".join(inner + to_json(v, indent, level + 1) for v in obj) + "\n" + pad + "]"
+    return json.dumps(obj)
+
+
 def write_json(report: dict, path: str) -> None:
-    _atomic_write(path, json.dumps(report, indent=2) + "\n")
+    _atomic_write(path, to_json(report) + "\n")
 
 
 def write_markdown(report: dict, path: str) -> None:

@@ -77,7 +77,9 @@ def test_several_runs_make_one_report_and_every_output(tmp_path, capsys):
     assert lines[3].split()[:5] == ["plain_dir", "2", "0.000", "0.500", "1.000"]
     # the oracle: q1 (c1) -> t1 ties with x and t2 (c1): 1/3; q2 (c2) -> t2 (c1): nothing above it, all 3 tied
     assert lines[4].split()[:3] == ["category", "2", f"{(1 / 3 + 1 / 3) / 2:.3f}"]
-    rep = json.loads((tmp_path / "out" / "eval.json").read_text())
+    text = (tmp_path / "out" / "eval.json").read_text()
+    rep = json.loads(text)
+    assert '      "greater": [2, 0],\n' in text  # per-query lists on one line each
     assert [r["name"] for r in rep["runs"]] == ["trained", "plain_dir", "category"] and "recall" not in rep
     assert rep["ties"] == "fair" and rep["runs"][2]["kind"] == "reference"
     subs = rep["runs"][0]["subsets"]
