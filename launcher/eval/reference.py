@@ -97,7 +97,8 @@ class BM25Reference(ScoreReference):
         self.ids = [n.note_id for n in notes]
         index = {n: i for i, n in enumerate(self.ids)}
         self.pool_rows = np.array([index[n] for n in pool_ids], dtype=np.int64)
-        self.pool_at = {int(r): j for j, r in enumerate(self.pool_rows)}
+        self.pool_at = np.full(len(self.ids), -1, dtype=np.int64)  # note row -> column of the corpus
+        self.pool_at[self.pool_rows] = np.arange(len(self.pool_rows))
         words = bm25s.tokenize([note_text(n) for n in notes], stopwords="en", return_ids=False, show_progress=False)
         self.words = [list(w) for w in words]
         corpus = [self.words[r] for r in self.pool_rows]
@@ -120,7 +121,9 @@ class BM25Reference(ScoreReference):
         key = rows.tobytes()
         if getattr(self._last, "key", None) != key:  # several pool blocks per query chunk: score once
             self._last.key, self._last.scores = key, np.stack([self._scores(int(r)) for r in rows])
-        cols = np.array([self.pool_at[int(r)] for r in np.asarray(pool_rows)], dtype=np.int64)
+        cols = self.pool_at[np.asarray(pool_rows)]
+        if (cols < 0).any():
+            raise ValueError("BM25Reference: a pool note outside the corpus it was indexed on")
         return torch.from_numpy(np.ascontiguousarray(self._last.scores[:, cols]))
 
 
