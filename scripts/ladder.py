@@ -123,7 +123,7 @@ def _mean_spread(values: list[float], fmt: str = ".3f") -> str:
 
 def _with_ci(run: dict, subset: str, k: int) -> str:
     sub = run["subsets"].get(subset)
-    if not sub or str(k) not in sub["recall"]:
+    if not sub or str(k) not in sub.get("recall", {}):  # an n/a subset (empty, or equal to all) has no figures
         return "-"
     lo, hi = sub["ci"][str(k)]
     return f"{sub['recall'][str(k)]:.3f} [{lo:.3f}, {hi:.3f}]"

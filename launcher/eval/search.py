@@ -11,10 +11,14 @@ never larger than query_chunk x pool_chunk floats, whatever the pool size.
   value), so only k x GROUP candidates per row go through `torch.topk`, and they are merged into
   the running top k. Measured here: the full-block `torch.topk` costs 2-4x the matrix product at
   d = 64; the group maxima cost under a tenth of it (benchmarks/bench_search.py has the figures).
-- `target_ranks`: for the evaluation, the 0-based rank of a known target among the pool: the
-  count of pool rows scoring at or above the target (ties count against the target, so a constant
-  encoder scores no better than chance), not counting the target itself or an excluded row (the
-  query, when it is in the pool).
+- `target_counts`: for the evaluation, where a known target stands among the pool: `greater`, the
+  pool rows scoring strictly above it, and `equal`, the other rows scoring exactly the same (float32
+  equality), not counting the target itself or an excluded row (the query, when it is in the pool).
+  The target's score is read from the same score block as the rows it is compared with (the queries
+  are grouped by the pool block that holds their target, and that block is scored first), so an
+  identical vector always ties with the target. `score_counts` does the same for any block scorer
+  (the reference rows of launcher/eval/reference.py: BM25, the category oracle); `target_ranks` is
+  greater + equal, the rank with every tie counted against the target.
 
 faiss (optional, `faiss-cpu`): `faiss_topk` builds an IVF or HNSW index with inner-product metric;
 `overlap_recall` measures how much of the exact top k it finds, which callers print whenever an
@@ -101,7 +105,11 @@ def _one_thread_per_worker(workers: int):
 
 def _map_chunks(fn, n_q: int, query_chunk: int, workers: Optional[int], progress: Progress) -> None:
     """fn(q0, q1) over the query chunks, on `workers` threads (default: torch's thread count)."""
-    chunks = list(_blocks(n_q, query_chunk))
+    _map_ranges(fn, list(_blocks(n_q, query_chunk)), workers, progress)
+
+
+def _map_ranges(fn, chunks: list, workers: Optional[int], progress: Progress) -> None:
+    """fn(c0, c1) over the given ranges, on `workers` threads (see _one_thread_per_worker)."""
     workers = max(1, min(len(chunks), workers or torch.get_num_threads()))
     with _one_thread_per_worker(workers):
         if workers == 1:
@@ -162,41 +170,105 @@ def exact_topk(queries, pool, k: int, exclude=None, query_chunk: int = QUERY_CHU
     return out_v, out_i
 
 
+ScoreBlock = Callable[[torch.Tensor, int, int, torch.Tensor], torch.Tensor]
+
+
+def score_counts(score_block: ScoreBlock, n_q: int, n_p: int, target_idx, exclude=None, weights=None,
+                 query_chunk: int = QUERY_CHUNK, pool_chunk: int = POOL_CHUNK, progress: Progress = None,
+                 workers: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(greater, equal) [Q] int64: for query i, the pool notes scoring strictly above its target
+    (pool column target_idx[i]) and the other pool notes scoring exactly the same; the target itself
+    and the note exclude[i] (a pool column, if given) are not counted.
+
+    score_block(rows, p0, p1, out) returns the float32 scores [len(rows), p1 - p0] of the queries
+    `rows` (a LongTensor of query indices) against pool columns [p0, p1); it may fill and return
+    `out` (a free buffer of that shape). weights: [n_p] notes per column (a column may stand for
+    several identical notes; default 1 each). The queries are grouped by the pool block holding
+    their target and each group scores that block first, so the target's score is the number read
+    from the same call as the scores it is compared with."""
+    tgt = torch.as_tensor(target_idx, dtype=torch.long)
+    ex = None if exclude is None else torch.as_tensor(exclude, dtype=torch.long)
+    if len(tgt) != n_q or (ex is not None and len(ex) != n_q):
+        raise ValueError(f"score_counts: {n_q} queries but {len(tgt)} targets"
+                         + ("" if ex is None else f" and {len(ex)} excluded rows"))
+    if n_q and (int(tgt.min()) < 0 or int(tgt.max()) >= n_p):
+        raise ValueError(f"score_counts: a target index outside the pool of {n_p} rows")
+    if weights is None and ex is not None and bool((ex == tgt).any()):
+        raise ValueError("score_counts: a query's excluded row is its own target")
+    w = None if weights is None or bool((torch.as_tensor(weights) == 1).all()) else \
+        torch.as_tensor(weights, dtype=torch.float64)  # float64: exact counts up to 2**53
+    greater = torch.zeros(n_q, dtype=torch.long)
+    equal = torch.zeros(n_q, dtype=torch.long)
+    if n_q == 0:
+        return greater, equal
+    block_of = tgt // pool_chunk
+    order = torch.argsort(block_of, stable=True)
+    sorted_blocks = block_of[order]
+    starts = [0] + (torch.nonzero(sorted_blocks[1:] != sorted_blocks[:-1]).squeeze(1) + 1).tolist() + [n_q]
+    chunks = [(c0, min(b1, c0 + query_chunk)) for b0, b1 in zip(starts[:-1], starts[1:])
+              for c0 in range(b0, b1, query_chunk)]
+    n_blocks = (n_p + pool_chunk - 1) // pool_chunk
+    buffers = threading.local()
+
+    def one_chunk(c0: int, c1: int) -> None:
+        if not hasattr(buffers, "s"):
+            buffers.s = torch.empty(query_chunk, min(pool_chunk, n_p))
+            buffers.cmp = torch.empty(query_chunk, min(pool_chunk, n_p), dtype=torch.bool)
+        rows, m = order[c0:c1], c1 - c0
+        t = tgt[rows]
+        x = None if ex is None else ex[rows]
+        first = int(sorted_blocks[c0])
+        t_score = None
+        above = torch.zeros(m, dtype=torch.long)
+        at_or_above = torch.zeros(m, dtype=torch.long)
+        for b in [first] + [b for b in range(n_blocks) if b != first]:
+            p0, p1 = b * pool_chunk, min(n_p, (b + 1) * pool_chunk)
+            s = score_block(rows, p0, p1, buffers.s[:m, :p1 - p0])
+            if t_score is None:  # the targets' own block, scored first
+                t_score = s[torch.arange(m), t - p0].clone().unsqueeze(1)
+            cmp = buffers.cmp[:m, :p1 - p0]
+            for op, acc in ((torch.gt, above), (torch.ge, at_or_above)):
+                op(s, t_score, out=cmp)
+                acc += cmp.sum(1, dtype=torch.int32) if w is None else (cmp.double() @ w[p0:p1]).round().long()
+            if x is not None:  # the excluded note: take back what it added
+                inside = ((x >= p0) & (x < p1)).nonzero().squeeze(1)
+                xs = s[inside, x[inside] - p0].unsqueeze(1)
+                above[inside] -= (xs > t_score[inside]).squeeze(1).long()
+                at_or_above[inside] -= (xs >= t_score[inside]).squeeze(1).long()
+        greater[rows] = above
+        equal[rows] = at_or_above - above - 1  # the target itself scores its own score
+
+    _map_ranges(one_chunk, chunks, workers, progress)
+    return greater, equal
+
+
+def target_counts(queries, pool, target_idx, exclude=None, query_chunk: int = QUERY_CHUNK,
+                  pool_chunk: int = POOL_CHUNK, progress: Progress = None, workers: Optional[int] = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(greater, equal) of each query's target by inner product (see score_counts); `exclude`: an
+    optional [Q] pool row per query left out of the count (the query itself when it is in the pool).
+
+    Identical pool vectors are scored once (one column standing for all of them): a matrix product's
+    float32 result depends on where a column falls in the kernel's tiling (seen here: two identical
+    columns of one product differing in the last bit), so scoring each copy would split exact ties."""
+    queries, pool = _as_float(queries), _as_float(pool)
+    unique, inverse, counts = torch.unique(pool, dim=0, return_inverse=True, return_counts=True)
+    tgt = inverse[torch.as_tensor(target_idx, dtype=torch.long)]
+    ex = None if exclude is None else inverse[torch.as_tensor(exclude, dtype=torch.long)]
+
+    def block(rows, p0, p1, out):
+        return torch.mm(queries.index_select(0, rows), unique[p0:p1].T, out=out)
+
+    return score_counts(block, len(queries), len(unique), tgt, ex, counts, query_chunk, pool_chunk, progress, workers)
+
+
 def target_ranks(queries, pool, target_idx, exclude=None, query_chunk: int = QUERY_CHUNK,
                  pool_chunk: int = POOL_CHUNK, progress: Progress = None, workers: Optional[int] = None
                  ) -> torch.Tensor:
-    """0-based rank of pool row target_idx[i] for query i: the number of other pool rows scoring at
-    or above it, the target and exclude[i] (if given, -1 for none) not counted. Returns [Q] int64."""
-    queries, pool = _as_float(queries), _as_float(pool)
-    tgt = torch.as_tensor(target_idx, dtype=torch.long)
-    ex = None if exclude is None else torch.as_tensor(exclude, dtype=torch.long)
-    n_q, n_p = len(queries), len(pool)
-    if len(tgt) != n_q or (ex is not None and len(ex) != n_q):
-        raise ValueError(f"target_ranks: {n_q} queries but {len(tgt)} targets")
-    ranks = torch.zeros(n_q, dtype=torch.long)
-    blocks = threading.local()
-
-    def one_chunk(q0: int, q1: int) -> None:
-        if not hasattr(blocks, "s"):
-            blocks.s = torch.empty(query_chunk, min(pool_chunk, n_p))
-            blocks.ge = torch.empty(query_chunk, min(pool_chunk, n_p), dtype=torch.bool)
-        q, t = queries[q0:q1], tgt[q0:q1]
-        # the target's score from a matrix product like the blocks' (same kernel, so exact ties
-        # between identical vectors stay ties)
-        t_score = torch.mm(q, pool[t].T).diagonal().unsqueeze(1)
-        counts = torch.zeros(q1 - q0, dtype=torch.int64)
-        for p0, p1 in _blocks(n_p, pool_chunk):
-            s = blocks.s[:q1 - q0, :p1 - p0]
-            torch.mm(q, pool[p0:p1].T, out=s)
-            _mask_excluded(s, t, p0, p1)
-            _mask_excluded(s, None if ex is None else ex[q0:q1], p0, p1)
-            ge = blocks.ge[:q1 - q0, :p1 - p0]
-            torch.ge(s, t_score, out=ge)
-            counts += ge.sum(1, dtype=torch.int32)
-        ranks[q0:q1] = counts
-
-    _map_chunks(one_chunk, n_q, query_chunk, workers, progress)
-    return ranks
+    """0-based rank of pool row target_idx[i] for query i with every tie counted against the target
+    (greater + equal of target_counts). Returns [Q] int64."""
+    greater, equal = target_counts(queries, pool, target_idx, exclude, query_chunk, pool_chunk, progress, workers)
+    return greater + equal
 
 
 def _faiss():

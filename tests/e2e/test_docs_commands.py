@@ -42,6 +42,8 @@ RUN = [
     "notellm2 embed --model A/export --shards A/shards/notes-test-*.tar --out A/emb --part-every 50 --dtype float16",
     "notellm2 embed --model A/export --shards A/shards/notes-test-*.tar --out A/emb --restart",
     "notellm2 eval --embeddings A/emb --pairs A/pairs --split test --k 10 50 100",
+    "notellm2 eval --embeddings A/emb --reference bm25 category --pairs A/pairs --catalog A/catalog.jsonl --k 1 10 "
+    "--baseline bm25",
     "notellm2 plan --config configs/paper_scale.yaml --nodes 2 --gpus-per-node 8 --gpu-memory-gib 80",
     "notellm2 plan --config configs/paper_scale.yaml --json",
     "notellm2 plan --config my.yaml --nodes 4 model.llm.gradient_checkpointing=false data.pairs_per_rank=8",
@@ -61,10 +63,11 @@ RUN = [
 ]
 
 ALLOWLIST = {
-    "notellm2 eval --embeddings minilm=emb_minilm category=emb_category random=emb_random --pairs pairs "
-    "--catalog catalog.jsonl --k 10 100 --out-dir report_small":
-        "needs the example's three embedding sets of a demo-like run; tests/launcher/eval/test_eval_cli.py runs several "
-        "named runs through the same CLI",
+    "notellm2 eval --embeddings minilm=emb_minilm --reference bm25 category tower:vision-cache --pairs pairs "
+    "--catalog catalog.jsonl --k 1 10 50 --baseline bm25 --out-dir report":
+        "needs the example's zero-shot MiniLM vectors and an EfficientNet-Lite0 vision cache of an openclipart slice; "
+        "the line above runs embeddings, bm25 and category with --baseline here, tests/launcher/eval/test_reference.py "
+        "runs the tower row on a hand-built cache",
     "notellm2 data mine-pairs --engine spark --views logs.parquet --out pairs_dir":
         "a fresh Spark session with default settings took 186 s on tiny views here; tests/data_shards/mining runs every "
         "mining rule on the Spark engine in one shared session tuned for small inputs",

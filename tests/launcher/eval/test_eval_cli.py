@@ -1,5 +1,5 @@
-"""`notellm2 eval` end to end: the demo's flags, several runs in one table, its JSON, markdown,
-PNG and TensorBoard outputs, and one-line errors."""
+"""`notellm2 eval` end to end: the demo's flags, several runs and reference rows in one report, the
+paired test against a baseline, the JSON, markdown, PNG and TensorBoard outputs, and one-line errors."""
 import json
 import math
 import subprocess
@@ -51,29 +51,55 @@ def test_the_demo_flags_still_work_under_the_paper_protocol(tmp_path):
     assert "K capped at the pool size: 10" in out.stdout
 
 
-def test_several_runs_make_one_table_and_every_output(tmp_path, capsys):
-    pd_ = pairs_dir(tmp_path)
-    good, bad = embeddings(tmp_path, "good", GOOD), embeddings(tmp_path, "plain_dir", BAD)
+def write_catalog(tmp_path):
     catalog = tmp_path / "catalog.jsonl"
     texts = {"q1": "a", "t1": "a" * 40, "q2": "a" * 40, "t2": "a", "x": "a" * 20, "tr": "b", "u": "c"}
-    catalog.write_text("".join(json.dumps({"note_id": n, "title": t, "content": ""}) + "\n" for n, t in texts.items()))
-    rc = main(["eval", "--embeddings", f"trained={good}", bad, "--pairs", str(pd_), "--k", "1", "2", "3",
-               "--catalog", str(catalog), "--bootstrap", "100", "--out-dir", str(tmp_path / "out")])
+    topics = {"q1": ["a" * 30]}  # topics count: q1 has 31 characters of text
+    cats = {"q1": "c1", "t1": "c1", "x": "c1", "q2": "c2", "t2": "c1"}
+    catalog.write_text("".join(json.dumps({"note_id": n, "title": t, "content": "", "topics": topics.get(n, []),
+                                           "category": cats.get(n)}) + "\n" for n, t in texts.items()))
+    return catalog
+
+
+def test_several_runs_make_one_report_and_every_output(tmp_path, capsys):
+    pd_ = pairs_dir(tmp_path)
+    good, bad = embeddings(tmp_path, "good", GOOD), embeddings(tmp_path, "plain_dir", BAD)
+    catalog = write_catalog(tmp_path)
+    rc = main(["eval", "--embeddings", f"trained={good}", bad, "--reference", "category", "--pairs", str(pd_),
+               "--k", "1", "2", "3", "--catalog", str(catalog), "--bootstrap", "100", "--out-dir",
+               str(tmp_path / "out"), "--baseline", "plain_dir"])
     printed = capsys.readouterr().out
     assert rc == 0
     lines = printed.splitlines()
-    assert lines[0].split()[:4] == ["run", "all", "R@1", "all"]
-    assert lines[1].startswith("trained ") and lines[2].startswith("plain_dir ")
-    assert lines[1].split()[1:4] == ["0.500", "0.500", "1.000"] and lines[2].split()[1:4] == ["0.000", "0.500", "1.000"]
-    rep = json.loads((tmp_path / "out" / "eval.json").read_text())
-    assert [r["name"] for r in rep["runs"]] == ["trained", "plain_dir"] and "recall" not in rep
+    assert lines[0] == "subset all (ties fair)"
+    assert lines[1].split() == ["run", "n", "R@1", "R@2", "R@3", "NDCG@1", "NDCG@2", "NDCG@3", "MRR"]
+    assert lines[2].split()[:5] == ["trained", "2", "0.500", "0.500", "1.000"]
+    assert lines[3].split()[:5] == ["plain_dir", "2", "0.000", "0.500", "1.000"]
+    # the oracle: q1 (c1) -> t1 ties with x and t2 (c1): 1/3; q2 (c2) -> t2 (c1): nothing above it, all 3 tied
+    assert lines[4].split()[:3] == ["category", "2", f"{(1 / 3 + 1 / 3) / 2:.3f}"]
+    text = (tmp_path / "out" / "eval.json").read_text()
+    rep = json.loads(text)
+    assert '      "greater": [2, 0],\n' in text  # per-query lists on one line each
+    assert [r["name"] for r in rep["runs"]] == ["trained", "plain_dir", "category"] and "recall" not in rep
+    assert rep["ties"] == "fair" and rep["runs"][2]["kind"] == "reference"
     subs = rep["runs"][0]["subsets"]
-    assert set(subs) == {"all", "short_query", "long_query", "short_target", "long_target", "cold_start",
-                         "head", "tail", "pop_head", "pop_tail"}
+    assert set(subs) == {"all", "short_query", "long_query", "short_target", "long_target", "text_poor", "text_rich",
+                         "cold_start", "head", "tail", "pop_head", "pop_tail"}
     # t1 has 2 training pairs (tr->t1, u->t1), t2 none: t1 is the only warm target, too few for thirds
-    assert subs["cold_start"]["n"] == 1 and subs["head"]["n"] == 0
+    assert subs["cold_start"]["n"] == 1 and subs["head"] == {"n": 0, "na": "empty: no evaluated pair is in it"}
+    # q1 has 31 characters with its topics: q1 -> t1 is text-rich, q2 -> t2 ("a") text-poor
+    assert subs["text_poor"]["n"] == 1 and subs["text_poor"]["recall"]["1"] == 1.0  # q2 -> t2: rank 0
+    assert subs["text_rich"]["n"] == 1 and subs["text_rich"]["recall"]["1"] == 0.0  # q1 -> t1: rank 2
+    assert "n/a in every run: head (empty: no evaluated pair is in it)" in printed
+    # test notes with the text and image of a training note: q2 ("a" x 40, no image) = t1, which is in training pairs
+    assert rep["protocol_stats"]["test_notes_with_exact_train_duplicate"] == 1
+    # the paired test, printed and in the JSON and markdown
+    paired = rep["paired"]
+    assert paired["baseline"] == "plain_dir" and [r["name"] for r in paired["runs"]] == ["trained", "category"]
+    assert paired["runs"][0]["subsets"]["all"]["recall"]["1"]["diff"] == 0.5
+    assert "paired: run minus plain_dir" in printed
     md = (tmp_path / "out" / "eval.md").read_text()
-    assert md.startswith("| run | all R@1 |") and "| trained | 0.500 [" in md
+    assert md.startswith("### all\n\n| run | n | R@1 |") and "| trained | 2 | 0.500 [" in md and "### paired" in md
     import matplotlib.image
 
     png = matplotlib.image.imread(str(tmp_path / "out" / "recall.png"))
@@ -83,6 +109,20 @@ def test_several_runs_make_one_table_and_every_output(tmp_path, capsys):
     acc = EventAccumulator(str(tmp_path / "out" / "tensorboard" / "plain_dir"))
     acc.Reload()
     assert [(e.step, e.value) for e in acc.Scalars("recall/all")] == [(1, 0.0), (2, 0.5), (3, 1.0)]
+    assert [e.value for e in acc.Scalars("mrr/all")] == [pytest.approx((1 / 3 + 1 / 2) / 2)]
+
+
+def test_ties_pessimistic_keeps_the_old_rule(tmp_path, capsys):
+    """Constant vectors: fair ties give chance, pessimistic ties give 0 below K = pool."""
+    const = {n: 0 for n in GOOD}
+    emb, pairs = embeddings(tmp_path, "const", const), pairs_dir(tmp_path)
+    out = {}
+    for ties in ("fair", "pessimistic"):
+        assert main(["eval", "--embeddings", emb, "--pairs", str(pairs), "--k", "1", "2", "--bootstrap",
+                     "10", "--ties", ties, "--out", str(tmp_path / f"{ties}.json")]) == 0
+        out[ties] = json.loads((tmp_path / f"{ties}.json").read_text())
+    assert out["fair"]["recall"] == pytest.approx({"1": 1 / 3, "2": 2 / 3}) and out["fair"]["ties"] == "fair"
+    assert out["pessimistic"]["recall"] == {"1": 0.0, "2": 0.0}
 
 
 def test_all_pairs_protocol_is_todays_ranking(tmp_path, capsys):
@@ -100,25 +140,69 @@ def test_all_pairs_protocol_is_todays_ranking(tmp_path, capsys):
     (["--protocol", "paper", "--no-split-file"], "note_split.parquet: note split file does not exist"),
     (["--embeddings-missing"], "embeddings.npy: no embeddings"),
     (["--twice"], "run name 'emb' given twice"),
+    (["--k", "10", "0"], "--k 0: every K must be at least 1"),
+    (["--k", "-5"], "--k -5: every K must be at least 1"),
+    (["--bootstrap", "0"], "--bootstrap 0: the intervals need at least 1 resample"),
+    (["--nan"], "emb ("),
+    (["--baseline", "nope"], "--baseline 'nope': no run of that name (runs: emb)"),
+    (["--baseline", "emb"], "--baseline 'emb': a paired test needs a second run"),
+    (["--reference", "tfidf"], "--reference 'tfidf': unknown kind 'tfidf'"),
+    (["--reference", "bm25", "--protocol", "all-pairs"], "--reference bm25: reference rows need --protocol paper"),
+    (["--reference", "category"], "--reference category: needs --catalog"),
+    (["--no-runs"], "nothing to evaluate: give --embeddings, --reference or both"),
 ])
 def test_bad_input_is_one_line_naming_the_file(tmp_path, capsys, args, message):
     d = pairs_dir(tmp_path)
     emb = embeddings(tmp_path, "emb", GOOD)
-    runs = [emb]
+    runs = ["--embeddings", emb]
     if "--no-split-file" in args:
         (d / "note_split.parquet").unlink()
     if "--embeddings-missing" in args:
-        runs = [str(tmp_path / "nowhere")]
+        runs = ["--embeddings", str(tmp_path / "nowhere")]
     if "--twice" in args:
-        runs = [emb, emb]
-    rc = main(["eval", "--embeddings", *runs, "--pairs", str(d)])
+        runs = ["--embeddings", emb, emb]
+    if "--nan" in args:
+        vec = np.load(f"{emb}/embeddings.npy")
+        vec[2, 1] = np.nan
+        np.save(f"{emb}/embeddings.npy", vec)
+    if "--no-runs" in args:
+        runs = []
+    flags = [a for a in args if a not in ("--no-split-file", "--embeddings-missing", "--twice", "--nan", "--no-runs")]
+    rc = main(["eval", *runs, "--pairs", str(d), *flags])
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and message in err and len(err.splitlines()) == 1
+    assert rc == 2 and message in err and len(err.splitlines()) == 1, err
+    if "--nan" in args:
+        assert "1 embeddings hold NaN or inf (first: q2)" in err
 
 
 def test_the_cli_choices_are_the_librarys():
     from notellm2.launcher.eval import evaluate, search
     from notellm2.launcher.cli import eval as eval_cmd
 
+    from notellm2.launcher.eval import subsets
+
     assert eval_cmd.PROTOCOLS == evaluate.PROTOCOLS and eval_cmd.DEFAULT_KS == evaluate.DEFAULT_KS
-    assert eval_cmd.BACKENDS == search.BACKENDS
+    assert eval_cmd.BACKENDS == search.BACKENDS and eval_cmd.TIES == evaluate.TIES
+    assert eval_cmd.DEFAULT_TEXT_POOR_CHARS == subsets.DEFAULT_TEXT_POOR_CHARS
+
+
+def test_paired_diff_script_is_eval_baseline(tmp_path, capsys):
+    """scripts/paired_diff.py wraps the same paired bootstrap: from the embeddings, and from a saved
+    report alone, it gives eval --baseline's figures."""
+    import os
+
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    from paired_diff import main as paired_main, paired_difference
+
+    d = pairs_dir(tmp_path)
+    good, bad = embeddings(tmp_path, "good", GOOD), embeddings(tmp_path, "bad", BAD)
+    assert main(["eval", "--embeddings", good, bad, "--pairs", str(d), "--k", "1", "2", "--baseline", "bad",
+                 "--out", str(tmp_path / "r.json")]) == 0
+    want = json.loads((tmp_path / "r.json").read_text())["paired"]["runs"][0]["subsets"]["all"]
+    res = paired_difference(str(d), good, bad, ks=(1, 2))
+    assert res["queries"] == 2 and res["diff"] == {1: want["recall"]["1"], 2: want["recall"]["2"]}
+    assert res["mrr"] == want["mrr"] and res["diff"][1]["diff"] == 0.5
+    capsys.readouterr()
+    assert paired_main(["--report", str(tmp_path / "r.json"), "--a", "good", "--b", "bad", "--k", "1", "2"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(last[len("RESULT "):])["diff"] == {"1": want["recall"]["1"], "2": want["recall"]["2"]}

@@ -1,5 +1,6 @@
 """Recall@K: the paper protocol's pair selection and pool, ranks on hand-built embeddings, capped K,
-subsets and bootstrap intervals (notellm2.launcher.eval.evaluate)."""
+subsets with intervals, n/a subsets (notellm2.launcher.eval.evaluate; the metrics' closed forms and the
+bootstrap itself: test_metrics.py)."""
 import math
 
 import numpy as np
@@ -7,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from notellm2.launcher.eval.evaluate import (all_pairs_task, bootstrap_ci, evaluate_runs, length_subsets, paper_task,
-                               popularity_subsets, rank_run, recall_at_k, save_embeddings, split_popularity_subsets,
-                               target_ranks, train_pair_counts)
+from notellm2.launcher.eval.evaluate import (all_pairs_task, evaluate_runs, paper_task, rank_run, recall_at_k,
+                                             save_embeddings, target_ranks)
+from notellm2.launcher.eval.subsets import (length_subsets, popularity_subsets, split_popularity_subsets,
+                                            train_pair_counts)
 
 
 def brute_force_rank(pool, q, t):
@@ -41,10 +43,13 @@ def test_recall_on_a_hand_built_pool():
     assert rep.num_pairs == 3 and rep.num_skipped == 1 and rep.pool_size == 4
 
 
-def test_constant_embeddings_score_no_better_than_last():
+def test_constant_embeddings_score_chance_fair_and_last_pessimistic():
     pool = F.normalize(torch.ones(10, 4), dim=1)
-    rep = recall_at_k(pool, [str(i) for i in range(10)], [("0", "1"), ("2", "3")], [1, 8, 9])
-    assert rep.recall[1] == 0.0 and rep.recall[8] == 0.0 and rep.recall[9] == 1.0
+    pairs = [("0", "1"), ("2", "3")]
+    rep = recall_at_k(pool, [str(i) for i in range(10)], pairs, [1, 8, 9])
+    assert rep.recall == pytest.approx({1: 1 / 9, 8: 8 / 9, 9: 1.0}) and rep.mean_rank == 5.0  # 9 candidates
+    rep = recall_at_k(pool, [str(i) for i in range(10)], pairs, [1, 8, 9], ties="pessimistic")
+    assert rep.recall[1] == 0.0 and rep.recall[8] == 0.0 and rep.recall[9] == 1.0 and rep.mean_rank == 9.0
 
 
 # the paper protocol --------------------------------------------------------------------------
@@ -83,7 +88,7 @@ def test_paper_ranks_on_hand_built_embeddings_and_k_above_the_pool(tmp_path):
     rr = rank_run(task, ids, emb)
     # q1 -> t1 (30 deg): t2 (6) and x (10) ahead; q2 (5) is a query, so not in the pool; tr is no test note
     # q2 -> t2: nearest of {t1, t2, x}
-    assert rr.ranks.tolist() == [2, 0] and rr.pool_size == 3
+    assert rr.greater.tolist() == [2, 0] and rr.equal.tolist() == [0, 0] and rr.pool_size == 3
     rep = evaluate_runs([("hand", str(tmp_path / "emb"))], task, ks=[1, 2, 3, 10], resamples=50)
     run = rep["runs"][0]
     assert run["ks"] == [1, 2, 3] and run["capped"] == [10]
@@ -95,14 +100,14 @@ def test_a_pool_note_in_no_pair_changes_the_rank(tmp_path):
     ids, emb = hand_built(tmp_path)
     without_x = paper_task(PAIRS, [n for n in TEST_NOTES if n != "x"])
     assert without_x.pool_ids == ["t1", "t2"]
-    assert rank_run(without_x, ids, emb).ranks.tolist() == [1, 0]  # only t2 ahead of t1 now
+    assert rank_run(without_x, ids, emb).greater.tolist() == [1, 0]  # only t2 ahead of t1 now
 
 
 def test_all_pairs_ranks_every_embedded_note(tmp_path):
     ids, emb = hand_built(tmp_path)
     rr = rank_run(all_pairs_task([("q1", "t1"), ("q2", "t2"), ("q1", "nope")]), ids, emb)
     # q1 -> t1: tr, q2, t2, x ahead; q2 -> t2: nearest
-    assert rr.ranks.tolist() == [4, 0] and rr.num_skipped == 1 and rr.pool_size == 5
+    assert rr.greater.tolist() == [4, 0] and rr.num_skipped == 1 and rr.pool_size == 5
 
 
 def test_a_test_note_without_embedding_is_an_error_naming_it(tmp_path):
@@ -144,18 +149,6 @@ def test_split_popularity_subsets_count_the_evaluated_pairs():
     assert not (subs["pop_head"] & subs["pop_tail"]).any()
 
 
-def test_bootstrap_interval_is_seeded_and_has_the_binomial_width():
-    hits = np.zeros((400, 2), dtype=bool)
-    hits[:200, 0] = True
-    hits[:, 1] = True
-    ci = bootstrap_ci(hits, resamples=1000, seed=3)
-    assert np.array_equal(ci, bootstrap_ci(hits, resamples=1000, seed=3))
-    assert not np.array_equal(ci, bootstrap_ci(hits, resamples=1000, seed=4))
-    half = 1.96 * math.sqrt(0.25 / 400)  # normal approximation: 0.049
-    assert ci[0, 0] == pytest.approx(0.5 - half, abs=0.012) and ci[0, 1] == pytest.approx(0.5 + half, abs=0.012)
-    assert ci[1].tolist() == [1.0, 1.0]
-
-
 def test_evaluate_runs_reports_subsets_with_intervals(tmp_path):
     ids, emb = hand_built(tmp_path)
     task = paper_task(PAIRS, TEST_NOTES)
@@ -168,24 +161,83 @@ def test_evaluate_runs_reports_subsets_with_intervals(tmp_path):
     assert subs["cold_start"]["n"] == 1 and subs["cold_start"]["recall"]["1"] == 0.0  # t1
     assert subs["all"]["ci"]["1"][0] <= 0.5 <= subs["all"]["ci"]["1"][1]
     assert rep["subset_rules"]["length_threshold_chars"] == 50.0
+    # text_poor (fewer than 20 characters at either end): q1 (10) -> t1, q2 -> t2 (5): every pair, so n/a
+    assert subs["text_poor"] == {"n": 2, "na": "equals all: every one of the 2 evaluated pairs is in it"}
+    assert subs["text_rich"] == {"n": 0, "na": "empty: no evaluated pair is in it"}
+    # the per-query record a paired test reads from the report alone
+    q = rep["runs"][0]["queries"]
+    assert (q["query_id"], q["target_id"], q["greater"], q["equal"]) == (["q1", "q2"], ["t1", "t2"], [2, 0], [0, 0])
+    assert q["subset_rows"]["short_query"] == [0] and "text_poor" not in q["subset_rows"]
+    rep = evaluate_runs([("hand", str(tmp_path / "emb"))], task, ks=[1, 3], lengths=lengths, train_counts={"t2": 4},
+                        resamples=200, text_poor_chars=8)
+    subs = rep["runs"][0]["subsets"]
+    assert subs["text_poor"]["n"] == 1 and subs["text_poor"]["recall"]["1"] == 1.0  # only t2 (5) is below 8
+    assert subs["text_rich"]["n"] == 1 and subs["text_rich"]["recall"]["1"] == 0.0
 
 
-def test_bootstrap_draws_query_notes_with_all_their_pairs():
-    # one query note with 9 pairs, all hits; 9 notes with one miss each: 18 pairs, recall 0.5
-    hits = np.array([[True]] * 9 + [[False]] * 9)
-    notes = ["a"] * 9 + [f"m{i}" for i in range(9)]
-    by_pair = bootstrap_ci(hits, 1000, seed=0)
-    by_note = bootstrap_ci(hits, 1000, seed=0, groups=np.array(notes, dtype=object))
-    assert by_note[0, 1] - by_note[0, 0] > 1.5 * (by_pair[0, 1] - by_pair[0, 0])  # the note is the unit
-    distinct = bootstrap_ci(hits, 1000, seed=0, groups=np.array([f"q{i:02d}" for i in range(18)], dtype=object))
-    assert np.array_equal(distinct, by_pair)  # one pair per note: the same draws as by pair
+def test_cold_start_equal_to_all_and_empty_head_tail_are_na(tmp_path):
+    """Test notes held out of training: every target is cold, so cold_start is all and head/tail are
+    empty. They are n/a with the reason, not a second copy of `all` or an empty figure."""
+    ids, emb = hand_built(tmp_path)
+    task = paper_task(PAIRS, TEST_NOTES)
+    rep = evaluate_runs([("hand", str(tmp_path / "emb"))], task, ks=[1], train_counts={"tr": 3}, resamples=20)
+    subs = rep["runs"][0]["subsets"]
+    assert subs["cold_start"]["na"].startswith("equals all") and "recall" not in subs["cold_start"]
+    assert subs["head"]["na"].startswith("empty") and subs["tail"]["na"].startswith("empty")
+
+
+def test_nan_embeddings_are_refused_naming_the_run_and_notes(tmp_path):
+    from notellm2.launcher.eval.evaluate import EvalInputError
+
+    ids, emb = hand_built(tmp_path)
+    bad = emb.numpy().copy()
+    bad[ids.index("x"), 0] = np.nan
+    save_embeddings(str(tmp_path / "nan"), ids, bad)
+    with pytest.raises(EvalInputError, match=r"^broken \(.*nan\): 1 embeddings hold NaN or inf \(first: x\)"):
+        evaluate_runs([("broken", str(tmp_path / "nan"))], paper_task(PAIRS, TEST_NOTES), ks=[1], resamples=10)
+
+
+def test_paired_runs_from_the_reports_alone(tmp_path):
+    """--baseline's paired bootstrap reads only the report: written to JSON and read back it gives the
+    same figures; the difference is that of the two runs' per-query metrics on the same draws."""
+    import json
+
+    from notellm2.launcher.eval import metrics
+    from notellm2.launcher.eval.evaluate import paired_runs, query_metrics
+
+    rng = np.random.default_rng(0)
+    ids = [f"n{i:02d}" for i in range(40)]
+    pairs = [(ids[i], ids[i + 20]) for i in range(20)]
+    close = rng.normal(size=(40, 8)).astype(np.float32)
+    close[20:] = close[:20] + 0.3 * rng.normal(size=(20, 8)).astype(np.float32)  # targets near their queries
+    save_embeddings(str(tmp_path / "good"), ids, close)
+    save_embeddings(str(tmp_path / "random"), ids, rng.normal(size=(40, 8)).astype(np.float32))
+    save_embeddings(str(tmp_path / "const"), ids, np.ones((40, 8), np.float32))
+    task = paper_task(pairs, ids)
+    rep = evaluate_runs([("random", str(tmp_path / "random")), ("good", str(tmp_path / "good")),
+                         ("const", str(tmp_path / "const"))], task, ks=[1, 5], resamples=300, seed=7,
+                        baseline="random")
+    back = json.loads(json.dumps(rep))
+    assert paired_runs(back, "random") == rep["paired"]
+    good = rep["paired"]["runs"][0]
+    assert good["name"] == "good" and good["n"] == 20 and good["only_in_run"] == 0
+    runs = {r["name"]: r for r in rep["runs"]}
+    want = query_metrics(runs["good"]["queries"], [1, 5], "fair") - query_metrics(runs["random"]["queries"], [1, 5], "fair")
+    ci = metrics.bootstrap_ci(want, 300, 7, 0.95, np.array(runs["random"]["queries"]["query_id"], dtype=object))
+    got = good["subsets"]["all"]
+    cells = [got["recall"]["1"], got["recall"]["5"], got["ndcg"]["1"], got["ndcg"]["5"], got["mrr"]]
+    assert [c["diff"] for c in cells] == pytest.approx(list(want.mean(0)))
+    assert [c["ci"] for c in cells] == [list(row) for row in ci]  # the same draws as the runs' own intervals
+    assert good["subsets"]["all"]["recall"]["5"]["ci"][0] > 0  # near targets beat random vectors
+    # the constant encoder scores chance under fair ties: its R@1 is 1/20 for every query
+    assert runs["const"]["subsets"]["all"]["recall"]["1"] == pytest.approx(1 / 20)
 
 
 def test_an_approximate_backend_reports_small_k_only_with_its_recall(tmp_path):
     ids, emb = hand_built(tmp_path)
     task = paper_task(PAIRS, TEST_NOTES)
     rr = rank_run(task, ids, emb, backend="faiss-hnsw")
-    assert rr.ranks.tolist() == [2, 0] and rr.max_k == 3 and rr.faiss_recall == 1.0  # tiny: HNSW is exact
+    assert rr.greater.tolist() == [2, 0] and rr.max_k == 3 and rr.faiss_recall == 1.0  # tiny: HNSW is exact
     logs = []
     rep = evaluate_runs([("hand", str(tmp_path / "emb"))], task, ks=[1, 3, 10], backend="faiss-hnsw",
                         resamples=20, log=logs.append)
@@ -208,6 +260,6 @@ def test_an_image_probe_run_skips_the_notes_without_an_image_and_others_still_fa
     rr = rank_run(task, ids, emb, image_probe=True)
     assert rr.query_ids == ["a", "e"] and rr.target_ids == ["b", "f"] and rr.num_skipped == 1
     assert rr.pool_size == 4  # b, d, f, g (c left the pool, the queries are never in it)
-    assert list(rr.ranks) == [0, 0]
+    assert list(rr.greater) == [0, 0]
     with pytest.raises(ValueError, match="1 test notes have no embedding"):
         rank_run(task, ids, emb)

@@ -80,3 +80,57 @@ def test_faiss_backends_find_most_of_the_exact_top_k(backend, floor):
 def test_unknown_backend_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown search backend 'annoy'"):
         search.search_topk(vectors(5), vectors(5), 1, backend="annoy")
+
+
+@pytest.mark.parametrize("d,m,n", [(64, 3, 33), (16, 3, 33), (64, 5, 7), (64, 64, 1000)])
+def test_identical_vectors_always_tie_with_the_target(d, m, n):
+    """n copies of one vector among n others: the target is a copy, so the other n - 1 copies tie with
+    it. A plain matrix product does not keep them tied: at (64, 3, 33) seed 1 this machine's MKL gave
+    2 of 3 queries a copy one bit off (a small product's columns go through different kernels), which
+    is why target_counts scores each distinct vector once."""
+    g = torch.Generator().manual_seed(1)
+    v = F.normalize(torch.randn(1, d, generator=g), dim=1)
+    others = F.normalize(torch.randn(n, d, generator=g), dim=1)
+    pool = torch.cat([others, v.repeat(n, 1)])[torch.randperm(2 * n, generator=g)]
+    queries = F.normalize(torch.randn(m, d, generator=g), dim=1)
+    copies = (pool == v).all(1).nonzero().squeeze(1)
+    greater, equal = search.target_counts(queries, pool, copies[:1].repeat(m))
+    assert equal.tolist() == [n - 1] * m
+    above = [sum(int(torch.dot(q, p) > torch.dot(q, v[0])) for p in others) for q in queries]
+    assert greater.tolist() == above
+
+
+def test_score_counts_with_a_score_function_chunks_and_exclusion():
+    """Any block scorer: integer scores (many ties) over 3 pool blocks, an excluded row per query,
+    against a direct count."""
+    g = torch.Generator().manual_seed(5)
+    scores = torch.randint(0, 4, (20, 50), generator=g).float()
+    tgt = torch.randint(0, 50, (20,), generator=g)
+    ex = (tgt + 1 + torch.randint(0, 48, (20,), generator=g)) % 50
+    calls = []
+
+    def block(rows, p0, p1, out):
+        calls.append((tuple(rows.tolist()), p0, p1))
+        return scores[rows][:, p0:p1]
+
+    greater, equal = search.score_counts(block, 20, 50, tgt, exclude=ex, query_chunk=6, pool_chunk=17)
+    for i in range(20):
+        others = [j for j in range(50) if j not in (int(tgt[i]), int(ex[i]))]
+        t = scores[i, tgt[i]]
+        assert int(greater[i]) == sum(int(scores[i, j] > t) for j in others)
+        assert int(equal[i]) == sum(int(scores[i, j] == t) for j in others)
+    # each chunk's queries share their target's block, which each chunk scores first
+    firsts = {}
+    for rows, p0, _ in calls:
+        firsts.setdefault(rows, p0)
+    assert all({int(tgt[r]) // 17 for r in rows} == {p0 // 17} for rows, p0 in firsts.items())
+
+
+def test_weighted_columns_count_every_note_they_stand_for():
+    scores = torch.tensor([[3.0, 2.0, 2.0, 1.0]])
+    weights = torch.tensor([5, 1, 3, 2])
+    block = lambda rows, p0, p1, out: scores[rows][:, p0:p1]  # noqa: E731
+    # the target is one of the 3 notes of column 2: 5 above, 1 + (3 - 1) tied
+    assert [t.tolist() for t in search.score_counts(block, 1, 4, [2], weights=weights)] == [[5], [3]]
+    # the query itself is one of column 1's note (excluded): one tie less
+    assert [t.tolist() for t in search.score_counts(block, 1, 4, [2], exclude=[1], weights=weights)] == [[5], [2]]
