@@ -7,6 +7,12 @@ whole new one, also after a power loss. On an exception the temporary file is re
 is untouched. `commit_file` does the last three steps for a file a library wrote itself (parquet,
 numpy, matplotlib, torch.save) under a temporary name.
 
+Manifests: `tree_files` and `hash_files` list a folder's files with their SHA-256, `file_problem` says
+why one no longer matches, and `seal_json` / `sealed_problem` give a JSON document its own SHA-256 (the
+checkpoint manifest, the export's JSON). They catch damaged files, not an attacker, who can rewrite
+the lists too. `follow_umask` gives files a library wrote with its own mode (safetensors: 0600) the
+mode the umask allows.
+
 Torch-free and importing nothing of the three packages.
 """
 from __future__ import annotations
