@@ -2,7 +2,7 @@
 
 Ranks come from torchrun / the deepspeed launcher (RANK, LOCAL_RANK, WORLD_SIZE) or from Slurm
 (SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS). The rendezvous is MASTER_ADDR / MASTER_PORT (under
-Slurm MASTER_ADDR defaults to the first host of SLURM_JOB_NODELIST when it is a plain name).
+Slurm MASTER_ADDR defaults to the first host of SLURM_JOB_NODELIST, expanded by notellm2.hostlist).
 
 The watchdog: every rank publishes, in the process group's TCPStore, a heartbeat (wall time,
 refreshed by a thread) and the step its training loop has reached. When a rank's own loop makes
@@ -24,7 +24,6 @@ import datetime
 import faulthandler
 import json
 import os
-import re
 import sys
 import threading
 import time
@@ -59,15 +58,16 @@ class Topology:
 
 
 def _first_slurm_host(nodelist: str) -> Optional[str]:
-    # "node[01-03,07],gpu5" -> "node01"; a plain "localhost" -> "localhost".
-    m = re.match(r"^([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
-    if not m:
-        return None
-    prefix, ranges = m.group(1), m.group(2)
-    if not ranges:
-        return prefix
-    first = ranges.split(",")[0].split("-")[0]
-    return prefix + first
+    """The head node of a Slurm node list ("rack[3-4]-gpu[01-02],x" -> "rack3-gpu01"), through the one
+    host-list parser (notellm2.hostlist, which slurm/rendezvous.sh runs too); None for an empty list."""
+    from notellm2.errors import UserError
+    from notellm2.hostlist import HostListError, expand
+
+    try:
+        hosts = expand(nodelist)
+    except HostListError as e:
+        raise UserError(f"SLURM_JOB_NODELIST: {e}") from None
+    return hosts[0] if hosts else None
 
 
 def detect_topology(env: Optional[dict] = None) -> Topology:

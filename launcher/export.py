@@ -1,16 +1,19 @@
-"""Consolidate a sharded ZeRO checkpoint into a directory that loads without DeepSpeed.
+"""Consolidate a sharded ZeRO checkpoint into a directory that loads without DeepSpeed (format 2).
 
     out/
       model.safetensors        fp32 weights of the trainable NoteModel (LLM, connector, gate, head, temperature)
       llm/config.json          the LLM architecture as trained (kept layers, vocabulary with placeholders)
       tokenizer/               the tokenizer with the placeholder tokens
-      notellm2_export.json     model + loss config, prompt template info, vision tower reference,
-                               source checkpoint, step, config hash
+      tower/                   the frozen Hugging Face tower's config and weights, copied (`--tower copy`)
+      notellm2_export.json     model + loss config, prompt settings, the tower's location (relative to the
+                               export) and its files' SHA-256, trust information, the SHA-256 of every other
+                               file, the fingerprint, adapters (empty), source checkpoint, and its own SHA-256
       reference_notes.json     a few fixed notes (images under reference/) and the device/dtype they were
       reference_embeddings.npz embedded on at export time, one array per probe mode
 
-The frozen vision tower's weights are not copied: the export names its directory (`hf`) or
-factory (`plugin`) and the serving encoder builds it from there. The export is read in one place:
+A Hugging Face tower is copied into the export (or, with `--tower relative`, named by its path relative
+to the export); a plugin tower is named by its factory and built by the serving encoder. Files follow
+the umask (0644 under the usual 022). The export is read in one place:
 
     from notellm2.modeling.pretrained import NoteEncoder
     encoder = NoteEncoder.from_pretrained("out/")   # .note_model, .vision_tower, .prompter, .encode(notes)
@@ -28,10 +31,14 @@ from typing import Optional
 
 import torch
 
+from notellm2.codenames import canonical, is_builtin_plugin
 from notellm2.launcher.train import checkpoint as ckpt
 from notellm2.launcher.config import RunConfig, config_from_dict
-from notellm2.modeling.pretrained import EXPORT_META, FORMAT, WEIGHTS, ExportError, NoteEncoder, reference_notes
-from notellm2.files import commit_dir
+from notellm2.modeling.pretrained import (EXPORT_META, FORMAT, TOWER_DIR, WEIGHTS, EncoderConfig, ExportError, NoteEncoder,
+                                          check_code_trust, export_fingerprint, reference_notes)
+from notellm2.files import atomic_write_json, commit_dir, follow_umask, hash_files, seal_json, tree_files
+
+TOWER_MODES = ("copy", "relative")
 
 
 def _pick_checkpoint(run_dir: str, step: Optional[int]) -> str:
@@ -86,21 +93,28 @@ def _llm_config(model_cfg, state: dict):
     return config
 
 
-def export(run_dir: str, out_dir: str, step: Optional[int] = None, overwrite: bool = False, log=print) -> str:
-    """The checkpoint of `step` (default: the latest complete one) of `run_dir` as an export in `out_dir`."""
+def export(run_dir: str, out_dir: str, step: Optional[int] = None, overwrite: bool = False, log=print,
+           trust_code: bool = False, tower_path: Optional[str] = None, tower: str = "copy") -> str:
+    """The checkpoint of `step` (default: the latest complete one) of `run_dir` as an export in `out_dir`.
+    `tower_path` overrides the run's model.vision.path (a run folder copied from another machine);
+    `trust_code` lets a plugin factory from outside notellm2 named by the run's config be imported."""
     path = _pick_checkpoint(run_dir, step)
     manifest = ckpt.read_manifest(path)
     if "config" not in manifest:
         raise ExportError(f"{path}: the manifest holds no resolved config")
     cfg = config_from_dict(manifest["config"])
+    if tower_path:
+        cfg.model.vision.path = tower_path
+    check_code_trust(EncoderConfig(model=cfg.model, loss=cfg.loss), trust_code, f"{path}/{ckpt.MANIFEST}")
     _check_out(out_dir, overwrite)
+    ckpt.check_files(path, manifest)  # before DeepSpeed unpickles any of it
     state = consolidate(path)
     if any(k.startswith("vision") for k in state):
         raise ExportError(f"{path}: holds vision tower weights; the frozen tower must stay outside the engine")
     source = {"run_dir": os.path.abspath(run_dir), "checkpoint": os.path.abspath(path),
               "step": manifest["step"], "config_hash": manifest.get("config_hash"),
               "samples_seen": manifest.get("samples_seen")}
-    write_export(state, cfg, out_dir, source, overwrite=overwrite)
+    write_export(state, cfg, out_dir, source, overwrite=overwrite, trust_code=trust_code, tower=tower)
     log(f"exported step {manifest['step']} of {run_dir} ({sum(v.numel() for v in state.values()):,} parameters) "
         f"to {out_dir}")
     return out_dir
@@ -111,15 +125,67 @@ def _check_out(out_dir: str, overwrite: bool) -> None:
         raise ExportError(f"--out {out_dir}: exists and is not empty (use --overwrite)")
 
 
-def write_export(state: dict, cfg: RunConfig, out_dir: str, source: dict, overwrite: bool = False) -> str:
+def tower_files(tower_dir: str) -> list[str]:
+    """What a Hugging Face tower loads from its folder: config.json and the weights (safetensors, with their
+    index; else the PyTorch .bin files, which transformers opens with weights_only=True)."""
+    if not os.path.isfile(os.path.join(tower_dir, "config.json")):
+        raise ExportError(f"model.vision.path: {tower_dir!r} has no config.json (not a Hugging Face model directory)")
+    names = sorted(os.listdir(tower_dir))
+    weights = [n for n in names if n.endswith(".safetensors") or n.endswith(".safetensors.index.json")]
+    weights = weights or [n for n in names if n.startswith("pytorch_model") and (n.endswith(".bin") or n.endswith(".bin.index.json"))]
+    return ["config.json"] + weights
+
+
+def _tower_entry(cfg: RunConfig, tmp: str, out_dir: str, mode: str) -> dict:
+    """The export's "vision" entry; a Hugging Face tower is copied into `tmp`/tower or named by its path
+    relative to `out_dir` (tmp is its sibling, so the same relative path works from both)."""
+    from notellm2.modeling.names import variant_spec
+
+    vision = cfg.model.vision
+    if mode not in TOWER_MODES:
+        raise ExportError(f"--tower {mode}: allowed {', '.join(TOWER_MODES)}")
+    entry = {"kind": vision.kind, "path": "", "files": {}, "factory": vision.factory,
+             "factory_canonical": "", "image_size": vision.image_size,
+             "source_path": os.path.abspath(vision.path) if vision.path else ""}
+    if vision.kind == "plugin":
+        module, _, fn = vision.factory.partition(":")
+        entry["factory_canonical"] = f"{canonical(module)}:{fn}"
+    if not vision.path or not variant_spec(cfg.model.variant).uses_images:
+        return entry
+    src = os.path.abspath(vision.path)
+    if vision.kind == "hf":
+        names = tower_files(src)
+        entry["files"] = hash_files(src, names)
+        if mode == "copy":
+            os.makedirs(os.path.join(tmp, TOWER_DIR))
+            for name in names:
+                shutil.copyfile(os.path.join(src, name), os.path.join(tmp, TOWER_DIR, name))
+            entry["path"] = TOWER_DIR
+            return entry
+    entry["path"] = os.path.relpath(src, os.path.abspath(out_dir))
+    return entry
+
+
+def _write_meta(folder: str, meta: dict) -> None:
+    """The export's JSON, with the SHA-256 of every other file in `folder` and its own."""
+    meta["files"] = hash_files(folder, tree_files(folder, exclude=(EXPORT_META,)))
+    meta["fingerprint"] = export_fingerprint(meta)
+    atomic_write_json(os.path.join(folder, EXPORT_META), seal_json(meta))
+
+
+def write_export(state: dict, cfg: RunConfig, out_dir: str, source: dict, overwrite: bool = False,
+                 trust_code: bool = False, tower: str = "copy") -> str:
     """Write the NoteModel weights `state` (a full fp32 state dict) of a run configured by `cfg` as an
     export directory, atomically: built in a sibling temp dir, loaded back through `NoteEncoder`, the
-    reference notes embedded, then moved into place."""
+    reference notes embedded, then moved into place. `tower`: "copy" a Hugging Face tower into the
+    export, or name it by its "relative" path."""
     from safetensors.torch import save_file
 
     from notellm2.modeling.backbone import load_tokenizer
+    from notellm2.modeling.vision import tower_key
 
     _check_out(out_dir, overwrite)
+    check_code_trust(EncoderConfig(model=cfg.model, loss=cfg.loss), trust_code, f"export to {out_dir}")
     tmp = out_dir.rstrip("/") + ".tmp-export"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -129,26 +195,32 @@ def write_export(state: dict, cfg: RunConfig, out_dir: str, source: dict, overwr
     tok = load_tokenizer(cfg.model.llm.tokenizer_path or cfg.model.llm.path)
     tok.save_pretrained(os.path.join(tmp, "tokenizer"))
     model_cfg = dataclasses.asdict(cfg.model)
-    vision = model_cfg["vision"]
+    vision = _tower_entry(cfg, tmp, out_dir, tower)
+    model_cfg["vision"]["path"] = vision["path"]
+    builtin = cfg.model.vision.kind != "plugin" or is_builtin_plugin(cfg.model.vision.factory)
     meta = {
         "format": FORMAT,
         "model": model_cfg,
         "loss": dataclasses.asdict(cfg.loss),
         "prompt": {"variant": cfg.model.variant, "language": cfg.model.prompt_language,
                    "max_text_tokens": cfg.model.max_text_tokens},
-        "vision": {"kind": vision["kind"], "path": os.path.abspath(vision["path"]) if vision["path"] else "",
-                   "factory": vision["factory"], "image_size": vision["image_size"],
-                   "note": "frozen tower: weights are not copied; NoteEncoder builds it from path/factory"},
+        "vision": vision,
+        "trust": {"code": [cfg.model.vision.factory] if cfg.model.vision.kind == "plugin" else [],
+                  "needs_trust_code": not builtin,
+                  "note": "a plugin factory outside notellm2.modeling.plugins loads only with --trust-code"},
+        "adapters": {},
         "source": source,
         "num_parameters": int(sum(v.numel() for v in state.values())),
     }
-    with open(os.path.join(tmp, EXPORT_META), "w") as fh:
-        json.dump(meta, fh, indent=1)
-    # The export's own check: it loads through the serving encoder (weights match the model), and
-    # the vectors of a few fixed notes are stored for later loads to compare against.
-    encoder = NoteEncoder.from_pretrained(tmp)
+    _write_meta(tmp, meta)
+    # The export's own check: it loads through the serving encoder (weights match the model, the files
+    # their hashes), and the vectors of a few fixed notes are stored for later loads to compare against.
+    encoder = NoteEncoder.from_pretrained(tmp, trust_code=trust_code)
+    meta["vision"]["tower_key"] = tower_key(encoder.vision_tower) if encoder.vision_tower is not None else None
     encoder.write_reference(tmp, reference_notes(tmp))
     del encoder
+    _write_meta(tmp, meta)
+    follow_umask(tmp)
     if os.path.exists(out_dir):
         shutil.rmtree(out_dir)
     commit_dir(tmp, out_dir)

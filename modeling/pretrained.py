@@ -18,6 +18,16 @@ gets from `notellm2 embed` when its image is the one stored in the shard.
 The export also holds the vectors of a few fixed notes computed at export time
 (`reference_notes.json`, `reference_embeddings.npz`); `reference_gap()` re-embeds them, which shows
 that a copied or moved export still gives the vectors it gave when it was written.
+
+Format 2 (docs/training.md, "Export"): `notellm2_export.json` lists the SHA-256 of every other file
+of the export (checked here before anything is parsed; it catches damage, not an attacker, who can
+rewrite the list) and its own; the frozen tower's location relative to the export (a Hugging Face
+tower is copied into `tower/`), overridable with `tower_path=`; the trust information; a `fingerprint`
+(one hash over the weights, the tokenizer, the tower, the prompt and image settings: two exports with
+the same fingerprint give the same vectors); and `adapters` (empty today; a loader that does not know
+an entry refuses it). Format 1 exports still load. A plugin factory outside
+`notellm2.modeling.plugins` is imported only with `trust_code=True` (`--trust-code` on the CLI): a
+factory is code, and an export may come from anywhere.
 """
 from __future__ import annotations
 
@@ -31,18 +41,22 @@ import numpy as np
 import torch
 from PIL import Image
 
+from notellm2.codenames import is_builtin_plugin
 from notellm2.compat import without_hf_zero3
 from notellm2.data_shards.config import MAX_IMAGE_PIXELS
 from notellm2.errors import UserError
+from notellm2.files import file_problem, sealed_problem, tree_files
 from notellm2.modeling.config import LossConfig, ModelConfig, check_model_and_loss
-from notellm2.modeling.names import PROBE_MODES, probe_unavailable
+from notellm2.modeling.names import PROBE_MODES, probe_unavailable, variant_spec
 from notellm2.schema import ConfigError, build_dataclass
 
 EXPORT_META = "notellm2_export.json"
 WEIGHTS = "model.safetensors"
 REFERENCE_NOTES = "reference_notes.json"
 REFERENCE_EMBEDDINGS = "reference_embeddings.npz"
-FORMAT = 1
+TOWER_DIR = "tower"  # a Hugging Face tower copied into the export (format 2)
+FORMAT = 2
+READABLE_FORMATS = (1, 2)
 
 
 @dataclass
@@ -68,24 +82,90 @@ class NoteInputError(UserError, ValueError):
     """A note handed to `NoteEncoder.encode` that cannot be embedded (names the note)."""
 
 
-def read_export_config(export_dir: str) -> EncoderConfig:
-    """The run config (model and loss) an export dir was written with; reads only its JSON."""
+def read_export_meta(export_dir: str) -> dict:
+    """An export's `notellm2_export.json`, checked: a readable format, and (format 2) its own SHA-256."""
     meta_path = os.path.join(export_dir, EXPORT_META)
     if not os.path.isfile(meta_path):
         raise ExportError(f"{export_dir}: no {EXPORT_META} (not a notellm2 export directory)")
-    with open(meta_path) as fh:
+    with open(meta_path, "rb") as fh:
         try:
-            meta = json.load(fh)
-        except json.JSONDecodeError as e:
+            meta = json.loads(fh.read().decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ExportError(f"{meta_path}: not valid JSON ({e})") from None
-    if meta.get("format") != FORMAT:
-        raise ExportError(f"{meta_path}: format {meta.get('format')}; this code reads format {FORMAT}")
+    if not isinstance(meta, dict):
+        raise ExportError(f"{meta_path}: not a JSON object")
+    fmt = meta.get("format")
+    if fmt not in READABLE_FORMATS:
+        raise ExportError(f"{meta_path}: format {fmt!r}; this notellm2 reads formats "
+                          f"{', '.join(map(str, READABLE_FORMATS))} (export the run again with this version)")
+    if fmt == 2:
+        why = sealed_problem(meta)
+        if why:
+            raise ExportError(f"{meta_path}: {why}")
+        if meta.get("adapters"):
+            raise ExportError(f"{meta_path}: holds adapters ({', '.join(sorted(meta['adapters']))}), which this "
+                              "notellm2 cannot load; use a version that knows them")
+    return meta
+
+
+def read_export_config(export_dir: str, tower_path: Optional[str] = None) -> EncoderConfig:
+    """The run config (model and loss) an export dir was written with; reads only its JSON. The tower's
+    location (model.vision.path) is `tower_path` when given, else the export's own, made absolute."""
+    meta = read_export_meta(export_dir)
+    meta_path = os.path.join(export_dir, EXPORT_META)
     try:
         cfg = encoder_config({"model": meta["model"], "loss": meta["loss"]})
-    except (ConfigError, KeyError) as e:
+    except (ConfigError, KeyError, TypeError) as e:
         raise ExportError(f"{meta_path}: {e}") from None
-    cfg.model.vision.path = meta.get("vision", {}).get("path") or cfg.model.vision.path
+    vision = meta.get("vision") if isinstance(meta.get("vision"), dict) else {}
+    stored = vision.get("path") or cfg.model.vision.path
+    if tower_path:
+        cfg.model.vision.path = os.path.abspath(tower_path)
+    elif stored and meta["format"] >= 2:  # relative to the export, wherever it was moved
+        cfg.model.vision.path = os.path.normpath(os.path.join(os.path.abspath(export_dir), stored))
+    else:
+        cfg.model.vision.path = stored
     return cfg
+
+
+def check_export_files(export_dir: str, meta: dict) -> None:
+    """Format 2: every file of the export has the SHA-256 the JSON lists (no more, no fewer files),
+    checked before any of them is parsed."""
+    if meta.get("format", 1) < 2:
+        return
+    expected = meta.get("files")
+    if not isinstance(expected, dict):
+        raise ExportError(f"{os.path.join(export_dir, EXPORT_META)}: no 'files' list of SHA-256 hashes")
+    names = tree_files(export_dir, exclude=(EXPORT_META,))
+    for name in sorted(set(names) | set(expected)):
+        why = file_problem(export_dir, name, expected)
+        if why:
+            raise ExportError(why)
+
+
+def check_tower_files(export_dir: str, meta: dict, tower_dir: str) -> None:
+    """A tower folder outside the export (`tower_path`, or kept by a relative path) holds the files (SHA-256)
+    the export was written with."""
+    if not os.path.isdir(tower_dir):
+        raise ExportError(f"{export_dir}: the frozen tower is not at {tower_dir}; give its folder with --tower-path "
+                          "(NoteEncoder.from_pretrained(..., tower_path=...))")
+    expected = (meta.get("vision") or {}).get("files") if meta.get("format", 1) >= 2 else None
+    for name in sorted(expected or {}):
+        why = file_problem(tower_dir, name, expected)
+        if why:
+            raise ExportError(f"{why}: not the tower this export was trained with")
+
+
+def check_code_trust(cfg: EncoderConfig, trust_code: bool, where: str) -> None:
+    """A plugin factory outside notellm2.modeling.plugins is code named by a data file: refused unless
+    the caller trusts its source."""
+    vision = cfg.model.vision
+    if vision.kind != "plugin" or not variant_spec(cfg.model.variant).uses_images:
+        return
+    if not trust_code and not is_builtin_plugin(vision.factory):
+        raise ExportError(f"{where}: model.vision.factory {vision.factory!r} is code from outside notellm2; it is "
+                          "imported and run only if you trust where this came from: pass --trust-code "
+                          "(NoteEncoder.from_pretrained(..., trust_code=True))")
 
 
 def _load_parts(export_dir: str, cfg: EncoderConfig, device, dtype):
@@ -127,21 +207,36 @@ class NoteEncoder:
     """An exported note encoder (NoteModel + frozen vision tower + prompter) on one device."""
 
     def __init__(self, note_model, vision_tower, prompter, config: EncoderConfig, device="cpu",
-                 dtype: Optional[torch.dtype] = None, export_dir: Optional[str] = None):
+                 dtype: Optional[torch.dtype] = None, export_dir: Optional[str] = None,
+                 fingerprint: Optional[str] = None):
         self.note_model, self.vision_tower, self.prompter = note_model, vision_tower, prompter
         self.config = config
         self.device = torch.device(device)
         self.dtype = dtype or torch.float32
         self.export_dir = export_dir
+        self.fingerprint = fingerprint  # the export's (format 2); None for format 1
 
     @classmethod
     def from_pretrained(cls, export_dir: str, device: Union[str, torch.device] = "cpu",
-                        dtype: Optional[torch.dtype] = None) -> "NoteEncoder":
-        """Load an export directory (written by `notellm2 export`) onto `device` in `dtype` (default fp32)."""
-        cfg = read_export_config(export_dir)
+                        dtype: Optional[torch.dtype] = None, trust_code: bool = False,
+                        tower_path: Optional[str] = None) -> "NoteEncoder":
+        """Load an export directory (written by `notellm2 export`) onto `device` in `dtype` (default fp32).
+
+        `tower_path`: where the frozen tower is (default: the export's own location for it; a tower
+        given here must hold the files the export was written with). `trust_code`: import the plugin
+        factory the export names even when it is not one of notellm2's (only for exports you trust)."""
+        meta = read_export_meta(export_dir)
+        cfg = read_export_config(export_dir, tower_path)
+        check_code_trust(cfg, trust_code, export_dir)
+        check_export_files(export_dir, meta)
+        tower_dir, own = os.path.abspath(cfg.model.vision.path or export_dir), os.path.abspath(export_dir)
+        if (cfg.model.vision.kind == "hf" and variant_spec(cfg.model.variant).uses_images
+                and os.path.commonpath([own, tower_dir]) != own):  # inside the export: hashed above
+            check_tower_files(export_dir, meta, tower_dir)
         with without_hf_zero3():
             model, tower, prompter = _load_parts(export_dir, cfg, device, dtype)
-        return cls(model, tower, prompter, cfg, device=device, dtype=dtype, export_dir=export_dir)
+        return cls(model, tower, prompter, cfg, device=device, dtype=dtype, export_dir=export_dir,
+                   fingerprint=meta.get("fingerprint"))
 
     @property
     def variant(self) -> str:
@@ -297,3 +392,41 @@ def reference_notes(out_dir: str) -> list[dict]:
         {"note_id": "ref-2", "title": "Tomato pasta in 15 minutes", "topics": ["cooking"],
          "content": "Garlic, olive oil, tomatoes, basil. No image.", "image": None},
     ]
+
+
+def export_fingerprint(meta: dict) -> str:
+    """One hash over what fixes an export's vectors, from its JSON alone: the SHA-256 of the weights, the
+    LLM config and the tokenizer files, the frozen tower (its files' SHA-256 for a Hugging Face tower;
+    the factory and settings for a plugin; for both, `tower_key` of its loaded weights), the prompt and
+    image settings, and the adapters. Vectors of two exports can be mixed only when it is the same."""
+    import hashlib
+
+    files = meta.get("files") or {}
+    vision = meta.get("vision") or {}
+    model_vision = (meta.get("model") or {}).get("vision") or {}
+    tower = {"kind": vision.get("kind"), "files": vision.get("files") or {}, "tower_key": vision.get("tower_key")}
+    if vision.get("kind") == "plugin":
+        tower["factory"] = vision.get("factory_canonical")
+    parts = {
+        "weights": files.get(WEIGHTS),
+        "llm": {k: v for k, v in files.items() if k.startswith("llm/")},
+        "tokenizer": {k: v for k, v in files.items() if k.startswith("tokenizer/")},
+        "tower": tower,
+        "prompt": meta.get("prompt"),
+        "image": {k: model_vision.get(k) for k in ("image_size", "tokens", "hidden_layer", "cls_source")},
+        "model": _without_locations(meta.get("model") or {}),
+        "adapters": meta.get("adapters") or {},
+    }
+    blob = json.dumps(parts, sort_keys=True, separators=(",", ":")).encode()
+    return "sha256:" + hashlib.sha256(blob).hexdigest()
+
+
+def _without_locations(model: dict) -> dict:
+    """The model section less what says where things are or how attention is computed (no effect on
+    the vectors beyond rounding)."""
+    out = json.loads(json.dumps(model))
+    for section, keys in (("llm", ("path", "tokenizer_path", "attn_implementation", "gradient_checkpointing")),
+                          ("vision", ("path",))):
+        for key in keys:
+            (out.get(section) or {}).pop(key, None)
+    return out

@@ -1,6 +1,10 @@
 """Code named by a string (`"package.module:function"`): vision plugin factories in configs and exports,
 `notellm2 train --components`. Looked up with importlib, never eval.
 
+A vision factory named by an export is code chosen by whoever wrote the export: the serving encoder
+imports one outside notellm2.modeling.plugins (`is_builtin_plugin`) only when the caller trusts it
+(`trust_code`, docs/training.md "What is safe to load").
+
 Names written before the import root existed (`modeling.plugins.efficientnet_lite:build`, in exports
 and configs of format 1) still resolve: `canonical` maps the old spellings to the new ones, here and
 nowhere else (`LEGACY_MODULES` lists every module that moved when the packages got rooms).
@@ -54,6 +58,7 @@ LEGACY_MODULES = {
     "data_shards.workers": "data_shards.reader.workers",
 }
 _PACKAGES = ("launcher", "modeling", "data_shards")
+BUILTIN_PLUGINS = "notellm2.modeling.plugins."  # factories shipped with notellm2: loaded without trust_code
 
 
 class CodeNameError(UserError, ValueError):
@@ -71,6 +76,17 @@ def canonical(module: str) -> str:
         if moved:
             return "notellm2." + ".".join([moved, *parts[n:]])
     return "notellm2." + module
+
+
+def is_builtin_plugin(spec: str) -> bool:
+    """Whether `spec` ("module:function", old spellings included) names a factory of a module shipped under
+    notellm2.modeling.plugins: code that came with notellm2, not with a data file."""
+    if not isinstance(spec, str) or spec.count(":") != 1:
+        return False
+    module, fn = spec.split(":")
+    parts = module.split(".")
+    return (all(p.isidentifier() for p in parts) and fn.isidentifier() and not fn.startswith("_")
+            and canonical(module).startswith(BUILTIN_PLUGINS))
 
 
 def import_code(spec: str, key: str, error: type = CodeNameError) -> Callable:

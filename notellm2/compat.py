@@ -48,7 +48,49 @@ def default_store():
     return getter()
 
 
+def numpy_array_globals() -> list:
+    """The numpy types a pickled numpy array needs under `torch.load(weights_only=True)`: what the rank
+    files of checkpoints before format 2 hold (numpy's RNG state: a uint32 array). numpy's private
+    `_reconstruct` (moved from `numpy.core` to `numpy._core` in numpy 2) is the function an ndarray
+    pickles with. Public alternative checked: none; torch's own allow-list leaves numpy out."""
+    import numpy as np
+
+    multiarray = getattr(getattr(np, "_core", None), "multiarray", None) or np.core.multiarray
+    reconstruct = getattr(multiarray, "_reconstruct", None)
+    if reconstruct is None:
+        raise CompatError("numpy multiarray._reconstruct: missing (see notellm2/compat.py)")
+    return [reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
 # ----------------------------------------------------------------------------- deepspeed
+
+# The classes DeepSpeed pickles into its checkpoints besides tensors and builtins, found by saving real
+# ones with deepspeed 0.19.8 (ZeRO-3 fp32 and bf16, ZeRO-2 bf16, and their universal conversion) and
+# listing them with torch.serialization.get_unsafe_globals_in_checkpoint (tests/test_compat.py does it again).
+DEEPSPEED_CHECKPOINT_CLASSES = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",  # optimizer states: the (static) loss scaler
+    "deepspeed.runtime.zero.config.ZeroStageEnum",  # optimizer states: the ZeRO stage
+    "deepspeed.utils.tensor_fragment.fragment_address",  # ZeRO-1/2 optimizer states: fp32 fragment offsets
+)
+
+
+def deepspeed_checkpoint_globals() -> list:
+    """The classes of DEEPSPEED_CHECKPOINT_CLASSES, imported: the allow-list with which the stack opens each
+    DeepSpeed `.pt` file (`torch.load(weights_only=True)`) before DeepSpeed unpickles it without limits
+    (launcher/train/checkpoint.py `check_files`). These are internal module paths of DeepSpeed; a release
+    that moves one fails here, naming it. Public alternative checked: none (DeepSpeed 0.19.8 loads its
+    own files with `weights_only=False` and publishes no list of what they hold)."""
+    import importlib
+
+    out = []
+    for dotted in DEEPSPEED_CHECKPOINT_CLASSES:
+        module, _, name = dotted.rpartition(".")
+        try:
+            out.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            raise _fail("deepspeed", dotted, "missing") from None
+    return out
+
 
 def skip_deepspeed_shm_build() -> None:
     """Replace `deepspeed.comm.torch.build_shm_op` with a no-op before `deepspeed.init_distributed`.

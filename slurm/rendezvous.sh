@@ -6,9 +6,9 @@
 # HOST is the first host of the job's node list (the node that runs the batch script and hosts
 # the c10d store); NODELIST defaults to $SLURM_JOB_NODELIST. PORT is $RDZV_PORT when set, else
 # 20000 + JOB_ID % 20000 (JOB_ID defaults to $SLURM_JOB_ID, else 0), so that two jobs sharing a
-# head node do not collide. The node list is expanded by `scontrol show hostnames`; where
-# scontrol cannot run (no slurm.conf, e.g. a laptop) a plain-bash fallback takes the first host
-# of lists like "node[07-09,12],gpu3", "rack[3-4]-gpu[1-2]" or "localhost".
+# head node do not collide. The node list is expanded by notellm2/hostlist.py (run with $PYTHON,
+# else python3), the parser notellm2.launcher.distributed uses under plain srun: lists like
+# "node[07-09,12],gpu3", "rack[3-4]-gpu[01-02],x" or "localhost" give the same head node in both.
 # Used by slurm/train.sbatch and by the tests (tests/slurm/), so both derive it the same way.
 set -euo pipefail
 
@@ -19,28 +19,10 @@ if [ -z "$nodelist" ]; then
     exit 2
 fi
 
-head_host=""
-if command -v scontrol >/dev/null 2>&1; then
-    head_host="$(scontrol show hostnames "$nodelist" 2>/dev/null | head -n1 || true)"
-fi
-if [ -z "$head_host" ]; then
-    # The first top-level entry (commas inside brackets do not split), then every bracket group
-    # replaced by its first number: "rack[3-4]-gpu[01-02],x" -> "rack3-gpu01".
-    entry="" depth=0
-    for ((i = 0; i < ${#nodelist}; i++)); do
-        c="${nodelist:i:1}"
-        case "$c" in
-            "[") depth=$((depth + 1)) ;;
-            "]") depth=$((depth - 1)) ;;
-            ",") [ "$depth" -eq 0 ] && break ;;
-        esac
-        entry+="$c"
-    done
-    while [[ "$entry" =~ ^([^\[]*)\[([0-9]+)[^]]*\](.*)$ ]]; do
-        entry="${BASH_REMATCH[1]}${BASH_REMATCH[2]}${BASH_REMATCH[3]}"
-    done
-    head_host="$entry"
-fi
+# One host-list parser for the stack (notellm2/hostlist.py, standard library only; the launcher uses
+# it too): "rack[3-4]-gpu[01-02],x" -> "rack3-gpu01", as `scontrol show hostnames` expands it.
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+head_host="$("${PYTHON:-python3}" -I "$here/../notellm2/hostlist.py" first "$nodelist")" || exit 2
 if ! [[ "$job_id" =~ ^[0-9]+$ ]]; then
     echo "rendezvous.sh: job id '$job_id' is not a number" >&2
     exit 2

@@ -97,6 +97,38 @@ def test_optimizer_state_buffers(engines):
         assert state["grads"] >= numel, (where, state, numel)
 
 
+def test_the_checkpoint_allow_list_is_what_deepspeed_writes(engines):
+    """DEEPSPEED_CHECKPOINT_CLASSES: the classes real ZeRO-3 (fp32) and ZeRO-2 (bf16) checkpoints of
+    this DeepSpeed pickle besides torch's own allow-list are exactly the listed ones (none missing, none
+    stale), each imports, and the stack's check opens both checkpoints with them."""
+    where = _where("deepspeed", "the classes in DeepSpeed's checkpoint files (compat.DEEPSPEED_CHECKPOINT_CLASSES)")
+    found = set()
+    for stage in ("z3", "z2"):
+        saved = engines[f"{stage}_checkpoint"]
+        assert saved["files"] and saved["refused"] is None, (where, stage, saved)
+        found |= {g for names in saved["files"].values() for g in names}
+    assert found == set(compat.DEEPSPEED_CHECKPOINT_CLASSES), (where, sorted(found))
+    classes = compat.deepspeed_checkpoint_globals()
+    assert [f"{c.__module__}.{c.__qualname__}" for c in classes] == list(compat.DEEPSPEED_CHECKPOINT_CLASSES), where
+
+
+def test_numpy_arrays_open_with_their_allow_list(tmp_path):
+    """numpy's `_reconstruct`: a pickled numpy RNG state (what rank files before checkpoint format 2 hold)
+    opens with `weights_only=True` given compat.numpy_array_globals, and not without it."""
+    import pickle
+
+    import numpy as np
+    import torch
+
+    path = str(tmp_path / "state.pt")
+    torch.save({"numpy": np.random.RandomState(3).get_state()}, path)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path, weights_only=True)
+    with torch.serialization.safe_globals(compat.numpy_array_globals()):
+        state = torch.load(path, weights_only=True)
+    assert state["numpy"][0] == "MT19937" and np.array_equal(state["numpy"][1], np.random.RandomState(3).get_state()[1])
+
+
 def test_hf_zero3_config_can_be_stepped_out_of():
     """transformers.integrations.deepspeed._hf_deepspeed_config_weak_ref: while an HfDeepSpeedConfig of
     ZeRO-3 is alive, transformers reports ZeRO-3 on; inside `without_hf_zero3` it reports it off; after,

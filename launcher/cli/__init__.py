@@ -79,6 +79,16 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
                         help="dotted overrides, values read as YAML scalars (e.g. train.max_steps=10)")
 
 
+def add_export_load_args(parser: argparse.ArgumentParser) -> None:
+    """The options of every verb that loads an export (docs/training.md, "What is safe to load")."""
+    parser.add_argument("--trust-code", action="store_true",
+                        help="import the vision plugin factory the export names even when it is not one of notellm2's "
+                             "(code: only for exports from a source you trust)")
+    parser.add_argument("--tower-path", default=None, metavar="DIR",
+                        help="the frozen vision tower's folder, instead of the export's own location for it "
+                             "(it must hold the tower files the export was written with)")
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     return load_config(args.config, args.overrides)
 

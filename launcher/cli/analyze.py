@@ -45,7 +45,8 @@ def _attention(args) -> int:
     reports = []
     for name, path in models:
         try:
-            note_model, tower, prompter = load_model(path, device=args.device)
+            note_model, tower, prompter = load_model(path, device=args.device, trust_code=args.trust_code,
+                                                     tower_path=args.tower_path)
             image_size = tower.image_size if tower is not None else 224
             batches = pair_batches(args.shards, prompter, args.batch_size, image_size, seed=args.seed)
             report = analyze_batches(
@@ -70,6 +71,8 @@ def _attention(args) -> int:
 
 
 def register(sub) -> None:
+    from notellm2.launcher.cli import add_export_load_args
+
     p = sub.add_parser("analyze", help="diagnose a trained model (attention: the visual-neglect saliency flows)")
     asub = p.add_subparsers(dest="analyze_verb", metavar="<analysis>")
     a = asub.add_parser("attention", help="per-layer saliency flow of the contrastive loss into the representation "
@@ -82,5 +85,6 @@ def register(sub) -> None:
     a.add_argument("--batch-size", type=int, default=8, help="pairs per batch (default 8; the loss sees 2x notes)")
     a.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     a.add_argument("--seed", type=int, default=0, help="the reader's shuffle seed (default 0)")
+    add_export_load_args(a)
     a.set_defaults(handler=_attention)
     p.set_defaults(handler=lambda args: (p.print_help(), 2)[1])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from notellm2.launcher.cli import add_config_args, config_from_args
+from notellm2.launcher.cli import add_config_args, add_export_load_args, config_from_args
 from notellm2.modeling.names import PROBE_MODES  # torch-free, so `notellm2 --help` imports no torch
 
 # Mirrors of notellm2.launcher.eval.embed.DEFAULT_PART_EVERY / EMBED_DEVICES and notellm2.launcher.eval.evaluate.EMBEDDING_DTYPES
@@ -37,7 +37,8 @@ def _run(args) -> int:
                          batch_size=args.batch_size, num_workers=args.num_workers,
                          part_every=getattr(args, "part_every", DEFAULT_PART_EVERY),
                          restart=getattr(args, "restart", False), device=getattr(args, "device", "cpu"),
-                         dtype=getattr(args, "dtype", "float32"), vision_cache=getattr(args, "vision_cache", None))
+                         dtype=getattr(args, "dtype", "float32"), vision_cache=getattr(args, "vision_cache", None),
+                         trust_code=getattr(args, "trust_code", False), tower_path=getattr(args, "tower_path", None))
 
 
 def register(sub) -> None:
@@ -63,5 +64,6 @@ def register(sub) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="storage dtype of embeddings.npy: float32 (default) or float16 (half the file); the model "
                         "computes in its own dtype either way, readers upcast to float32")
+    add_export_load_args(p)
     add_config_args(p)
     p.set_defaults(handler=_run)

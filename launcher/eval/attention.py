@@ -52,12 +52,13 @@ class AttentionAnalysisError(ValueError):
     """An input the analysis cannot use (a model, shards or batch); the message names it."""
 
 
-def load_model(export_dir: str, device: str = "cpu"):
+def load_model(export_dir: str, device: str = "cpu", trust_code: bool = False, tower_path: str | None = None):
     """(note_model, vision_tower or None, prompter) of an export directory, fp32 (saliency gradients in
     bf16 would be mostly rounding). The one place the analysis loads a model."""
     from notellm2.modeling.pretrained import NoteEncoder
 
-    enc = NoteEncoder.from_pretrained(export_dir, device=device)  # the one loader of an export
+    enc = NoteEncoder.from_pretrained(export_dir, device=device, trust_code=trust_code,  # the one loader of an export
+                                      tower_path=tower_path)
     return enc.note_model, enc.vision_tower, enc.prompter
 
 

@@ -403,7 +403,8 @@ def embed_variant(model_dir: str | None, cfg) -> str:
     return cfg.model.variant
 
 
-def load_embedder(model_dir: str | None, cfg, config_path: str | None = None, device: torch.device | str = "cpu"):
+def load_embedder(model_dir: str | None, cfg, config_path: str | None = None, device: torch.device | str = "cpu",
+                  trust_code: bool = False, tower_path: str | None = None):
     """(note_model, vision_tower, prompter, image_size, source) for `notellm2 embed`, on `device`: the
     export in `model_dir` (through the serving encoder, in its stored dtype), or the untrained model
     `cfg` describes (the zero-shot baseline; its new modules are drawn from cfg.train.seed, the same on
@@ -411,7 +412,7 @@ def load_embedder(model_dir: str | None, cfg, config_path: str | None = None, de
     if model_dir:
         from notellm2.modeling.pretrained import NoteEncoder
 
-        enc = NoteEncoder.from_pretrained(model_dir, device=device)
+        enc = NoteEncoder.from_pretrained(model_dir, device=device, trust_code=trust_code, tower_path=tower_path)
         return enc.note_model, enc.vision_tower, enc.prompter, enc.image_size, {"model": os.path.abspath(model_dir)}
     from notellm2.modeling.encoder import build_all
 
@@ -444,7 +445,8 @@ def check_embed_cache(path: str | None, tower, label: str = "data.vision_cache")
 def embed_command(model_dir: str | None, cfg, config_path: str | None, shards: str | None, out_dir: str,
                   mode: str = "both", batch_size: int = 32, num_workers: int = 1,
                   part_every: int = DEFAULT_PART_EVERY, restart: bool = False, device: str = "cpu",
-                  dtype: str = "float32", vision_cache: str | None = None) -> int:
+                  dtype: str = "float32", vision_cache: str | None = None, trust_code: bool = False,
+                  tower_path: str | None = None) -> int:
     """`notellm2 embed`: the user's mistakes (a probe the variant lacks, no shards, --device cuda without
     a GPU, parts left by other settings) are refused before any rank starts or loads a model; then
     every rank (torchrun / srun, or one process) embeds its share into parts under OUT/parts, resuming
@@ -474,7 +476,8 @@ def embed_command(model_dir: str | None, cfg, config_path: str | None, shards: s
         # The shared start-up (the trainer's): under NCCL the rank's CUDA device is set before the group
         # starts, before anything below touches CUDA; DeepSpeed's comm layer is not needed here.
         distributed.init_distributed(topo, timeout_s=EMBED_COLLECTIVE_TIMEOUT_S, deepspeed_comm=False)
-    note_model, tower, prompter, image_size, source = load_embedder(model_dir, cfg, config_path, torch_device)
+    note_model, tower, prompter, image_size, source = load_embedder(model_dir, cfg, config_path, torch_device,
+                                                                    trust_code=trust_code, tower_path=tower_path)
     check_embed_cache(data_cfg.vision_cache, tower, "--vision-cache" if vision_cache else "data.vision_cache")
     rc = run_embed(note_model, tower, prompter, shards, out_dir, data_cfg, batch_size, mode,
                    topo.rank, topo.world_size, image_size, source, part_every=part_every,

@@ -3,8 +3,9 @@
 Layout under `<run_dir>/checkpoints/`:
 
     step_00000040/            one complete checkpoint (DeepSpeed shards of every rank)
-        manifest.json         step, samples seen, world size, config hash, versions, reader states
-        rank00000.pt ...      per-rank RNG states and data-reader state
+        manifest.json         step, samples seen, world size, config hash, versions, reader states,
+                              the SHA-256 of every other file, and its own SHA-256 (format 2)
+        rank00000.json ...    per-rank RNG states and data-reader state (JSON; `.pt` before format 2)
         <DeepSpeed files>     zero_pp_rank_*_model_states.pt, *_optim_states.pt
     step_00000040.universal/  made on demand when a later run has another world size
     latest                    name of the newest complete checkpoint (written last, atomically)
@@ -16,20 +17,31 @@ previous complete checkpoint.
 
 The frozen vision tower is not part of the DeepSpeed engine, so it is never in a checkpoint.
 
+Loading runs no code from the files (docs/training.md, "What is safe to load"): what the stack writes
+itself is JSON; DeepSpeed's own `.pt` files, which DeepSpeed unpickles with `weights_only=False` (on
+resume, in the universal conversion and in `notellm2 export`), are first opened here with
+`weights_only=True` and the allow-list of the types DeepSpeed writes (`notellm2.compat.
+deepspeed_checkpoint_globals`); a file that needs any other type is refused in one line
+(`check_files`). The manifest's hashes catch damaged files, not an attacker, who can rewrite them too.
+
 The training loop talks to a `Checkpointer`: `find_resume()` decides what to resume from (and
 converts it when the world size changed) before the engine exists, `resume(engine)` restores it,
 `save(step, loader)` writes one.
 """
 from __future__ import annotations
 
+import base64
 import glob
 import json
 import os
+import pickle
 import random
+import re
 import shutil
 import subprocess
 import sys
 import time
+import zipfile
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -40,12 +52,15 @@ from notellm2.launcher.train import faults
 from notellm2.launcher.config import RunConfig, config_hash, config_to_dict
 from notellm2.launcher.distributed import all_gather_object, barrier
 from notellm2.errors import UserError
-from notellm2.files import atomic_write_text, commit_dir
+from notellm2.files import (atomic_write_json, atomic_write_text, commit_dir, file_problem, hash_files,
+                            sealed_problem, seal_json, tree_files)
 
+FORMAT = 2  # 2: JSON rank files, the files' SHA-256 and the manifest's own in manifest.json
 MANIFEST = "manifest.json"
 BEST = "best"  # pointer file: the checkpoint with the best checkpoint.keep_best metric
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
+UNIVERSAL_DONE = ".complete"  # marks a finished universal conversion
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -74,32 +89,154 @@ def package_versions() -> dict:
 
 # ----------------------------------------------------------------------------- RNG
 
+def _tensor_text(t: torch.Tensor) -> str:
+    return base64.b64encode(t.numpy().tobytes()).decode("ascii")
+
+
+def _text_tensor(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state, as JSON-able data (torch's byte states in base64)."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(mt), gauss],
+             "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+             "torch": _tensor_text(torch.get_rng_state())}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+        state["cuda"] = _tensor_text(torch.cuda.get_rng_state())
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    """Restore what `rng_state` returned (also the tensors and tuples of a rank file before format 2)."""
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    as_tensor = (lambda v: _text_tensor(v) if isinstance(v, str) else v)
+    torch.set_rng_state(as_tensor(state["torch"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+        torch.cuda.set_rng_state(as_tensor(state["cuda"]))
+
+
+def rank_file(rank: int) -> str:
+    return f"rank{rank:05d}.json"
+
+
+def read_rank_file(path: str, rank: int) -> dict:
+    """This rank's {"rank", "rng", "reader"} of checkpoint `path`: JSON, or the `.pt` of a checkpoint
+    before format 2, opened with `weights_only=True` (its numpy RNG state needs numpy's array types)."""
+    from notellm2 import compat
+
+    json_path = os.path.join(path, rank_file(rank))
+    if os.path.isfile(json_path):
+        with open(json_path) as fh:
+            try:
+                return json.load(fh)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{json_path}: not valid JSON ({e})") from None
+    legacy = os.path.join(path, f"rank{rank:05d}.pt")
+    if not os.path.isfile(legacy):
+        raise CheckpointError(f"checkpoint {path}: no {rank_file(rank)} (an incomplete checkpoint)")
+    return load_restricted(legacy, compat.numpy_array_globals())
+
+
+# ----------------------------------------------------------------------------- checking files before loading
+
+_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+_UNPICKLER_ERROR = re.compile(r"WeightsUnpickler error: ([^\n]+)")
+_LEGACY_RANK_FILE = re.compile(r"(^|/)rank\d+\.pt$")
+
+
+def _needed_global(path: str, allowed: list, fallback: str) -> str:
+    """The full dotted name of the first global `path` needs beyond `allowed` (torch's message drops the
+    module of builtins: "exec" for builtins.exec)."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # noqa: BLE001 - a file it cannot list; the message's name serves
+        return fallback
+    allowed_names = {f"{g.__module__}.{g.__qualname__}" for g in allowed}
+    extra = [n for n in names if n not in allowed_names]
+    return ", ".join(extra[:3]) if extra else fallback
+
+
+def load_restricted(path: str, allowed: list) -> Any:
+    """torch.load of `path` with `weights_only=True` and the types `allowed` besides torch's own (tensor
+    data memory-mapped where the file is a zip, so a large shard costs little); CheckpointError naming
+    the file when it needs another type or cannot be read."""
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        unsafe = _UNSAFE_GLOBAL.search(str(e))
+        if unsafe:
+            raise CheckpointError(f"{path}: needs {_needed_global(path, allowed, unsafe.group(1))} to load, a type "
+                                  "outside those notellm2 allows in a checkpoint; refused, since unpickling it could "
+                                  "run code") from None
+        why = _UNPICKLER_ERROR.search(str(e))
+        raise CheckpointError(f"{path}: cannot be read as a torch file ({why.group(1) if why else 'unpickling failed'}; "
+                              "a damaged file?)") from None
+    except Exception as e:  # noqa: BLE001 - whatever a damaged zip or pickle raises; nothing else runs here
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CheckpointError(f"{path}: cannot be read as a torch file ({type(e).__name__}: {first}; a damaged "
+                              "file?)") from None
+
+
+def check_files(path: str, manifest: Optional[dict], rank: int = 0, world_size: int = 1) -> None:
+    """Collective (every rank calls it; without a process group, one rank checks all): before DeepSpeed
+    unpickles anything of checkpoint folder `path`, every file is compared with the SHA-256 the manifest
+    lists for it (format 2) and every `.pt` file is opened with `weights_only=True` and the allow-list
+    of the types DeepSpeed writes. The ranks share the files; the first problem any rank found is
+    raised on every rank as one CheckpointError naming the file."""
+    from notellm2 import compat
+
+    expected = (manifest or {}).get("files")
+    names = tree_files(path, exclude=(MANIFEST, UNIVERSAL_DONE))
+    problems = []
+    if expected is not None:
+        problems += [f"{os.path.join(path, n)}: listed in the SHA-256 manifest but missing"
+                     for n in sorted(set(expected) - set(names))]
+    for name in names[rank::world_size]:
+        why = file_problem(path, name, expected) if expected is not None else None
+        if why is None and name.endswith(".pt"):
+            legacy = _LEGACY_RANK_FILE.search(name)
+            allowed = compat.numpy_array_globals() if legacy else compat.deepspeed_checkpoint_globals()
+            try:
+                load_restricted(os.path.join(path, name), allowed)
+            except CheckpointError as e:
+                why = str(e)
+        if why:
+            problems.append(why)
+    found = [p for part in all_gather_object(problems) for p in part]
+    if found:
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        raise CheckpointError(f"checkpoint refused: {found[0]}{more}")
 
 
 # ----------------------------------------------------------------------------- finding checkpoints
 
 def read_manifest(path: str) -> dict:
+    """The manifest of checkpoint folder `path`; a format-2 manifest must match its own SHA-256."""
     mpath = os.path.join(path, MANIFEST)
     if not os.path.isfile(mpath):
         raise CheckpointError(f"checkpoint {path}: no {MANIFEST} (incomplete save?)")
-    with open(mpath) as fh:
+    with open(mpath, "rb") as fh:
         try:
-            return json.load(fh)
-        except json.JSONDecodeError as e:
+            manifest = json.loads(fh.read().decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"checkpoint {mpath}: unreadable manifest: {e}") from None
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"checkpoint {mpath}: unreadable manifest: not a JSON object")
+    fmt = manifest.get("format")
+    if fmt == FORMAT:
+        why = sealed_problem(manifest)
+        if why:
+            raise CheckpointError(f"checkpoint {mpath}: {why}")
+    elif fmt != 1:
+        raise CheckpointError(f"checkpoint {mpath}: format {fmt!r}; this notellm2 reads formats 1 and {FORMAT}")
+    return manifest
 
 
 def list_complete(root: str) -> list[tuple[int, str]]:
@@ -182,15 +319,19 @@ def save(engine, root: str, step: int, *, rank: int, world_size: int, samples_se
     t0 = time.monotonic()
     engine.save_checkpoint(root, tag=tmp_tag, save_latest=False)
     faults.in_save(rank, "after_shards", step)
-    torch.save({"rank": rank, "rng": rng_state(), "reader": reader_state},
-               os.path.join(tmp_path, f"rank{rank:05d}.pt"))
+    atomic_write_json(os.path.join(tmp_path, rank_file(rank)), {"rank": rank, "rng": rng_state(), "reader": reader_state})
     # Reader states also go into the manifest so that another world size can read all of them.
     states = all_gather_object(reader_state)
     faults.in_save(rank, "before_manifest", step)
     barrier()
+    # Every rank hashes its share of the files (the same split `check_files` reads them back with).
+    names = tree_files(tmp_path)
+    hashes = {}
+    for part in all_gather_object(hash_files(tmp_path, names[rank::world_size])):
+        hashes.update(part)
     if rank == 0:
         manifest = {
-            "format": 1,
+            "format": FORMAT,
             "step": step,
             "samples_seen": samples_seen,
             "world_size": world_size,
@@ -199,11 +340,12 @@ def save(engine, root: str, step: int, *, rank: int, world_size: int, samples_se
             "saved_at": time.time(),
             "versions": package_versions(),
             "reader_states": states,
-            "rng_files": [f"rank{r:05d}.pt" for r in range(world_size)],
+            "rng_files": [rank_file(r) for r in range(world_size)],
             "config": resolved_config,
             **(extra or {}),
+            "files": dict(sorted(hashes.items())),
         }
-        atomic_write_text(os.path.join(tmp_path, MANIFEST), json.dumps(manifest, indent=1, default=str))
+        atomic_write_json(os.path.join(tmp_path, MANIFEST), seal_json(manifest, default=str), default=str)
         if os.path.isdir(final):
             shutil.rmtree(final)
         for stale in (final + ".universal",):
@@ -265,7 +407,7 @@ def universal_path(chosen: Resume) -> str:
 def convert_to_universal(chosen: Resume, world_size: int, log=print) -> str:
     """Rank 0 only: run DeepSpeed's ds_to_universal on the checkpoint (once; reused afterwards)."""
     out = universal_path(chosen)
-    done_flag = os.path.join(out, ".complete")
+    done_flag = os.path.join(out, UNIVERSAL_DONE)
     if os.path.isfile(done_flag):
         return out
     shutil.rmtree(out, ignore_errors=True)
@@ -286,22 +428,24 @@ def convert_to_universal(chosen: Resume, world_size: int, log=print) -> str:
         src = os.path.join(chosen.path, f)
         if os.path.isfile(src) and not os.path.exists(os.path.join(tmp_out, f)):
             shutil.copy2(src, os.path.join(tmp_out, f))
-    open(os.path.join(tmp_out, ".complete"), "w").close()
+    open(os.path.join(tmp_out, UNIVERSAL_DONE), "w").close()
     commit_dir(tmp_out, out)
     return out
 
 
-def load(engine, chosen: Resume, rank: int) -> dict:
+def load(engine, chosen: Resume, rank: int, world_size: int) -> dict:
     """Collective: load model + optimizer + scheduler state; restore this rank's RNG when the world
     size is unchanged. Returns {"reader": this rank's reader state or None, "reader_states": all}."""
     path = universal_path(chosen) if chosen.universal else chosen.path
+    if chosen.universal:  # made by the conversion, or found in a copied run folder: opened safely first too
+        check_files(path, None, rank, world_size)
     root, tag = os.path.dirname(path), os.path.basename(path)
     load_path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {path}")
     reader = None
     if not chosen.universal:
-        state = torch.load(os.path.join(chosen.path, f"rank{rank:05d}.pt"), map_location="cpu", weights_only=False)
+        state = read_rank_file(chosen.path, rank)
         set_rng_state(state["rng"])
         reader = state["reader"]
     return {"reader": reader, "reader_states": chosen.manifest.get("reader_states")}
@@ -363,6 +507,8 @@ class Checkpointer:
         cfg = self.cfg
         self.chosen = decide_resume(cfg.checkpoint.resume, self.root, self.world_size, self.config_hash,
                                 cfg.checkpoint.allow_config_mismatch)
+        if self.chosen is not None:  # before DeepSpeed (or its universal conversion) unpickles any of it
+            check_files(self.chosen.path, self.chosen.manifest, self.rank, self.world_size)
         if self.chosen is not None and self.chosen.universal:
             if self.rank == 0:
                 convert_to_universal(self.chosen, self.world_size, log=self.log)
@@ -380,7 +526,7 @@ class Checkpointer:
         if chosen is None:
             self.resumed = Resumed()
             return self.resumed
-        restored = load(engine, chosen, self.rank)
+        restored = load(engine, chosen, self.rank, self.world_size)
         reader_state = restored["reader"]
         states = restored["reader_states"] or []
         epoch_src = reader_state if reader_state is not None else (states[0] if states else None)

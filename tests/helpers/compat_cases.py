@@ -37,7 +37,33 @@ def _step(engine, n: int = 1):
         engine.step()
 
 
+def _checkpoint_globals(engine, root: str, tag: str) -> dict:
+    """Save `engine` as checkpoint `tag` under `root`, then: {file: the globals beyond torch's own allow-list
+    it needs (torch.serialization.get_unsafe_globals_in_checkpoint)}, and the stack's verdict on the
+    folder (notellm2's check_files: None when every file opens with the allow-list)."""
+    import glob
+    import os
+
+    from torch.serialization import get_unsafe_globals_in_checkpoint
+
+    from notellm2.launcher.train.checkpoint import CheckpointError, check_files
+
+    engine.save_checkpoint(root, tag=tag, save_latest=False)
+    folder = os.path.join(root, tag)
+    found = {os.path.basename(f): sorted(get_unsafe_globals_in_checkpoint(f))
+             for f in sorted(glob.glob(os.path.join(folder, "*.pt")))}
+    try:
+        check_files(folder, None)
+        verdict = None
+    except CheckpointError as e:
+        verdict = str(e)
+    return {"files": found, "refused": verdict}
+
+
 def deepspeed_internals() -> dict:
+    import shutil
+    import tempfile
+
     import deepspeed
 
     from notellm2 import compat
@@ -76,6 +102,8 @@ def deepspeed_internals() -> dict:
     out["z3_state"] = {k: sum(t.numel() for t in v) for k, v in held.items()}
     out["z3_numel"] = sum(p.ds_numel for p in z3.module.parameters())
     out["z3_is_zero12"] = any(compat.is_zero12_param(p) for p in z3.module.parameters())
+    checkpoints = tempfile.mkdtemp(prefix="compat-checkpoints-")
+    out["z3_checkpoint"] = _checkpoint_globals(z3, checkpoints, "z3")
 
     # ZeRO-2 (bf16, an fp32 master): the hp mapping and the boundary flag
     z2 = _engine(2, gas=2, bf16=True)
@@ -103,6 +131,8 @@ def deepspeed_internals() -> dict:
     out["z2_boundaries"] = seen
     out["z2_flag_after"] = repr(z2._is_gradient_accumulation_boundary)
     out["z2_numel"] = sum(p.numel() for p in params)
+    out["z2_checkpoint"] = _checkpoint_globals(z2, checkpoints, "z2")
+    shutil.rmtree(checkpoints, ignore_errors=True)
     return out
 
 

@@ -23,7 +23,7 @@ def rendezvous(nodelist: str, job_id: str = "", port: int | None = None, path_wi
     if port is not None:
         env["RDZV_PORT"] = str(port)
     if path_without_scontrol:
-        env["PATH"] = "/usr/local/bin:/bin"  # a machine without Slurm's client tools: the bash fallback
+        env["PATH"] = "/usr/local/bin:/bin"  # a machine without Slurm's client tools: the parser needs none
     if slurm_conf:
         env["SLURM_CONF"] = slurm_conf
     args = [RENDEZVOUS, nodelist] + ([job_id] if job_id else [])
@@ -36,13 +36,14 @@ CASES = [("gpu[07-09,12],login3", "123", None, "gpu07:20123"), ("rack[3-4]-gpu[0
          ("localhost", "40001", None, "localhost:20001"), ("nodeA,nodeB", "", 31337, "nodeA:31337")]
 
 
-def test_rendezvous_helper_bash_fallback_takes_the_first_host():
+def test_rendezvous_helper_takes_the_first_host_without_slurm_tools():
+    # notellm2/hostlist.py (the one parser; its table is tests/test_hostlist.py) needs only python3
     for nodelist, job, port, want in CASES:
         assert rendezvous(nodelist, job, port, path_without_scontrol=True) == want
 
 
 def test_rendezvous_helper_with_scontrol_agrees(slurm_cluster):
-    # With a reachable slurm.conf the helper uses `scontrol show hostnames`; both paths must agree.
+    # scontrol, given the cluster's slurm.conf, expands the lists as the helper's parser does.
     env = dict(slurm_cluster.env)
     hosts = subprocess.run(["scontrol", "show", "hostnames", "rack[3-4]-gpu[01-02],x"], env=env, capture_output=True,
                            text=True, timeout=30).stdout.split()

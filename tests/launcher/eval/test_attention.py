@@ -7,7 +7,6 @@ tensors of its own, takes dL/dA with autograd through the model's own head and l
 (eager attention, output_attentions, spans from marker positions) must match it.
 """
 import csv
-import dataclasses
 import json
 import math
 import os
@@ -266,26 +265,11 @@ def test_image_tokens_cut_off_from_the_representation_have_zero_image_flow(dirs,
 # ----------------------------------------------------------------------------- the command line
 
 def write_tiny_export(out_dir: str, cfg, note_model, prompter) -> str:
-    """A directory in the layout `notellm2 export` writes (launcher/export.py), from a built model
-    (no training: the analysis only needs some weights)."""
-    from safetensors.torch import save_file
+    """An export of a built model (no training: the analysis only needs some weights), written by the
+    exporter's own `write_export`."""
+    from notellm2.launcher.export import write_export
 
-    from notellm2.launcher.export import EXPORT_META, FORMAT, WEIGHTS
-
-    os.makedirs(out_dir)
-    state = {k: v.detach().contiguous() for k, v in note_model.state_dict().items()}
-    save_file(state, os.path.join(out_dir, WEIGHTS), metadata={"format": "pt", "step": "0"})
-    note_model.llm.config.save_pretrained(os.path.join(out_dir, "llm"))
-    prompter.tokenizer.save_pretrained(os.path.join(out_dir, "tokenizer"))
-    model = dataclasses.asdict(cfg.model)
-    meta = {"format": FORMAT, "model": model, "loss": dataclasses.asdict(cfg.loss),
-            "prompt": {"variant": cfg.model.variant, "language": cfg.model.prompt_language,
-                       "max_text_tokens": cfg.model.max_text_tokens},
-            "vision": {"kind": "hf", "path": model["vision"]["path"], "factory": "", "image_size": 32},
-            "source": {"run_dir": "", "checkpoint": "", "step": 0}, "num_parameters": sum(v.numel() for v in state.values())}
-    with open(os.path.join(out_dir, EXPORT_META), "w") as fh:
-        json.dump(meta, fh)
-    return out_dir
+    return write_export(note_model.state_dict(), cfg, out_dir, source={"run_dir": "", "checkpoint": "", "step": 0})
 
 
 @pytest.fixture(scope="module")

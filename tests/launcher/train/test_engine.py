@@ -3,6 +3,7 @@ exact resume after kill -9 (also in the middle of a save), keep-last, manifest, 
 scalars, world-size change through universal checkpoints, stuck and dead ranks."""
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -71,7 +72,8 @@ def test_checkpoints_manifest_keep_last_and_no_vision(reference_run):
     assert m["config_hash"] == config_hash(cfg)
     assert m["versions"]["torch"] and m["versions"]["deepspeed"]
     assert [s["index"] for s in m["reader_states"]] == [6, 6]
-    rank1 = torch.load(os.path.join(root, "step_00000006", "rank00001.pt"), weights_only=False)
+    with open(os.path.join(root, "step_00000006", "rank00001.json")) as fh:
+        rank1 = json.load(fh)
     assert set(rank1["rng"]) >= {"python", "numpy", "torch"} and rank1["reader"]["index"] == 6
     # Only the note model is in the checkpoint: its parameter names, no vision tower.
     states = torch.load(os.path.join(root, "step_00000006", "zero_pp_rank_0_mp_rank_00_model_states.pt"),

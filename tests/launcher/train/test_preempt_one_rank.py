@@ -63,7 +63,7 @@ def test_one_rank_signalled_all_checkpoint_the_same_step_and_exit_75(tmp_path):
     with open(os.path.join(latest, "manifest.json")) as fh:
         manifest = json.load(fh)
     assert manifest["step"] == stopped_at and len(manifest["reader_states"]) == 2
-    assert all(os.path.exists(os.path.join(latest, f"rank{r:05d}.pt")) for r in range(2))
+    assert all(os.path.exists(os.path.join(latest, f"rank{r:05d}.json")) for r in range(2))
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args[1:-2]]
     resumed = subprocess.run(cmd + [f"train.max_steps={stopped_at + 2}", "checkpoint.every_steps=1000"],
