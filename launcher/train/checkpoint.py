@@ -185,7 +185,7 @@ def load_restricted(path: str, allowed: list) -> Any:
 
 
 def check_files(path: str, manifest: Optional[dict], rank: int = 0, world_size: int = 1) -> None:
-    """Collective (every rank calls it; without a process group, one rank checks all): before DeepSpeed
+    """Collective when `world_size` > 1 (every rank calls it with its rank; with 1, one caller checks all): before DeepSpeed
     unpickles anything of checkpoint folder `path`, every file is compared with the SHA-256 the manifest
     lists for it (format 2) and every `.pt` file is opened with `weights_only=True` and the allow-list
     of the types DeepSpeed writes. The ranks share the files; the first problem any rank found is
@@ -209,7 +209,9 @@ def check_files(path: str, manifest: Optional[dict], rank: int = 0, world_size: 
                 why = str(e)
         if why:
             problems.append(why)
-    found = [p for part in all_gather_object(problems) for p in part]
+    # Only a split check is a collective: `notellm2 export` checks every file on one rank, and may run
+    # inside a process group that other ranks are not in this call (a test, a notebook).
+    found = [p for part in all_gather_object(problems) for p in part] if world_size > 1 else problems
     if found:
         more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
         raise CheckpointError(f"checkpoint refused: {found[0]}{more}")
