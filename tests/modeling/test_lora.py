@@ -12,9 +12,11 @@ import torch
 
 from notellm2.errors import MissingExtra
 from notellm2.modeling.backbone import IMG_EMB_TOKEN, IMG_TOKEN, load_llm
-from notellm2.modeling.config import LLMConfig, LoraConfig
+from notellm2.modeling.config import ConnectorConfig, LLMConfig, LoraConfig, LossConfig, ModelConfig, VisionConfig
+from notellm2.modeling.encoder import build_note_model
 from notellm2.modeling.lora import (PlaceholderRows, adapter_state, apply_lora, merge_lora_state, resume_mismatch,
                                     set_dropout_keys, target_names)
+from notellm2.modeling.names import VARIANT_SPECS
 from notellm2.schema import ConfigError
 from tests.helpers import models as fixtures
 
@@ -37,15 +39,6 @@ def _tiny_bert():
 
     return BertModel(BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                 intermediate_size=64, max_position_embeddings=64))
-
-
-def _warm(llm, std=0.05, seed=1):
-    """Adapters as after some training: B (zero at init) and the placeholder rows moved."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in adapter_state(llm).items():
-            if ".lora_B." in n or n.endswith(".rows"):
-                p.add_(torch.randn(p.shape, generator=g) * std)
 
 
 def test_default_targets_per_architecture(llama_dir):
@@ -98,7 +91,7 @@ def test_only_adapters_and_placeholder_rows_train(llama_dir):
 def test_placeholder_rows_replace_only_placeholder_ids_and_get_their_gradient(llama_dir):
     llm, tok = _lora_llm(llama_dir)
     emb = llm.get_input_embeddings()
-    _warm(llm)
+    fixtures.warm_lora(llm)
     img_emb = tok.convert_tokens_to_ids(IMG_EMB_TOKEN)
     ids = torch.tensor([[5, img_emb, 7], [8, 9, 10]])
     out = emb(ids)
@@ -123,7 +116,7 @@ def test_keyed_dropout_gives_a_note_the_same_masks_in_any_batch(llama_dir):
     """Two notes forwarded together or one at a time (from the same generator state, as chunked caching
     replays it) get the same dropout masks: the same hidden states, which no mask at all does not give."""
     llm, tok = _lora_llm(llama_dir, dropout=0.5)
-    _warm(llm, std=0.5)
+    fixtures.warm_lora(llm, std=0.5)
     llm.train()
     ids = torch.randint(5, 250, (4, 6), generator=torch.Generator().manual_seed(0))
     keys = torch.tensor([11, 22, 33, 44])
@@ -143,7 +136,7 @@ def test_keyed_dropout_gives_a_note_the_same_masks_in_any_batch(llama_dir):
 
 def test_merged_state_is_a_plain_llm_with_the_same_outputs(llama_dir):
     llm, tok = _lora_llm(llama_dir, rank=4, alpha=8.0, dropout=0.1)
-    _warm(llm)
+    fixtures.warm_lora(llm)
     llm.eval()
     img_emb = tok.convert_tokens_to_ids(IMG_EMB_TOKEN)
     ids = torch.tensor([[5, 6, img_emb, 7, 8]])
@@ -208,3 +201,39 @@ def test_config_keys_and_hash():
         load_config(None, ["model.llm.lora.rank=0"])
     with pytest.raises(ConfigError, match="model.llm.lora.dropout"):
         load_config(None, ["model.llm.lora.dropout=1.0"])
+
+
+@pytest.mark.parametrize("variant", list(VARIANT_SPECS))
+def test_every_variant_trains_adapters_and_new_modules_only(tiny, variant):
+    """One forward and backward of each variant with LoRA (dropout on): every adapter, the placeholder rows
+    and every new module (connector, gate, head, temperature) get a gradient; no frozen LLM weight does."""
+    from notellm2.modeling.vision import build_vision_tower
+
+    cfg = ModelConfig(variant=variant, llm=LLMConfig(path=tiny["llama"]), vision=VisionConfig(path=tiny["clip"], image_size=32),
+                      connector=ConnectorConfig(num_query_tokens=4, num_layers=1, hidden_size=32, num_heads=4),
+                      max_text_tokens=24, embed_dim=16)
+    torch.manual_seed(0)
+    llm, tok = load_llm(cfg.llm)
+    llm = apply_lora(llm, LoraConfig(enabled=True, rank=4, dropout=0.1), tok)
+    fixtures.warm_lora(llm)
+    tower = build_vision_tower(cfg.vision, variant=variant)
+    model = build_note_model(cfg, LossConfig(), tower, llm=llm, tokenizer=tok)
+    prompter = model.make_prompter(tok, "en", cfg.max_text_tokens)
+    notes = [{"note_id": f"n{i}", "title": f"note {i}", "content": "pasta " * (1 + i), "topics": ["food"],
+              "has_image": i != 1} for i in range(4)]
+    batch = prompter.collate([prompter.encode(n) for n in notes])
+    batch["note_ids"] = torch.arange(4)
+    tokens = pooled = None
+    if tower is not None:
+        with torch.no_grad():
+            tokens, pooled = tower(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    model.train()
+    model(batch, tokens, pooled)["loss"].backward()
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n for n in trained if n.startswith("llm.")} == {f"llm.{n}" for n in adapter_state(llm)}
+    assert {n for n in trained if not n.startswith("llm.")} == {n for n, _ in model.named_parameters()
+                                                                if not n.startswith("llm.")}
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert no_grad == []
+    assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
+    assert max(p.grad.abs().max().item() for n, p in model.named_parameters() if ".lora_A." in n) > 0
