@@ -30,6 +30,7 @@ import torch
 
 from notellm2.launcher.train import checkpoint as ckpt
 from notellm2.launcher.config import RunConfig, config_from_dict
+from notellm2.modeling.lora import merge_lora_state
 from notellm2.modeling.pretrained import EXPORT_META, FORMAT, WEIGHTS, ExportError, NoteEncoder, reference_notes
 from notellm2.files import commit_dir
 
@@ -94,7 +95,7 @@ def export(run_dir: str, out_dir: str, step: Optional[int] = None, overwrite: bo
         raise ExportError(f"{path}: the manifest holds no resolved config")
     cfg = config_from_dict(manifest["config"])
     _check_out(out_dir, overwrite)
-    state = consolidate(path)
+    state = merge_lora_state(consolidate(path), cfg.model.llm.lora)  # LoRA: adapters merged, a plain LLM
     if any(k.startswith("vision") for k in state):
         raise ExportError(f"{path}: holds vision tower weights; the frozen tower must stay outside the engine")
     source = {"run_dir": os.path.abspath(run_dir), "checkpoint": os.path.abspath(path),
