@@ -22,7 +22,7 @@ import torch
 from notellm2.launcher.train import checkpoint as ckpt
 from tests.helpers.multirank import run_command, run_ranks
 from tests.helpers.real_setup import build_inputs, write_config
-from tests.helpers.runs import metrics_by_step
+from tests.helpers.runs import assert_same_steps, kill_and_resume
 
 pytestmark = pytest.mark.slow
 
@@ -85,18 +85,8 @@ def test_export_merges_into_a_plain_llm_whose_vectors_match_the_live_model(ref):
 def test_killed_and_resumed_run_logs_the_same_losses(ref):
     run_dir = str(ref["tmp"] / "killed")
     cfg = write_config(str(ref["tmp"] / "killed.yaml"), ref["inputs"], run_dir, chunk_pairs=2, precision="fp32")
-    r = run_command(["-m", "notellm2.launcher", "train", "--config", cfg, *LORA], nproc=2, timeout=400,
-                    env={"NOTELLM2_TEST_DIE_AT": "1:3"}, check=False)
-    assert r.returncode != 0
-    assert ckpt.latest_complete(ckpt.checkpoint_root(run_dir)).endswith("step_00000002")
-    r = run_command(["-m", "notellm2.launcher", "train", "--config", cfg, *LORA], nproc=2, timeout=400)
-    assert "resumed step 2" in r.output
-    want, got = metrics_by_step(ref["run_dir"]), metrics_by_step(run_dir)
-    assert sorted(got) == sorted(want) == [1, 2, 3, 4]
-    for s in range(1, 5):
-        for key in ("loss/total", "loss/mm", "loss/vis", "optim/grad_norm", "model/gate_mean"):
-            assert got[s][key] == want[s][key], (s, key, got[s][key], want[s][key])
-    assert len({want[s]["loss/total"] for s in want}) == 4  # the losses moved
+    kill_and_resume(cfg, run_dir, LORA)
+    assert_same_steps(ref["run_dir"], run_dir, 4)
 
 
 def test_resume_on_another_world_size_loads_the_adapters(ref):
