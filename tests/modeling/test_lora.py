@@ -134,7 +134,9 @@ def test_keyed_dropout_gives_a_note_the_same_masks_in_any_batch(llama_dir):
     assert torch.equal(state, torch.get_rng_state())  # and no draw from the generator
 
 
-def test_merged_state_is_a_plain_llm_with_the_same_outputs(llama_dir):
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q/k/v carry a bias, kept through the merge
+def test_merged_state_is_a_plain_llm_with_the_same_outputs(llama_dir, tiny, arch):
+    llama_dir = llama_dir if arch == "llama" else tiny["qwen2"]
     llm, tok = _lora_llm(llama_dir, rank=4, alpha=8.0, dropout=0.1)
     fixtures.warm_lora(llm)
     llm.eval()
@@ -237,3 +239,21 @@ def test_every_variant_trains_adapters_and_new_modules_only(tiny, variant):
     assert no_grad == []
     assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
     assert max(p.grad.abs().max().item() for n, p in model.named_parameters() if ".lora_A." in n) > 0
+
+
+def test_activation_checkpointing_recomputes_the_same_masks(llama_dir):
+    """The seed and keys stay set after the forward: the recomputation inside the backward (activation
+    checkpointing) draws the forward's masks, so the gradients equal those without checkpointing."""
+    grads = []
+    for checkpointing in (False, True):
+        llm, tok = load_llm(LLMConfig(path=llama_dir, gradient_checkpointing=checkpointing))
+        torch.manual_seed(0)
+        llm = apply_lora(llm, LoraConfig(enabled=True, rank=4, dropout=0.5), tok)
+        fixtures.warm_lora(llm, std=0.5)
+        llm.train()
+        ids = torch.randint(5, 250, (2, 6), generator=torch.Generator().manual_seed(0))
+        _forward_rows(llm, ids, torch.tensor([3, 4]), seed=7).square().sum().backward()
+        grads.append({n: p.grad.clone() for n, p in llm.named_parameters() if p.requires_grad})
+    assert any(g.abs().max() > 0 for n, g in grads[0].items() if ".lora_A." in n)
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7)
