@@ -257,3 +257,18 @@ def test_activation_checkpointing_recomputes_the_same_masks(llama_dir):
     assert any(g.abs().max() > 0 for n, g in grads[0].items() if ".lora_A." in n)
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7)
+
+
+def test_chunked_caching_takes_lora_dropout_and_refuses_it_unkeyed(llama_dir):
+    """check_chunkable accepts LoRA's (keyed) dropout; the same adapters with peft's own nn.Dropout, which
+    chunked caching could not replay, are refused in one line."""
+    from notellm2.launcher.train.chunked import check_chunkable
+
+    holder = torch.nn.Module()
+    holder.llm, _ = _lora_llm(llama_dir, dropout=0.1)
+    check_chunkable(holder, 2, zero_stage=3)
+    for module in holder.llm.modules():
+        if isinstance(getattr(module, "lora_dropout", None), torch.nn.ModuleDict):
+            module.lora_dropout["default"] = torch.nn.Dropout(0.1)
+    with pytest.raises(ConfigError, match=r"train.chunk_pairs: 2 needs a model whose only dropout is keyed per note"):
+        check_chunkable(holder, 2, zero_stage=3)
