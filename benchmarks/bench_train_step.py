@@ -101,11 +101,13 @@ def make_shards(root: str, n_pairs: int, shard_size: int = 32) -> str:
     return os.path.join(shard_dir, manifest["patterns"]["pairs-train"])
 
 
-def run(nproc: int, args, shards: str, work: str) -> list:
-    result = os.path.join(work, f"result-{nproc}.json")
-    overrides = [f"data.train_shards={shards}", f"train.output_dir={os.path.join(work, f'run-{nproc}')}",
+def run(nproc: int, args, shards: str, work: str, extra: tuple = (), tag: str = "") -> list:
+    """One torchrun of this file's worker; `extra`: more config overrides, `tag`: names its run (several runs
+    in one `work`)."""
+    result = os.path.join(work, f"result-{nproc}{tag}.json")
+    overrides = [f"data.train_shards={shards}", f"train.output_dir={os.path.join(work, f'run-{nproc}{tag}')}",
                  f"train.max_steps={args.steps}", "checkpoint.every_steps=100000", "checkpoint.resume=none",
-                 "train.warmup_steps=1", "logging.tensorboard=false", f"data.pairs_per_rank={args.pairs}"]
+                 "train.warmup_steps=1", "logging.tensorboard=false", f"data.pairs_per_rank={args.pairs}", *extra]
     cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", "--nproc-per-node", str(nproc),
            os.path.abspath(__file__), "--worker", "--config", args.config, "--overrides", json.dumps(overrides),
            "--result", result]
@@ -114,7 +116,7 @@ def run(nproc: int, args, shards: str, work: str) -> list:
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"{nproc}-rank run failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    print(f"[bench] {nproc}-rank run: {time.monotonic() - t0:.0f}s wall")
+    print(f"[bench] {nproc}-rank run{tag}: {time.monotonic() - t0:.0f}s wall")
     with open(result) as fh:
         return json.load(fh)
 

@@ -237,6 +237,8 @@ def config_hash(cfg: RunConfig, ignore: tuple[str, ...] = ("train.output_dir", "
         ignore = (*ignore, "train.warmup_steps")
     # keys added after runs were already hashed: at their default they stay out, so an older run keeps its hash
     ignore = (*ignore, *(k for k, default in HASH_OMITTED_AT_DEFAULT.items() if _get_dotted(d, k) == default))
+    if not cfg.model.llm.lora.enabled:  # added later too; its other keys mean nothing while it is off
+        ignore = (*ignore, "model.llm.lora")
     for key in ignore:
         parts = key.split(".")
         node = d

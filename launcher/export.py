@@ -24,7 +24,6 @@ match the model) and the reference notes are embedded with it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 from typing import Optional
@@ -34,6 +33,7 @@ import torch
 from notellm2.codenames import canonical, is_builtin_plugin
 from notellm2.launcher.train import checkpoint as ckpt
 from notellm2.launcher.config import RunConfig, config_from_dict
+from notellm2.modeling.lora import merge_lora_state
 from notellm2.modeling.pretrained import (EXPORT_META, FORMAT, TOWER_DIR, WEIGHTS, EncoderConfig, ExportError, NoteEncoder,
                                           check_code_trust, export_fingerprint, reference_notes)
 from notellm2.files import atomic_write_json, commit_dir, follow_umask, hash_files, seal_json, tree_files
@@ -108,7 +108,7 @@ def export(run_dir: str, out_dir: str, step: Optional[int] = None, overwrite: bo
     check_code_trust(EncoderConfig(model=cfg.model, loss=cfg.loss), trust_code, f"{path}/{ckpt.MANIFEST}")
     _check_out(out_dir, overwrite)
     ckpt.check_files(path, manifest)  # before DeepSpeed unpickles any of it
-    state = consolidate(path)
+    state = merge_lora_state(consolidate(path), cfg.model.llm.lora)  # LoRA: adapters merged, a plain LLM
     if any(k.startswith("vision") for k in state):
         raise ExportError(f"{path}: holds vision tower weights; the frozen tower must stay outside the engine")
     source = {"run_dir": os.path.abspath(run_dir), "checkpoint": os.path.abspath(path),

@@ -20,6 +20,13 @@ largest single module's parameters (ZeRO-3 gathers whole modules):
 
 The frozen vision tower is outside the ZeRO engine: every GPU holds all of it in the run precision.
 
+LoRA (`model.llm.lora`): P is then the adapters (rank * (in + out) per adapted linear module, found on the
+meta LLM as notellm2.modeling.lora finds them), the placeholder rows, any `trainable_modules` and the new
+modules; the frozen LLM weights F add only to the parameters row (2F/Ng under ZeRO-3, 2F replicated under
+ZeRO-2, in bf16), with no gradient or optimizer state. The adapters' activations add, per token, rank
+elements per adapted module, and with dropout twice its input (the dropped input and the mask); one
+layer's share with gradient checkpointing. DeepSpeed's estimator (every parameter trained) is not quoted.
+
 Activations (documented in docs/plan.md), per micro batch of n = 2 * data.pairs_per_rank notes of
 s tokens each (T = n*s tokens), a = bytes per activation element (2 bf16, 4 fp32), per decoder
 layer of width h, key/value width h_kv, MLP width f, q heads H:
@@ -55,6 +62,7 @@ working memory of the layer being differentiated; keep 10-20% headroom.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -121,6 +129,22 @@ class LLMArch:
     heads: int
     kv_dim: int
     ffn: int
+    lora: Optional["LoraArch"] = None  # model.llm.lora enabled: what the LLM trains
+
+
+@dataclass
+class LoraArch:
+    """The LLM's trainable parameters under model.llm.lora (notellm2.modeling.lora on the meta model)."""
+    rank: int
+    modules: int           # adapted linear modules
+    adapter_params: int    # rank * (in + out) summed over them
+    placeholder_params: int  # the trainable placeholder rows (0 when the whole embedding trains)
+    full_params: int       # model.llm.lora.trainable_modules, trained in full
+    adapter_inputs: int    # in_features summed over the adapted modules (dropout's saved activations)
+
+    @property
+    def trainable(self) -> int:
+        return self.adapter_params + self.placeholder_params + self.full_params
 
 
 @dataclass
@@ -155,7 +179,26 @@ def llm_arch(cfg: RunConfig) -> LLMArch:
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
     kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
     return LLMArch(config.model_type, total, largest, int(config.hidden_size), int(config.num_hidden_layers), heads,
-                   kv_heads * head_dim, int(getattr(config, "intermediate_size", 4 * config.hidden_size)))
+                   kv_heads * head_dim, int(getattr(config, "intermediate_size", 4 * config.hidden_size)),
+                   lora=lora_arch(cfg, model))
+
+
+def lora_arch(cfg: RunConfig, model) -> Optional[LoraArch]:
+    """The adapters' shapes on the meta LLM, found as notellm2.modeling.lora.apply_lora finds them."""
+    from notellm2.modeling.backbone import PLACEHOLDER_TOKENS
+    from notellm2.modeling.lora import adapter_shapes, fully_trained
+
+    lcfg = cfg.model.llm.lora
+    if not lcfg.enabled:
+        return None
+    shapes = adapter_shapes(model, lcfg)
+    full = set(fully_trained(model, lcfg))
+    params = dict(model.named_parameters())
+    emb = model.get_input_embeddings().weight
+    whole_embedding = any(params[n] is emb for n in full)
+    return LoraArch(lcfg.rank, len(shapes), sum(lcfg.rank * (i + o) for _, i, o in shapes),
+                    0 if whole_embedding else len(PLACEHOLDER_TOKENS) * int(emb.shape[1]),
+                    sum(params[n].numel() for n in full), sum(i for _, i, _ in shapes))
 
 
 def vision_arch(cfg: RunConfig) -> VisionArch:
@@ -290,8 +333,17 @@ class MemoryPlan:
         return self.nodes * self.gpus_per_node
 
     @property
+    def llm_trainable(self) -> int:
+        return self.llm.lora.trainable if self.llm.lora else self.llm.params
+
+    @property
+    def frozen_llm_params(self) -> int:
+        """LLM parameters held (partitioned under ZeRO-3) but not trained: the base weights under LoRA."""
+        return self.llm.params - self.llm.lora.full_params if self.llm.lora else 0
+
+    @property
     def trainable_params(self) -> int:
-        return self.llm.params + self.new.connector_params + self.new.other_params
+        return self.llm_trainable + self.new.connector_params + self.new.other_params
 
     @property
     def largest_module(self) -> int:
@@ -315,7 +367,9 @@ class MemoryPlan:
             "zero": self.zero.label, "zero_stage": self.zero.stage, "precision": self.precision,
             "params": {"llm": self.llm.params, "connector": self.new.connector_params, "gate_head": self.new.other_params,
                        "trainable": self.trainable_params, "largest_module": self.largest_module,
-                       "vision_frozen": self.vision.params if self.vision else 0},
+                       "vision_frozen": self.vision.params if self.vision else 0,
+                       "llm_frozen": self.frozen_llm_params,
+                       "lora": dataclasses.asdict(self.llm.lora) if self.llm.lora else None},
             "micro_batch": {"notes": self.notes_per_micro_batch, "images": self.images_per_micro_batch,
                             "seq_len": self.seq_len, "seq_parts": self.seq_parts, "chunk_pairs": self.chunk_pairs},
             "gradient_checkpointing": self.gradient_checkpointing,
@@ -370,6 +424,15 @@ def llm_activation_bytes(llm: LLMArch, notes: int, seq_len: int, act_bytes: int,
     return llm.layers * per_layer + final_norm
 
 
+def lora_activation_bytes(lora: LoraArch, tokens: int, act_bytes: int, dropout: bool, checkpointing: bool,
+                          layers: int) -> float:
+    """What the adapters add to the saved activations: each adapter's rank-wide middle (A x) per token, and
+    with dropout its dropped input and the mask (the input itself is saved by the base layer's neighbours
+    already). With gradient checkpointing only one layer's share is alive at once."""
+    per_token = lora.modules * lora.rank * act_bytes + (2 * lora.adapter_inputs * act_bytes if dropout else 0)
+    return tokens * per_token / (layers if checkpointing else 1)
+
+
 def connector_activation_bytes(cfg: RunConfig, llm: LLMArch, vision: VisionArch, images: int, act_bytes: int) -> float:
     c = cfg.model.connector
     if c.kind == "mlp":
@@ -418,16 +481,18 @@ def make_plan(cfg: RunConfig, nodes: int = 1, gpus_per_node: int = 8, seq_len: O
     per = f", per chunk of {cfg.train.chunk_pairs} pairs" if cfg.train.chunk_pairs else ""
 
     ng, p_train, big = plan.gpus, plan.trainable_params, plan.largest_module
+    p_held = p_train + plan.frozen_llm_params  # LoRA: the frozen LLM weights are held too, in the run precision
+    frozen = f" incl. {_fmt_params(plan.frozen_llm_params)} frozen LLM weights" if plan.llm.lora else ""
     bf16 = cfg.train.precision == "bf16"
     wb = 2 if bf16 else 4  # bytes of a working-precision parameter or activation element
     param_b, grad_b, opt_b = (2, (4 if zero.stage == 3 else 6), 12) if bf16 else (4, 4, 8)
     rows = plan.rows
     if zero.stage == 3:
-        rows.append(Row("parameters", f"parameters ({'bf16' if bf16 else 'fp32'}, 1/{ng} partition)",
-                        0 if zero.offload_param else param_b * p_train / ng, "on CPU" if zero.offload_param else ""))
+        rows.append(Row("parameters", f"parameters ({'bf16' if bf16 else 'fp32'}, 1/{ng} partition{frozen})",
+                        0 if zero.offload_param else param_b * p_held / ng, "on CPU" if zero.offload_param else ""))
         gathered = 4 * big
     else:
-        rows.append(Row("parameters", f"parameters ({'bf16' if bf16 else 'fp32'}, replicated)", param_b * p_train))
+        rows.append(Row("parameters", f"parameters ({'bf16' if bf16 else 'fp32'}, replicated{frozen})", param_b * p_held))
         gathered = 0
     on_cpu = zero.offload_optimizer
     rows.append(Row("gradients", f"gradients (1/{ng} partition)", 0 if on_cpu else grad_b * p_train / ng, "on CPU" if on_cpu else ""))
@@ -444,6 +509,11 @@ def make_plan(cfg: RunConfig, nodes: int = 1, gpus_per_node: int = 8, seq_len: O
     llm_on = llm_activation_bytes(llm, act_notes, s, wb, plan.gradient_checkpointing, attn)
     plan.llm_activations_other = llm_activation_bytes(llm, act_notes, s, wb, not plan.gradient_checkpointing, attn)
     rows.append(Row("llm_activations", f"LLM activations (gradient checkpointing {'on' if plan.gradient_checkpointing else 'off'}, {attn}{per})", llm_on))
+    if plan.llm.lora:
+        rows.append(Row("lora_activations", f"LoRA adapters' activations (rank {plan.llm.lora.rank}"
+                        f"{', dropout' if cfg.model.llm.lora.dropout else ''}{per})",
+                        lora_activation_bytes(plan.llm.lora, act_notes * s, wb, cfg.model.llm.lora.dropout > 0,
+                                              plan.gradient_checkpointing, llm.layers)))
     if vision is not None and spec.image_in_prompt:
         rows.append(Row("connector_activations", f"connector activations ({cfg.model.connector.kind}{per})",
                         connector_activation_bytes(cfg, llm, vision, act_images, wb)))
@@ -464,9 +534,9 @@ def make_plan(cfg: RunConfig, nodes: int = 1, gpus_per_node: int = 8, seq_len: O
     if zero.offload_optimizer:
         cpu_per_gpu += (grad_b + opt_b) * p_train / ng
     if zero.offload_param:
-        cpu_per_gpu += param_b * p_train / ng
+        cpu_per_gpu += param_b * p_held / ng
     plan.cpu_bytes_per_node = cpu_per_gpu * gpus_per_node
-    if bf16:
+    if bf16 and not plan.llm.lora:  # DeepSpeed's estimator assumes every parameter is trained
         plan.deepspeed_model_states = deepspeed_model_states(plan)
     return plan
 
@@ -521,7 +591,13 @@ def format_plan(plan: MemoryPlan, gpu_memory_gib: Optional[float] = None) -> str
     L.append("")
     L.append("| module | parameters | training |")
     L.append("|---|---:|---|")
-    L.append(f"| LLM ({plan.llm.model_type}, {plan.llm.layers} layers, width {plan.llm.hidden}) | {_fmt_params(plan.llm.params)} | full fine-tune, ZeRO-{plan.zero.stage} |")
+    lora = plan.llm.lora
+    how = (f"frozen, ZeRO-{plan.zero.stage}" + (f" ({_fmt_params(lora.full_params)} of it trained in full)" if lora.full_params else "")
+           if lora else f"full fine-tune, ZeRO-{plan.zero.stage}")
+    L.append(f"| LLM ({plan.llm.model_type}, {plan.llm.layers} layers, width {plan.llm.hidden}) | {_fmt_params(plan.llm.params)} | {how} |")
+    if lora:
+        L.append(f"| LoRA adapters (rank {lora.rank} on {lora.modules} linear modules) + placeholder rows | "
+                 f"{_fmt_params(lora.adapter_params + lora.placeholder_params)} | trained, ZeRO-{plan.zero.stage} |")
     if plan.new.connector_params:
         L.append(f"| connector ({plan.new.image_tokens} image tokens per note) | {_fmt_params(plan.new.connector_params)} | trained, ZeRO-{plan.zero.stage} |")
     L.append(f"| late-fusion gate, head, temperature | {_fmt_params(plan.new.other_params)} | trained, ZeRO-{plan.zero.stage} |")

@@ -24,6 +24,23 @@ def non_negative(allowed: str = "a number >= 0"):
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters on the LLM instead of a full fine-tune (notellm2.modeling.lora; the `lora` extra: peft)."""
+    enabled: bool = False
+    rank: int = field(default=8, metadata=positive())
+    # The adapters' output is scaled by alpha / rank.
+    alpha: float = field(default=16.0, metadata=positive("a number > 0"))
+    # Dropout on each adapter's input, keyed per note like the Q-Former's (chunked caching replays it).
+    dropout: float = field(default=0.0, metadata={"check": lambda v: 0 <= v < 1, "allowed": "a number in [0, 1)"})
+    # Linear modules of the LLM's layers that get adapters, by the last part of their name; empty: the
+    # architecture's default (Llama family: q/k/v/o_proj, gate/up/down_proj; BERT: query, key, value, dense).
+    target_modules: list[str] = field(default_factory=list)
+    # LLM modules trained in full beside the adapters, by the end of their name ("norm": the final norm;
+    # "embed_tokens": the whole input embedding). The placeholder tokens' embedding rows are always trained.
+    trainable_modules: list[str] = field(default_factory=list)
+
+
+@dataclass
 class LLMConfig:
     # Local Hugging Face causal-LM directory (Llama, Qwen2, ... anything AutoModel loads).
     path: str = ""
@@ -34,6 +51,8 @@ class LLMConfig:
     # auto: flash_attention_2 when flash-attn imports and CUDA is present, sdpa otherwise.
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     gradient_checkpointing: bool = False
+    # LoRA adapters (off: the whole LLM is trained).
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass

@@ -26,6 +26,7 @@ from notellm2.modeling.backbone import IMG_EMB_TOKEN, IMG_TOKEN, EmbeddingGrower
 from notellm2.modeling.config import LossConfig, ModelConfig
 from notellm2.modeling.connector import build_connector
 from notellm2.modeling.fusion import EmbeddingHead, LateFusionGate
+from notellm2.modeling.lora import set_dropout_keys
 from notellm2.modeling.loss import GatheredContrastiveLoss, negative_inputs
 from notellm2.modeling.names import PROBES, probe_unavailable, variant_spec
 from notellm2.modeling.prompts import NotePrompter, marker_positions
@@ -98,6 +99,7 @@ class NoteModel(nn.Module):
         embeds = self._embed_inputs(input_ids, mask, image_tokens, batch.get("note_ids"))
         # Positions count real tokens only, so left and right padding give the same result.
         position_ids = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        set_dropout_keys(self.llm, batch.get("note_ids"))  # LoRA's keyed dropout, if any (modeling/lora.py)
         out = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=False)
         hs = out.last_hidden_state
         if "last_pos" in batch and "vis_pos" in batch:

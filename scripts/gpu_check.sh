@@ -19,6 +19,9 @@ The first GPU run of the training stack, in one device call (see docs/training.m
   zero3-bf16-sdpa            ds_configs/zero3_bf16.json, attn sdpa: train 6 steps, resume to 10,
                              export, embed
   zero2-bf16-sdpa            ds_configs/zero2_bf16.json, attn sdpa: train 6, resume to 10, export, embed
+  zero3-bf16-lora            ds_configs/zero3_bf16.json, attn sdpa, LoRA (model.llm.lora: bf16 adapters,
+                             keyed dropout 0.1) in chunks of 2 pairs: train 6, resume to 10, export
+                             (merges the adapters), embed
   zero3-bf16-fa2             ds_configs/zero3_bf16.json, flash_attention_2: train 10, export
                              (SKIP where flash_attn does not import)
   zero3-offload-bf16-sdpa    ds_configs/zero3_offload.json (compiles DeepSpeedCPUAdam, ~3 min): train
@@ -31,7 +34,7 @@ covers the CPU path and the device refusal).
 
 options:
   --out DIR      logs: setup.log, one <config>.log per configuration, summary.txt (default gpu_check_out;
-                 at most 6 files, so that the device tool brings them all back from $OUT)
+                 at most 7 files, so that the device tool brings them all back from $OUT: it takes 8)
   --work DIR     inputs, runs, checkpoints, exports (default: a new /tmp/gpu_check.XXXXXX)
   --wheels DIR   the carried wheel folder (default .whl in the repo root)
   --offload      also run zero3-offload-bf16-sdpa (last; adds ~4 min)
@@ -99,13 +102,14 @@ else
 fi
 
 # ---------------------------------------------------------------- the plan
-# name|ds_config|attn|first steps (empty: no resume)|export|embed
+# name|ds_config|attn|first steps (empty: no resume)|export|embed|more overrides (space-separated)
 CONFIGS=(
-  "zero3-bf16-sdpa|ds_configs/zero3_bf16.json|sdpa|6|1|1"
-  "zero2-bf16-sdpa|ds_configs/zero2_bf16.json|sdpa|6|1|1"
-  "zero3-bf16-fa2|ds_configs/zero3_bf16.json|flash_attention_2||1|0"
+  "zero3-bf16-sdpa|ds_configs/zero3_bf16.json|sdpa|6|1|1|"
+  "zero2-bf16-sdpa|ds_configs/zero2_bf16.json|sdpa|6|1|1|"
+  "zero3-bf16-lora|ds_configs/zero3_bf16.json|sdpa|6|1|1|model.llm.lora.enabled=true model.llm.lora.dropout=0.1 train.chunk_pairs=2"
+  "zero3-bf16-fa2|ds_configs/zero3_bf16.json|flash_attention_2||1|0|"
 )
-[ "$OFFLOAD" = 1 ] && CONFIGS+=("zero3-offload-bf16-sdpa|ds_configs/zero3_offload.json|sdpa||1|0")
+[ "$OFFLOAD" = 1 ] && CONFIGS+=("zero3-offload-bf16-sdpa|ds_configs/zero3_offload.json|sdpa||1|0|")
 STEPS=10
 TRAIN_TIMEOUT=240; OFFLOAD_TIMEOUT=360; TOOL_TIMEOUT=180  # offload: compile (~3 min) + run, inside the call's 10 min
 if [ "$REHEARSAL" = 1 ]; then TRAIN_TIMEOUT=900; TOOL_TIMEOUT=600; fi
@@ -222,7 +226,7 @@ fi
 
 # ---------------------------------------------------------------- configurations
 for spec in "${CONFIGS[@]}"; do
-  IFS='|' read -r name ds attn first do_export do_embed <<<"$spec"
+  IFS='|' read -r name ds attn first do_export do_embed more <<<"$spec"
   log="$OUT/$name.log"
   run_dir="$WORK/runs/$name"
   export_dir="$WORK/exports/$name"
@@ -249,6 +253,8 @@ for spec in "${CONFIGS[@]}"; do
   overrides=("model.llm.path=$LLM" "model.vision.path=$CLIP" "data.train_shards=$TRAIN"
              "model.llm.attn_implementation=$attn" "train.ds_config=$ds" "train.precision=bf16"
              "train.output_dir=$run_dir" "checkpoint.every_steps=5" "checkpoint.keep_last=2")
+  # shellcheck disable=SC2206
+  [ -n "$more" ] && overrides+=($more)
   env_prefix=(env "NCCL_DEBUG=INFO" "NCCL_DEBUG_SUBSYS=INIT")
   [ "$REHEARSAL" = 1 ] && env_prefix=(env "DS_ACCELERATOR=cpu" "OMP_NUM_THREADS=2")
   # shellcheck disable=SC2207

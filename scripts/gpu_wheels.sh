@@ -25,7 +25,7 @@ else PY=python3; fi
 
 # The versions the CPU venv runs (requirements.txt and what pip resolved there); one version of each.
 PURE=(transformers==5.23.0 webdataset==1.0.2 braceexpand==0.1.7 hjson==3.1.0 pydantic==2.14.4
-      annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0)
+      annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0 peft==0.21.2)
 BINARY=(pydantic-core==2.50.5 regex==2026.11.19)
 DEEPSPEED=deepspeed==0.19.8
 PLATFORMS=(--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64

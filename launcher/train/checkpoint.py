@@ -54,6 +54,7 @@ from notellm2.launcher.distributed import all_gather_object, barrier
 from notellm2.errors import UserError
 from notellm2.files import (atomic_write_json, atomic_write_text, commit_dir, file_problem, hash_files,
                             sealed_problem, seal_json, tree_files)
+from notellm2.modeling.lora import resume_mismatch
 
 FORMAT = 2  # 2: JSON rank files, the files' SHA-256 and the manifest's own in manifest.json
 MANIFEST = "manifest.json"
@@ -375,8 +376,11 @@ class Resume:
         return int(self.manifest["step"])
 
 
-def decide_resume(resume: str, root: str, world_size: int, config_hash: str, allow_mismatch: bool) -> Optional[Resume]:
-    """Decide what to resume from: None (fresh start) or the checkpoint to load. Raises CheckpointError on a mismatch."""
+def decide_resume(resume: str, root: str, world_size: int, config_hash: str, allow_mismatch: bool,
+                  lora=None) -> Optional[Resume]:
+    """Decide what to resume from: None (fresh start) or the checkpoint to load. Raises CheckpointError on a
+    mismatch; `lora` (the run's model.llm.lora): also when the checkpoint's adapters are not this run's,
+    even with allow_mismatch (notellm2.modeling.lora.resume_mismatch)."""
     if resume == "none":
         found = list_complete(root)
         if found:
@@ -394,6 +398,9 @@ def decide_resume(resume: str, root: str, world_size: int, config_hash: str, all
         if not os.path.isdir(path):
             raise CheckpointError(f"checkpoint.resume: {path} is not a directory")
     manifest = read_manifest(path)
+    why = resume_mismatch(manifest.get("config"), lora) if lora is not None else None
+    if why:
+        raise CheckpointError(f"checkpoint {path}: {why}")
     if manifest.get("config_hash") != config_hash and not allow_mismatch:
         raise CheckpointError(
             f"checkpoint {path}: config hash {manifest.get('config_hash')} differs from this run's {config_hash}; "
@@ -508,7 +515,7 @@ class Checkpointer:
                 self.log(f"removed the leftovers of an interrupted save: {path}")
         cfg = self.cfg
         self.chosen = decide_resume(cfg.checkpoint.resume, self.root, self.world_size, self.config_hash,
-                                cfg.checkpoint.allow_config_mismatch)
+                                cfg.checkpoint.allow_config_mismatch, lora=cfg.model.llm.lora)
         if self.chosen is not None:  # before DeepSpeed (or its universal conversion) unpickles any of it
             check_files(self.chosen.path, self.chosen.manifest, self.rank, self.world_size)
         if self.chosen is not None and self.chosen.universal:

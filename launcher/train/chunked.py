@@ -17,12 +17,13 @@ the loss couples every note of the global batch, but it only reads the embedding
 
 Randomness. Before every chunk's forward, in both passes, the torch generators are put back to their
 state at the start of the batch, and after the batch to the state that one forward leaves. The model's
-only random draws are the Q-Former's keyed dropout (modeling/connector.py: a seed drawn once per
-forward, masks hashed from the seed and each row's note id), so every chunk of both passes draws the
+only random draws are keyed dropouts: the Q-Former's and LoRA's adapters' (modeling/connector.py,
+modeling/lora.py: a seed drawn once per forward, masks hashed from the seed and each row's note id;
+tests/launcher/train/test_lora_exactness.py for LoRA's), so every chunk of both passes draws the
 masks that the unchunked forward of the whole batch draws: pass 2 replays pass 1 exactly and the
 step equals the unchunked step (tests/launcher/train/test_chunked_gradients.py; without the replay
 the gradient is wrong, which that test's negative control shows). Any other source of randomness
-would repeat across chunks, so `check_chunkable` refuses dropout outside the Q-Former.
+would repeat across chunks, so `check_chunkable` refuses any dropout that is not keyed.
 
 DeepSpeed. Each chunk's backward is its own `engine.backward` (its prologue and epilogue): ZeRO-3
 reduce-scatters each parameter's gradient once per backward and adds it to the partition (its
@@ -135,8 +136,8 @@ def check_chunkable(model, chunk_pairs: int, zero_stage: int = 3) -> None:
         found += [f"llm.config.{k}={v}" for k, v in vars(cfg).items()
                   if "dropout" in k and isinstance(v, float) and v > 0]
     if found:
-        raise ConfigError(f"train.chunk_pairs: {chunk_pairs} needs a model whose only dropout is the Q-Former's "
-                          f"(keyed per note); found {', '.join(found[:4])}; set train.chunk_pairs: 0")
+        raise ConfigError(f"train.chunk_pairs: {chunk_pairs} needs a model whose only dropout is keyed per note "
+                          f"(the Q-Former's, LoRA's); found {', '.join(found[:4])}; set train.chunk_pairs: 0")
 
 
 def _rng_state() -> dict:

@@ -61,6 +61,7 @@ def default_components(cfg: RunConfig, rank: int, world_size: int, ds_config: di
     from notellm2.launcher.train.vision_cache import check_run_cache
     from notellm2.modeling.backbone import load_llm
     from notellm2.modeling.encoder import build_note_model
+    from notellm2.modeling.lora import apply_lora
     from notellm2.modeling.vision import build_vision_tower
 
     if not cfg.data.train_shards:
@@ -74,6 +75,7 @@ def default_components(cfg: RunConfig, rank: int, world_size: int, ds_config: di
     # placeholder rows are added without making the embedding whole on every rank (launcher/train/partitioning.py).
     llm, tokenizer = load_llm(cfg.model.llm, dtype=torch.bfloat16 if cfg.train.precision == "bf16" else None,
                               grow_embeddings=embedding_grower(ds_config))
+    llm = apply_lora(llm, cfg.model.llm.lora, tokenizer)  # model.llm.lora: adapters, the rest of the LLM frozen
     note_model = build_note_model(cfg.model, cfg.loss, tower, llm=llm, tokenizer=tokenizer)
     prompter = note_model.make_prompter(tokenizer, cfg.model.prompt_language, cfg.model.max_text_tokens)
 

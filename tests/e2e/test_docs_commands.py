@@ -47,6 +47,8 @@ RUN = [
     "notellm2 plan --config configs/paper_scale.yaml --nodes 2 --gpus-per-node 8 --gpu-memory-gib 80",
     "notellm2 plan --config configs/paper_scale.yaml --json",
     "notellm2 plan --config my.yaml --nodes 4 model.llm.gradient_checkpointing=false data.pairs_per_rank=8",
+    "notellm2 plan --config configs/paper_scale.yaml --nodes 1 --gpus-per-node 1 --gpu-memory-gib 80 "
+    "model.llm.lora.enabled=true data.pairs_per_rank=128 train.chunk_pairs=16",
     "notellm2 data validate --catalog notes.jsonl",
     "notellm2 data write-shards --pairs pairs_dir --catalog notes.jsonl --out shards_dir",
     "notellm2 data mine-pairs --views logs.parquet --out pairs_dir",

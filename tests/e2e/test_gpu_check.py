@@ -11,7 +11,7 @@ import pytest
 from tests.helpers.paths import REPO
 
 SCRIPT = os.path.join(REPO, "scripts", "gpu_check.sh")
-CONFIGS = ("zero3-bf16-sdpa", "zero2-bf16-sdpa", "zero3-bf16-fa2")
+CONFIGS = ("zero3-bf16-sdpa", "zero2-bf16-sdpa", "zero3-bf16-lora", "zero3-bf16-fa2")
 OFFLOAD = "zero3-offload-bf16-sdpa"
 
 
@@ -39,15 +39,17 @@ def test_dry_run_prints_the_plan_of_every_configuration(tmp_path):
     assert OFFLOAD + ":" not in plan and "ds_configs/zero3_offload.json" not in plan  # only with --offload
     lines = plan.splitlines()
     train = [line for line in lines if "-m notellm2.launcher train" in line]
-    # zero3 and zero2 train 6 then resume to 10; flash trains 10
-    assert len(train) == 5, train
+    # zero3, zero2 and LoRA train 6 then resume to 10; flash trains 10
+    assert len(train) == 7, train
     assert all("--nproc-per-node 1" in line and "train.precision=bf16" in line for line in train)
-    assert sum("train.max_steps=6" in line for line in train) == 2
-    assert sum("ds_configs/zero3_bf16.json" in line for line in train) == 3
+    assert sum("train.max_steps=6" in line for line in train) == 3
+    assert sum("ds_configs/zero3_bf16.json" in line for line in train) == 5
     assert sum("ds_configs/zero2_bf16.json" in line for line in train) == 2
     assert sum("attn_implementation=flash_attention_2" in line for line in train) == 1
-    assert sum("-m notellm2.launcher export" in line for line in lines) == 3
-    assert sum("-m notellm2.launcher embed" in line for line in lines) == 2
+    lora = [line for line in train if "model.llm.lora.enabled=true" in line]
+    assert len(lora) == 2 and all("model.llm.lora.dropout=0.1 train.chunk_pairs=2" in line for line in lora), lora
+    assert sum("-m notellm2.launcher export" in line for line in lines) == 4
+    assert sum("-m notellm2.launcher embed" in line for line in lines) == 3
     assert f"--target /tmp/site {tmp_path / 'whl'}/*.whl" in plan  # the carried wheels, installed offline
     assert "--no-index --no-deps" in plan
     assert not out.exists()  # a dry run writes nothing
@@ -91,7 +93,7 @@ def test_gpu_wheels_pins_what_requirements_pin():
         pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", fh.read(), flags=re.M))
     with open(WHEELS_SCRIPT) as fh:
         script = fh.read()
-    for name in ("transformers", "webdataset", "deepspeed"):
+    for name in ("transformers", "webdataset", "deepspeed", "peft"):
         assert f"{name}=={pins[name]}" in script, name
     with open(SCRIPT) as fh:
         assert f'transformers.__version__ != "{pins["transformers"]}"' in fh.read()

@@ -1,6 +1,7 @@
-"""The two demo-model training benchmarks run end to end in a lean setting, so that they cannot rot:
-bench_train_step (its worker once called a name it never imported, and its driver one it dropped) and
-bench_chunked (its table and its ratios against the #14 targets). Timings are not asserted."""
+"""The training benchmarks run end to end in a lean setting, so that they cannot rot:
+bench_train_step (its worker once called a name it never imported, and its driver one it dropped),
+bench_chunked (its table and its ratios against the #14 targets) and bench_lora (on the tiny models).
+Timings are not asserted."""
 from __future__ import annotations
 
 import json
@@ -40,3 +41,14 @@ def test_bench_chunked_lean_run_prints_its_ratios_against_the_targets():
     assert {(row["pairs"], row["chunk"]) for row in r["rows"]} == {(2, 0), (2, 2), (4, 0), (4, 2)}
     assert r["ratio"] == pytest.approx(r["figure"] / r["bound_or_baseline"], rel=1e-3)
     assert "activation memory at P=4 chunked vs P=2 unchunked" in out
+
+
+def test_bench_lora_tiny_run_prints_its_ratios():
+    """bench_lora on the tests' tiny models (the demo model's run is the benchmark's figure, docs/training.md)."""
+    out, results = _run("bench_lora.py", "--tiny", "--steps", "2", "--warmup", "1", "--pairs", "2")
+    (r,) = results
+    assert r["name"] == "lora_model_state_per_rank_vs_full" and r["target"] == "<= 0.35" and r["model"] == "tiny"
+    assert r["ratio"] == pytest.approx(r["figure"] / r["bound_or_baseline"], rel=1e-3)
+    assert 0 < r["figure"] < r["bound_or_baseline"]  # LoRA holds less: no gradients nor Adam states of the LLM
+    assert r["step_time_ratio"] == pytest.approx(r["step_time_s"] / r["full_step_time_s"], rel=1e-3)
+    assert "LoRA rank 0:" in out and "full rank 1:" in out

@@ -179,3 +179,34 @@ def context_reading_llm_dir(root, seed: int = 0, std: float = 0.1) -> str:
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(src).save_pretrained(out)
     return out
+
+
+def warm_lora(module, std: float = 0.05, seed: int = 1) -> None:
+    """LoRA adapters (notellm2.modeling.lora) as after some training: every B matrix (zero at init, which
+    leaves A without gradient) and the placeholder rows moved by N(0, std) noise from a fixed generator
+    (the same on every rank). Call it before deepspeed.initialize (the parameters are still whole)."""
+    from notellm2.modeling.lora import adapter_state
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(adapter_state(module).items()):
+            if ".lora_B." in name or name.endswith(".rows"):
+                p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * std)
+
+
+def make_tiny_bert_dir(tmp_path, tokenizer_dir: str, hidden: int = 32, layers: int = 2) -> str:
+    """A tiny BERT (dropout 0, so chunked caching takes it) with the tokenizer of `tokenizer_dir` (e.g.
+    all-MiniLM-L6-v2's): the text_two_tower variant's backbone at test size."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    out = os.path.join(str(tmp_path), f"tiny-bert-{layers}x{hidden}")
+    if os.path.exists(os.path.join(out, "config.json")):
+        return out
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers,
+                                 num_attention_heads=4, intermediate_size=2 * hidden, max_position_embeddings=128,
+                                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

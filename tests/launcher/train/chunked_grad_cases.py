@@ -23,6 +23,7 @@ from notellm2.launcher.train.engine import build_ds_config
 from notellm2.launcher.train.optim import build_optimizer, param_groups
 from notellm2.modeling.connector import KeyedDropout
 from tests.helpers.configs import tiny_config
+from tests.helpers.models import warm_lora
 from tests.launcher.train.engine_grad_cases import global_pairs, local_batch
 
 ZERO2 = {"zero_optimization": {"stage": 2, "overlap_comm": False, "contiguous_gradients": True,
@@ -39,17 +40,19 @@ def _engine(llm_dir: str, clip_dir: str, per_rank: int, run: dict, out_dir: str,
         ds_path = os.path.join(out_dir, f"cpu_zero2.rank{dist.get_rank()}.json")
         with open(ds_path, "w") as fh:
             json.dump(ZERO2, fh)
-    cfg = tiny_config(None, f"model.llm.path={llm_dir}", f"model.vision.path={clip_dir}",
+    cfg = tiny_config(None, f"model.llm.path={run.get('llm', llm_dir)}", f"model.vision.path={clip_dir}",
                       "data.train_shards=unused-by-this-test-{000000..000001}.tar",
                       f"data.pairs_per_rank={per_rank}", "train.precision=fp32", "train.grad_clip=0",
                       f"train.ds_config={ds_path}", f"model.variant={run['variant']}",
                       f"model.connector.dropout={run.get('dropout', 0.0)}", f"train.chunk_pairs={run['chunk']}",
-                      f"train.grad_accum_steps={run.get('accum', 1)}")
+                      f"train.grad_accum_steps={run.get('accum', 1)}", *run.get("overrides", ()))
     ds_config = build_ds_config(cfg, world)
     torch.manual_seed(cfg.train.seed)  # as notellm2.launcher.train.train._train does before the factory
     comps = default_components(cfg, dist.get_rank(), world, ds_config)
     comps.freeze_vision_tower(torch.device("cpu"))
     model = comps.note_model
+    if run.get("warm"):  # LoRA: adapters as after some steps (B is zero at init, so A would get no gradient)
+        warm_lora(model)
     if run.get("stage") == 2:
         # ZeRO-2's gradient is read from one plain SGD step with lr 1: (weights before) - (weights after).
         # (safe_get_full_grad returns a rank's own unreduced param.grad under ZeRO-2 when one is set.)
@@ -62,7 +65,8 @@ def _engine(llm_dir: str, clip_dir: str, per_rank: int, run: dict, out_dir: str,
 
 
 def chunked_gradients(llm_dir: str, clip_dir: str, total_pairs: int, out_dir: str, runs: list) -> dict:
-    """For each run {"tag", "variant", "chunk", "dropout", "replay", "stage", "cached", "accum", "negatives"}: a fresh engine, one
+    """For each run {"tag", "variant", "chunk", "dropout", "replay", "stage", "cached", "accum", "negatives", "llm" (another
+    LLM dir), "overrides" (dotted config keys), "warm" (LoRA adapters moved off their init)}: a fresh engine, one
     forward_backward of this rank's pairs, rank 0 saves {tag}.pt with the full gradients."""
     import deepspeed
     from deepspeed.utils import safe_get_full_grad

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from notellm2.launcher.train import checkpoint as ckpt
 from tests.helpers.multirank import run_command
 from tests.helpers.real_setup import build_inputs, write_config
-from tests.helpers.runs import metrics_by_step
+from tests.helpers.runs import assert_same_steps, kill_and_resume
 
 pytestmark = pytest.mark.slow
 
@@ -26,15 +25,5 @@ def test_chunked_run_resumes_exactly_after_kill(tmp_path):
     r = run_command(["-m", "notellm2.launcher", "train", "--config", ref_cfg, *dropout], nproc=2, timeout=400)
     assert "in chunks of 2 pairs" in r.output
     cfg, run_dir = _config(tmp_path, inputs, "killed")
-    r = run_command(["-m", "notellm2.launcher", "train", "--config", cfg, *dropout], nproc=2, timeout=400,
-                    env={"NOTELLM2_TEST_DIE_AT": "1:3"}, check=False)
-    assert r.returncode != 0
-    assert ckpt.latest_complete(ckpt.checkpoint_root(run_dir)).endswith("step_00000002")
-    r = run_command(["-m", "notellm2.launcher", "train", "--config", cfg, *dropout], nproc=2, timeout=400)
-    assert "resumed step 2" in r.output
-    ref, got = metrics_by_step(ref_dir), metrics_by_step(run_dir)
-    assert sorted(got) == sorted(ref) == [1, 2, 3, 4]
-    for s in range(1, 5):
-        for key in ("loss/total", "loss/mm", "loss/vis", "optim/grad_norm", "model/gate_mean"):
-            assert got[s][key] == ref[s][key], (s, key, got[s][key], ref[s][key])
-    assert len({ref[s]["loss/total"] for s in ref}) == 4  # the losses moved
+    kill_and_resume(cfg, run_dir, dropout)
+    assert_same_steps(ref_dir, run_dir, 4)
