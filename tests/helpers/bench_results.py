@@ -31,12 +31,13 @@ def ratio_interval(figure: float, bound: float, digits: int) -> tuple[float, flo
     return min(ends), max(ends)
 
 
-def check_result(r: dict, op: str, target: float, digits: int, ratio_digits: int, *, ratio: Optional[float] = None,
-                 also: bool = True) -> None:
+def check_result(r: dict, op: Optional[str], target: Optional[float], digits: int, ratio_digits: int, *,
+                 ratio: Optional[float] = None, also: bool = True) -> None:
     """`r` has the project's keys; its ratio is figure / bound_or_baseline (or `ratio`, for a benchmark whose
     ratio is another quotient) within what the printed rounding allows (the benchmark rounds the figure and
     bound to `digits` decimals, the ratio to `ratio_digits`); its pass flag is `ratio op target` and `also`
-    (the benchmark's other conditions, e.g. identical outputs)."""
+    (the benchmark's other conditions, e.g. identical outputs), or `also` alone when op is None (a figure
+    recorded against no target)."""
     assert KEYS <= set(r), (KEYS - set(r), r)
     assert isinstance(r["name"], str) and r["name"]
     assert isinstance(r["pass"], bool), r
@@ -49,7 +50,7 @@ def check_result(r: dict, op: str, target: float, digits: int, ratio_digits: int
         assert r["bound_or_baseline"] > 0, r
         lo, hi = ratio_interval(r["figure"], r["bound_or_baseline"], digits)
         assert lo - slack <= r["ratio"] <= hi + slack, (r, (lo, hi))
-    if not also:
-        assert r["pass"] is False, r
+    if not also or op is None:
+        assert r["pass"] is also, (r, also)
     elif abs(r["ratio"] - target) > slack:  # a rounded ratio at the target cannot tell which side it was on
         assert r["pass"] == _OPS[op](r["ratio"], target), (r, op, target)
