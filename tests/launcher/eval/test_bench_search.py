@@ -22,7 +22,7 @@ def test_bench_search_runs_small_and_reports_identical_recalls():
 
     # the figure and bound are the topk and bound stages' CPU seconds; the other ratios their quotients
     assert (r["figure"], r["bound_or_baseline"]) == (stages["topk"]["seconds"], stages["bound"]["seconds"])
-    assert abs(r["ranks_over_bound"] - stages["ranks"]["seconds"] / stages["bound"]["seconds"]) < 0.01
+    assert abs(r["ranks_over_bound"] - stages["ranks"]["seconds"] / stages["bound"]["seconds"]) <= 0.5e-3 + 1e-9
     argsort = stages["argsort"]["extrapolated_seconds"] / stages["topk"]["seconds"]
     assert abs(r["argsort_extrapolated_over_topk"] - argsort) <= 0.01 * argsort + 0.01
     assert 0 < r["peak_mb_over_chunk_budget"]
@@ -32,5 +32,6 @@ def test_bench_search_runs_small_and_reports_identical_recalls():
 
     f = r["faiss"]
     assert f["backend"] == "faiss-ivf" and f["seconds"] == stages["faiss"]["seconds"]
-    assert abs(f["speedup_vs_exact_topk"] - stages["topk"]["seconds"] / f["seconds"]) <= 0.01 * f["speedup_vs_exact_topk"]
+    # the quotient of the two printed times, rounded to 3 decimals
+    assert abs(f["speedup_vs_exact_topk"] - stages["topk"]["seconds"] / f["seconds"]) <= 0.5e-3 + 1e-9
     assert 0.0 < f["recall_of_exact_topk"] <= 1.0 and set(f["recall_loss"]) == set(r["recall"])
