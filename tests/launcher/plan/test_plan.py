@@ -204,9 +204,10 @@ def test_vision_cache_takes_the_tower_off_the_gpu(chunk):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_activation_formula_matches_what_autograd_saves(attn, dtype):
     """Sum the distinct storages autograd keeps for backward in a small Qwen2 trunk (weights excluded),
-    without and with gradient checkpointing (as notellm2.modeling.backbone enables it). With it, the
-    forward keeps what the checkpointed layers need to restart, and backward recomputes one layer at a
-    time: the peak is that plus one layer's share of the full forward's saved tensors."""
+    without and (sdpa) with gradient checkpointing (as notellm2.modeling.backbone enables it). With it,
+    the forward keeps what the checkpointed layers need to restart, and backward recomputes one layer at
+    a time: the peak is that plus one layer's share of the full forward's saved tensors (eager differs
+    from sdpa only inside that layer's share, checked without checkpointing)."""
     from transformers import AutoModel, Qwen2Config
 
     h, f, layers, heads, kv_heads, n, s = 64, 176, 3, 4, 2, 4, 48
@@ -234,13 +235,15 @@ def test_activation_formula_matches_what_autograd_saves(attn, dtype):
 
     arch = LLMArch("qwen2", 0, 0, h, layers, heads, kv_heads * (h // heads), f)
     a = 2 if dtype == torch.bfloat16 else 4
-    full, kept = saved_bytes(False), saved_bytes(True)
-    assert kept < full / 2  # checkpointing really dropped the layers' activations
+    full = saved_bytes(False)
     est = llm_activation_bytes(arch, n, s, a, False, attn)
     assert abs(est / full - 1) < 0.05, (est, full)
-    # measured here: 1.01 (sdpa, fp32), 1.03 (sdpa, bf16), 1.00 (eager)
-    est_on = llm_activation_bytes(arch, n, s, a, True, attn)
-    assert abs(est_on / (kept + full / layers) - 1) < 0.05, (est_on, kept, full)
+    if attn == "sdpa":
+        kept = saved_bytes(True)
+        assert kept < full / 2  # checkpointing really dropped the layers' activations
+        # measured here: 1.01 (fp32), 1.03 (bf16); eager gave 1.00 in both
+        est_on = llm_activation_bytes(arch, n, s, a, True, attn)
+        assert abs(est_on / (kept + full / layers) - 1) < 0.05, (est_on, kept, full)
 
 
 def test_plan_cli_on_paper_scale_runs_offline_and_prints_the_table():
