@@ -16,7 +16,8 @@ The figure is the fraction of the tower's time the cache removes, ((a) - (b)) / 
 measured steps), against the target 0.8. Both loaders' workers run throughout, so the decoding of the
 pixel loader costs the cached steps too (on a small machine it competes for the cores): the figure
 is the tower's share, not the decoder's. Also printed: the data waits and the one-time cost of writing
-the cache, and the steps after which it has paid for itself.
+the cache, and the steps after which it has paid for itself; the RESULT line also counts the tower's
+forwards on each kind of step over the whole run (all ranks): none on the cached ones.
 
     .venv/bin/python benchmarks/bench_vision_cache.py [--steps 12 --warmup 2 --ranks 2 --pairs 8]
     .venv/bin/python benchmarks/bench_vision_cache.py --llm /path/to/smollm2-135m   # models elsewhere
@@ -104,6 +105,13 @@ def bench_components(cfg, rank, world_size, ds_config):
         return out
 
     comps.image_features = image_features
+    comps.tower_forwards = 0  # forwards the tower really ran (none on a cached step), for the RESULT line
+
+    def count_forward(*_):
+        comps.tower_forwards += 1
+
+    if comps.vision_tower is not None:
+        comps.vision_tower.register_forward_pre_hook(count_forward)
     return comps
 
 
@@ -128,7 +136,9 @@ def worker(args) -> None:
         tower = sum(comps.tower_s)
         comps.tower_s.clear()
         steps.append({"kind": comps.alternating.kinds[step - 1], "step": info["scalars"]["perf/step_time_s"],
-                      "data_wait": info["timings"].get("data_wait", 0.0), "tower": tower})
+                      "data_wait": info["timings"].get("data_wait", 0.0), "tower": tower,
+                      "tower_forwards": comps.tower_forwards})
+        comps.tower_forwards = 0
 
     train(cfg, factory=factory, on_step=on_step)
     per_rank = [None] * dist.get_world_size()
@@ -251,7 +261,9 @@ def main() -> int:
               "tower_s_per_step": round(plain["tower"], 4), "data_wait_s": [round(plain["data_wait"], 4),
                                                                             round(cached["data_wait"], 4)],
               "cache_write_s": round(built["seconds"], 2), "cache_bytes": built["bytes"], "ranks": args.ranks,
-              "pairs_per_rank": args.pairs, "measured_steps": [plain["steps"], cached["steps"]], "model": model}
+              "pairs_per_rank": args.pairs, "measured_steps": [plain["steps"], cached["steps"]],
+              "tower_forwards": {kind: sum(r["tower_forwards"] for steps in per_rank for r in steps if r["kind"] == kind)
+                                 for kind in ("pixels", "cached")}, "model": model}
     print("RESULT " + json.dumps(result))
     return 0
 

@@ -14,6 +14,7 @@ import pytest
 from notellm2.data_shards.mining.mine import MiningSettings, mine_pairs
 from notellm2.launcher.cli import main
 
+from tests.helpers.bench_results import check_result, result_lines
 from tests.helpers.paths import REPO
 BENCH = os.path.join(REPO, "benchmarks", "bench_mining.py")
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
@@ -108,12 +109,20 @@ def test_benchmark_runs_at_tiny_size():
                            "--pandas-events", "6000", "--memory-limit", "256MB", "--sub-repeat", "1"],
                           capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    results = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    results = result_lines(proc.stdout)
     assert [r["name"] for r in results] == ["mining_time_s", "mining_peak_rss_gb", "mining_speedup_vs_pandas"]
     for r in results:
         assert set(r) == {"name", "figure", "bound_or_baseline", "ratio", "target", "pass"}
     assert "outputs identical: True" in proc.stdout
-    assert proc.stdout.strip().splitlines()[-1].startswith("RESULT ")
+    time_s, rss, speedup = results
+    # time and memory against their default bounds (60 s, 4 GB): ratio = figure / bound, pass = ratio <= 1
+    assert (time_s["bound_or_baseline"], rss["bound_or_baseline"]) == (60.0, 4.0)
+    assert time_s["target"].startswith("<= 60.0 s for 20000 events") and rss["target"] == "<= 4.0 GB"
+    check_result(time_s, "<=", 1.0, digits=2, ratio_digits=3)
+    check_result(rss, "<=", 1.0, digits=3, ratio_digits=3)
+    # the speed-up is its own figure and ratio (pandas seconds / DuckDB seconds; the baseline is pandas' time)
+    assert speedup["target"].startswith(">= 5.0x on ")
+    check_result(speedup, ">=", 5.0, digits=2, ratio_digits=2, ratio=speedup["figure"])
 
 
 def test_output_does_not_depend_on_thread_count(tmp_path):
@@ -174,11 +183,12 @@ def test_spark_benchmark_runs_at_tiny_size(tmp_path):
                            "--workdir", str(tmp_path)],
                           capture_output=True, text=True, timeout=380)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    results = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    results = result_lines(proc.stdout)
     assert [r["name"] for r in results] == ["mining_spark_vs_duckdb_time", "mining_spark_vs_duckdb_peak_memory_gb"]
-    assert all(r["pass"] for r in results)
     assert "outputs identical: True; manifest counts identical: True" in proc.stdout
+    # recorded figures (no target): Spark's against DuckDB's, passing on identical outputs alone
+    check_result(results[0], None, None, digits=2, ratio_digits=2, also=True)
+    check_result(results[1], None, None, digits=3, ratio_digits=2, also=True)
     # The JVM is counted: Spark's process tree holds far more than the Python driver alone.
     assert results[1]["figure"] > 0.3, results[1]
     assert "spark.sql.shuffle.partitions=2" in proc.stdout and "spark.driver.memory=1g" in proc.stdout
-    assert proc.stdout.strip().splitlines()[-1].startswith("RESULT ")

@@ -3,8 +3,8 @@ batches as in one process, the fallback when a worker has no free slot, and when
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
-import time
 
 import torch
 
@@ -73,15 +73,29 @@ def test_pairs_and_notes_through_slots_equal_the_in_process_batches(tmp_path):
 
 def test_a_worker_without_a_free_slot_sends_its_pixels_the_ordinary_way(tmp_path, monkeypatch):
     """One slot per worker and a consumer that stalls: the workers run ahead, find their slot still
-    taken and send those batches' pixels through fresh shared memory; nothing is lost or overwritten."""
+    taken and send those batches' pixels through fresh shared memory; nothing is lost or overwritten.
+
+    The consumer stalls until a worker has reported a full slot (an event the forked workers inherit,
+    set by the slots' own claim), so the fallback is certain to have been taken, however slow the box."""
     monkeypatch.setattr(pixel_slots, "SLOTS_PER_WORKER", 1)
+    full = multiprocessing.get_context("fork").Event()
+    real_claim = pixel_slots.PixelSlots.claim
+
+    def claim(self, worker):
+        got = real_claim(self, worker)
+        if got is None:
+            full.set()
+        return got
+
+    monkeypatch.setattr(pixel_slots.PixelSlots, "claim", claim)
     write_pair_shards(str(tmp_path), [12, 12])
     pattern = str(tmp_path / "pairs-train-*.tar")
     want = list(pair_loader(pattern, B=3, num_workers=0))
     loader = pair_loader(pattern, B=3, num_workers=2)
     it = iter(loader)
     got = [next(it)]
-    time.sleep(1.5)  # both workers produce the batches already requested while slots are full
+    # worker 1 holds batch 1 in its only slot until the consumer takes it, and batch 3 is already asked of it
+    assert full.wait(120), "no worker found its slot taken while the consumer stalled"
     got += list(it)
     assert_same_batches(got, want)
     assert loader.pixel_transport["ordinary"] >= 1 and loader.pixel_transport["slots"] >= 1

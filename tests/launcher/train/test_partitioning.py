@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from notellm2.launcher.config import load_config
+from notellm2.launcher.train import partitioning
 from notellm2.launcher.train.partitioning import embedding_grower
 from notellm2.launcher.train.components import default_components
 from notellm2.launcher.train.engine import build_ds_config
@@ -17,11 +18,18 @@ from tests.helpers.paths import REPO
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "ds_configs", "*.json"))))
-def test_grower_only_under_zero3(path):
+def test_grower_only_under_zero3(path, monkeypatch):
+    """Under ZeRO-3 the hook grows through grow_input_embeddings with the run's own DeepSpeed config
+    (the model and row count passed on); under ZeRO-2 there is none (transformers resizes)."""
     ds = build_ds_config(load_config(None, [f"train.ds_config={path}"]), world_size=2)
+    calls = []
+    monkeypatch.setattr(partitioning, "grow_input_embeddings", lambda *a: calls.append(a))
     grower = embedding_grower(ds)
     assert (grower is not None) == (ds["zero_optimization"]["stage"] == 3)
-    assert callable(grower) or grower is None
+    if grower is not None:
+        model = torch.nn.Linear(1, 1)
+        grower(model, 1234)
+        assert len(calls) == 1 and calls[0][0] is model and calls[0][1] == 1234 and calls[0][2] is ds
 
 
 class _Stop(Exception):

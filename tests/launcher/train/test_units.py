@@ -129,24 +129,35 @@ def test_watchdog_ends_a_stalled_process_only_once_armed():
     import sys
     import textwrap
 
+    # The script waits on an event instead of sleeping through the start-up: its watchdog's poll, after
+    # publishing a heartbeat, checks the stall, so a heartbeat that follows one taken with the stall
+    # already over the timeout proves that an unarmed check passed it without ending the process.
     code = textwrap.dedent("""
-        import sys, time, torch.distributed as dist
+        import threading, time, torch.distributed as dist
         from notellm2.launcher.distributed import Watchdog
-        dog = Watchdog(0, 1, timeout_s=1, store=dist.HashStore(), poll_s=0.1).start()
-        time.sleep(2.5)  # start-up longer than the timeout: not armed yet, nothing happens
+        passed = threading.Event()
+        class Observed(Watchdog):
+            def _publish_heartbeat_only(self):
+                if getattr(self, "over", False):
+                    passed.set()
+                self.over = time.monotonic() - self._last_progress > self.timeout_s
+                super()._publish_heartbeat_only()
+        dog = Observed(0, 1, timeout_s=1, store=dist.HashStore(), poll_s=0.1).start()
+        assert passed.wait(60), "the watchdog never polled past its timeout"
         print("survived start-up", flush=True)
         dog.progress(1, "data", arm=True)
-        time.sleep(30)
+        threading.Event().wait(30)  # stalled: the armed watchdog must end the process
         print("not reached", flush=True)
     """)
     from tests.helpers.multirank import base_env
 
-    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 3, r.stdout + r.stderr
     assert "survived start-up" in r.stdout and "not reached" not in r.stdout
     assert "no training progress" in r.stdout and "at step 1 (data)" in r.stdout
-    # every thread's stack follows on stderr: the main thread waits in the script's time.sleep(30)
-    assert "(most recent call first)" in r.stderr and 'File "<string>", line 8' in r.stderr, r.stderr
+    # every thread's stack follows on stderr: the main thread waits in the script's stalled wait
+    line = 1 + code.splitlines().index("threading.Event().wait(30)  # stalled: the armed watchdog must end the process")
+    assert "(most recent call first)" in r.stderr and f'File "<string>", line {line}' in r.stderr, r.stderr
 
 
 def test_step_stats_pack_by_field_name_and_keep_local_fields():
@@ -173,23 +184,22 @@ def test_step_stats_pack_by_field_name_and_keep_local_fields():
 
 
 class _WaitingStream(torch.utils.data.IterableDataset):
-    """A loader stream whose worker says it started (a file) and then waits until told to stop."""
+    """A loader stream whose worker says it started and then waits until told to stop (two events made
+    before the fork, so the forked worker shares them)."""
 
-    def __init__(self, folder: str):
-        self.folder = folder
+    def __init__(self):
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("fork")
+        self.started, self.stop = ctx.Event(), ctx.Event()
 
     def __iter__(self):
-        import time
-
-        open(os.path.join(self.folder, "started"), "w").close()
-        for _ in range(300):
-            if os.path.exists(os.path.join(self.folder, "stop")):
-                break
-            time.sleep(0.1)
+        self.started.set()
+        self.stop.wait(120)
         return iter(())
 
 
-def test_a_stalled_rank_gets_its_forked_loader_workers_stacks(tmp_path, capfd):
+def test_a_stalled_rank_gets_its_forked_loader_workers_stacks(capfd):
     """The watchdog's last words include the loader workers' stacks: a forked worker (data_shards'
     start_workers) prints its own on STACKS_SIGNAL, and signal_forked_workers finds and signals it."""
     import time
@@ -197,18 +207,19 @@ def test_a_stalled_rank_gets_its_forked_loader_workers_stacks(tmp_path, capfd):
     from notellm2.data_shards.reader.workers import start_workers
     from notellm2.launcher.distributed import signal_forked_workers
 
-    it = start_workers(_WaitingStream(str(tmp_path)), num_workers=1, start_method="fork")
+    stream = _WaitingStream()
+    it = start_workers(stream, num_workers=1, start_method="fork")
     try:
-        for _ in range(200):
-            if os.path.exists(tmp_path / "started"):
-                break
-            time.sleep(0.05)
-        assert os.path.exists(tmp_path / "started")
+        assert stream.started.wait(60), "the loader worker never started its stream"
         sent = signal_forked_workers()
         assert len(sent) == 1, sent
-        time.sleep(1.0)
-        err = capfd.readouterr().err
+        # the worker writes its stacks from a signal handler (no event to wait on): read its stderr until
+        # they are there, however long that takes on a loaded box
+        err, deadline = "", time.monotonic() + 60
+        while "in __iter__" not in err and time.monotonic() < deadline:
+            err += capfd.readouterr().err
+            time.sleep(0.05)  # the poll interval of this condition, not a guess at how long the worker needs
         assert "(most recent call first)" in err and "in __iter__" in err, err
     finally:
-        open(tmp_path / "stop", "w").close()
+        stream.stop.set()
         del it
