@@ -35,6 +35,7 @@ VERBS: VerbTable = {
         "simulate-views": "notellm2.launcher.cli.data.simulate_views",
         "mine-pairs": "notellm2.launcher.cli.data.mine_pairs",
         "write-shards": "notellm2.launcher.cli.data.write_shards",
+        "write-notes": "notellm2.launcher.cli.data.write_notes",
         "import-pairs": "notellm2.launcher.cli.data.import_pairs",
         "cache-vision": "notellm2.launcher.cli.data.cache_vision",
         "note-stats": "notellm2.launcher.cli.data.note_stats",
@@ -50,7 +51,7 @@ VERBS: VerbTable = {
 
 GROUP_HELP = {
     "data": "data preparation: validate, import-openclipart, simulate-views, mine-pairs, import-pairs, write-shards, "
-            "cache-vision, note-stats",
+            "write-notes, cache-vision, note-stats",
 }
 
 
