@@ -45,11 +45,16 @@ VERBS: VerbTable = {
     "embed": "notellm2.launcher.cli.embed",
     "eval": "notellm2.launcher.cli.eval",
     "neighbors": "notellm2.launcher.cli.neighbors",
+    "index": {
+        "build": "notellm2.launcher.cli.index.build",
+        "update": "notellm2.launcher.cli.index.update",
+    },
     "plan": "notellm2.launcher.cli.plan",
     "analyze": "notellm2.launcher.cli.analyze",
 }
 
 GROUP_HELP = {
+    "index": "a persisted search index and its related-notes table: build, update",
     "data": "data preparation: validate, import-openclipart, simulate-views, mine-pairs, import-pairs, write-shards, "
             "write-notes, cache-vision, note-stats",
 }

@@ -245,8 +245,7 @@ def delta_embed(model_dir: Optional[str], cfg, config_path: Optional[str], shard
     source = read_set_source(base, need_hashes=True)
     model_fp = model_fingerprint(model_dir, cfg)
     label = f"the model {model_dir}" if model_dir else f"the untrained model of {config_path}"
-    require_same_source([(f"--base {base}", source.fingerprint, source.mode), (label, model_fp, mode)],
-                        "embed --base")
+    require_same_source([(f"--base {base}", source.fingerprint, source.mode), (label, model_fp, mode)])
     notes = notes_input(shards)
     work = os.path.join(out_dir, DELTA_DIR)
     inputs = _inputs_fingerprint(base, notes, model_fp, mode)

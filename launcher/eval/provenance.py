@@ -147,17 +147,17 @@ def read_set_source(emb_dir: str, need_hashes: bool = False) -> SetSource:
     return SetSource(emb_dir, info.get("fingerprint"), info.get("mode"), count, hashes)
 
 
-def require_same_source(items: list[tuple[str, Optional[str], Optional[str]]], what: str) -> None:
-    """Refuse in one line when (name, fingerprint, mode) items differ in fingerprint or mode: `what`
-    would mix vectors of two models (or two probes)."""
+def require_same_source(items: list[tuple[str, Optional[str], Optional[str]]]) -> None:
+    """Refuse in one line when (name, fingerprint, mode) items differ in fingerprint or mode: what is
+    made of them would mix vectors of two models (or two probes)."""
     first_name, first_fp, first_mode = items[0]
     for name, fp, mode in items[1:]:
         if fp != first_fp:
-            raise ProvenanceError(f"{what}: {name} has model fingerprint {_short(fp)} but {first_name} has "
+            raise ProvenanceError(f"{name} has model fingerprint {_short(fp)} but {first_name} has "
                                   f"{_short(first_fp)}; vectors of two models cannot be mixed (rebuild from one "
                                   "model's embeddings; `notellm2 eval` compares models side by side)")
         if mode != first_mode:
-            raise ProvenanceError(f"{what}: {name} holds --mode {mode} vectors but {first_name} holds --mode "
+            raise ProvenanceError(f"{name} holds --mode {mode} vectors but {first_name} holds --mode "
                                   f"{first_mode}; embed both with one probe mode")
 
 
