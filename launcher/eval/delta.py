@@ -25,7 +25,6 @@ resumes from its finished parts). A rerun with the same inputs resumes; other in
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import time
@@ -123,13 +122,10 @@ def _inputs_fingerprint(base: str, notes, model_fp: str, mode: str) -> dict:
 
 
 def _read_plan(work: str) -> Optional[dict]:
-    try:
-        with open(os.path.join(work, PLAN)) as fh:
-            return json.load(fh)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        raise DeltaError(f"{os.path.join(work, PLAN)}: not readable ({e}); add --restart to discard the work") from None
+    from notellm2.launcher.eval.provenance import read_json
+
+    path = os.path.join(work, PLAN)
+    return read_json(path, "", DeltaError) if os.path.exists(path) else None
 
 
 def make_plan(work: str, base: str, notes, inputs: dict) -> None:

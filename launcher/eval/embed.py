@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import glob
-import json
 import os
 import shutil
 import signal
@@ -208,40 +207,12 @@ def parts_fingerprint(model_dir: str | None, cfg, shards: str, mode: str, world_
             **({"vision_cache": os.path.abspath(data_cfg.vision_cache)} if data_cfg.vision_cache else {})}
 
 
-def _differences(old: dict, new: dict) -> list[str]:
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if a == b:
-            continue
-        if isinstance(a, (int, str)) and isinstance(b, (int, str)) or a is None or b is None:
-            out.append(f"{key} {a} there, {b} now")
-        else:
-            out.append(f"{key} differ")
-    return out
-
-
 def check_parts(out_dir: str, fingerprint: dict, restart: bool) -> None:
     """Refuse (UserError) parts in OUT/parts that another run's settings made, unless `restart`
     (rank 0 then discards them). Read-only: every rank calls it before the process group starts."""
-    parts_dir = os.path.join(out_dir, PARTS_DIR)
-    if restart or not os.path.isdir(parts_dir):
-        return
-    manifest = os.path.join(parts_dir, PARTS_MANIFEST)
-    hint = "rerun with the same settings to resume, or add --restart to discard the parts"
-    if not os.path.exists(manifest):
-        if glob.glob(os.path.join(parts_dir, "rank*.npz")):
-            raise UserError(f"{parts_dir}: parts without {PARTS_MANIFEST} (not this embed's); add --restart to discard them")
-        return
-    try:
-        with open(manifest) as fh:
-            old = json.load(fh)["fingerprint"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{manifest}: not a readable parts manifest ({type(e).__name__}: {e}); "
-                        "add --restart to discard the parts") from None
-    if old != fingerprint:
-        raise UserError(f"{parts_dir}: parts of an embed with other settings ({'; '.join(_differences(old, fingerprint))}); "
-                        f"{hint}")
+    from notellm2.launcher.eval.search_parts import check_manifest
+
+    check_manifest(os.path.join(out_dir, PARTS_DIR), fingerprint, restart, "rank*.npz", "an embed", "this embed's")
 
 
 def prepare_parts(out_dir: str, fingerprint: dict, restart: bool) -> str:

@@ -33,7 +33,6 @@ HNSW cannot remove vectors, so it is no index backend; `neighbors` still offers 
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -349,15 +348,11 @@ class Index:
 
 
 def read_index(folder: str) -> Index:
+    from notellm2.launcher.eval.provenance import read_json
+
     path = os.path.join(folder, "manifest.json")
-    try:
-        with open(path) as fh:
-            manifest = json.load(fh)
-    except FileNotFoundError:
-        raise IndexError_(f"{path}: missing (not a finished `notellm2 index build|update` folder)") from None
-    except (OSError, ValueError) as e:
-        raise IndexError_(f"{path}: not readable JSON ({e})") from None
-    if manifest.get("format") != INDEX_FORMAT:
+    manifest = read_json(path, "not a finished `notellm2 index build|update` folder", IndexError_)
+    if not isinstance(manifest, dict) or manifest.get("format") != INDEX_FORMAT:
         raise IndexError_(f"{path}: not a notellm2 index manifest (format {manifest.get('format')!r})")
     raw = dict(manifest["settings"])
     st = TableSettings(**{k: raw[k] for k in TableSettings.__dataclass_fields__})

@@ -119,17 +119,23 @@ class SetSource:
     hashes: Optional[np.ndarray]  # uint8 [count, HASH_BYTES] in the rows' order, None for a set without them
 
 
+def read_json(path: str, missing: str, error: type = None):
+    """A JSON file's content, or a one-line refusal (`error`, default ProvenanceError): `missing` says
+    what a missing file means."""
+    error = error or ProvenanceError
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        raise error(f"{path}: missing ({missing})") from None
+    except (OSError, ValueError) as e:
+        raise error(f"{path}: not readable JSON ({e})") from None
+
+
 def read_set_source(emb_dir: str, need_hashes: bool = False) -> SetSource:
     """The fingerprint, mode and (checked) content hashes of an embedding folder. A folder written
     before provenance existed has neither: `need_hashes` refuses it in one line."""
-    info_path = os.path.join(emb_dir, "embeddings.json")
-    try:
-        with open(info_path) as fh:
-            info = json.load(fh)
-    except FileNotFoundError:
-        raise ProvenanceError(f"{info_path}: missing (not a finished `notellm2 embed` output)") from None
-    except (OSError, ValueError) as e:
-        raise ProvenanceError(f"{info_path}: not readable JSON ({e})") from None
+    info = read_json(os.path.join(emb_dir, "embeddings.json"), "not a finished `notellm2 embed` output")
     count = int(info.get("count", -1))
     entry = info.get("content_hashes")
     hashes = None

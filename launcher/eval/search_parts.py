@@ -35,6 +35,42 @@ class PartsError(UserError, ValueError):
     """Parts left by a run with other settings, or a part that cannot be read (one line)."""
 
 
+def differences(old: dict, new: dict) -> list[str]:
+    """What differs between two settings dicts, one phrase per key."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if isinstance(a, (int, str)) and isinstance(b, (int, str)) or a is None or b is None:
+            out.append(f"{key} {a} there, {b} now")
+        else:
+            out.append(f"{key} differ")
+    return out
+
+
+def check_manifest(parts_dir: str, fingerprint: dict, restart: bool, pattern: str, owner: str, mine: str) -> None:
+    """Refuse (one line) parts in `parts_dir` that other settings made: `manifest.json` holds the
+    `fingerprint` of the settings that wrote them. Parts matching `pattern` without a manifest are
+    refused too. Nothing is refused on `restart` (the caller discards the parts)."""
+    if restart or not os.path.isdir(parts_dir):
+        return
+    manifest = os.path.join(parts_dir, MANIFEST)
+    if not os.path.exists(manifest):
+        if glob.glob(os.path.join(parts_dir, pattern)):
+            raise PartsError(f"{parts_dir}: parts without {MANIFEST} (not {mine}); add --restart to discard them")
+        return
+    try:
+        with open(manifest) as fh:
+            old = json.load(fh)["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise PartsError(f"{manifest}: not a readable parts manifest ({type(e).__name__}: {e}); "
+                         "add --restart to discard the parts") from None
+    if old != fingerprint:
+        raise PartsError(f"{parts_dir}: parts of {owner} with other settings ({'; '.join(differences(old, fingerprint))}); "
+                         "rerun with the same settings to resume, or add --restart to discard the parts")
+
+
 def work_dir_for(out: str) -> str:
     """The parts folder of an output path: OUT.parts beside it."""
     return os.path.abspath(out).rstrip(os.sep) + ".parts"
@@ -48,24 +84,7 @@ class SearchParts:
 
     def check(self, restart: bool) -> None:
         """Every rank, before any work: refuse parts of other settings (unless `restart`). Read-only."""
-        manifest = os.path.join(self.work, MANIFEST)
-        if restart or not os.path.isdir(self.work):
-            return
-        if not os.path.exists(manifest):
-            if glob.glob(os.path.join(self.work, "*.npz")):
-                raise PartsError(f"{self.work}: parts without {MANIFEST} (not this command's); add --restart to "
-                                 "discard them")
-            return
-        try:
-            with open(manifest) as fh:
-                old = json.load(fh)["settings"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise PartsError(f"{manifest}: not a readable parts manifest ({type(e).__name__}: {e}); "
-                             "add --restart to discard the parts") from None
-        if old != self.settings:
-            differ = sorted(k for k in set(old) | set(self.settings) if old.get(k) != self.settings.get(k))
-            raise PartsError(f"{self.work}: parts of a run with other settings ({', '.join(differ)} differ); rerun "
-                             "with the same inputs and settings to resume, or add --restart to discard them")
+        check_manifest(self.work, self.settings, restart, "*.npz", "a run", "this command's")
 
     def prepare(self, restart: bool) -> None:
         """Rank 0: discard the parts on `restart`; create WORK and its manifest."""
@@ -76,7 +95,7 @@ class SearchParts:
         os.makedirs(self.work, exist_ok=True)
         for stale in glob.glob(os.path.join(self.work, ".*.tmp-*")):
             os.remove(stale)  # a part being written when a rank died
-        atomic_write_json(os.path.join(self.work, MANIFEST), {"settings": self.settings}, indent=1, sort_keys=True)
+        atomic_write_json(os.path.join(self.work, MANIFEST), {"fingerprint": self.settings}, indent=1, sort_keys=True)
 
     def path(self, stage: str, c: int) -> str:
         return os.path.join(self.work, f"{stage}-{c:06d}.npz")
