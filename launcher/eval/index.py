@@ -266,6 +266,20 @@ def search_rows(parts: SearchParts, pool: Pool, rows: np.ndarray, st: TableSetti
             np.concatenate([o["complete"] for o in out]))
 
 
+RECALL_SAMPLE = 1000
+
+
+def recall_vs_exact(pool: Pool, nbr_rows: np.ndarray, st: TableSettings) -> tuple[float, int]:
+    """(mean fraction of the exact top k that a faiss table's top k holds, notes sampled): up to
+    RECALL_SAMPLE notes, drawn with a fixed seed; printed whenever a faiss backend is used."""
+    from notellm2.launcher.eval.search import overlap_recall
+
+    sample = np.sort(np.random.default_rng(0).permutation(len(pool.ids))[:RECALL_SAMPLE])
+    exact, _, _ = ranked_topk(pool.vectors[sample], sample, pool.keys.group[sample], pool.vectors, pool.keys, st.k,
+                              st.drop_duplicates)
+    return overlap_recall(nbr_rows[sample, :st.k], exact), len(sample)
+
+
 # ----------------------------------------------------------------------------- writing
 
 def write_served(path: str, pool: Pool, nbr_rows: np.ndarray, scores: np.ndarray, k: int, block: int = 65536) -> int:
@@ -319,6 +333,11 @@ def write_index(out_dir: str, pool: Pool, nbr_rows: np.ndarray, scores: np.ndarr
         np.save(os.path.join(tmp, "scores.npy"), scores.astype(np.float32))
         np.save(os.path.join(tmp, "complete.npy"), complete.astype(bool))
         served = write_served(os.path.join(tmp, SERVED), pool, nbr_rows, scores, st.k)
+        if faiss_index is not None:
+            recall, n = recall_vs_exact(pool, nbr_rows, st)
+            manifest = {**manifest, "recall_vs_exact": {"recall": round(recall, 4), "notes": n, "k": st.k}}
+            print(f"[index] {st.backend} recall@{st.k} against exact search on {n} notes: {recall:.4f}",
+                  file=sys.stderr, flush=True)
         index_bytes = os.path.getsize(os.path.join(tmp, "vectors.npy" if faiss_index is None else "faiss.index"))
         manifest = {"format": INDEX_FORMAT, "format_version": FORMAT_VERSION, **manifest,
                     "settings": {**asdict(st), "width": st.width, "dim": int(pool.vectors.shape[1])},
@@ -625,8 +644,6 @@ def _symmetric_insertions(a_rows, a_scores, added, checked, tau_score, tau_order
 
 # ----------------------------------------------------------------------------- neighbors (one-shot table)
 
-RECALL_SAMPLE = 1000
-
 
 def neighbors_command(emb_dir: str, out: str, k: int, backend: str = "exact", chunk: int = 4096,
                       restart: bool = False) -> int:
@@ -650,12 +667,9 @@ def neighbors_command(emb_dir: str, out: str, k: int, backend: str = "exact", ch
         rows = write_served(out, pool, nbr, scores, k)
         parts.remove()
         if index is not None:
-            from notellm2.launcher.eval.search import overlap_recall
-
-            sample = np.sort(np.random.default_rng(0).permutation(len(pool.ids))[:RECALL_SAMPLE])
-            exact, _, _ = ranked_topk(pool.vectors[sample], sample, pool.keys.group[sample], pool.vectors, pool.keys, k)
-            print(f"[neighbors] {backend} recall@{k} against exact search on {len(sample)} notes: "
-                  f"{overlap_recall(nbr[sample], exact):.4f}", file=sys.stderr, flush=True)
+            recall, n = recall_vs_exact(pool, nbr, st)
+            print(f"[neighbors] {backend} recall@{k} against exact search on {n} notes: {recall:.4f}",
+                  file=sys.stderr, flush=True)
         print(f"wrote {out}: {rows} rows ({len(pool.ids)} notes x top {k}, {backend})", flush=True)
     _shutdown()
     return 0

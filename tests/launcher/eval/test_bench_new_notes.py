@@ -20,6 +20,7 @@ def test_bench_new_notes_runs_small_and_the_exact_tables_agree():
     r = json.loads(last[len("RESULT "):])
     assert r["identical"] is True and r["notes_differing"] == 0
     assert set(r["stages"]) == {"build", "update", "rebuild"} and r["ratio"] > 0 and r["target"] == 0.05
+    assert r["startup"]["cpu_s"] > 0 and r["ratio_net_of_startup"] >= 0
     assert r["counts"]["added"] == 60 and r["counts"]["changed"] == 10 and r["counts"]["removed"] == 10
     assert r["index_bytes_per_note"] == 256.0  # 64 float32 per note: the exact index is the vectors
     f = r["faiss"]

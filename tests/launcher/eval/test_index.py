@@ -119,6 +119,9 @@ def test_faiss_update_keeps_a_high_overlap_with_exact_search(tmp_path, backend, 
                  "--out", str(tmp_path / "v2")]) == 0
     assert main(["index", "build", "--embeddings", day2, "--out", str(tmp_path / "exact"), "--k", "10"]) == 0
     assert (tmp_path / "v2" / "faiss.index").exists() and not (tmp_path / "v2" / "vectors.npy").exists()
+    err = capsys.readouterr().err
+    assert f"[index] {backend} recall@10 against exact search on 1000 notes:" in err  # build and update print it
+    assert json.load(open(tmp_path / "v2" / "manifest.json"))["recall_vs_exact"]["notes"] == 1000
     approx, exact = served(tmp_path / "v2"), served(tmp_path / "exact")
     a = approx.groupby("note_id")["neighbor_id"].apply(list)
     e = exact.groupby("note_id")["neighbor_id"].apply(list)
