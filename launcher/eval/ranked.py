@@ -211,29 +211,39 @@ def ranked_topk(queries: np.ndarray, q_self: np.ndarray, q_group: np.ndarray, po
 
 def reverse_insertions(rows: np.ndarray, pool: np.ndarray, keys: PoolKeys, tau_score: np.ndarray,
                        tau_order: np.ndarray, complete: np.ndarray, new_rows: np.ndarray, drop_same_group: bool,
-                       tile: int = 8192) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                       tile: int = 8192, block: int = 512) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For the existing pool rows `rows`, each with its list's last entry (tau_score, tau_order) (or
     `complete`: every eligible row is listed), the new rows `new_rows` that enter its list: those
-    strictly before the last entry in the total order. Returns (row, new row, canonical score) triples.
-    Float32 products find the candidates (within the slack of the last entry), canonical scores decide."""
+    strictly before the last entry in the total order. Returns (row, new row, canonical score) triples,
+    in the order of `rows`. Float32 products find the candidates (within the slack of the last entry),
+    canonical scores decide. Blocks of `block` rows run on worker threads, each single-threaded in
+    torch (two intra-op threads doubled the CPU seconds of these thin products here)."""
+    from notellm2.launcher.eval.search import _map_chunks
+
     slack = score_slack(pool.shape[1])
-    x = torch.from_numpy(np.ascontiguousarray(pool[rows]))
-    out_r, out_a, out_s = [], [], []
-    for a0 in range(0, len(new_rows), tile):
-        a = new_rows[a0:a0 + tile]
-        s32 = torch.mm(x, torch.from_numpy(np.ascontiguousarray(pool[a])).T).numpy()
-        hit = complete[:, None] | (s32 >= (tau_score - slack)[:, None])
-        i, j = np.nonzero(hit)
-        if not len(i):
-            continue
-        r, c = rows[i], a[j]
-        s = canonical_scores(pool[r], pool[c])
-        before = complete[i] | (s > tau_score[i]) | ((s == tau_score[i]) & (keys.order[c] < tau_order[i]))
-        if drop_same_group:
-            before &= keys.group[r] != keys.group[c]
-        out_r.append(r[before])
-        out_a.append(c[before])
-        out_s.append(s[before])
-    if not out_r:
+    thr = np.where(complete, -np.inf, tau_score - slack).astype(np.float32)
+    news = [(new_rows[a0:a0 + tile], torch.from_numpy(np.ascontiguousarray(pool[new_rows[a0:a0 + tile]].T)))
+            for a0 in range(0, len(new_rows), tile)]
+    found: dict = {}
+
+    def one(b0: int, b1: int) -> None:
+        x = torch.from_numpy(np.ascontiguousarray(pool[rows[b0:b1]]))
+        t = torch.from_numpy(thr[b0:b1, None])
+        got = []
+        for a, a_t in news:
+            i, j = (v.numpy() + off for v, off in zip(torch.nonzero(torch.mm(x, a_t) >= t, as_tuple=True), (b0, 0)))
+            if not len(i):
+                continue
+            r, c = rows[i], a[j]
+            s = canonical_scores(pool[r], pool[c])
+            before = complete[i] | (s > tau_score[i]) | ((s == tau_score[i]) & (keys.order[c] < tau_order[i]))
+            if drop_same_group:
+                before &= keys.group[r] != keys.group[c]
+            got.append((r[before], c[before], s[before]))
+        found[b0] = got
+
+    _map_chunks(one, len(rows), block, None, None)
+    parts = [g for b0 in sorted(found) for g in found[b0]]
+    if not parts:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    return np.concatenate(out_r), np.concatenate(out_a), np.concatenate(out_s)
+    return tuple(np.concatenate([p[k] for p in parts]) for k in range(3))
