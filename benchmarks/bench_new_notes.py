@@ -4,8 +4,9 @@ A pool of --pool clustered unit vectors (--dim; 0.5 % of them re-posts of anothe
 same content hash) is day 1. Day 2 deletes --deleted notes, changes --changed (a new vector and
 content hash) and adds --new (the set `notellm2 embed --base` would write: every other vector
 unchanged, bit for bit). Each stage runs the real command in its own process (`python -m
-notellm2.launcher ...`, or torchrun for the rank stage), so its CPU seconds (all threads and ranks)
-and its peak resident memory are its own (os.wait4):
+notellm2.launcher ...`, or torchrun for the rank stage), so its CPU seconds (all threads and ranks,
+os.wait4) and its peak resident memory (the largest VmHWM among its processes, polled every 50 ms)
+are its own:
 
 - build:    `index build` on day 1 (exact), the base of the update;
 - update:   `index update` to day 2 (exact), one process;
@@ -35,6 +36,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -80,6 +82,34 @@ def make_days(work: str, args) -> tuple[str, str]:
     return day1, day2
 
 
+def _hwm(pid: int) -> int:
+    """The high-water mark of a process's resident memory (VmHWM, bytes), 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _watch_hwm(pid: int, peaks: dict, stop: threading.Event, every: float = 0.05) -> None:
+    """Poll the VmHWM of `pid` and its descendants (a rank each under torchrun) until `stop`. The
+    rusage of a forked child would not do: Linux carries the parent's resident peak across fork and
+    exec into the child's ru_maxrss, and this parent holds the two embedding sets."""
+    import psutil
+
+    while not stop.is_set():
+        try:
+            procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+        except psutil.Error:
+            procs = []
+        for p in procs:
+            peaks[p.pid] = max(peaks.get(p.pid, 0), _hwm(p.pid))
+        stop.wait(every)
+
+
 def run_stage(name: str, argv: list[str], nproc: int = 0, log=print, cmd: list[str] | None = None) -> dict:
     """Run a notellm2 command in its own process (nproc 0) or under torchrun (or `cmd` as it is); CPU
     seconds and peak RSS of it and its ranks (os.wait4 counts the reaped descendants)."""
@@ -93,14 +123,20 @@ def run_stage(name: str, argv: list[str], nproc: int = 0, log=print, cmd: list[s
         cmd = [sys.executable, "-m", "notellm2.launcher", *argv]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    peaks: dict = {}
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch_hwm, args=(proc.pid, peaks, stop), daemon=True)
+    watcher.start()
     out = proc.stdout.read()
+    stop.set()
+    watcher.join()
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{name}: {' '.join(cmd)} exited {proc.returncode}\n{out[-3000:]}")
     stage = {"cpu_s": round(usage.ru_utime + usage.ru_stime, 2), "wall_s": round(wall, 2),
-             "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+             "peak_rss_mb": round(max(peaks.values(), default=0) / 2 ** 20, 1)}
     log(f"{name:>16}: {stage['cpu_s']:9.2f} CPU s ({stage['wall_s']:9.2f} s wall), peak RSS {stage['peak_rss_mb']:8.1f} MB"
         f"   {out.strip().splitlines()[-1] if out.strip() else ''}")
     return stage
