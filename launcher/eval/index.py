@@ -58,7 +58,7 @@ SERVED = "related.parquet"
 SEARCH_COLLECTIVE_TIMEOUT_S = 1800
 
 
-class IndexError_(UserError, ValueError):
+class SearchIndexError(UserError, ValueError):
     """An index folder or settings the command refuses (one line)."""
 
 
@@ -123,7 +123,7 @@ def load_set(emb_dir: str, need_hashes: bool) -> EmbeddingSet:
 
     ids, emb = load_embeddings(emb_dir)
     if len(set(ids)) != len(ids):
-        raise IndexError_(f"{emb_dir}: the embeddings hold duplicate note ids")
+        raise SearchIndexError(f"{emb_dir}: the embeddings hold duplicate note ids")
     source = read_set_source(emb_dir, need_hashes=need_hashes)
     hashes = source.hashes
     if hashes is None:
@@ -158,12 +158,12 @@ def build_faiss(pool: Pool, st: TableSettings):
     elif st.backend == "faiss-ivfpq":
         m = st.pq_m or max(1, d // 4)
         if d % m:
-            raise IndexError_(f"--pq-m {m}: must divide the vectors' dimension {d}")
+            raise SearchIndexError(f"--pq-m {m}: must divide the vectors' dimension {d}")
         nbits = int(min(8, max(1, math.floor(math.log2(max(2, n))))))
         index = faiss.IndexIVFPQ(quantizer, d, nlist, m, nbits, faiss.METRIC_INNER_PRODUCT)
         train_n = max(64 * nlist, 256 * 39)
     else:
-        raise IndexError_(f"--backend {st.backend}: allowed {', '.join(NEIGHBOR_BACKENDS)}")
+        raise SearchIndexError(f"--backend {st.backend}: allowed {', '.join(NEIGHBOR_BACKENDS)}")
     rng = np.random.default_rng(st.seed)
     x = pool.vectors
     index.train(x if n <= train_n else x[np.sort(rng.choice(n, train_n, replace=False))])
@@ -370,9 +370,9 @@ def read_index(folder: str) -> Index:
     from notellm2.launcher.eval.provenance import read_json
 
     path = os.path.join(folder, "manifest.json")
-    manifest = read_json(path, "not a finished `notellm2 index build|update` folder", IndexError_)
+    manifest = read_json(path, "not a finished `notellm2 index build|update` folder", SearchIndexError)
     if not isinstance(manifest, dict) or manifest.get("format") != INDEX_FORMAT:
-        raise IndexError_(f"{path}: not a notellm2 index manifest (format {manifest.get('format')!r})")
+        raise SearchIndexError(f"{path}: not a notellm2 index manifest (format {manifest.get('format')!r})")
     raw = dict(manifest["settings"])
     st = TableSettings(**{k: raw[k] for k in TableSettings.__dataclass_fields__})
     with open(os.path.join(folder, "ids.txt"), encoding="utf-8") as fh:
@@ -394,14 +394,14 @@ def read_index(folder: str) -> Index:
 
 def _check_out(out_dir: str) -> None:
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-        raise IndexError_(f"--out {out_dir}: exists; each version goes to a new folder (keep the previous one to "
+        raise SearchIndexError(f"--out {out_dir}: exists; each version goes to a new folder (keep the previous one to "
                           "roll back to)")
 
 
 def build_command(emb_dir: str, out_dir: str, st: TableSettings, chunk: int = 4096, restart: bool = False) -> int:
     """`notellm2 index build`: every rank runs it."""
     if st.backend not in INDEX_BACKENDS:
-        raise IndexError_(f"--backend {st.backend}: an index must remove vectors; allowed {', '.join(INDEX_BACKENDS)} "
+        raise SearchIndexError(f"--backend {st.backend}: an index must remove vectors; allowed {', '.join(INDEX_BACKENDS)} "
                           "(HNSW cannot remove them: use it through `notellm2 neighbors`)")
     _check_settings(st, chunk)
     _check_out(out_dir)
@@ -441,12 +441,12 @@ def _work(out: str) -> str:
 
 def _check_settings(st: TableSettings, chunk: int) -> None:
     if st.k < 1 or st.reserve < 0 or chunk < 1:
-        raise IndexError_(f"--k {st.k}, --reserve {st.reserve}, --chunk {chunk}: need k >= 1, reserve >= 0, chunk >= 1")
+        raise SearchIndexError(f"--k {st.k}, --reserve {st.reserve}, --chunk {chunk}: need k >= 1, reserve >= 0, chunk >= 1")
 
 
 def _check_k(st: TableSettings, n: int) -> None:
     if not 1 <= st.k <= n - 1:
-        raise IndexError_(f"--k {st.k}: must be between 1 and the number of notes minus one ({n - 1})")
+        raise SearchIndexError(f"--k {st.k}: must be between 1 and the number of notes minus one ({n - 1})")
 
 
 # ----------------------------------------------------------------------------- update
@@ -482,7 +482,7 @@ def plan_update(old: Index, emb: EmbeddingSet) -> UpdatePlan:
         moved = ~np.all(old.pool.vectors[survivors] == emb.vectors[new_row[survivors]], axis=1)
         if moved.any():
             first = old_ids[survivors[np.flatnonzero(moved)[0]]]
-            raise IndexError_(f"{emb.folder}: {int(moved.sum())} notes keep their content hash but have other vectors "
+            raise SearchIndexError(f"{emb.folder}: {int(moved.sum())} notes keep their content hash but have other vectors "
                               f"(first: {first}); the set was not made from the index's set by `embed --base`: "
                               "build the index again")
     next_label = int(old.manifest.get("next_label", int(old.pool.labels.max(initial=-1)) + 1))
@@ -544,7 +544,7 @@ def update_command(index_dir: str, emb_dir: str, out_dir: str, chunk: int = 4096
 
     _check_out(out_dir)
     if chunk < 1:
-        raise IndexError_(f"--chunk {chunk}: must be >= 1")
+        raise SearchIndexError(f"--chunk {chunk}: must be >= 1")
     t0 = time.time()
     old = read_index(index_dir)
     st = old.settings
@@ -651,9 +651,9 @@ def neighbors_command(emb_dir: str, out: str, k: int, backend: str = "exact", ch
     runs it; the output equals one rank's). With a faiss backend, rank 0 then prints the table's overlap
     with exact search on up to 1,000 sampled notes."""
     if backend not in NEIGHBOR_BACKENDS:
-        raise IndexError_(f"--backend {backend}: allowed {', '.join(NEIGHBOR_BACKENDS)}")
+        raise SearchIndexError(f"--backend {backend}: allowed {', '.join(NEIGHBOR_BACKENDS)}")
     if chunk < 1:
-        raise IndexError_(f"--chunk {chunk}: must be >= 1")
+        raise SearchIndexError(f"--chunk {chunk}: must be >= 1")
     emb = load_set(emb_dir, need_hashes=False)
     st = TableSettings(k=k, reserve=0, backend=backend)
     _check_k(st, len(emb.ids))
