@@ -35,6 +35,7 @@ VERBS: VerbTable = {
         "simulate-views": "notellm2.launcher.cli.data.simulate_views",
         "mine-pairs": "notellm2.launcher.cli.data.mine_pairs",
         "write-shards": "notellm2.launcher.cli.data.write_shards",
+        "write-notes": "notellm2.launcher.cli.data.write_notes",
         "import-pairs": "notellm2.launcher.cli.data.import_pairs",
         "cache-vision": "notellm2.launcher.cli.data.cache_vision",
         "note-stats": "notellm2.launcher.cli.data.note_stats",
@@ -44,13 +45,18 @@ VERBS: VerbTable = {
     "embed": "notellm2.launcher.cli.embed",
     "eval": "notellm2.launcher.cli.eval",
     "neighbors": "notellm2.launcher.cli.neighbors",
+    "index": {
+        "build": "notellm2.launcher.cli.index.build",
+        "update": "notellm2.launcher.cli.index.update",
+    },
     "plan": "notellm2.launcher.cli.plan",
     "analyze": "notellm2.launcher.cli.analyze",
 }
 
 GROUP_HELP = {
+    "index": "a persisted search index and its related-notes table: build, update",
     "data": "data preparation: validate, import-openclipart, simulate-views, mine-pairs, import-pairs, write-shards, "
-            "cache-vision, note-stats",
+            "write-notes, cache-vision, note-stats",
 }
 
 

@@ -38,13 +38,18 @@ def _run(args) -> int:
                          part_every=getattr(args, "part_every", DEFAULT_PART_EVERY),
                          restart=getattr(args, "restart", False), device=getattr(args, "device", "cpu"),
                          dtype=getattr(args, "dtype", "float32"), vision_cache=getattr(args, "vision_cache", None),
-                         trust_code=getattr(args, "trust_code", False), tower_path=getattr(args, "tower_path", None))
+                         trust_code=getattr(args, "trust_code", False), tower_path=getattr(args, "tower_path", None),
+                         base=getattr(args, "base", None))
 
 
 def register(sub) -> None:
     p = sub.add_parser("embed", help="embed the notes of a notes shard set (exported model or untrained baseline)")
     p.add_argument("--model", help="directory written by `notellm2 export`")
-    p.add_argument("--shards", help="notes shards (glob, brace pattern); default data.notes_shards of --config")
+    p.add_argument("--shards", help="notes shards (glob, brace pattern; with --base also a `data write-notes` folder); "
+                                    "default data.notes_shards of --config")
+    p.add_argument("--base", default=None, metavar="EMB_DIR",
+                   help="an earlier embedding set of the same model and mode: embed only the notes of --shards that are "
+                        "new or changed, drop the deleted ones, reuse the rest (docs/new_notes.md)")
     p.add_argument("--out", required=True, help="output folder (embeddings.npy, ids.txt, embeddings.json)")
     p.add_argument("--mode", choices=PROBE_MODES, default="both",
                    help="probe: both inputs, the text alone, or the image alone (notes without an image are left out)")

@@ -16,8 +16,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import glob
-import hashlib
-import json
 import os
 import shutil
 import signal
@@ -197,12 +195,9 @@ def parts_fingerprint(model_dir: str | None, cfg, shards: str, mode: str, world_
                 files.append([os.path.relpath(os.path.join(dirpath, name), root), st.st_size, st.st_mtime_ns])
         model = {"export": root, "files": files}
     else:
-        from notellm2.launcher.config import config_to_dict
+        from notellm2.launcher.eval.provenance import untrained_fingerprint
 
-        d = config_to_dict(cfg)
-        blob = json.dumps({"model": d["model"], "loss": d["loss"], "seed": d["train"]["seed"]}, sort_keys=True,
-                          default=str)
-        model = {"untrained_config_sha256": hashlib.sha256(blob.encode()).hexdigest()}
+        model = {"untrained_config_sha256": untrained_fingerprint(cfg).rpartition(":")[2]}
     shard_list = []
     for path in expand_shards(shards):
         st = os.stat(path)
@@ -212,40 +207,12 @@ def parts_fingerprint(model_dir: str | None, cfg, shards: str, mode: str, world_
             **({"vision_cache": os.path.abspath(data_cfg.vision_cache)} if data_cfg.vision_cache else {})}
 
 
-def _differences(old: dict, new: dict) -> list[str]:
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if a == b:
-            continue
-        if isinstance(a, (int, str)) and isinstance(b, (int, str)) or a is None or b is None:
-            out.append(f"{key} {a} there, {b} now")
-        else:
-            out.append(f"{key} differ")
-    return out
-
-
 def check_parts(out_dir: str, fingerprint: dict, restart: bool) -> None:
     """Refuse (UserError) parts in OUT/parts that another run's settings made, unless `restart`
     (rank 0 then discards them). Read-only: every rank calls it before the process group starts."""
-    parts_dir = os.path.join(out_dir, PARTS_DIR)
-    if restart or not os.path.isdir(parts_dir):
-        return
-    manifest = os.path.join(parts_dir, PARTS_MANIFEST)
-    hint = "rerun with the same settings to resume, or add --restart to discard the parts"
-    if not os.path.exists(manifest):
-        if glob.glob(os.path.join(parts_dir, "rank*.npz")):
-            raise UserError(f"{parts_dir}: parts without {PARTS_MANIFEST} (not this embed's); add --restart to discard them")
-        return
-    try:
-        with open(manifest) as fh:
-            old = json.load(fh)["fingerprint"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{manifest}: not a readable parts manifest ({type(e).__name__}: {e}); "
-                        "add --restart to discard the parts") from None
-    if old != fingerprint:
-        raise UserError(f"{parts_dir}: parts of an embed with other settings ({'; '.join(_differences(old, fingerprint))}); "
-                        f"{hint}")
+    from notellm2.launcher.eval.search_parts import check_manifest
+
+    check_manifest(os.path.join(out_dir, PARTS_DIR), fingerprint, restart, "rank*.npz", "an embed", "this embed's")
 
 
 def prepare_parts(out_dir: str, fingerprint: dict, restart: bool) -> str:
@@ -281,9 +248,10 @@ def remove_parts(parts_dir: str) -> None:
 
 
 def assemble_parts(out_dir: str, parts_dir: str, world_size: int, n_parts: int, part_every: int,
-                   n_batches: int, meta: dict, dtype: str) -> tuple[int, int, int]:
+                   n_batches: int, meta: dict, dtype: str, shards=None) -> tuple[int, int, int]:
     """Rank 0: the final files from every rank's parts (rank order, then part order), streamed into
-    place. Returns (notes, dim, left out for want of an image)."""
+    place; with `shards`, each note's content hash from them (launcher/eval/provenance.py) first.
+    Returns (notes, dim, left out for want of an image)."""
     paths = [part_path(parts_dir, r, k) for r in range(world_size) for k in range(n_parts)]
     missing = [p for p in paths if not os.path.exists(p)]
     if missing:
@@ -301,9 +269,21 @@ def assemble_parts(out_dir: str, parts_dir: str, world_size: int, n_parts: int, 
         raise RuntimeError(f"embed: {len(ids) - len(set(ids))} notes were embedded twice")
     if meta.get("mode") == "image":
         meta = {**meta, "left_out_no_image": no_image}
+    if shards is not None:
+        meta = {**meta, **content_hashes_of(out_dir, ids, shards)}
     chunks = (read_part(p)[1] for p in paths)
     save_embedding_chunks(out_dir, ids, dim, chunks, meta, dtype)
     return len(ids), dim, no_image
+
+
+def content_hashes_of(out_dir: str, ids: list[str], shards) -> dict:
+    """Write the content hash of each of `ids` (read from `shards`) beside the vectors; returns the
+    embeddings.json entry (launcher/eval/provenance.py)."""
+    from notellm2.data_shards.reader.content_hash import shard_content_hashes
+    from notellm2.launcher.eval.provenance import hashes_for, write_content_hashes
+
+    known_ids, known = shard_content_hashes(shards)
+    return write_content_hashes(out_dir, hashes_for(ids, known_ids, known, out_dir))
 
 
 def run_embed(note_model, vision_tower, prompter, shards, out_dir: str, data_cfg: DataConfig, batch_size: int,
@@ -358,7 +338,7 @@ def run_embed(note_model, vision_tower, prompter, shards, out_dir: str, data_cfg
     if rank == 0:
         info = {"mode": mode, "world_size": world_size, **meta}
         count, dim, left = assemble_parts(out_dir, parts_dir, world_size, n_parts, part_every, n_batches, info,
-                                          dtype)
+                                          dtype, shards=shards)
         remove_parts(parts_dir)
         print(f"embedded {count} notes ({dim} dims, mode {mode}, stored as {dtype}) "
               f"in {time.time() - t0:.1f} s -> {os.path.abspath(out_dir)}")
@@ -446,7 +426,7 @@ def embed_command(model_dir: str | None, cfg, config_path: str | None, shards: s
                   mode: str = "both", batch_size: int = 32, num_workers: int = 1,
                   part_every: int = DEFAULT_PART_EVERY, restart: bool = False, device: str = "cpu",
                   dtype: str = "float32", vision_cache: str | None = None, trust_code: bool = False,
-                  tower_path: str | None = None) -> int:
+                  tower_path: str | None = None, base: str | None = None) -> int:
     """`notellm2 embed`: the user's mistakes (a probe the variant lacks, no shards, --device cuda without
     a GPU, parts left by other settings) are refused before any rank starts or loads a model; then
     every rank (torchrun / srun, or one process) embeds its share into parts under OUT/parts, resuming
@@ -470,14 +450,27 @@ def embed_command(model_dir: str | None, cfg, config_path: str | None, shards: s
         data_cfg = dataclasses.replace(data_cfg, vision_cache=vision_cache)
     topo = distributed.detect_topology()
     torch_device = embed_device(topo, device)
+    if os.path.isdir(shards) and not base:  # a `notellm2 data write-notes` folder: its shards
+        from notellm2.data_shards.writing.notes_only import read_notes_set
+
+        shards = read_notes_set(shards).shards
+    if base:  # only the new and changed notes (launcher/eval/delta.py)
+        from notellm2.launcher.eval.delta import delta_embed
+
+        return delta_embed(model_dir, cfg, config_path, shards, base, out_dir, data_cfg, topo, torch_device, mode,
+                           batch_size, part_every, restart, dtype)
     fingerprint = parts_fingerprint(model_dir, cfg, shards, mode, topo.world_size, batch_size, part_every, data_cfg)
     check_parts(out_dir, fingerprint, restart)
+    from notellm2.launcher.eval.provenance import model_fingerprint
+
+    model_fp = model_fingerprint(model_dir, cfg)
     if topo.world_size > 1:
         # The shared start-up (the trainer's): under NCCL the rank's CUDA device is set before the group
         # starts, before anything below touches CUDA; DeepSpeed's comm layer is not needed here.
         distributed.init_distributed(topo, timeout_s=EMBED_COLLECTIVE_TIMEOUT_S, deepspeed_comm=False)
     note_model, tower, prompter, image_size, source = load_embedder(model_dir, cfg, config_path, torch_device,
                                                                     trust_code=trust_code, tower_path=tower_path)
+    source = {**source, "fingerprint": model_fp}  # launcher/eval/provenance.py
     check_embed_cache(data_cfg.vision_cache, tower, "--vision-cache" if vision_cache else "data.vision_cache")
     rc = run_embed(note_model, tower, prompter, shards, out_dir, data_cfg, batch_size, mode,
                    topo.rank, topo.world_size, image_size, source, part_every=part_every,

@@ -34,7 +34,6 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from notellm2.files import commit_file, temporary_name
 
 GROUP = 32  # columns per group maximum; 16 was slower (the reduction vectorises over 32 floats)
 QUERY_CHUNK = 64
@@ -342,60 +341,3 @@ def overlap_recall(approx_idx: torch.Tensor, exact_idx: torch.Tensor) -> float:
     a, e = np.asarray(approx_idx), np.asarray(exact_idx)
     hits = sum(len(np.intersect1d(x, y, assume_unique=False)) for x, y in zip(a, e))
     return hits / e.size if e.size else 1.0
-
-
-# --------------------------------------------------------------------- the related-notes table
-def write_related_table(ids: list[str], emb, out_path: str, k: int, backend: str = "exact",
-                        query_chunk: int = 4096, progress: Progress = None, log=None) -> dict:
-    """Each note's k nearest other notes by cosine, as parquet rows (note_id, neighbor_id, rank,
-    score), rank 1 the nearest; never the note itself. Written to a temporary file beside
-    `out_path` and moved into place when complete. Returns counts (and faiss's recall against
-    exact search on up to 1,000 sampled notes, which it also logs)."""
-    import os
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"{out_path}: the embeddings hold duplicate note ids")
-    if not 1 <= k <= len(ids) - 1:
-        raise ValueError(f"--k {k}: must be between 1 and the number of notes minus one ({len(ids) - 1})")
-    pool = torch.nn.functional.normalize(_as_float(emb), dim=1)
-    index = faiss_index(pool, backend) if backend != "exact" else None
-    ids_arr = pa.array(ids, pa.string())
-    schema = pa.schema([("note_id", pa.string()), ("neighbor_id", pa.string()), ("rank", pa.int32()),
-                        ("score", pa.float32())])
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    tmp = temporary_name(out_path)
-    rank_col = np.tile(np.arange(1, k + 1, dtype=np.int32), min(query_chunk, len(ids)))
-    rows = 0
-    try:
-        with pq.ParquetWriter(tmp, schema) as w:
-            for q0, q1 in _blocks(len(ids), query_chunk):
-                ex = torch.arange(q0, q1)
-                if index is None:
-                    v, i = exact_topk(pool[q0:q1], pool, k, exclude=ex, progress=progress)
-                else:
-                    v, i = faiss_topk(pool[q0:q1], pool, k, backend, exclude=ex, index=index,
-                                      query_chunk=256, progress=progress)
-                keep = (i >= 0).reshape(-1).numpy()
-                note = np.repeat(np.arange(q0, q1), k)[keep]
-                nb = i.reshape(-1).numpy()[keep]
-                w.write_table(pa.table({"note_id": ids_arr.take(note), "neighbor_id": ids_arr.take(nb),
-                                        "rank": rank_col[:(q1 - q0) * k][keep],
-                                        "score": v.reshape(-1).numpy().astype(np.float32)[keep]}, schema=schema))
-                rows += int(keep.sum())
-        commit_file(tmp, out_path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    info = {"notes": len(ids), "k": k, "rows": rows, "backend": backend}
-    if index is not None:
-        sample = torch.randperm(len(ids), generator=torch.Generator().manual_seed(0))[:1000]
-        _, exact = exact_topk(pool[sample], pool, k, exclude=sample)
-        _, approx = faiss_topk(pool[sample], pool, k, backend, exclude=sample, index=index)
-        info["recall_vs_exact"] = overlap_recall(approx, exact)
-        if log is not None:
-            log(f"[neighbors] {backend} recall@{k} against exact search on {len(sample)} notes: "
-                f"{info['recall_vs_exact']:.4f}")
-    return info

@@ -62,6 +62,14 @@ RUN = [
     "notellm2 data cache-vision --config run.yaml --shards data/shards/pairs-train-*.tar --shards "
     "data/shards/notes-test-*.tar --flip --out data/shards/vision-cache",
     "notellm2 data note-stats --shards shards_dir",
+    # docs/new_notes.md, the daily loop's runbook (A/daily: a 120-note catalog, day 0 and day 1 built in tiny_inputs)
+    "notellm2 data write-notes --catalog catalog/notes.jsonl --out notes/2026-12-07",
+    "notellm2 embed --model encoder --shards notes/2026-12-07 --out emb/2026-12-07",
+    "notellm2 index build --embeddings emb/2026-12-07 --out index/2026-12-07 --k 100 --drop-duplicates",
+    "notellm2 data write-notes --catalog catalog/new-2026-12-08.jsonl --deleted catalog/deleted-2026-12-08.txt "
+    "--out notes/2026-12-08",
+    "notellm2 embed --model encoder --shards notes/2026-12-08 --base emb/2026-12-07 --out emb/2026-12-08",
+    "notellm2 index update --index index/2026-12-07 --embeddings emb/2026-12-08 --out index/2026-12-08",
 ]
 
 ALLOWLIST = {
@@ -113,6 +121,11 @@ PATHS = {
     "analysis/": "A/analysis/",
     "my.yaml": os.path.join(REPO, "configs", "paper_scale.yaml"),
     "run.yaml": "A/run.yaml",
+    "catalog/": "A/daily/catalog/",
+    "notes/": "A/daily/notes/",
+    "emb/": "A/daily/emb/",
+    "index/": "A/daily/index/",
+    "encoder": "A/export",
 }
 
 
@@ -281,6 +294,7 @@ def tiny_inputs(tmp_path_factory):
     save_embeddings(str(a / "emb"), ids, vec / np.linalg.norm(vec, axis=1, keepdims=True))
     big = np.random.default_rng(1).normal(size=(150, 8)).astype(np.float32)  # neighbors --k 100 needs > 100 notes
     save_embeddings(str(a / "emb_big"), [f"x{i}" for i in range(150)], big / np.linalg.norm(big, axis=1, keepdims=True))
+    daily_loop(a)
     from tests.helpers.configs import write_tiny_config
     from tests.helpers.models import make_tiny_clip_dir
 
@@ -290,6 +304,41 @@ def tiny_inputs(tmp_path_factory):
                                        "data.val_shards": f"{shards}/pairs-val-*.tar",
                                        "data.notes_shards": f"{shards}/notes-test-*.tar", "data.num_workers": 0})
     return root
+
+
+def daily_loop(a) -> None:
+    """A/daily for docs/new_notes.md's runbook: a 120-note catalog, a day's changes (3 edited, 5 new notes, 2
+    deleted), and every folder the runbook's lines read, written by the same commands (each line then runs
+    again on its own)."""
+    from notellm2.data_shards.catalog.synthetic import make_synthetic_catalog
+    from notellm2.launcher.cli import main
+
+    daily = a / "daily"
+    cat = make_synthetic_catalog(str(daily / "catalog"), n_notes=128, n_categories=4, image_size=32)
+    notes = [json.loads(line) for line in open(cat)]
+    (daily / "catalog" / "notes.jsonl").write_text("".join(json.dumps(n) + "\n" for n in notes[:120]))
+    edited = [dict(n, title=n["title"] + " (edited)") for n in notes[10:13]]
+    (daily / "catalog" / "new-2026-12-08.jsonl").write_text("".join(json.dumps(n) + "\n" for n in edited + notes[120:125]))
+    (daily / "catalog" / "deleted-2026-12-08.txt").write_text(f"{notes[0]['note_id']}\n{notes[1]['note_id']}\n")
+    d = str(daily)
+    assert main(["data", "write-notes", "--catalog", f"{d}/catalog/notes.jsonl", "--out", f"{d}/notes/2026-12-07"]) == 0
+    # day 0's embedding set: random vectors with the export's fingerprint and the notes' content hashes (what
+    # `embed` would record; its own line runs below), so that the fixture embeds 120 notes once, not twice
+    from notellm2.data_shards.reader.content_hash import shard_content_hashes
+    from notellm2.launcher.eval.evaluate import save_embeddings
+    from notellm2.launcher.eval.provenance import export_fingerprint, write_content_hashes
+
+    ids, hashes = shard_content_hashes(f"{d}/notes/2026-12-07/notes-catalog-*.tar")
+    meta = {"mode": "both", "fingerprint": export_fingerprint(str(a / "export")),
+            **write_content_hashes(f"{d}/emb/2026-12-07", hashes)}
+    vec = np.random.default_rng(2).normal(size=(len(ids), 8)).astype(np.float32)
+    save_embeddings(f"{d}/emb/2026-12-07", ids, vec / np.linalg.norm(vec, axis=1, keepdims=True), meta)
+    for argv in (["index", "build", "--embeddings", f"{d}/emb/2026-12-07", "--out", f"{d}/index/2026-12-07", "--k", "100"],
+                 ["data", "write-notes", "--catalog", f"{d}/catalog/new-2026-12-08.jsonl", "--deleted",
+                  f"{d}/catalog/deleted-2026-12-08.txt", "--out", f"{d}/notes/2026-12-08"],
+                 ["embed", "--model", str(a / "export"), "--shards", f"{d}/notes/2026-12-08", "--base",
+                  f"{d}/emb/2026-12-07", "--out", f"{d}/emb/2026-12-08"]):
+        assert main(argv) == 0, argv
 
 
 @pytest.mark.parametrize("command", RUN)
@@ -339,6 +388,15 @@ def _check_output(argv: list[str], out: str | None, stdout: str) -> None:
         runs = [a.split("=")[0] if "=" in a else os.path.basename(a) for a in argv[argv.index("--embeddings") + 1:]
                 if not a.startswith("--")][:1]
         assert runs and f"{runs[0]}: pool " in stdout and "queries" in stdout, stdout[-2000:]
+    elif verb == ["data", "write-notes"]:
+        manifest = json.load(open(os.path.join(out, "manifest.json")))
+        assert manifest["format"] == "notellm2-notes" and manifest["counts"]["notes_written"] > 0
+    elif verb == ["index"]:
+        manifest = json.load(open(os.path.join(out, "manifest.json")))
+        table = pd.read_parquet(os.path.join(out, "related.parquet"))
+        k = manifest["settings"]["k"]
+        assert manifest["counts"]["notes"] == table["note_id"].nunique() > k and len(table) == k * manifest["counts"]["notes"]
+        assert manifest["version"] == (2 if argv[1] == "update" else 1) and manifest["fingerprint"]
     elif verb == ["data", "cache-vision"]:
         assert os.path.isfile(os.path.join(out, "cache.json"))
     elif verb == ["analyze"]:

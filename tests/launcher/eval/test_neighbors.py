@@ -57,23 +57,12 @@ def test_a_bad_k_is_one_line_and_leaves_the_old_table(tmp_path, capsys):
     assert out.read_bytes() == b"old"
 
 
-def test_progress_counts_every_note(tmp_path, capsys):
-    """The search reports every note once, in chunks; the verb's tqdm bar ends at the note count."""
-    import numpy as np
-    import torch
-
-    from notellm2.launcher.cli import main
-    from notellm2.launcher.eval.evaluate import save_embedding_chunks
-    from notellm2.launcher.eval.search import write_related_table
-
-    seen = []
-    ids = [f"n{i}" for i in range(150)]
-    write_related_table(ids, torch.randn(150, 4), str(tmp_path / "r.parquet"), 3, query_chunk=40,
-                        progress=seen.append)
-    assert sum(seen) == 150 and len(seen) == 4
+def test_progress_counts_every_chunk(tmp_path, capsys):
+    """The search reports every chunk of notes once; the bar ends at the chunk count."""
     vectors = np.random.default_rng(0).standard_normal((150, 4)).astype(np.float32)
-    save_embedding_chunks(str(tmp_path / "emb"), ids, 4, [vectors / np.linalg.norm(vectors, axis=1, keepdims=True)])
+    save_embeddings(str(tmp_path / "emb"), [f"n{i}" for i in range(150)], vectors)
     assert main(["neighbors", "--embeddings", str(tmp_path / "emb"), "--k", "3", "--chunk", "40",
                  "--out", str(tmp_path / "r2.parquet")]) == 0
     err = capsys.readouterr().err
-    assert "neighbors: 100%" in err and "150/150" in err
+    assert "neighbors: 100%" in err and "4/4" in err
+    assert len(pd.read_parquet(tmp_path / "r2.parquet")) == 450 and not (tmp_path / "r2.parquet.parts").exists()
