@@ -199,27 +199,39 @@ class _WaitingStream(torch.utils.data.IterableDataset):
         return iter(())
 
 
-def test_a_stalled_rank_gets_its_forked_loader_workers_stacks(capfd):
+def test_a_stalled_rank_gets_its_forked_loader_workers_stacks(tmp_path):
     """The watchdog's last words include the loader workers' stacks: a forked worker (data_shards'
-    start_workers) prints its own on STACKS_SIGNAL, and signal_forked_workers finds and signals it."""
+    start_workers) prints its own on STACKS_SIGNAL, and signal_forked_workers finds and signals it.
+
+    The worker writes to fd 2. The test points fd 2 at a file of its own, opened for appending, and reads
+    it through a second handle: pytest's capfd truncates its capture file on every read, and a write
+    that the forked worker made between the read and the truncation was lost (CI saw the stack's header
+    vanish this way)."""
     import time
 
     from notellm2.data_shards.reader.workers import start_workers
     from notellm2.launcher.distributed import signal_forked_workers
 
-    stream = _WaitingStream()
-    it = start_workers(stream, num_workers=1, start_method="fork")
+    log = tmp_path / "worker_stderr.log"
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    saved = os.dup(2)
+    os.dup2(fd, 2)
+    stream, it = _WaitingStream(), None
     try:
+        it = start_workers(stream, num_workers=1, start_method="fork")
         assert stream.started.wait(60), "the loader worker never started its stream"
         sent = signal_forked_workers()
         assert len(sent) == 1, sent
-        # the worker writes its stacks from a signal handler (no event to wait on): read its stderr until
+        # the worker writes its stacks from a signal handler (no event to wait on): read the file until
         # they are there, however long that takes on a loaded box
         err, deadline = "", time.monotonic() + 60
         while "in __iter__" not in err and time.monotonic() < deadline:
-            err += capfd.readouterr().err
+            err = log.read_text(errors="replace")
             time.sleep(0.05)  # the poll interval of this condition, not a guess at how long the worker needs
         assert "(most recent call first)" in err and "in __iter__" in err, err
     finally:
         stream.stop.set()
-        del it
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(fd)
+    del it
