@@ -70,8 +70,44 @@ def _collect_rank_logs(log_dir: str) -> dict:
     return logs
 
 
+def kill_tree(pid: int) -> list[int]:
+    """SIGKILL `pid`, its process group and every process below it; returns the PIDs killed.
+
+    torchrun starts each rank in a session of its own (its subprocess handler passes start_new_session),
+    so killing torchrun's process group alone missed the ranks: two ranks of harness_cases:rank1_hangs were
+    still alive 15 minutes after a suite ended. The tree is frozen first (SIGSTOP), so that nothing in it
+    forks a process (a loader worker) between the listing and the kill, then listed again and killed."""
+    import psutil
+
+    def tree() -> list:
+        try:
+            root = psutil.Process(pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    for p in tree():
+        try:
+            p.suspend()
+        except psutil.Error:
+            pass
+    procs = tree()
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:
+        pass
+    psutil.wait_procs(procs, timeout=10)
+    return [p.pid for p in procs]
+
+
 def launch(cmd: list[str], timeout: float, env: dict | None = None, cwd: str | None = None) -> tuple[int, str, float]:
-    """Run `cmd` in its own process group; on timeout kill the whole group. Returns (rc, output, elapsed)."""
+    """Run `cmd` in its own process group; on timeout kill it and every process below it (kill_tree).
+    Returns (rc, output, elapsed)."""
     start = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=cwd or REPO,
                             start_new_session=True, text=True, errors="replace")
@@ -79,10 +115,10 @@ def launch(cmd: list[str], timeout: float, env: dict | None = None, cwd: str | N
         out, _ = proc.communicate(timeout=timeout)
         rc = proc.returncode
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        killed = kill_tree(proc.pid)
         out, _ = proc.communicate()
         rc = -9
-        out += f"\n[multirank] TIMEOUT after {timeout}s: killed the process group\n"
+        out += f"\n[multirank] TIMEOUT after {timeout}s: killed the launcher and every process below it ({len(killed)})\n"
     return rc, out, time.monotonic() - start
 
 
