@@ -486,5 +486,4 @@ def embed_command(model_dir: str | None, cfg, config_path: str | None, shards: s
     rc = run_embed(note_model, tower, prompter, shards, out_dir, data_cfg, batch_size, mode,
                    topo.rank, topo.world_size, image_size, source, part_every=part_every,
                    fingerprint=fingerprint, restart=restart, dtype=dtype)
-    distributed.shutdown()
-    return rc
+    return rc  # the process group ends in launcher.cli.main (launcher.distributed.shutdown)

@@ -8,24 +8,18 @@ from launcher.cli import add_config_args, config_from_args
 
 def _run(args) -> int:
     from launcher.components import load_factory
-    from launcher.distributed import shutdown
     from launcher.preemption import PREEMPTED_EXIT_CODE, Preempted
     from launcher.train import train
 
     cfg = config_from_args(args)
     factory = load_factory(args.components) if args.components else None
 
+    # The process group ends in launcher.cli.main, on this verb's every way out (launcher.distributed.shutdown).
     try:
         train(cfg, factory=factory)  # a CheckpointError (the user's run dir) is reported by launcher.cli.main
-        code = 0
     except Preempted:
-        code = PREEMPTED_EXIT_CODE
-    # End the process group while the interpreter is whole: left to the interpreter's exit, gloo's worker
-    # threads outlived it and a finished run died of SIGABRT ("terminate called without an active
-    # exception", in 2 of 6 configurations of benchmarks/bench_chunked.py; pytorch/pytorch#179291
-    # describes the race).
-    shutdown()
-    return code
+        return PREEMPTED_EXIT_CODE
+    return 0
 
 
 def register(sub) -> None:
