@@ -21,7 +21,10 @@ Two modes, each run under glibc's heap checks (`LD_PRELOAD=libc_malloc_debug.so.
   code, a signal or abort output ("terminate called", "Fatal Python error"); a run that fails before
   its work is done counts apart. With `--cores N` the ranks may dump core (each run in a folder of its
   own, where the core lands): the first N aborted runs keep theirs, for `gdb -batch -ex 'thread apply
-  all bt' PYTHON CORE`. Stops early after `--max-aborts`.
+  all bt' PYTHON CORE`. Stops early after `--max-aborts`. `--switch-interval S` runs every process of the
+  soak with `sys.setswitchinterval(S)` (a sitecustomize on PYTHONPATH): a thread that waits for the GIL waits
+  up to S instead of 5 ms, which widens the race at exit (docs/training.md "Exit aborts") without touching
+  the code under test, as MALLOC_PERTURB_ does for heap bugs.
 
 A crash is a rank killed by a signal, or glibc/faulthandler output in the log (`malloc(): ...`,
 `free(): ...`, `corrupted ...`, `Fatal Python error`, ...). Configurations (`--configs`, comma
@@ -264,8 +267,15 @@ BENCH_CONFIGS = ((2, 0), (2, 2), (4, 0), (4, 2))  # tests/e2e/test_training_benc
 class ExitSoak:
     """Short 2-rank runs that finish normally, one kind after another; see the module docstring."""
 
-    def __init__(self, work: str, timeout_s: float, cores: int):
+    def __init__(self, work: str, timeout_s: float, cores: int, switch_interval: float = 0.0):
         self.work, self.timeout_s, self.cores_left = work, timeout_s, cores
+        self.pythonpath = REPO
+        if switch_interval:
+            amplify = os.path.join(work, "switch-interval")
+            os.makedirs(amplify, exist_ok=True)
+            with open(os.path.join(amplify, "sitecustomize.py"), "w") as fh:
+                fh.write(f"import sys\nsys.setswitchinterval({switch_interval!r})  # scripts/soak.py --switch-interval\n")
+            self.pythonpath = amplify + os.pathsep + REPO
         self.runs_dir = os.path.join(work, "exit-runs")
         shutil.rmtree(self.runs_dir, ignore_errors=True)
         os.makedirs(self.runs_dir)
@@ -338,8 +348,8 @@ class ExitSoak:
         program, what, done_path = self._program(kind, run_dir)
         log_path = os.path.join(run_dir, "torchrun.log")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *program]
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-                   TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=self.pythonpath, HF_HUB_OFFLINE="1",
+                   TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
         keep_core = self.cores_left > 0
 
         def allow_core():  # in the child, before exec: its ranks inherit the limit
@@ -402,8 +412,9 @@ def kill_tree(pid: int) -> None:
     psutil.wait_procs(procs, timeout=10)
 
 
-def run_exit(work: str, kinds: list[str], runs: int, max_aborts: int, timeout_s: float, cores: int) -> dict:
-    soak = ExitSoak(work, timeout_s, cores)
+def run_exit(work: str, kinds: list[str], runs: int, max_aborts: int, timeout_s: float, cores: int,
+             switch_interval: float = 0.0) -> dict:
+    soak = ExitSoak(work, timeout_s, cores, switch_interval)
     soak.prepare(kinds)
     per_kind = {k: {"runs": 0, "ok": 0, "aborts": 0, "failed": 0, "timeouts": 0} for k in kinds}
     aborts = 0
@@ -425,6 +436,8 @@ def main(argv=None) -> int:
     ap.add_argument("--kinds", default=",".join(EXIT_KINDS), help=f"exit mode: from {list(EXIT_KINDS)}, taken in turn")
     ap.add_argument("--max-aborts", type=int, default=0, help="exit mode: stop after this many aborts (0: never)")
     ap.add_argument("--cores", type=int, default=0, help="exit mode: keep the core files of the first N aborted runs")
+    ap.add_argument("--switch-interval", type=float, default=0.0,
+                    help="exit mode: sys.setswitchinterval for every process of the runs (0: Python's 5 ms)")
     ap.add_argument("--configs", default=None, help=f"comma separated, from {sorted(CONFIGS)} (collectives mode: "
                     f"from {list(GATHERS)}; default blocking)")
     ap.add_argument("--iters", type=int, default=20000, help="collectives mode: iterations per run")
@@ -479,7 +492,7 @@ def main_exit(ap: argparse.ArgumentParser, args) -> int:
     args.work = os.path.abspath(args.work)  # the runs start in folders of their own
     os.makedirs(args.work, exist_ok=True)
     t0 = time.monotonic()
-    per_kind = run_exit(args.work, kinds, args.runs, args.max_aborts, args.timeout_s, args.cores)
+    per_kind = run_exit(args.work, kinds, args.runs, args.max_aborts, args.timeout_s, args.cores, args.switch_interval)
     print("[soak] exit aborts per kind:")
     for kind, c in per_kind.items():
         print(f"  {kind:6s} {c['aborts']} abort(s) in {c['runs']} run(s) ({c['failed']} failed before their work was "
@@ -488,7 +501,8 @@ def main_exit(ap: argparse.ArgumentParser, args) -> int:
     bad = sum(c["aborts"] + c["failed"] + c["timeouts"] for c in per_kind.values())
     print("RESULT " + json.dumps({"name": "soak_exit", "figure": aborts, "bound": 0, "target": "0 aborts",
                                   "ratio": None, "runs": sum(c["runs"] for c in per_kind.values()),
-                                  "not_ok": bad, "per_kind": per_kind, "wall_s": round(time.monotonic() - t0, 1)}))
+                                  "not_ok": bad, "per_kind": per_kind, "switch_interval": args.switch_interval or None,
+                                  "wall_s": round(time.monotonic() - t0, 1)}))
     return 0 if bad == 0 else 1
 
 
