@@ -123,7 +123,7 @@ class Runner:
         try:
             rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc.pid)  # torchrun's ranks run in sessions of their own: its process group misses them
             rc = proc.wait()
             fh.close()
             return -999, "timeout"
