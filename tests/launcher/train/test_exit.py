@@ -4,9 +4,9 @@ and in torch 2.13 that takes the GIL, when the interpreter began to finalise. la
 the one teardown that prevents it; launcher.cli.main runs it on every exit path.
 
 * when shutdown() returns, gloo's workers hold no tensor of any collective (checked with weak references);
-* `notellm2 train` on 2 real ranks that ends by preemption (SIGUSR1, exit 75) or by a user error (exit 2):
-  every rank exits with that code, with no abort in its log, and its process group, watchdog and gloo
-  workers are gone before the interpreter exits."""
+* `notellm2 train` on 2 real torchrun ranks that ends by preemption (SIGUSR1, exit 75) or by a user error
+  (exit 2): every rank exits with that code, with no abort in its log. (What is left of a rank after main()
+  returns on those paths: tests/launcher/train/test_process_group_end.py.)"""
 from __future__ import annotations
 
 import re
