@@ -76,7 +76,7 @@ def worker(args) -> None:
     if dist.get_rank() == 0:
         with open(args.result, "w") as fh:
             json.dump(ranks, fh)
-    shutdown()  # the process group ends before the interpreter does (launcher/cli/train.py says why)
+    shutdown()  # the rank's one teardown before the interpreter exits (launcher/distributed.py says why)
 
 
 # ----------------------------------------------------------------------------- driver

@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import datetime
 import faulthandler
+import glob
 import json
 import os
+import re
 import sys
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -198,11 +201,83 @@ def init_distributed(topo: Topology, timeout_s: float, deepspeed_comm: bool = Tr
     return backend
 
 
-def shutdown() -> None:
-    """Barrier, then end the process group (no-op without one)."""
+def shutdown(wait_for_ranks: bool = True) -> None:
+    """The one teardown of a rank, before its interpreter exits: `notellm2.launcher.cli.main` runs it on every verb's
+    way out (exit 0, the preemption's 75, a user error's 2, a crash), the benchmark workers and the test rank
+    entry (tests/helpers/rank_entry.py) call it last. Safe to call twice; without a process group it only
+    stops watchdogs and waits for gloo workers, if any.
+
+    1. stop this process's watchdog threads (a daemon thread inside a store call when the interpreter
+       finalises is killed there, the abort below by another road);
+    2. `wait_for_ranks`: a barrier, so that no rank leaves while another still needs it (skip it after an
+       error: the other ranks may never get there);
+    3. end the process group;
+    4. wait until every gloo worker thread of this process is idle (`wait_gloo_workers_idle`).
+
+    Why 4 (issue #24, docs/training.md "Exit aborts"): a gloo worker thread (`pt_gloo_runloop`) drops each
+    finished collective *after* the caller was released, and in torch 2.13 dropping a tensor that has a
+    Python object takes the GIL (c10::TensorImpl::decref_pyobject). When that request meets the start of
+    interpreter finalisation, Python 3.11 ends the thread with pthread_exit; the unwinding crosses a
+    noexcept destructor (~AsyncWork) and std::terminate aborts the rank: "terminate called without an active
+    exception", after all its work was done. Ending the process group does not stop those threads: the
+    groups live on while anything holds them (DeepSpeed keeps references in its ZeRO-3 parameters, module
+    globals and caches), so they reach finalisation."""
+    for watchdog in list(_watchdogs):
+        watchdog.stop()
     if is_distributed():
-        barrier()
+        if wait_for_ranks:
+            barrier()
         dist.destroy_process_group()
+    if not wait_gloo_workers_idle():
+        print(f"[rank {os.environ.get('RANK', '?')}] gloo worker threads still busy {GLOO_IDLE_TIMEOUT_S:g} s after "
+              "the process group ended; the interpreter may abort at exit (launcher/distributed.py: shutdown)",
+              file=_stderr_with_fd(), flush=True)
+
+
+# The name torch gives gloo's worker threads (ProcessGroupGloo::runLoop sets it).
+GLOO_WORKER_THREAD = "pt_gloo_runloop"
+GLOO_IDLE_TIMEOUT_S = 30.0
+
+
+def gloo_workers() -> dict:
+    """thread id -> (state letter, context switches) of this process's gloo worker threads, from /proc
+    ({} where there is none, or no /proc)."""
+    out = {}
+    for task in glob.glob("/proc/self/task/*"):
+        try:
+            with open(os.path.join(task, "comm")) as fh:
+                if fh.read().strip() != GLOO_WORKER_THREAD:
+                    continue
+            with open(os.path.join(task, "status")) as fh:
+                status = fh.read()
+        except OSError:  # the thread ended meanwhile
+            continue
+        state = re.search(r"^State:\s+(\S)", status, re.M)
+        switches = re.findall(r"^(?:non)?voluntary_ctxt_switches:\s+(\d+)", status, re.M)
+        out[int(os.path.basename(task))] = (state.group(1) if state else "?", sum(int(n) for n in switches))
+    return out
+
+
+def wait_gloo_workers_idle(timeout_s: float = GLOO_IDLE_TIMEOUT_S, interval_s: float = 0.005) -> bool:
+    """Wait until no gloo worker thread of this process is still finishing a collective; False on timeout.
+
+    Idle means: every worker was asleep ("S") at the start and at the end of an interval in which this
+    thread slept with the GIL released, and none was switched in or out meanwhile (same context-switch
+    count). A worker still dropping a finished collective cannot pass that: with the GIL free it runs (its
+    state is "R", or its switch count moves, when it takes the GIL), and a worker that waits for a lock held
+    by such a worker wakes as soon as that one is done. An idle worker sleeps on its empty queue and is never
+    woken, since this process runs no more collectives. Nothing to wait for without gloo workers."""
+    deadline = time.monotonic() + timeout_s
+    before = gloo_workers()
+    while before:
+        time.sleep(interval_s)  # the GIL is free meanwhile: a worker that needs it for a drop gets it now
+        after = gloo_workers()
+        if after == before and all(state == "S" for state, _ in after.values()):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        before = after
+    return True
 
 
 # ----------------------------------------------------------------------------- device-aware collectives
@@ -308,6 +383,11 @@ def default_store():
     return compat.default_store()
 
 
+# Watchdogs whose thread runs; shutdown() stops any still running (a daemon thread must not be inside a
+# store call when the interpreter finalises).
+_watchdogs: "weakref.WeakSet[Watchdog]" = weakref.WeakSet()
+
+
 class Watchdog:
     """Heartbeats + step progress per rank in the TCPStore; ends the job when this rank's loop stalls."""
 
@@ -344,12 +424,14 @@ class Watchdog:
     def start(self) -> "Watchdog":
         self._thread = threading.Thread(target=self._run, name="notellm2-watchdog", daemon=True)
         self._thread.start()
+        _watchdogs.add(self)
         return self
 
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        _watchdogs.discard(self)
 
     # -- internals
     def _publish(self) -> None:

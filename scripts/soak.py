@@ -12,7 +12,19 @@ Two modes, each run under glibc's heap checks (`LD_PRELOAD=libc_malloc_debug.so.
   heap here, docs/training.md "Native crashes");
 * `--mode resume --cycles N`: N cycles per configuration of "train a few steps, then stop": SIGUSR1
   to one rank (every rank checkpoints and exits 75, the requeue path) or kill -9 of the whole job
-  (resume from the last complete checkpoint), alternating, each followed by a resume.
+  (resume from the last complete checkpoint), alternating, each followed by a resume;
+* `--mode exit --runs N --kinds bench,train,embed`: N short 2-rank runs that finish normally, taken in
+  turn from the kinds (the lean `benchmarks/bench_chunked.py` worker of its test, cycling its four
+  configurations; a 2-step tiny `launcher train`; a tiny `launcher embed`), without heap checks (the
+  conditions of the failing test). A run counts as an abort when its work was done (the benchmark's
+  result file, the trainer's "done:" line, embeddings.npy) and it still ended with a non-zero exit
+  code, a signal or abort output ("terminate called", "Fatal Python error"); a run that fails before
+  its work is done counts apart. With `--cores N` the ranks may dump core (each run in a folder of its
+  own, where the core lands): the first N aborted runs keep theirs, for `gdb -batch -ex 'thread apply
+  all bt' PYTHON CORE`. Stops early after `--max-aborts`. `--switch-interval S` runs every process of the
+  soak with `sys.setswitchinterval(S)` (a sitecustomize on PYTHONPATH): a thread that waits for the GIL waits
+  up to S instead of 5 ms, which widens the race at exit (docs/training.md "Exit aborts") without touching
+  the code under test, as MALLOC_PERTURB_ does for heap bugs.
 
 A crash is a rank killed by a signal, or glibc/faulthandler output in the log (`malloc(): ...`,
 `free(): ...`, `corrupted ...`, `Fatal Python error`, ...). Configurations (`--configs`, comma
@@ -22,10 +34,12 @@ under --work/logs.
 
     .venv/bin/python scripts/soak.py --mode plain --steps 2000 --configs default
     .venv/bin/python scripts/soak.py --mode resume --cycles 50 --configs default,no-slots
+    .venv/bin/python scripts/soak.py --mode exit --runs 300 --max-aborts 5 --cores 3
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -109,7 +123,7 @@ class Runner:
         try:
             rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc.pid)  # torchrun's ranks run in sessions of their own: its process group misses them
             rc = proc.wait()
             fh.close()
             return -999, "timeout"
@@ -240,20 +254,203 @@ def run_resume(runner: Runner, config: str, cycles: int, steps_per_cycle: int) -
     return counts
 
 
+# ----------------------------------------------------------------------------- --mode exit
+
+EXIT_KINDS = ("bench", "train", "embed")
+# What a rank that dies at interpreter exit leaves in the log: libstdc++'s std::terminate message,
+# faulthandler's header, or torchrun's account of a rank ended by a signal (a negative exit code).
+ABORT_PATTERNS = re.compile(r"terminate called|Fatal Python error|Segmentation fault|core dumped|"
+                            r"exitcode\s*:\s*-\d+|Signal \d+ \(SIG")
+BENCH_CONFIGS = ((2, 0), (2, 2), (4, 0), (4, 2))  # tests/e2e/test_training_benchmarks.py: --pairs 2 4 --chunk 2
+
+
+class ExitSoak:
+    """Short 2-rank runs that finish normally, one kind after another; see the module docstring."""
+
+    def __init__(self, work: str, timeout_s: float, cores: int, switch_interval: float = 0.0):
+        self.work, self.timeout_s, self.cores_left = work, timeout_s, cores
+        self.pythonpath = REPO
+        if switch_interval:
+            amplify = os.path.join(work, "switch-interval")
+            os.makedirs(amplify, exist_ok=True)
+            with open(os.path.join(amplify, "sitecustomize.py"), "w") as fh:
+                fh.write(f"import sys\nsys.setswitchinterval({switch_interval!r})  # scripts/soak.py --switch-interval\n")
+            self.pythonpath = amplify + os.pathsep + REPO
+        self.runs_dir = os.path.join(work, "exit-runs")
+        shutil.rmtree(self.runs_dir, ignore_errors=True)
+        os.makedirs(self.runs_dir)
+        self.n = 0
+        self.inputs: dict = {}
+        self.bench_turn = itertools.cycle(BENCH_CONFIGS)
+
+    def prepare(self, kinds: list[str]) -> None:
+        """Inputs of every kind, built once per --work and reused by later soaks."""
+        from pathlib import Path
+
+        if "bench" in kinds:
+            from tests.helpers.paths import pretrained_model
+
+            sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+            from bench_train_step import make_shards
+
+            data = os.path.join(self.work, "exit-inputs", "bench")
+            done = os.path.join(data, "pattern.txt")
+            if not os.path.exists(done):
+                shutil.rmtree(data, ignore_errors=True)
+                pattern = make_shards(os.path.join(data, "shards"), n_pairs=256, shard_size=64)  # bench_chunked's own
+                with open(done, "w") as fh:
+                    fh.write(pattern)
+            self.inputs["bench"] = {"shards": open(done).read().strip(), "llm": pretrained_model("smollm2-135m")}
+        if "train" in kinds:
+            self.inputs["train"] = build_inputs(self.work)
+        if "embed" in kinds:
+            from tests.helpers.embed_setup import tiny_embed_setup
+
+            root = os.path.join(self.work, "exit-inputs", "embed")
+            done = os.path.join(root, "setup.json")
+            if not os.path.exists(done):
+                shutil.rmtree(root, ignore_errors=True)
+                os.makedirs(root)
+                setup = tiny_embed_setup(Path(root))
+                with open(done, "w") as fh:
+                    json.dump({"config": setup["config"]}, fh)
+            self.inputs["embed"] = json.load(open(done))
+
+    def _program(self, kind: str, run_dir: str) -> tuple[list[str], str, str]:
+        """(what follows `torchrun ...`, a description, what says the work is done: a file that exists, or
+        for the trainer its last log line)."""
+        if kind == "bench":
+            pairs, chunk = next(self.bench_turn)
+            result = os.path.join(run_dir, "result.json")
+            ins = self.inputs["bench"]
+            overrides = [f"model.llm.path={ins['llm']}", f"data.train_shards={ins['shards']}",
+                         f"train.output_dir={os.path.join(run_dir, 'run')}", "train.max_steps=2",
+                         "checkpoint.every_steps=100000", "checkpoint.resume=none", "train.warmup_steps=1",
+                         "logging.tensorboard=false", f"data.pairs_per_rank={pairs}", f"train.chunk_pairs={chunk}",
+                         "eval.every_steps=0"]
+            return ([os.path.join(REPO, "benchmarks", "bench_chunked.py"), "--worker", "--config",
+                     os.path.join(REPO, "configs", "demo_cpu.yaml"), "--overrides", json.dumps(overrides),
+                     "--result", result], f"P={pairs} chunk={chunk}", result)
+        if kind == "train":
+            out = os.path.join(run_dir, "run")
+            return (["-m", "notellm2.launcher", "train", "--config", os.path.join(REPO, "configs", "tiny_cpu.yaml"),
+                     *self.inputs["train"], f"train.output_dir={out}", "train.max_steps=2",
+                     "checkpoint.every_steps=100000", "logging.tensorboard=false"],
+                    "2 steps", "done: step 2,")
+        out = os.path.join(run_dir, "emb")
+        return (["-m", "notellm2.launcher", "embed", "--config", self.inputs["embed"]["config"], "--out", out,
+                 "--batch-size", "4"], "tiny", os.path.join(out, "embeddings.npy"))
+
+    def run(self, kind: str) -> dict:
+        self.n += 1
+        run_dir = os.path.join(self.runs_dir, f"{self.n:04d}-{kind}")
+        os.makedirs(run_dir)
+        program, what, done_path = self._program(kind, run_dir)
+        log_path = os.path.join(run_dir, "torchrun.log")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *program]
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=self.pythonpath, HF_HUB_OFFLINE="1",
+                   TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
+        keep_core = self.cores_left > 0
+
+        def allow_core():  # in the child, before exec: its ranks inherit the limit
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY) if keep_core
+                               else (0, 0))
+
+        t0 = time.monotonic()
+        with open(log_path, "w") as fh:
+            # cwd = the run's folder: a rank's core file ("core", kernel.core_pattern here) lands there
+            proc = subprocess.Popen(cmd, cwd=run_dir, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                    start_new_session=True, preexec_fn=allow_core)
+            try:
+                rc = proc.wait(timeout=self.timeout_s)
+            except subprocess.TimeoutExpired:
+                kill_tree(proc.pid)
+                rc = -999
+        text = open(log_path, errors="replace").read()
+        work_done = done_path in text if kind == "train" else os.path.exists(done_path)
+        hits = sorted(set(ABORT_PATTERNS.findall(text)))
+        if rc == -999:
+            status = "timeout"
+        elif not work_done:
+            status = "failed"  # before its work was done: not the exit abort, but never quietly a pass
+        elif rc != 0 or hits:
+            status = "abort"
+        else:
+            status = "ok"
+        codes = re.findall(r"rank\s*:\s*(\d+) \(local_rank[^\n]*\n\s*exitcode\s*:\s*(-?\d+)", text)
+        core = os.path.join(run_dir, "core")
+        line = (f"[soak] exit {self.n:4d} {kind:5s} {what:14s} rc={rc} {status.upper() if status != 'ok' else 'ok'} "
+                f"{time.monotonic() - t0:.0f}s")
+        if status != "ok":
+            line += (f" ({'; '.join(hits) if hits else 'exit ' + str(rc)}; torchrun's ranks: "
+                     f"{', '.join(f'{r}->{c}' for r, c in codes) or '?'}) log {log_path}")
+            if os.path.exists(core):
+                self.cores_left -= 1
+                line += f", core {core}"
+        else:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        print(line, flush=True)
+        return {"kind": kind, "status": status, "rc": rc}
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL `pid` and every descendant (torchrun starts each rank in a session of its own)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = root.children(recursive=True) + [root]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+
+
+def run_exit(work: str, kinds: list[str], runs: int, max_aborts: int, timeout_s: float, cores: int,
+             switch_interval: float = 0.0) -> dict:
+    soak = ExitSoak(work, timeout_s, cores, switch_interval)
+    soak.prepare(kinds)
+    per_kind = {k: {"runs": 0, "ok": 0, "aborts": 0, "failed": 0, "timeouts": 0} for k in kinds}
+    aborts = 0
+    for kind in itertools.islice(itertools.cycle(kinds), runs):
+        r = soak.run(kind)
+        c = per_kind[kind]
+        c["runs"] += 1
+        c[{"ok": "ok", "abort": "aborts", "failed": "failed", "timeout": "timeouts"}[r["status"]]] += 1
+        aborts += r["status"] == "abort"
+        if max_aborts and aborts >= max_aborts:
+            print(f"[soak] {aborts} aborts: stopping (--max-aborts {max_aborts})", flush=True)
+            break
+    return per_kind
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--mode", choices=("plain", "resume", "collectives"), default="plain")
+    ap.add_argument("--mode", choices=("plain", "resume", "collectives", "exit"), default="plain")
+    ap.add_argument("--kinds", default=",".join(EXIT_KINDS), help=f"exit mode: from {list(EXIT_KINDS)}, taken in turn")
+    ap.add_argument("--max-aborts", type=int, default=0, help="exit mode: stop after this many aborts (0: never)")
+    ap.add_argument("--cores", type=int, default=0, help="exit mode: keep the core files of the first N aborted runs")
+    ap.add_argument("--switch-interval", type=float, default=0.0,
+                    help="exit mode: sys.setswitchinterval for every process of the runs (0: Python's 5 ms)")
     ap.add_argument("--configs", default=None, help=f"comma separated, from {sorted(CONFIGS)} (collectives mode: "
                     f"from {list(GATHERS)}; default blocking)")
     ap.add_argument("--iters", type=int, default=20000, help="collectives mode: iterations per run")
     ap.add_argument("--steps", type=int, default=2000, help="plain mode: steps per run")
-    ap.add_argument("--runs", type=int, default=1, help="plain mode: runs per configuration")
+    ap.add_argument("--runs", type=int, default=1, help="plain mode: runs per configuration; exit mode: runs in all")
     ap.add_argument("--cycles", type=int, default=50, help="resume mode: stop/resume cycles per configuration")
     ap.add_argument("--steps-per-cycle", type=int, default=6)
     ap.add_argument("--perturb", type=int, default=165, help="MALLOC_PERTURB_ byte")
     ap.add_argument("--timeout-s", type=float, default=300.0, help="per run, on top of the steps' own budget")
     ap.add_argument("--work", default=os.path.join(REPO, "artifacts", "soak"))
     args = ap.parse_args(argv)
+    if args.mode == "exit":
+        return main_exit(ap, args)
     allowed = GATHERS if args.mode == "collectives" else tuple(CONFIGS)
     configs = [c for c in (args.configs or ("blocking" if args.mode == "collectives" else "default")).split(",") if c]
     unknown = [c for c in configs if c not in allowed]
@@ -285,6 +482,28 @@ def main(argv=None) -> int:
                                   "ratio": None, "per_config": results, "malloc_checks": os.path.exists(MALLOC_DEBUG),
                                   "wall_s": round(time.monotonic() - t0, 1)}))
     return 0 if total == 0 else 1
+
+
+def main_exit(ap: argparse.ArgumentParser, args) -> int:
+    kinds = [k for k in args.kinds.split(",") if k]
+    unknown = [k for k in kinds if k not in EXIT_KINDS]
+    if unknown or not kinds:
+        ap.error(f"--kinds: unknown {unknown}; allowed: {list(EXIT_KINDS)}")
+    args.work = os.path.abspath(args.work)  # the runs start in folders of their own
+    os.makedirs(args.work, exist_ok=True)
+    t0 = time.monotonic()
+    per_kind = run_exit(args.work, kinds, args.runs, args.max_aborts, args.timeout_s, args.cores, args.switch_interval)
+    print("[soak] exit aborts per kind:")
+    for kind, c in per_kind.items():
+        print(f"  {kind:6s} {c['aborts']} abort(s) in {c['runs']} run(s) ({c['failed']} failed before their work was "
+              f"done, {c['timeouts']} timed out)")
+    aborts = sum(c["aborts"] for c in per_kind.values())
+    bad = sum(c["aborts"] + c["failed"] + c["timeouts"] for c in per_kind.values())
+    print("RESULT " + json.dumps({"name": "soak_exit", "figure": aborts, "bound": 0, "target": "0 aborts",
+                                  "ratio": None, "runs": sum(c["runs"] for c in per_kind.values()),
+                                  "not_ok": bad, "per_kind": per_kind, "switch_interval": args.switch_interval or None,
+                                  "wall_s": round(time.monotonic() - t0, 1)}))
+    return 0 if bad == 0 else 1
 
 
 if __name__ == "__main__":

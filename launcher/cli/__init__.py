@@ -140,13 +140,29 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "verb", None) or not hasattr(args, "handler"):
         parser.print_help()
         return 2
+    returned = False
     try:
-        return int(args.handler(args) or 0)
+        code = int(args.handler(args) or 0)
+        returned = True
+        return code
     except Exception as e:  # noqa: BLE001 - only the user's mistakes are caught, the rest re-raised
         if not isinstance(e, user_error_types()):
             raise
         print(f"notellm2 {_verb_words(argv)}: {one_line(e)}", file=sys.stderr)
         return 2
+    finally:
+        _end_distributed(wait_for_ranks=returned)
+
+
+def _end_distributed(wait_for_ranks: bool) -> None:
+    """Every verb's way out (its exit code, the preemption's 75, a user error's 2, a crash) ends the rank's
+    distributed state in one place, notellm2.launcher.distributed.shutdown: watchdogs, process group, gloo's worker
+    threads (issue #24: a finished run aborted at interpreter exit). The ranks wait for each other only when
+    the verb returned; after an error the others may never get there. A verb that never imported
+    notellm2.launcher.distributed started nothing to end (and `notellm2 --help` imports no torch)."""
+    distributed = sys.modules.get("notellm2.launcher.distributed")
+    if distributed is not None:
+        distributed.shutdown(wait_for_ranks=wait_for_ranks)
 
 
 if __name__ == "__main__":

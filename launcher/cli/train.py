@@ -8,24 +8,18 @@ from notellm2.launcher.cli import add_config_args, config_from_args
 
 def _run(args) -> int:
     from notellm2.launcher.train.components import load_factory
-    from notellm2.launcher.distributed import shutdown
     from notellm2.launcher.train.preemption import PREEMPTED_EXIT_CODE, Preempted
     from notellm2.launcher.train.train import train
 
     cfg = config_from_args(args)
     factory = load_factory(args.components) if args.components else None
 
+    # The process group ends in notellm2.launcher.cli.main, on this verb's every way out (notellm2.launcher.distributed.shutdown).
     try:
         train(cfg, factory=factory)  # a CheckpointError (the user's run dir) is reported by notellm2.launcher.cli.main
-        code = 0
     except Preempted:
-        code = PREEMPTED_EXIT_CODE
-    # End the process group while the interpreter is whole: left to the interpreter's exit, gloo's worker
-    # threads outlived it and a finished run died of SIGABRT ("terminate called without an active
-    # exception", in 2 of 6 configurations of benchmarks/bench_chunked.py; pytorch/pytorch#179291
-    # describes the race).
-    shutdown()
-    return code
+        return PREEMPTED_EXIT_CODE
+    return 0
 
 
 def register(sub) -> None:

@@ -273,5 +273,4 @@ def delta_embed(model_dir: Optional[str], cfg, config_path: Optional[str], shard
               f"({c['new']} new, {c['changed']} changed), {c['dropped']} dropped (deleted)"
               + (f", {c['left_out_no_image']} left out (no image)" if c["left_out_no_image"] else "")
               + f" in {time.time() - t0:.1f} s -> {os.path.abspath(out_dir)}", flush=True)
-    distributed.shutdown()
-    return 0
+    return 0  # the process group ends in notellm2.launcher.cli.main (notellm2.launcher.distributed.shutdown)

@@ -475,5 +475,4 @@ def embed_command(model_dir: str | None, cfg, config_path: str | None, shards: s
     rc = run_embed(note_model, tower, prompter, shards, out_dir, data_cfg, batch_size, mode,
                    topo.rank, topo.world_size, image_size, source, part_every=part_every,
                    fingerprint=fingerprint, restart=restart, dtype=dtype)
-    distributed.shutdown()
-    return rc
+    return rc  # the process group ends in notellm2.launcher.cli.main (notellm2.launcher.distributed.shutdown)

@@ -423,14 +423,7 @@ def build_command(emb_dir: str, out_dir: str, st: TableSettings, chunk: int = 40
         print(f"index build: {len(pool.ids)} notes, {st.backend}, lists of {st.k} + {st.reserve} -> "
               f"{os.path.abspath(out_dir)} (version 1, {m['counts']['served_rows']} served rows) in "
               f"{time.time() - t0:.1f} s", flush=True)
-    _shutdown()
     return 0
-
-
-def _shutdown() -> None:
-    from notellm2.launcher import distributed
-
-    distributed.shutdown()
 
 
 def _work(out: str) -> str:
@@ -618,7 +611,6 @@ def update_command(index_dir: str, emb_dir: str, out_dir: str, chunk: int = 4096
               f"{counts['changed']} changed, {counts['removed']} removed); {counts['insertions']} insertions into "
               f"existing lists, {counts['re_searched']} lists searched again -> {os.path.abspath(out_dir)} "
               f"({m['counts']['served_rows']} served rows) in {time.time() - t0:.1f} s", flush=True)
-    _shutdown()
     return 0
 
 
@@ -671,5 +663,4 @@ def neighbors_command(emb_dir: str, out: str, k: int, backend: str = "exact", ch
             print(f"[neighbors] {backend} recall@{k} against exact search on {n} notes: {recall:.4f}",
                   file=sys.stderr, flush=True)
         print(f"wrote {out}: {rows} rows ({len(pool.ids)} notes x top {k}, {backend})", flush=True)
-    _shutdown()
     return 0

@@ -6,6 +6,8 @@ Nothing here runs unless a test sets one of these variables.
     NOTELLM2_TEST_DIE_AT=RANK:STEP             that rank SIGKILLs itself at the start of STEP
     NOTELLM2_TEST_DIE_IN_SAVE=RANK:PHASE:STEP  that rank SIGKILLs itself inside the save of STEP;
         PHASE: after_shards (DeepSpeed files written, ours not) or before_manifest (all files, no manifest)
+    NOTELLM2_TEST_USR1_AT=RANK:STEP            that rank sends itself SIGUSR1 (Slurm's warning before the
+        time limit: the preemption path) at the start of STEP
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import time
 HANG_HOOK_ENV = "NOTELLM2_TEST_HANG_AT"
 DIE_HOOK_ENV = "NOTELLM2_TEST_DIE_AT"
 KILL_HOOK_ENV = "NOTELLM2_TEST_DIE_IN_SAVE"
+USR1_HOOK_ENV = "NOTELLM2_TEST_USR1_AT"
 
 
 def _hook_hit(env_name: str, rank: int, step: int) -> bool:
@@ -27,7 +30,7 @@ def _hook_hit(env_name: str, rank: int, step: int) -> bool:
 
 
 def at_step_start(rank: int, step: int) -> None:
-    """The training loop calls this at the start of every step (HANG_HOOK_ENV, DIE_HOOK_ENV)."""
+    """The training loop calls this at the start of every step (HANG_HOOK_ENV, DIE_HOOK_ENV, USR1_HOOK_ENV)."""
     if _hook_hit(HANG_HOOK_ENV, rank, step):
         print(f"[test hook] rank {rank} hangs at step {step}", flush=True)
         while True:
@@ -35,6 +38,9 @@ def at_step_start(rank: int, step: int) -> None:
     if _hook_hit(DIE_HOOK_ENV, rank, step):
         print(f"[test hook] rank {rank} kills itself (SIGKILL) at step {step}", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
+    if _hook_hit(USR1_HOOK_ENV, rank, step):
+        print(f"[test hook] rank {rank} sends itself SIGUSR1 at step {step}", flush=True)
+        os.kill(os.getpid(), signal.SIGUSR1)
 
 
 def in_save(rank: int, phase: str, step: int) -> None:

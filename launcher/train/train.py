@@ -57,7 +57,6 @@ def train(cfg: RunConfig, factory: Optional[Callable] = None, topo: Optional[Top
         barrier()
         return summary
     except Preempted:
-        watchdog.stop()
         raise
     except BaseException as e:
         peer_error = world > 1 and is_peer_error(e)
@@ -75,6 +74,10 @@ def train(cfg: RunConfig, factory: Optional[Callable] = None, topo: Optional[Top
             except Exception:
                 pass
         raise
+    finally:
+        # On every way out (done, preempted, a user error, a crash): no watchdog thread may still be inside a
+        # store call when the interpreter finalises (notellm2.launcher.distributed.shutdown says why).
+        watchdog.stop()
 
 
 def _train(cfg: RunConfig, factory: Callable, topo: Topology, watchdog: Watchdog, log, on_step) -> dict:

@@ -1,4 +1,5 @@
 """Rank functions used by tests/helpers/test_multirank_harness.py."""
+import os
 import time
 
 import torch
@@ -13,9 +14,9 @@ def all_reduce_rank_sum():
 
 def rank1_hangs():
     if dist.get_rank() == 1:
-        print("rank 1 is about to hang", flush=True)
+        print(f"rank 1 is about to hang (pid {os.getpid()})", flush=True)
         time.sleep(3600)
-    print(f"rank {dist.get_rank()} waits in all_reduce", flush=True)
+    print(f"rank {dist.get_rank()} waits in all_reduce (pid {os.getpid()})", flush=True)
     t = torch.ones(1)
     dist.all_reduce(t)
     return t.item()

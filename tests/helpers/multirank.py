@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -36,6 +37,11 @@ class RankResult:
     rank_logs: dict = field(default_factory=dict)  # rank -> that rank's own stdout+stderr
     returns: dict = field(default_factory=dict)  # rank -> the function's return value
     elapsed: float = 0.0
+
+    def rank_exit_codes(self) -> dict:
+        """rank -> exit code, from torchrun's failure report (it lists the ranks that exited non-zero)."""
+        return {int(r): int(c) for r, c in re.findall(r"rank\s*:\s*(\d+) \(local_rank[^\n]*\n\s*exitcode\s*:\s*(-?\d+)",
+                                                      self.output)}
 
     def describe(self) -> str:
         parts = [f"returncode={self.returncode} elapsed={self.elapsed:.1f}s", "--- launcher output ---", self.output[-6000:]]
@@ -70,8 +76,44 @@ def _collect_rank_logs(log_dir: str) -> dict:
     return logs
 
 
+def kill_tree(pid: int) -> list[int]:
+    """SIGKILL `pid`, its process group and every process below it; returns the PIDs killed.
+
+    torchrun starts each rank in a session of its own (its subprocess handler passes start_new_session),
+    so killing torchrun's process group alone missed the ranks: two ranks of harness_cases:rank1_hangs were
+    still alive 15 minutes after a suite ended. The tree is frozen first (SIGSTOP), so that nothing in it
+    forks a process (a loader worker) between the listing and the kill, then listed again and killed."""
+    import psutil
+
+    def tree() -> list:
+        try:
+            root = psutil.Process(pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    for p in tree():
+        try:
+            p.suspend()
+        except psutil.Error:
+            pass
+    procs = tree()
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:
+        pass
+    psutil.wait_procs(procs, timeout=10)
+    return [p.pid for p in procs]
+
+
 def launch(cmd: list[str], timeout: float, env: dict | None = None, cwd: str | None = None) -> tuple[int, str, float]:
-    """Run `cmd` in its own process group; on timeout kill the whole group. Returns (rc, output, elapsed)."""
+    """Run `cmd` in its own process group; on timeout kill it and every process below it (kill_tree).
+    Returns (rc, output, elapsed)."""
     start = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=cwd or REPO,
                             start_new_session=True, text=True, errors="replace")
@@ -79,19 +121,22 @@ def launch(cmd: list[str], timeout: float, env: dict | None = None, cwd: str | N
         out, _ = proc.communicate(timeout=timeout)
         rc = proc.returncode
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        killed = kill_tree(proc.pid)
         out, _ = proc.communicate()
         rc = -9
-        out += f"\n[multirank] TIMEOUT after {timeout}s: killed the process group\n"
+        out += f"\n[multirank] TIMEOUT after {timeout}s: killed the launcher and every process below it ({len(killed)})\n"
     return rc, out, time.monotonic() - start
 
 
 def run_command(args: list[str], nproc: int = 2, timeout: float = 300, env: dict | None = None,
                 check: bool = True, nnodes: int = 1, node_rank: int = 0, rdzv: str | None = None,
-                cwd: str | None = None) -> RankResult:
+                cwd: str | None = None, torchrun_args: tuple = ()) -> RankResult:
     """Run a Python module/script command line under torchrun with `nproc` ranks.
 
     `args` is what follows `torchrun ...`: e.g. ["-m", "notellm2.launcher", "train", "--config", c] or a script path.
+    `torchrun_args` go to torchrun itself (e.g. ("--monitor-interval", "5"): torchrun looks at its ranks
+    every 0.1 s by default and SIGTERMs the others as soon as one exits non-zero; a longer interval lets every
+    rank of a run that stops on purpose, all with the same code, report its own).
     """
     log_dir = tempfile.mkdtemp(prefix="multirank-")
     if nnodes == 1 and rdzv is None:
@@ -100,7 +145,7 @@ def run_command(args: list[str], nproc: int = 2, timeout: float = 300, env: dict
         topo = ["--nnodes", str(nnodes), "--node-rank", str(node_rank), "--rdzv-backend", "c10d",
                 "--rdzv-endpoint", rdzv or f"127.0.0.1:{free_port()}", "--rdzv-id", "multirank"]
     cmd = [TORCHRUN, *topo, "--nproc-per-node", str(nproc), "--log-dir", log_dir, "--tee", "3",
-           "--max-restarts", "0", *args]
+           "--max-restarts", "0", *torchrun_args, *args]
     rc, out, elapsed = launch(cmd, timeout, base_env(env), cwd)
     result = RankResult(rc, out, _collect_rank_logs(log_dir), elapsed=elapsed)
     if check and rc != 0:

@@ -27,9 +27,11 @@ def main() -> None:
     value = fn(**kwargs)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
         json.dump(value, fh)
-    if dist.is_initialized():  # the function may have ended the group itself (`notellm2 train` does)
-        dist.barrier()
-        dist.destroy_process_group()
+    # The ranks' one teardown (barrier, end of the group, gloo's worker threads idle before the interpreter
+    # exits: launcher/distributed.py); the function may have run it already (`notellm2 train` does).
+    from notellm2.launcher.distributed import shutdown
+
+    shutdown()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
+import re
 import time
+
+import psutil
 
 from tests.helpers.multirank import run_ranks
 
@@ -20,3 +23,18 @@ def test_hanging_rank_fails_within_timeout_and_shows_every_rank():
     text = res.describe()
     assert "rank 1 is about to hang" in text
     assert "rank 0 waits in all_reduce" in text
+    # torchrun starts its ranks in sessions of their own: killing its process group alone left both
+    # ranks running after the suite. None of them may outlive the timeout.
+    pids = {int(p) for p in re.findall(r"(?:about to hang|waits in all_reduce) \(pid (\d+)\)", text)}
+    assert len(pids) == 2, text
+    alive = []
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            if proc.status() != psutil.STATUS_ZOMBIE and "rank1_hangs" in " ".join(proc.cmdline()):
+                alive.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    for pid in alive:  # do not leave them behind even when the assertion fails
+        psutil.Process(pid).kill()
+    assert not alive, f"ranks {alive} survived the harness's timeout"
