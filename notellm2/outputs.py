@@ -65,6 +65,23 @@ def _diff(old: dict, new: dict, prefix: str, out: list) -> None:
             out.append(f"{name} differs")
 
 
+def recorded_request(out_dir: str, name: str) -> Optional[dict]:
+    """The `request` recorded in the JSON file `name` of a finished output folder (None: no such file,
+    so no finished output; a file that cannot be read or records none gives a request that matches
+    nothing, so a rerun needs --overwrite)."""
+    import json
+
+    path = os.path.join(out_dir, name)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as fh:
+            request = json.load(fh).get("request")
+    except (OSError, ValueError, AttributeError):
+        return {name: "unreadable"}
+    return request if isinstance(request, dict) else {"request": f"not recorded in {name}"}
+
+
 def reuse_finished(out: str, recorded: Optional[dict], request: dict, overwrite: bool, what: str,
                    option: str = "--out", error: type = OutputError) -> bool:
     """True when `out` holds a finished output made by the same `request` (the caller then does nothing).
@@ -123,3 +140,27 @@ class FileOutput:
         finally:
             if os.path.exists(self.tmp):
                 os.remove(self.tmp)
+
+
+def missing_top(path: str) -> Optional[str]:
+    """The topmost folder of `path` that does not exist yet (None: `path` exists)."""
+    top, probe = None, os.path.abspath(path)
+    while not os.path.exists(probe):
+        top, probe = probe, os.path.dirname(probe)
+    return top
+
+
+def make_folder(path: str) -> Optional[str]:
+    """os.makedirs(path); returns the topmost folder this call created (None: it existed), so that a
+    failed run can remove all it made (`remove_made`), its parents included."""
+    top = missing_top(path)
+    os.makedirs(path, exist_ok=True)
+    return top
+
+
+def remove_made(top: Optional[str]) -> None:
+    """Remove the folder tree `make_folder` created (nothing when it created none)."""
+    if top is not None:
+        import shutil
+
+        shutil.rmtree(top, ignore_errors=True)

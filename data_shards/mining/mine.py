@@ -34,7 +34,6 @@ import logging
 import math
 import os
 import re
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,7 +44,7 @@ from notellm2.data_shards.mining.sql import (HASH_BITS, MAX_TIMESTAMP_SECONDS, S
                                     SQL_TIMESTAMP_RANGE, WEIGHT_SCALE, hash_thresholds, split_counts,
                                     sql_first_bad_row, sql_view_log, weight_scale)
 from notellm2.files import atomic_write_text, sha256_file
-from notellm2.outputs import check_folder_output, reuse_finished
+from notellm2.outputs import check_folder_output, make_folder, remove_made, reuse_finished
 
 log = logging.getLogger("notellm2.mining")
 
@@ -199,13 +198,20 @@ def input_files(views_path: str | os.PathLike) -> tuple[list[Path], str]:
         if len(kinds) > 1:
             raise MiningError(f"{path}: mixes Parquet and CSV view-log files; keep one format per folder")
         kind = kinds.pop()
-        return [p for p in files if kind_of(p) == kind], kind
+        return _not_empty([p for p in files if kind_of(p) == kind]), kind
     if not path.exists():
         raise MiningError(f"{path}: view log not found")
     kind = kind_of(path)
     if kind is None:
         raise MiningError(f"{path}: unknown view-log format (expected .parquet, .pq, .csv, .csv.gz, .tsv)")
-    return [path], kind
+    return _not_empty([path]), kind
+
+
+def _not_empty(files: list[Path]) -> list[Path]:
+    for f in files:
+        if f.stat().st_size == 0:
+            raise MiningError(f"{f}: the file is empty (no header, no view events)")
+    return files
 
 
 def kind_of(path) -> str | None:
@@ -334,8 +340,7 @@ def mine_pairs(views_path: str | os.PathLike, out_dir: str | os.PathLike,
             log.info("mine-pairs: %s already holds this mining (same view log and settings): nothing to do", out)
             return {**previous, "unchanged": True}
         os.remove(out / MANIFEST)  # the folder is incomplete until the new manifest lands
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    created = make_folder(str(out))
     try:
         if settings.engine == "duckdb":
             from notellm2.data_shards.mining.engine_duckdb import run_duckdb as run_engine
@@ -354,8 +359,7 @@ def mine_pairs(views_path: str | os.PathLike, out_dir: str | os.PathLike,
         }
         atomic_write_text(str(out / MANIFEST), json.dumps(summary, indent=2, sort_keys=False) + "\n")
     except BaseException:
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
+        remove_made(created)
         raise
     return summary
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 def _run(args) -> int:
     from notellm2.launcher.export import export
+    from notellm2.outputs import check_folder_output
 
+    check_folder_output(args.out)  # a file where the export folder goes: one line, before a checkpoint is read
     export(args.run_dir, args.out, step=args.step, overwrite=args.overwrite)
     return 0
 
