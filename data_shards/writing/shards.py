@@ -44,7 +44,7 @@ from notellm2.data_shards.catalog.notes import CatalogError, _maybe_pool, defaul
 from notellm2.files import atomic_write, atomic_write_text, commit_file, sha256_file, temporary_name
 from notellm2.data_shards.config import MAX_IMAGE_PIXELS
 from notellm2.data_shards.problems import Problem
-from notellm2.outputs import check_folder_output, request_differences, reuse_finished
+from notellm2.outputs import check_folder_output, make_folder, remove_made, request_differences, reuse_finished
 
 log = logging.getLogger("notellm2.data")
 
@@ -258,13 +258,12 @@ def _split_rng(seed: int, split: str) -> np.random.Generator:
 
 # ----------------------------------------------------------------------------- main entry
 
-def _prepare_out_dir(out_dir: str) -> tuple[list[str], bool]:
-    """Create `out_dir`; return (the names of shards of an earlier run, whether this call created the
-    folder). Those shards the new run does not rewrite are removed once it is done; shards without a
-    manifest are the remains of an interrupted run and are replaced. The caller has already decided
-    about a complete earlier set (`_earlier_set`)."""
-    created = not os.path.isdir(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+def _prepare_out_dir(out_dir: str) -> tuple[list[str], Optional[str]]:
+    """Create `out_dir`; return (the names of shards of an earlier run, the topmost folder this call
+    created, None when it existed: notellm2.outputs.make_folder). Those shards the new run does not
+    rewrite are removed once it is done; shards without a manifest are the remains of an interrupted
+    run and are replaced. The caller has already decided about a complete earlier set (`_earlier_set`)."""
+    created = make_folder(out_dir)
     names = sorted(os.listdir(out_dir))
     for n in names:
         if _TMP_RE.match(n):  # left by an interrupted run: never a final name
@@ -510,7 +509,7 @@ def write_shards(pairs_dir: str, catalog: str, out_dir: str, image_root: Optiona
                     os.remove(os.path.join(out_dir, name))
             spool.close()
             if created and not os.listdir(out_dir):
-                os.rmdir(out_dir)
+                remove_made(created)
         raise
     finally:
         spool.close()
