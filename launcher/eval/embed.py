@@ -332,10 +332,6 @@ def assemble_parts(out_dir: str, parts_dir: str, world_size: int, n_parts: int, 
         _add_counts(bad, part_bad_counts(path))
     if len(set(ids)) != len(ids):
         raise RuntimeError(f"embed: {len(ids) - len(set(ids))} notes were embedded twice")
-    if not ids:
-        raise UserError(f"embed: no note of the shards could be embedded ({_bad_line(bad) or 'they hold no note'}"
-                        f"{'; every bad note is listed in ' + os.path.join(parts_dir, 'bad-rank*.jsonl') if bad else ''})"
-                        f"; nothing was written")
     if meta.get("mode") == "image":
         meta = {**meta, "left_out_no_image": no_image}
     extra = [{"sample": name, "reason": "sha256_differs_from_manifest", "action": "read as it is",
@@ -418,9 +414,11 @@ def run_embed(note_model, vision_tower, prompter, shards, out_dir: str, data_cfg
     n_parts = (n_batches + part_every - 1) // part_every
     done_parts = finished_parts(parts_dir, rank, n_parts)
     done = min(done_parts * part_every, n_batches)
+    kept = 0  # this rank's embedded notes, resumed parts included
     if done_parts:
         for k in range(done_parts):  # a part from a run with other code is refused here, not at the end
-            read_part(part_path(parts_dir, rank, k), (k * part_every, min((k + 1) * part_every, n_batches)))
+            kept += len(read_part(part_path(parts_dir, rank, k), (k * part_every, min((k + 1) * part_every,
+                                                                                          n_batches)))[0])
         print(f"rank {rank}: resumed: {done_parts} parts ({done} batches) done, embedding {n_batches - done} of "
               f"{n_batches} batches", flush=True)
     else:
@@ -441,6 +439,7 @@ def run_embed(note_model, vision_tower, prompter, shards, out_dir: str, data_cfg
         ids.extend(batch_ids)
         vectors.append(vecs)
         no_image += left_out
+        kept += len(batch_ids)
         b += 1
         embedded += 1
         if b % part_every == 0 or b == n_batches:
@@ -451,7 +450,8 @@ def run_embed(note_model, vision_tower, prompter, shards, out_dir: str, data_cfg
             _die_after_part(rank, k)
             k, ids, vectors, no_image = k + 1, [], [], 0
     print(f"rank {rank}: embedded {embedded} batches", flush=True)
-    _refuse_nonfinite(nonfinite, rank, out_dir, parts_dir, meta, made)
+    _refuse_what_cannot_be_right(nonfinite, kept, rank, out_dir, parts_dir, meta, made,
+                                 loader.stats() if b > done else probe.stats())
     barrier()  # every rank's parts are in place
     if rank == 0:
         info = {"mode": mode, "world_size": world_size, **meta}
@@ -473,27 +473,39 @@ def run_embed(note_model, vision_tower, prompter, shards, out_dir: str, data_cfg
     return 0
 
 
-def _refuse_nonfinite(nonfinite: list[str], rank: int, out_dir: str, parts_dir: str, meta: dict,
-                      made: str | None = None) -> None:
-    """Collective: a NaN or inf vector is never a result. When any rank got one, every rank refuses in the
-    same line (naming the first notes and the model) and rank 0 removes the parts: nothing is written."""
+def _refuse_what_cannot_be_right(nonfinite: list[str], kept: int, rank: int, out_dir: str, parts_dir: str,
+                                 meta: dict, made: str | None, stats: dict) -> None:
+    """Collective, before the final barrier: a NaN or inf vector is never a result, and neither is an
+    output without a single note. When any rank got a non-finite vector, or no rank kept a note, every
+    rank refuses in the same line (naming the first notes and the model, or the bad-note counts) and
+    rank 0 removes the parts and the folders the run made: nothing is written."""
     from notellm2.launcher.distributed import all_gather_object
     from notellm2.launcher.distributed import shutdown as end_group
 
-    found = all_gather_object(nonfinite[:5] + [len(nonfinite)])
-    total = sum(r[-1] for r in found)
-    if not total:
+    found = all_gather_object([nonfinite[:5], len(nonfinite), kept, _count_delta(stats, {})])
+    total_bad, total_kept = sum(r[1] for r in found), sum(r[2] for r in found)
+    if total_bad == 0 and total_kept > 0:
         return
-    first = [i for r in found for i in r[:-1]][:5]
+    if total_bad:
+        first = [i for r in found for i in r[0]][:5]
+        model = meta.get("model", "?")
+        model = f"the export {model}" if model != "untrained" else f"the untrained model of {meta.get('config')}"
+        message = (f"embed: {total_bad} notes got a non-finite (NaN or inf) vector from {model} "
+                   f"(first: {', '.join(first)}); a damaged or diverged model? Nothing was written to {out_dir}")
+    else:
+        bad: dict = {}
+        for r in found:
+            _add_counts(bad, r[3])
+        image_probe = (meta.get("request") or {}).get("mode") == "image"
+        why = _bad_line(bad) or ("no note has an image, which the image probe needs" if image_probe
+                                 else "they hold no note")
+        message = f"embed: no note of the shards could be embedded ({why}); nothing was written to {out_dir}"
     if rank == 0:
         remove_parts(parts_dir)
-        if not os.listdir(out_dir):
-            os.rmdir(out_dir)
+        if made is not None and not any(files for _, _, files in os.walk(made)):
+            shutil.rmtree(made)
     end_group()  # every rank is here: end the group before the error leaves the command
-    model = meta.get("model", "?")
-    model = f"the export {model}" if model != "untrained" else f"the untrained model of {meta.get('config')}"
-    raise UserError(f"embed: {total} notes got a non-finite (NaN or inf) vector from {model} "
-                    f"(first: {', '.join(first)}); a damaged or diverged model? Nothing was written to {out_dir}")
+    raise UserError(message)
 
 
 # Ranks wait for each other at the barrier after their parts: rank 0 waits there for the slowest rank's
