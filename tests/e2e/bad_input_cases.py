@@ -202,6 +202,10 @@ def _corrupt_train_shards(ws, d):
 W = "--num-workers"
 
 
+def _mine(ws, d, *extra):
+    return ["data", "mine-pairs", "--views", ws["views"], "--out", str(d / "o"), "--quiet", *extra]
+
+
 def _embed(ws, *extra):
     return ["embed", "--config", ws["config"], "--batch-size", "8", W, "0", *extra]
 
@@ -269,23 +273,18 @@ CASES = [
          lambda ws, d: ["data", "mine-pairs", "--views", str(d / "v.parquet"), "--out", str(d / "o"), "--quiet"],
          ("{d}/v.parquet", "cannot read the view log as PARQUET"), prepare=_file_named("v.parquet", "not parquet\n")),
     Case("mine_memory_limit_lots", "third_party",
-         lambda ws, d: ["data", "mine-pairs", "--views", ws["views"], "--out", str(d / "o"), "--quiet",
-                        "--memory-limit", "lots"], ("memory_limit", "lots")),
+         lambda ws, d: _mine(ws, d, "--memory-limit", "lots"), ("memory_limit", "lots")),
     Case("mine_min_score_nan", "numeric_option",
-         lambda ws, d: ["data", "mine-pairs", "--views", ws["views"], "--out", str(d / "o"), "--quiet",
-                        "--min-score", "nan"], ("--min-score", "nan")),
+         lambda ws, d: _mine(ws, d, "--min-score", "nan"), ("--min-score", "nan")),
     Case("mine_window_inf", "numeric_option",
-         lambda ws, d: ["data", "mine-pairs", "--views", ws["views"], "--out", str(d / "o"), "--quiet",
-                        "--window-days", "inf"], ("--window-days", "inf")),
+         lambda ws, d: _mine(ws, d, "--window-days", "inf"), ("--window-days", "inf")),
     Case("mine_test_fraction_one", "numeric_option",
-         lambda ws, d: ["data", "mine-pairs", "--views", ws["views"], "--out", str(d / "o"), "--quiet",
-                        "--test-fraction", "1"], ("--test-fraction", "1")),
+         lambda ws, d: _mine(ws, d, "--test-fraction", "1"), ("--test-fraction", "1")),
     Case("mine_milliseconds", "timestamp_unit",
          lambda ws, d: ["data", "mine-pairs", "--views", str(d / "views_ms.parquet"), "--out", str(d / "o"), "--quiet"],
          ("{d}/views_ms.parquet", "--timestamp-unit ms"), prepare=_ms_views),
     Case("mine_out_is_a_file", "output_kind",
-         lambda ws, d: ["data", "mine-pairs", "--views", ws["views"], "--out", str(d / "o"), "--quiet"],
-         ("--out", "{d}/o", "is a file"), prepare=_file_named("o")),
+         lambda ws, d: _mine(ws, d), ("--out", "{d}/o", "is a file"), prepare=_file_named("o")),
     Case("mine_over_other_mining", "rerun_other",
          lambda ws, d: ["data", "mine-pairs", "--views", ws["views"], "--out", ws["mined"], "--quiet", "--top-k", "3",
                         "--memory-limit", "256MB", "--threads", "1"], ("{ws}/mined", "top_k 10 there, 3 now", "--overwrite")),
@@ -294,8 +293,7 @@ CASES = [
                         "--memory-limit", "256MB", "--threads", "1"], ("{ws}/mined", "view_log_sha256 differs"),
          prepare=_other_views),
     Case("mine_no_pair", "zero_rows",
-         lambda ws, d: ["data", "mine-pairs", "--views", ws["views"], "--out", str(d / "o"), "--quiet",
-                        "--window-days", "0.00001"], ("views.parquet", "no related pair")),
+         lambda ws, d: _mine(ws, d, "--window-days", "0.00001"), ("views.parquet", "no related pair")),
     # write-shards --------------------------------------------------------------------------------
     Case("shards_catalog_of_other_ids", "zero_rows",
          lambda ws, d: ["data", "write-shards", "--pairs", ws["pairs"], "--catalog", str(d / "other.jsonl"), "--out",
