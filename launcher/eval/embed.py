@@ -584,8 +584,9 @@ def check_embed_cache(path: str | None, tower, label: str = "data.vision_cache")
 
 def model_fingerprint(model_dir: str | None, cfg) -> dict:
     """What decides the vectors on the model's side, by content: an export's own `fingerprint` (format 2)
-    or the sha256 of its files (an .npz by its members' names and CRCs: np.savez stamps the time), or
-    the hash of the untrained model's config (model, loss, seed)."""
+    or the sha256 of its files (an .npz by its members' names and CRCs: np.savez stamps the time; a
+    .safetensors by its sorted header and data), or the hash of the untrained model's config (model,
+    loss, seed)."""
     if not model_dir:
         from notellm2.launcher.config import config_to_dict
 
@@ -610,9 +611,30 @@ def model_fingerprint(model_dir: str | None, cfg) -> dict:
             if name.endswith(".npz") and zipfile.is_zipfile(path):
                 with zipfile.ZipFile(path) as z:
                     h.update(json.dumps(sorted((i.filename, i.CRC, i.file_size) for i in z.infolist())).encode())
+            elif name.endswith(".safetensors"):
+                h.update(_safetensors_digest(path).encode())
             else:
                 h.update(sha256_file(path).encode())
     return {"export_files_sha256": h.hexdigest()}
+
+
+def _safetensors_digest(path: str) -> str:
+    """sha256 of a safetensors file's header (keys sorted) and data: its bytes differ between two saves of
+    the same tensors, because the metadata map is written in a per-process order (seen: {'step', 'format'}
+    and {'format', 'step'} for one checkpoint exported twice)."""
+    import struct
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        try:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(size))
+        except (struct.error, ValueError, MemoryError, OverflowError):
+            return sha256_file(path)  # not a readable safetensors: its bytes, whatever they are
+        h.update(json.dumps(header, sort_keys=True).encode())
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def shards_fingerprint(shards) -> tuple[list, list]:
