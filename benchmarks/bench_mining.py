@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -251,6 +252,8 @@ def _worker(args) -> None:
         if args.worker == "spark":
             s.engine, s.spark_master = "spark", args.spark_master
             s.spark_conf = parse_spark_conf(args.spark_conf)
+        # each repeat mines afresh: a finished mining of the same log and settings would be reused as it is
+        shutil.rmtree(args.out, ignore_errors=True)
         summary = mine_pairs(args.views, args.out, s)
         pairs = summary["counts"]["pairs"]
         extra = {"co_occurrences": summary["counts"]["co_occurrences"], "timings_s": summary["timings_s"],

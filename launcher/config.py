@@ -191,11 +191,13 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         path = find_shipped(path)  # configs/*.yaml ship with the package too
         if not os.path.exists(path):
             raise ConfigError(f"config file {path}: does not exist")
-        with open(path) as fh:
-            try:
+        try:
+            with open(path, encoding="utf-8") as fh:
                 data = yaml.safe_load(fh) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"config file {path}: not valid YAML: {e}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path}: not valid YAML: {e}") from None
+        except (OSError, UnicodeDecodeError) as e:  # a folder, an unreadable file, bytes that are not UTF-8
+            raise ConfigError(f"config file {path}: cannot be read as YAML text ({type(e).__name__}: {e})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path}: top level must be a mapping")
     for ov in overrides or []:

@@ -17,6 +17,7 @@ from typing import Callable, Optional
 
 import torch
 
+from notellm2.errors import UserError
 from notellm2.modeling.config import LLMConfig
 
 log = logging.getLogger(__name__)
@@ -28,8 +29,8 @@ IMG_EMB_TOKEN = "<IMG_EMB>"  # mICL visual marker: the representation is the hid
 PLACEHOLDER_TOKENS = (IMG_TOKEN, IMG_EMB_TOKEN)
 
 
-class BackboneError(ValueError):
-    """A backbone directory, tokenizer or setting that cannot be used."""
+class BackboneError(UserError, ValueError):
+    """A backbone directory, tokenizer or setting that cannot be used (one line naming the key)."""
 
 
 # grow_embeddings(model, rows): make the model's input embedding `rows` long, keeping the existing rows
@@ -129,6 +130,27 @@ def quiet_transformers():
         hf_logging.set_verbosity(level)
 
 
+@contextlib.contextmanager
+def loading_model_files(key: str, path: str, error: type):
+    """A library's error on the files of the user's model folder (a truncated or empty safetensors, a
+    config.json that is not JSON, weights of other shapes) becomes `error` (a UserError) naming the
+    key and the folder; anything else keeps its traceback."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except UserError:
+        raise
+    except (OSError, ValueError, SafetensorError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise error(f"{key}: {path!r}: cannot load the model's files ({type(e).__name__}: {first})") from None
+    except RuntimeError as e:  # load_state_dict's "size mismatch for ...": weights of another shape
+        if "size mismatch" not in str(e):
+            raise
+        first = next((x.strip() for x in str(e).splitlines() if "size mismatch" in x), str(e))
+        raise error(f"{key}: {path!r}: its weights do not fit the model's config ({first})") from None
+
+
 def _check_dir(path: str, key: str) -> None:
     if not path:
         raise BackboneError(f"{key}: empty; allowed: a local Hugging Face model directory")
@@ -136,6 +158,14 @@ def _check_dir(path: str, key: str) -> None:
         raise BackboneError(f"{key}: {path!r} is not a directory")
     if key.endswith(".path") and not os.path.exists(os.path.join(path, "config.json")):
         raise BackboneError(f"{key}: {path!r} has no config.json (not a Hugging Face model directory)")
+
+
+def check_backbone_dirs(cfg: LLMConfig) -> None:
+    """model.llm.path (and tokenizer_path) are Hugging Face model folders: checked by what is on disk,
+    nothing loaded, so a run can refuse a wrong path before it loads anything else."""
+    _check_dir(cfg.path, "model.llm.path")
+    if cfg.tokenizer_path:
+        _check_dir(cfg.tokenizer_path, "model.llm.tokenizer_path")
 
 
 def load_tokenizer(path: str):
@@ -163,11 +193,11 @@ def load_llm(cfg: LLMConfig, dtype: Optional[torch.dtype] = None, grow_embedding
     """
     from transformers import AutoConfig, AutoModel
 
-    _check_dir(cfg.path, "model.llm.path")
+    check_backbone_dirs(cfg)
     tok_path = cfg.tokenizer_path or cfg.path
-    _check_dir(tok_path, "model.llm.tokenizer_path" if cfg.tokenizer_path else "model.llm.path")
 
-    config = AutoConfig.from_pretrained(cfg.path)
+    with loading_model_files("model.llm.path", cfg.path, BackboneError):
+        config = AutoConfig.from_pretrained(cfg.path)
     if not hasattr(config, "num_hidden_layers") or not hasattr(config, "hidden_size"):
         raise BackboneError(f"model.llm.path: {cfg.path!r} holds a {type(config).__name__}, not a decoder LLM config")
     if cfg.num_layers is not None:
@@ -183,7 +213,8 @@ def load_llm(cfg: LLMConfig, dtype: Optional[torch.dtype] = None, grow_embedding
     # dtype None means float32, not transformers' "auto" (the checkpoint's bf16/fp16): precision is
     # the launcher's choice (the DeepSpeed engine casts to bf16 when asked).
     kwargs = {"config": config, "attn_implementation": attn, "dtype": dtype or torch.float32}
-    with quiet_transformers():  # the report would list lm_head as unexpected; missing weights are checked below
+    with quiet_transformers(), loading_model_files("model.llm.path", cfg.path, BackboneError):
+        # the report would list lm_head as unexpected; missing weights are checked below
         model, info = AutoModel.from_pretrained(cfg.path, output_loading_info=True, **kwargs)
     missing = sorted(info.get("missing_keys") or [])
     if missing:
@@ -191,7 +222,9 @@ def load_llm(cfg: LLMConfig, dtype: Optional[torch.dtype] = None, grow_embedding
                             f"(e.g. {', '.join(missing[:5])}); they would be random: is this the right model directory?")
     model.config.use_cache = False
 
-    tokenizer = load_tokenizer(tok_path)
+    with loading_model_files("model.llm.tokenizer_path" if cfg.tokenizer_path else "model.llm.path", tok_path,
+                             BackboneError):
+        tokenizer = load_tokenizer(tok_path)
     _add_placeholder_rows(model, tokenizer, grow_embeddings)
 
     if cfg.gradient_checkpointing:

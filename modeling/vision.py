@@ -27,7 +27,7 @@ from torch import nn
 
 from notellm2.errors import UserError
 from notellm2.data_shards.batch import normalize_pixels
-from notellm2.modeling.backbone import quiet_transformers
+from notellm2.modeling.backbone import loading_model_files, quiet_transformers
 from notellm2.modeling.config import VisionConfig
 
 log = logging.getLogger(__name__)
@@ -176,7 +176,8 @@ class HFVisionTower(VisionTower):
             raise VisionError("model.vision.path: empty; allowed: a local CLIP or SigLIP model directory")
         if not os.path.exists(os.path.join(cfg.path, "config.json")):
             raise VisionError(f"model.vision.path: {cfg.path!r} has no config.json (not a Hugging Face model directory)")
-        top = AutoConfig.from_pretrained(cfg.path)
+        with loading_model_files("model.vision.path", cfg.path, VisionError):
+            top = AutoConfig.from_pretrained(cfg.path)
         family = _HF_FAMILIES.get(top.model_type)
         if family is None:
             raise VisionError(f"model.vision.path: {cfg.path!r} is a {top.model_type!r} model; allowed: "
@@ -205,7 +206,7 @@ class HFVisionTower(VisionTower):
                               f"(allowed: {-(n_layers + 1)}..{n_layers})")
         self.hidden_layer = cfg.hidden_layer
         kwargs = {"dtype": dtype or torch.float32}  # not the checkpoint's fp16: CPU convolutions need fp32
-        with quiet_transformers(), replicated_loading():
+        with quiet_transformers(), replicated_loading(), loading_model_files("model.vision.path", cfg.path, VisionError):
             self.model, info = getattr(transformers, cls_name).from_pretrained(cfg.path, output_loading_info=True, **kwargs)
         missing = sorted(info.get("missing_keys") or [])
         if missing:

@@ -71,8 +71,9 @@ stage "embeddings of the held-out test notes: trained (full input and image-only
 RUN2=(.venv/bin/torchrun --standalone --nproc-per-node 2 -m notellm2.launcher)   # each rank embeds half the notes
 NOTES="$A/shards/notes-test-*.tar"
 [ -f "$A/emb_untrained/embeddings.npy" ] || "${RUN2[@]}" embed --config "$CONFIG" "${OV[@]}" --out "$A/emb_untrained"
-"${RUN2[@]}" embed --model "$A/export" --shards "$NOTES" --out "$A/emb_trained"
-"${RUN2[@]}" embed --model "$A/export" --shards "$NOTES" --mode image --out "$A/emb_trained_image"
+# --overwrite: a longer run's export replaces the last one's vectors (an unchanged export: embed does nothing)
+"${RUN2[@]}" embed --model "$A/export" --shards "$NOTES" --out "$A/emb_trained" --overwrite
+"${RUN2[@]}" embed --model "$A/export" --shards "$NOTES" --mode image --out "$A/emb_trained_image" --overwrite
 # the off-the-shelf text baseline a user would try first: the untrained text_two_tower is all-MiniLM-L6-v2
 [ -f "$A/emb_minilm/embeddings.npy" ] || "${RUN2[@]}" embed --config configs/minilm_two_tower.yaml \
     data.notes_shards="$NOTES" --out "$A/emb_minilm"

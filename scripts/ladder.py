@@ -71,8 +71,8 @@ def data_fingerprint(data: str) -> str:
     The manifest records where its inputs were (`sources.*.path`) and the mining manifest's sha256, which
     itself holds the absolute path of the views: both are dropped, so that the same data built in
     another folder or on another machine keeps its fingerprint (the pairs, the split and the catalog's
-    sha256 stay in). So is the manifest's `note_stats` entry: a function of the pairs, written by newer
-    write-shards only."""
+    sha256 stay in). So are the manifest's `note_stats` entry (a function of the pairs) and its
+    `problem_log` entry (the name of the file listing its problems), written by newer write-shards only."""
     h = hashlib.sha256()
     for rel in ("pairs/pairs.parquet", "pairs/note_split.parquet"):
         with open(os.path.join(data, rel), "rb") as fh:
@@ -80,6 +80,7 @@ def data_fingerprint(data: str) -> str:
     with open(os.path.join(data, "shards", "manifest.json")) as fh:
         manifest = json.load(fh)
     manifest.pop("note_stats", None)  # derived from the pairs (hashed above); older shard sets lack it
+    manifest.pop("problem_log", None)  # the file naming the manifest's problems; older shard sets lack it
     for name, src in list(manifest.get("sources", {}).items()):
         src = {k: v for k, v in src.items() if k != "path"}
         if name == "mining_manifest":

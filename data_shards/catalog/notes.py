@@ -156,6 +156,8 @@ def iter_catalog(path: str, image_root: Optional[str] = None, fmt: Optional[str]
         except UnicodeDecodeError as e:
             raise CatalogError(f"{path}:{reader.line_num + 1}: not UTF-8 text ({e.reason}); "
                                f"re-save the CSV as UTF-8") from None
+        except csv.Error as e:  # a NUL byte, a field past the size limit, a quote left open at the end
+            raise CatalogError(f"{path}:{reader.line_num}: not a readable CSV row ({e})") from None
 
 
 def _iter_csv_rows(reader, path: str, base: str):

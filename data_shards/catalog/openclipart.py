@@ -12,7 +12,7 @@ import os
 import re
 from collections import defaultdict
 
-from notellm2.files import atomic_write
+from notellm2.outputs import FileOutput, check_file_output
 
 DEFAULT_ROOT = "/usr/share/openclipart"
 _WORK = re.compile(r"<cc:Work\b.*?</cc:Work>", re.S)
@@ -44,7 +44,10 @@ def parse_svg_metadata(svg_text: str) -> dict:
 
 
 def build_openclipart_catalog(out_path: str, root: str = DEFAULT_ROOT, min_per_category: int = 20,
-                              max_items: int | None = None) -> dict:
+                              max_items: int | None = None, overwrite: bool = True) -> dict:
+    """Write the catalog JSONL to `out_path`; a file of other contents there is replaced only with
+    `overwrite` (notellm2.outputs.FileOutput: checked before the catalog is read, compared at the end)."""
+    check_file_output(out_path)
     svg_root, png_root = os.path.join(root, "svg"), os.path.join(root, "png")
     if not os.path.isdir(svg_root) or not os.path.isdir(png_root):
         raise FileNotFoundError(f"{root}: expected svg/ and png/ folders (apt-get install openclipart-svg openclipart-png)")
@@ -73,8 +76,8 @@ def build_openclipart_catalog(out_path: str, root: str = DEFAULT_ROOT, min_per_c
     notes = [n for c in sorted(kept) for n in kept[c]]
     if max_items:
         notes = notes[:max_items]
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    with atomic_write(out_path) as fh:
+    with FileOutput(out_path, overwrite, "a catalog") as out, open(out.tmp, "w", encoding="utf-8") as fh:
         for n in notes:
             fh.write(json.dumps(n, ensure_ascii=False) + "\n")
-    return {"notes": len(notes), "categories": len({n["category"] for n in notes}), "skipped": dict(skipped)}
+    return {"notes": len(notes), "categories": len({n["category"] for n in notes}), "skipped": dict(skipped),
+            **({"unchanged": True} if out.unchanged else {})}

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from notellm2.files import atomic_write
+from notellm2.outputs import FileOutput
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring")
 _CATEGORY_NAMES = ("travel", "food", "fashion", "fitness", "pets", "tech", "home", "beauty",
@@ -109,9 +110,10 @@ def make_synthetic_catalog(out_dir: str, n_notes: int = 200, n_categories: int =
 
 def make_synthetic_views(catalog: str, out_path: str, n_users: int = 50, sessions_per_user: int = 4,
                          views_per_session: int = 6, p_in_category: float = 0.9, seed: int = 0,
-                         session_gap_days: float = 8.0) -> str:
+                         session_gap_days: float = 8.0, overwrite: bool = True) -> str:
     """Write a view log (CSV, or Parquet when `out_path` ends in .parquet) with columns
-    ``user_id, note_id, timestamp``; return `out_path`.
+    ``user_id, note_id, timestamp``; return `out_path`. A file of other contents at `out_path` is
+    replaced only with `overwrite` (notellm2.outputs.FileOutput; the same contents are left as they are).
 
     Each user prefers two categories; each session picks one of them (or, 1 time in 5, any
     category) and views `views_per_session` notes, each from the session's category with
@@ -121,9 +123,11 @@ def make_synthetic_views(catalog: str, out_path: str, n_users: int = 50, session
     """
     import pandas as pd
 
-    from notellm2.data_shards.catalog.notes import load_catalog
+    from notellm2.data_shards.catalog.notes import CatalogError, load_catalog
 
     notes = load_catalog(catalog)
+    if not notes:
+        raise CatalogError(f"{catalog}: the catalog holds no note to view")
     by_cat: dict[str, list[str]] = {}
     for n in notes:
         by_cat.setdefault(n.category or "", []).append(n.note_id)
@@ -144,11 +148,11 @@ def make_synthetic_views(catalog: str, out_path: str, n_users: int = 50, session
                 t += int(rng.integers(20, 301))
             t += int(session_gap_days * 86400) + int(rng.integers(0, 86400))
     df = pd.DataFrame(rows, columns=["user_id", "note_id", "timestamp"]).astype({"timestamp": "int64"})
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    if out_path.endswith(".parquet"):
-        df.to_parquet(out_path, index=False)
-    else:
-        df.to_csv(out_path, index=False)
+    with FileOutput(out_path, overwrite, "a view log") as out:
+        if out_path.endswith(".parquet"):
+            df.to_parquet(out.tmp, index=False)
+        else:
+            df.to_csv(out.tmp, index=False)
     return out_path
 
 

@@ -10,7 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from notellm2.data_shards.mining.mine import MiningError, MiningSettings, Stages, load_view_log
+from notellm2.data_shards.mining.mine import MiningError, MiningSettings, Stages, check_pairs, load_view_log
 from notellm2.files import commit_file, sha256_file, temporary_name
 from notellm2.data_shards.mining.sql import DUCKDB, SQL_OUT_NOTE_SPLIT, SQL_OUT_PAIRS, run_rules
 
@@ -32,15 +32,24 @@ def _connect(settings: MiningSettings, temp_dir: str):
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = settings.threads or cores
-    con = duckdb.connect(config={
-        "memory_limit": settings.memory_limit,
-        "temp_directory": temp_dir,
-        "threads": int(threads),
-        "preserve_insertion_order": False,
-    })
+    try:
+        con = duckdb.connect(config={
+            "memory_limit": settings.memory_limit,
+            "temp_directory": temp_dir,
+            "threads": int(threads),
+            "preserve_insertion_order": False,
+        })
+    except duckdb.Error as e:  # the user's --memory-limit / --temp-dir / --threads
+        raise MiningError(f"DuckDB refused the settings (--memory-limit {settings.memory_limit}, --temp-dir "
+                          f"{temp_dir}, --threads {threads}): {_first_line(e)}") from None
     con.execute("SET enable_progress_bar = false")
     con.execute("SET TimeZone = 'UTC'")
     return con, int(threads)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 class _DuckDB:
@@ -68,37 +77,51 @@ def run_duckdb(views_path, files: list[Path], kind: str, out: Path, settings: Mi
     import duckdb
 
     own_tmp = settings.temp_directory is None
+    if not own_tmp and os.path.exists(settings.temp_directory) and not os.path.isdir(settings.temp_directory):
+        raise MiningError(f"--temp-dir {settings.temp_directory}: is a file; give a folder for DuckDB's spill files")
     spill_dir = tempfile.mkdtemp(prefix=".mining-spill-", dir=out) if own_tmp else settings.temp_directory
-    con, threads = _connect(settings, spill_dir)
+    # a --temp-dir that DuckDB creates is removed again, as the own spill folder is
+    remove_spill = own_tmp or not os.path.exists(spill_dir)
+    con = None
     try:
+        con, threads = _connect(settings, spill_dir)
         db = _DuckDB(con)
         label = str(files[0]) if len(files) == 1 else f"{files[0].parent} ({len(files)} files)"
 
         def load():
-            con.execute(f"CREATE VIEW view_source AS SELECT * FROM {_source_sql(files, kind)}")
+            # Every DuckDB error while reading is about the user's file (an empty or ragged CSV, a file
+            # that is not Parquet, a column of the wrong type): named in one line.
             try:
+                con.execute(f"CREATE VIEW view_source AS SELECT * FROM {_source_sql(files, kind)}")
                 cols = con.execute("DESCRIBE SELECT * FROM view_source").fetchall()
+                return load_view_log(db, label, {c[0]: c[1] for c in cols}, DUCKDB, settings.timestamp_unit)
             except duckdb.Error as e:
-                raise MiningError(f"{label}: cannot read the view log: {e}") from e
-            return load_view_log(db, label, {c[0]: c[1] for c in cols}, DUCKDB)
+                raise MiningError(f"{label}: cannot read the view log as {kind.upper()}: {_first_line(e)}") from None
 
         n_events = stages.run("read", load)
         counts = {"events": n_events, **run_rules(db, DUCKDB, settings, stages)}
+        check_pairs(counts, label)
 
         def write():
             digests = {}
             for name, sql in (("pairs.parquet", SQL_OUT_PAIRS), ("note_split.parquet", SQL_OUT_NOTE_SPLIT)):
                 tmp = temporary_name(str(out / name))
-                con.execute(f"COPY ({sql}) TO {_sql_str(tmp)} (FORMAT parquet, COMPRESSION zstd)")
-                digests[name] = {"sha256": sha256_file(tmp)}
-                commit_file(tmp, str(out / name))
+                try:
+                    con.execute(f"COPY ({sql}) TO {_sql_str(tmp)} (FORMAT parquet, COMPRESSION zstd)")
+                    digests[name] = {"sha256": sha256_file(tmp)}
+                    commit_file(tmp, str(out / name))
+                except BaseException:
+                    if os.path.exists(tmp):
+                        os.remove(tmp)
+                    raise
             return digests
 
         outputs = stages.run("write", write)
         engine = {"name": "duckdb", "version": duckdb.__version__, "threads": threads,
                   "memory_limit": settings.memory_limit}
     finally:
-        con.close()
-        if own_tmp:
+        if con is not None:
+            con.close()
+        if remove_spill:
             shutil.rmtree(spill_dir, ignore_errors=True)
     return counts, outputs, engine

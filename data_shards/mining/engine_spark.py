@@ -18,7 +18,7 @@ import logging
 import os
 from pathlib import Path
 
-from notellm2.data_shards.mining.mine import MiningError, MiningSettings, Stages, is_uri, load_view_log
+from notellm2.data_shards.mining.mine import MiningError, MiningSettings, Stages, check_pairs, is_uri, load_view_log
 from notellm2.files import commit_file, sha256_file, temporary_name
 from notellm2.data_shards.mining.sql import SPARK, SQL_OUT_NOTE_SPLIT, SQL_OUT_PAIRS, run_rules
 
@@ -187,10 +187,11 @@ def run_spark(views_path, files: list[Path], kind: str, out: Path, settings: Min
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise MiningError(f"{label}: cannot read the view log: {first}") from e
             df.createOrReplaceTempView("view_source")
-            return load_view_log(db, label, types, SPARK)
+            return load_view_log(db, label, types, SPARK, settings.timestamp_unit)
 
         n_events = stages.run("read", load)
         counts = {"events": n_events, **run_rules(db, SPARK, settings, stages)}
+        check_pairs(counts, label)
 
         def write():
             schemas = {

@@ -23,12 +23,18 @@ Rules, each a one-line `PairImportError` naming the file (and row):
 from __future__ import annotations
 
 import csv
+import json
 import os
 from typing import Optional
+
+import numpy as np
 
 from notellm2.errors import UserError
 from notellm2.data_shards.mining.pairs_file import NOTE_SPLIT_FILE, PAIRS_FILE, SPLITS
 from notellm2.files import atomic_write_json, commit_file, sha256_file, temporary_name
+from notellm2.outputs import check_folder_output, reuse_finished
+
+MANIFEST = "import_manifest.json"
 
 HELD_OUT_ORDER = {"test": 0, "val": 1, "train": 2}  # note_split: the most held-out split wins (overlap allowed)
 
@@ -38,6 +44,16 @@ class PairImportError(UserError, ValueError):
 
 
 def _read_csv(path: str, need_split: bool):
+    import pandas as pd
+
+    try:
+        return _read_csv_text(path, need_split)
+    except (UnicodeDecodeError, csv.Error, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise PairImportError(f"{path}: not a readable UTF-8 CSV ({type(e).__name__}: {first})") from None
+
+
+def _read_csv_text(path: str, need_split: bool):
     import pandas as pd
 
     with open(path, newline="", encoding="utf-8") as fh:
@@ -83,21 +99,31 @@ def _read(path: str, need_split: bool):
         if len(empty):
             raise PairImportError(f"{path}: row {int(empty[0])}: empty {col}")
     if "score" in df.columns:
-        bad = df.index[df["score"].isna()]
+        try:
+            df["score"] = pd.to_numeric(df["score"], errors="coerce").astype(float)
+        except (TypeError, ValueError):
+            raise PairImportError(f"{path}: column 'score' is not numeric") from None
+        bad = df.index[~np.isfinite(df["score"].to_numpy())]
         if len(bad):
-            raise PairImportError(f"{path}: row {int(bad[0])}: score is not a number")
-        df["score"] = df["score"].astype(float)
+            value = float(df["score"].iloc[int(bad[0])])
+            raise PairImportError(f"{path}: row {int(bad[0])}: score is not a number" if value != value else
+                                  f"{path}: row {int(bad[0])}: score is not finite ({value})")
     else:
         df["score"] = 1.0
     return df
 
 
 def import_pairs(out_dir: str, catalog: str, split_files: Optional[dict] = None, pairs: Optional[str] = None,
-                 allow_overlap: bool = False, image_root: Optional[str] = None) -> dict:
-    """Write pairs.parquet, note_split.parquet and import_manifest.json into `out_dir`; returns the manifest."""
+                 allow_overlap: bool = False, image_root: Optional[str] = None, overwrite: bool = False) -> dict:
+    """Write pairs.parquet, note_split.parquet and import_manifest.json into `out_dir`; returns the manifest.
+
+    A finished import of the same files and settings in `out_dir` is returned as it is (with "unchanged");
+    one of other files or settings, or a mined pairs folder, is refused unless `overwrite`."""
     import pandas as pd
 
     from notellm2.data_shards.catalog.notes import load_catalog
+
+    check_folder_output(out_dir)
 
     split_files = {k: v for k, v in (split_files or {}).items() if v}
     if bool(split_files) == bool(pairs):
@@ -147,6 +173,15 @@ def import_pairs(out_dir: str, catalog: str, split_files: Optional[dict] = None,
                               f"or pass --allow-overlap to keep them")
     before = len(df)
     df = df.drop_duplicates(subset=["query_id", "target_id", "split"], keep="first")
+    request = {"inputs": [{k: v for k, v in src.items() if k != "path"} for src in sources],
+               "catalog_sha256": sha256_file(catalog), "allow_overlap": bool(allow_overlap)}
+    recorded = _recorded_request(out_dir)
+    if reuse_finished(out_dir, recorded, request, overwrite, "a finished pairs folder", error=PairImportError):
+        with open(os.path.join(out_dir, MANIFEST)) as fh:
+            return {**json.load(fh), "unchanged": True}
+    for name in (MANIFEST, "mining_manifest.json"):  # incomplete until the new manifest lands
+        if os.path.exists(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
     os.makedirs(out_dir, exist_ok=True)
     out_pairs = df[["query_id", "target_id", "score", "split"]].reset_index(drop=True)
     note_split = pd.DataFrame({"note_id": per_note.index.astype(str), "split": per_note.map(lambda s: s[0]).values})
@@ -154,14 +189,32 @@ def import_pairs(out_dir: str, catalog: str, split_files: Optional[dict] = None,
     _write_parquet(note_split, os.path.join(out_dir, NOTE_SPLIT_FILE))
     manifest = {
         "source": "import-pairs", "inputs": sources, "catalog": os.path.abspath(catalog),
+        "catalog_sha256": request["catalog_sha256"],
         "pairs": {s: int((out_pairs["split"] == s).sum()) for s in SPLITS},
         "notes": {s: int((note_split["split"] == s).sum()) for s in SPLITS},
         "duplicates_dropped": int(before - len(df)),
         "notes_in_several_splits": int(len(overlap)), "allow_overlap": bool(allow_overlap),
         "score_default": 1.0,
     }
-    atomic_write_json(os.path.join(out_dir, "import_manifest.json"), manifest, indent=2)
+    atomic_write_json(os.path.join(out_dir, MANIFEST), manifest, indent=2)
     return manifest
+
+
+def _recorded_request(out_dir: str) -> Optional[dict]:
+    """The request of the finished pairs folder in `out_dir`: an import's (from its manifest), or a
+    marker that a mining wrote it (never the same as an import); None when there is none."""
+    if os.path.isfile(os.path.join(out_dir, "mining_manifest.json")):
+        return {"written_by": "mine-pairs"}
+    path = os.path.join(out_dir, MANIFEST)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as fh:
+            m = json.load(fh)
+        return {"inputs": [{k: v for k, v in src.items() if k != "path"} for src in m["inputs"]],
+                "catalog_sha256": m.get("catalog_sha256"), "allow_overlap": m.get("allow_overlap")}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {"import_manifest.json": "unreadable"}
 
 
 def _write_parquet(df, path: str) -> None:

@@ -31,16 +31,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from notellm2.errors import UserError
-from notellm2.data_shards.mining.sql import (HASH_BITS, SQL_COUNT_EVENTS, WEIGHT_SCALE, hash_thresholds,  # noqa: F401
-                                    split_counts, sql_first_bad_row, sql_view_log, weight_scale)
+from notellm2.data_shards.mining.sql import (HASH_BITS, MAX_TIMESTAMP_SECONDS, SQL_COUNT_EVENTS,  # noqa: F401
+                                    SQL_TIMESTAMP_RANGE, WEIGHT_SCALE, hash_thresholds, split_counts,
+                                    sql_first_bad_row, sql_view_log, weight_scale)
 from notellm2.files import atomic_write_text, sha256_file
+from notellm2.outputs import check_folder_output, make_folder, remove_made, reuse_finished
 
 log = logging.getLogger("notellm2.mining")
 
@@ -49,6 +53,12 @@ FORMAT_VERSION = 2
 REQUIRED_COLUMNS = ("user_id", "note_id", "timestamp")
 ENGINES = ("duckdb", "spark")
 PAIR_SPLITS = ("either", "both")
+# --timestamp-unit: what one unit of a numeric timestamp is, as a divisor to seconds
+TIMESTAMP_UNITS = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
+# DuckDB's memory_limit: a number and a unit (or a percentage of the machine's memory)
+_MEMORY_RE = re.compile(r"^\s*\d+(\.\d+)?\s*(b|bytes?|kb|mb|gb|tb|kib|mib|gib|tib|%)\s*$", re.IGNORECASE)
+MANIFEST = "mining_manifest.json"
+OUTPUTS = ("pairs.parquet", "note_split.parquet", MANIFEST)
 # Settings that choose how the rules run, not what they compute: left out of the manifest's
 # `settings` (so two engines' manifests compare equal) and recorded under `engine` instead.
 _ENGINE_KEYS = ("engine", "memory_limit", "temp_directory", "threads", "spark_master", "spark_conf")
@@ -62,6 +72,8 @@ class MiningError(UserError, ValueError):
 class MiningSettings:
     # Co-occurrence window: B must be viewed at most this long after A (inclusive).
     window_days: float = 7.0
+    # The unit of numeric timestamps (datetimes carry their own): s, ms, us or ns.
+    timestamp_unit: Literal["s", "ms", "us", "ns"] = "s"
     # Partners kept per query note after thresholds.
     top_k: int = 10
     # Inclusive score thresholds applied before top-k (None: no bound).
@@ -97,23 +109,28 @@ class MiningSettings:
         def bad(key: str, allowed: str) -> MiningError:
             return MiningError(f"mining setting '{key}' = {getattr(self, key)!r}: expected {allowed}")
 
-        if not (isinstance(self.window_days, (int, float)) and self.window_days >= 0):
-            raise bad("window_days", "a number >= 0")
+        def finite(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        if not (finite(self.window_days) and self.window_days >= 0):
+            raise bad("window_days", "a finite number >= 0")
+        if self.timestamp_unit not in TIMESTAMP_UNITS:
+            raise bad("timestamp_unit", "one of: " + ", ".join(TIMESTAMP_UNITS))
         if not (isinstance(self.top_k, int) and self.top_k > 0):
             raise bad("top_k", "an integer > 0")
         if not (isinstance(self.max_views_per_user, int) and self.max_views_per_user > 0):
             raise bad("max_views_per_user", "an integer > 0")
         for key in ("min_score", "max_score"):
             v = getattr(self, key)
-            if v is not None and not isinstance(v, (int, float)):
-                raise bad(key, "a number or None")
+            if v is not None and not finite(v):
+                raise bad(key, "a finite number or None")
         if self.min_score is not None and self.max_score is not None and self.min_score > self.max_score:
             raise bad("min_score", f"a value <= max_score ({self.max_score})")
         if self.split_by not in ("time", "hash"):
             raise bad("split_by", "one of: time, hash")
         for key in ("val_fraction", "test_fraction"):
             v = getattr(self, key)
-            if not (isinstance(v, (int, float)) and 0 <= v < 1):
+            if not (finite(v) and 0 <= v < 1):
                 raise bad(key, "a number in [0, 1)")
         if self.val_fraction + self.test_fraction >= 1:
             raise bad("test_fraction", f"val_fraction + test_fraction < 1 (val_fraction={self.val_fraction})")
@@ -125,6 +142,8 @@ class MiningSettings:
             raise bad("threads", "an integer > 0 or None")
         if not isinstance(self.spark_conf, dict):
             raise bad("spark_conf", "a dict of Spark configuration key -> value")
+        if self.engine == "duckdb" and not (isinstance(self.memory_limit, str) and _MEMORY_RE.match(self.memory_limit)):
+            raise bad("memory_limit", "a size such as 2GB, 512MiB or 80%")
 
     @property
     def window_seconds(self) -> int:
@@ -179,13 +198,20 @@ def input_files(views_path: str | os.PathLike) -> tuple[list[Path], str]:
         if len(kinds) > 1:
             raise MiningError(f"{path}: mixes Parquet and CSV view-log files; keep one format per folder")
         kind = kinds.pop()
-        return [p for p in files if kind_of(p) == kind], kind
+        return _not_empty([p for p in files if kind_of(p) == kind]), kind
     if not path.exists():
         raise MiningError(f"{path}: view log not found")
     kind = kind_of(path)
     if kind is None:
         raise MiningError(f"{path}: unknown view-log format (expected .parquet, .pq, .csv, .csv.gz, .tsv)")
-    return [path], kind
+    return _not_empty([path]), kind
+
+
+def _not_empty(files: list[Path]) -> list[Path]:
+    for f in files:
+        if f.stat().st_size == 0:
+            raise MiningError(f"{f}: the file is empty (no header, no view events)")
+    return files
 
 
 def kind_of(path) -> str | None:
@@ -198,13 +224,13 @@ def kind_of(path) -> str | None:
 
 
 
-def load_view_log(db, label: str, types: dict, dialect) -> int:
+def load_view_log(db, label: str, types: dict, dialect, timestamp_unit: str = "s") -> int:
     """Create `view_log` from the registered `view_source`; checks shared by both engines."""
     missing = [c for c in REQUIRED_COLUMNS if c not in types]
     if missing:
         raise MiningError(f"{label}: missing column(s) {missing}; found {sorted(types)}; "
                           f"expected {list(REQUIRED_COLUMNS)}")
-    ts_expr = dialect.timestamp_expr(types["timestamp"])
+    ts_expr = dialect.timestamp_expr(types["timestamp"], TIMESTAMP_UNITS[timestamp_unit])
     if not ts_expr:
         raise MiningError(f"{label}: column 'timestamp' has type {types['timestamp']}: "
                           f"expected unix seconds or a datetime")
@@ -217,7 +243,34 @@ def load_view_log(db, label: str, types: dict, dialect) -> int:
                           f"timestamp={row[2]!r}")
     if n_events == 0:
         raise MiningError(f"{label}: the view log has no events")
+    check_timestamp_range(label, *db.rows(SQL_TIMESTAMP_RANGE)[0], timestamp_unit)
     return int(n_events)
+
+
+def check_timestamp_range(label: str, low, high, unit: str) -> None:
+    """Refuse timestamps whose magnitude says they are not in `unit` (the rule in docs/mining.md):
+    after conversion to seconds no |timestamp| may reach MAX_TIMESTAMP_SECONDS (1e11 s, the year 5138).
+    A log in milliseconds read as seconds would make the window 1000 times shorter."""
+    peak = max(abs(int(low)), abs(int(high)))
+    if peak < MAX_TIMESTAMP_SECONDS:
+        return
+    raw = peak * TIMESTAMP_UNITS[unit]
+    guess = next((u for u, d in TIMESTAMP_UNITS.items() if raw // d < MAX_TIMESTAMP_SECONDS), "ns")
+    hint = (f"pass --timestamp-unit {guess}" if TIMESTAMP_UNITS[guess] > TIMESTAMP_UNITS[unit]
+            else "check the column")
+    raise MiningError(f"{label}: column 'timestamp' reaches {raw} {unit}, past the year 5000 when read as "
+                      f"{ {'s': 'seconds', 'ms': 'milliseconds', 'us': 'microseconds', 'ns': 'nanoseconds'}[unit]}: "
+                      f"the values look like {guess}; {hint} (the window would be wrong)")
+
+
+def check_pairs(counts: dict, label: str) -> None:
+    """Refuse a mining that found no pair at all (nothing would be written that a later stage could use)."""
+    if sum(counts.get("pairs_by_split", {}).values()):
+        return
+    raise MiningError(f"{label}: no related pair mined from {counts.get('events')} view events "
+                      f"({counts.get('co_occurrences', 0)} co-occurrences within the window; "
+                      f"{counts.get('pairs_dropped_cross_split', 0)} pairs dropped across splits): widen "
+                      f"--window-days or loosen --min-score/--max-score; nothing was written")
 
 
 class Stages:
@@ -246,7 +299,7 @@ class Stages:
 # --------------------------------------------------------------------------------------------
 
 def mine_pairs(views_path: str | os.PathLike, out_dir: str | os.PathLike,
-               settings: MiningSettings | None = None, progress=None, spark=None) -> dict:
+               settings: MiningSettings | None = None, progress=None, spark=None, overwrite: bool = False) -> dict:
     """Mine related note pairs from a view log into `out_dir`: pairs.parquet, note_split.parquet
     and mining_manifest.json.
 
@@ -254,7 +307,10 @@ def mine_pairs(views_path: str | os.PathLike, out_dir: str | os.PathLike,
     (with the Spark engine also a URI Spark can read, e.g. hdfs://... or s3a://...).
     `progress`: optional callable receiving one line per finished stage.
     `spark`: an existing SparkSession to use (engine "spark"; it is left running).
-    Returns the summary that is also written as the manifest.
+    `overwrite`: replace a finished mining of other inputs or settings in `out_dir` (without it that is
+    refused; a finished mining of the same inputs and settings is returned as it is, nothing recomputed).
+    Returns the summary that is also written as the manifest. On a failure nothing is left behind: no
+    spill folder, and no `out_dir` when this call created it.
     """
     settings = settings or MiningSettings()
     settings.validate()
@@ -262,31 +318,67 @@ def mine_pairs(views_path: str | os.PathLike, out_dir: str | os.PathLike,
     if is_uri(out):
         raise MiningError(f"--out {out}: must be a folder on the machine that runs the command "
                           f"(the pairs file is assembled there); see docs/mining.md")
+    check_folder_output(str(out))
     if is_uri(views_path):
         if settings.engine != "spark":
             raise MiningError(f"{views_path}: a URI view log needs --engine spark")
         files, kind = [], kind_of(views_path) or "parquet"
     else:
         files, kind = input_files(views_path)
-    out.mkdir(parents=True, exist_ok=True)
     stages = Stages(progress)
-    if settings.engine == "duckdb":
-        from notellm2.data_shards.mining.engine_duckdb import run_duckdb as run_engine
-    else:
-        from notellm2.data_shards.mining.engine_spark import run_spark as run_engine
-    counts, outputs, engine = run_engine(views_path, files, kind, out, settings, stages, spark=spark)
     inputs = stages.run("hash-inputs", lambda: (
         [{"path": str(f.resolve()), "bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in files]
         or [{"path": str(views_path)}]))
-    summary = {
-        "format_version": FORMAT_VERSION,
-        "settings": {k: v for k, v in asdict(settings).items() if k not in _ENGINE_KEYS},
-        "inputs": inputs,
-        "input_format": kind,
-        "counts": counts,
-        "outputs": outputs,
-        "engine": engine,
-        "timings_s": stages.timings,
-    }
-    atomic_write_text(str(out / "mining_manifest.json"), json.dumps(summary, indent=2, sort_keys=False) + "\n")
+    rule_settings = {k: v for k, v in asdict(settings).items() if k not in _ENGINE_KEYS}
+    previous = finished_mining(out)
+    if previous is not None:
+        # a URI log cannot be hashed here: its finished mining is never taken as the same
+        request = _request(FORMAT_VERSION, rule_settings, inputs) if files else {"view_log": f"{views_path} (a URI)"}
+        if reuse_finished(str(out), _request(previous.get("format_version"), previous.get("settings"),
+                                             previous.get("inputs")), request, overwrite, "a finished mining",
+                          error=MiningError):
+            log.info("mine-pairs: %s already holds this mining (same view log and settings): nothing to do", out)
+            return {**previous, "unchanged": True}
+        os.remove(out / MANIFEST)  # the folder is incomplete until the new manifest lands
+    created = make_folder(str(out))
+    try:
+        if settings.engine == "duckdb":
+            from notellm2.data_shards.mining.engine_duckdb import run_duckdb as run_engine
+        else:
+            from notellm2.data_shards.mining.engine_spark import run_spark as run_engine
+        counts, outputs, engine = run_engine(views_path, files, kind, out, settings, stages, spark=spark)
+        summary = {
+            "format_version": FORMAT_VERSION,
+            "settings": rule_settings,
+            "inputs": inputs,
+            "input_format": kind,
+            "counts": counts,
+            "outputs": outputs,
+            "engine": engine,
+            "timings_s": stages.timings,
+        }
+        atomic_write_text(str(out / MANIFEST), json.dumps(summary, indent=2, sort_keys=False) + "\n")
+    except BaseException:
+        remove_made(created)
+        raise
     return summary
+
+
+def finished_mining(out: Path) -> dict | None:
+    """The manifest of a finished mining in `out` (None when there is none, or it cannot be read: a
+    folder of an interrupted run, whose files the new run replaces)."""
+    path = Path(out) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        with open(path) as fh:
+            manifest = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def _request(format_version, settings, inputs) -> dict:
+    """What decides a mining's output: the rules' settings and the view log's bytes (not its path)."""
+    return {"format_version": format_version, "settings": settings,
+            "view_log_sha256": [i.get("sha256") for i in inputs or [] if isinstance(i, dict)]}

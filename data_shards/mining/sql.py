@@ -14,7 +14,8 @@ dialects differ are the fields of `Dialect`, and nowhere else:
 * `sha256_hex`, `hex_to_bigint`: the hash split's functions (`sha256` / `sha2(x, 256)`, and hex
   text to an integer: a `0x` cast / `conv(x, 16, 10)`).
 * `string_type`, `quote`: STRING vs VARCHAR, and "identifier" vs `identifier`.
-* `timestamp_expr`: how each engine's column types of `timestamp` become unix seconds.
+* `timestamp_expr`: how each engine's column types of `timestamp` become unix seconds (numbers in
+  the unit of `--timestamp-unit`).
 
 `run_rules(db, ...)` executes the shared statements through a tiny adapter (`db.create`,
 `db.drop`, `db.scalar`, `db.rows`) that each engine implements.
@@ -43,7 +44,7 @@ class Dialect:
     hex_to_bigint: str     # format with {x}
     string_type: str
     quote: str             # identifier quote character
-    timestamp_expr: Callable[[str], str]
+    timestamp_expr: Callable[..., str]  # (type name, per_second=1) -> unix seconds
 
     def q(self, ident: str) -> str:
         return f"{self.quote}{ident}{self.quote}"
@@ -53,13 +54,15 @@ _INTEGER_TYPES_DUCKDB = ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", 
                          "UINTEGER", "UBIGINT")
 
 
-def _duckdb_timestamp(type_name: str) -> str:
+def _duckdb_timestamp(type_name: str, per_second: int = 1) -> str:
+    """Unix seconds from a `timestamp` column of DuckDB type `type_name`; numbers (and numeric text)
+    are in units of 1/`per_second` s (--timestamp-unit: 1 s, 1000 ms, ...), datetimes carry their own."""
     t = type_name.upper()
     c = '"timestamp"'
     if t in _INTEGER_TYPES_DUCKDB:
-        return f"CAST({c} AS BIGINT)"
+        return f"CAST({c} AS BIGINT)" if per_second == 1 else f"(CAST({c} AS BIGINT) // {per_second})"
     if t in ("FLOAT", "DOUBLE") or t.startswith("DECIMAL"):
-        return f"CAST(FLOOR({c}) AS BIGINT)"
+        return f"CAST(FLOOR({_per(c, per_second)}) AS BIGINT)"
     # Datetimes without a zone are UTC (the connection's TimeZone is set to UTC).
     if t.startswith("TIMESTAMP"):
         return f"CAST(FLOOR(epoch({c})) AS BIGINT)"
@@ -67,25 +70,31 @@ def _duckdb_timestamp(type_name: str) -> str:
         return f"CAST(FLOOR(epoch(CAST({c} AS TIMESTAMP))) AS BIGINT)"
     if t == "VARCHAR":
         # Integer text is unix seconds, other numbers are floored, anything else must be a datetime.
-        return (f"COALESCE(TRY_CAST({c} AS BIGINT), CAST(FLOOR(TRY_CAST({c} AS DOUBLE)) AS BIGINT), "
+        as_int = f"TRY_CAST({c} AS BIGINT)" if per_second == 1 else f"(TRY_CAST({c} AS BIGINT) // {per_second})"
+        return (f"COALESCE({as_int}, CAST(FLOOR({_per(f'TRY_CAST({c} AS DOUBLE)', per_second)}) AS BIGINT), "
                 f"CAST(FLOOR(epoch(TRY_CAST({c} AS TIMESTAMPTZ))) AS BIGINT))")
     return ""
 
 
-def _spark_timestamp(type_name: str) -> str:
+def _per(expr: str, per_second: int) -> str:
+    return expr if per_second == 1 else f"({expr} / {per_second})"
+
+
+def _spark_timestamp(type_name: str, per_second: int = 1) -> str:
     t = type_name.lower()
     c = "`timestamp`"
     if t in ("tinyint", "smallint", "int", "bigint"):
-        return f"CAST({c} AS BIGINT)"
+        return f"CAST({c} AS BIGINT)" if per_second == 1 else f"(CAST({c} AS BIGINT) DIV {per_second})"
     if t in ("float", "double") or t.startswith("decimal"):
-        return f"CAST(FLOOR({c}) AS BIGINT)"
+        return f"CAST(FLOOR({_per(c, per_second)}) AS BIGINT)"
     # The session time zone is UTC, so zone-less datetimes (timestamp_ntz, dates, text) are UTC.
     if t == "timestamp":
         return f"unix_seconds({c})"
     if t in ("timestamp_ntz", "date"):
         return f"unix_seconds(CAST({c} AS TIMESTAMP))"
     if t == "string":
-        return (f"COALESCE(TRY_CAST({c} AS BIGINT), CAST(FLOOR(TRY_CAST({c} AS DOUBLE)) AS BIGINT), "
+        as_int = f"TRY_CAST({c} AS BIGINT)" if per_second == 1 else f"(TRY_CAST({c} AS BIGINT) DIV {per_second})"
+        return (f"COALESCE({as_int}, CAST(FLOOR({_per(f'TRY_CAST({c} AS DOUBLE)', per_second)}) AS BIGINT), "
                 f"unix_seconds(TRY_CAST({c} AS TIMESTAMP)))")
     return ""
 
@@ -123,6 +132,12 @@ def sql_view_log(d: Dialect, ts_expr: str) -> str:
     return (f"SELECT user_id, CAST(note_id AS {d.string_type}) AS note_id, {ts_expr} AS ts "
             f"FROM view_source")
 
+
+# The largest |timestamp| in seconds a view log may hold: 1e11 s is the year 5138. Unix times in
+# milliseconds (1.7e12 today), microseconds or nanoseconds are all past it, so a log in one of them
+# mined as seconds (its 7-day window would be minutes) is refused, naming --timestamp-unit.
+MAX_TIMESTAMP_SECONDS = 10 ** 11
+SQL_TIMESTAMP_RANGE = "SELECT MIN(ts), MAX(ts) FROM view_log"
 
 SQL_COUNT_EVENTS = """
 SELECT COUNT(*), SUM(CASE WHEN user_id IS NULL OR note_id IS NULL OR ts IS NULL THEN 1 ELSE 0 END)

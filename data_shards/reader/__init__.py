@@ -24,6 +24,7 @@ _PUBLIC = {
     "EpochPlan": "notellm2.data_shards.reader.epoch_plan",
     "NotesLoader": "notellm2.data_shards.reader.notes_loader",
     "STATE_VERSION": "notellm2.data_shards.reader.pair_loader", "PairLoader": "notellm2.data_shards.reader.pair_loader",
+    "ShardSetError": "notellm2.data_shards.reader.pair_loader", "NoUsableData": "notellm2.data_shards.reader.samples",
     "PREFETCH": "notellm2.data_shards.reader.pixel_slots", "SLOTS_PER_WORKER": "notellm2.data_shards.reader.pixel_slots",
     "IMAGE_REASONS": "notellm2.data_shards.reader.samples",
     "ShardIndex": "notellm2.data_shards.reader.shard_index", "expand_shards": "notellm2.data_shards.reader.shard_index",

@@ -88,6 +88,7 @@ class NotesLoader:
     Each batch is a `NoteBatch` (data_shards/batch.py; uint8 pixels, normalised by its `to_device()`,
     or with data.vision_cache the cached tower features).
 
+    `bad_sample_log`: a file that gets one JSON line per bad note and damaged shard (BadSampleLog).
     `skip_batches=n`: this rank's first n batches are not read at all (no sample of theirs is decoded);
     the loader yields batches n .. total_batches - 1, each composed exactly as without the skip, and
     `len()` is the number it yields. `notellm2 embed` resumes from its finished parts with it.
@@ -95,7 +96,8 @@ class NotesLoader:
 
     def __init__(self, shards, data_cfg: DataConfig, encode_fn: Callable[[dict], dict],
                  collate_text_fn: Callable[[list], dict], rank: int, world_size: int, batch_size: int,
-                 image_size: int = 224, max_notes: Optional[int] = None, skip_batches: int = 0):
+                 image_size: int = 224, max_notes: Optional[int] = None, skip_batches: int = 0,
+                 bad_sample_log: Optional[str] = None):
         if not (0 <= rank < world_size):
             raise ValueError(f"NotesLoader: rank {rank} is not in [0, world_size={world_size})")
         if batch_size <= 0:
@@ -110,13 +112,16 @@ class NotesLoader:
         self._items = []
         self._stats = new_stats()
         self._log_bad = BadSampleLog("bad note %s: %s [%s]; %s", {"blanked": "embedded with a blank image",
-                                                                  "unusable": "left out (is_dummy row)"})
+                                                                  "unusable": "left out (is_dummy row)"},
+                                     path=bad_sample_log)
         self.pixel_transport = {"slots": 0, "ordinary": 0}
         for path in self.paths:
             ix = index_shard(path)
             if ix.problem:
                 self._stats["shard_problems"] += 1
                 log.warning("shard %s: %s", os.path.basename(path), ix.problem)
+                if skip_batches == 0:  # a resumed run logged it the first time
+                    self._log_bad.write(os.path.basename(path), "shard", ix.problem, "shard")
             self._items.extend((path, s) for s in ix.samples)
         if max_notes is not None:  # the first max_notes notes in shard order (a slice for evaluation)
             self._items = self._items[:max_notes]

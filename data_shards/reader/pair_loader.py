@@ -22,8 +22,9 @@ from notellm2.data_shards.reader.collate import NoteItem, collate_pairs
 from notellm2.data_shards.config import DataConfig
 from notellm2.data_shards.reader.epoch_plan import EpochPlan, rng_for
 from notellm2.data_shards.reader.pixel_slots import PixelSlots, collate_into_slot
-from notellm2.data_shards.reader.samples import (BadSample, BadSampleLog, ItemLoader, Recorder, merge_counts, new_stats,
-                                 read_pair_notes)
+from notellm2.data_shards.reader.samples import (BadSample, BadSampleLog, ItemLoader, NoUsableData, Recorder,
+                                                 counts_line, merge_counts, new_stats, read_pair_notes)
+from notellm2.errors import UserError
 from notellm2.data_shards.reader.shard_index import Sample, ShardFiles, expand_shards, index_shard, load_manifest_counts
 from notellm2.data_shards.vision_cache import cache_for_loader
 from notellm2.data_shards.reader.workers import consume
@@ -31,6 +32,15 @@ from notellm2.data_shards.reader.workers import consume
 log = logging.getLogger("notellm2.data_shards.reader")
 
 STATE_VERSION = 1
+
+
+class ShardSetError(UserError, ValueError):
+    """Shards that cannot give the batches asked for (too few pairs for the batch on some rank)."""
+
+
+class _NoUsablePairs(RuntimeError):
+    """Raised in a worker when its candidates stopped giving usable pairs; sent to the rank's main
+    process as a batch-less message (with the worker's bad-sample records), never as a traceback."""
 
 
 class _PairSource:
@@ -78,8 +88,8 @@ class _WorkerCursor:
             self.unusable_run += 1
         elif p != self.pass_no:
             if self.pass_no >= 1 and self.usable_in_pass == 0:
-                raise RuntimeError(f"rank {rank}: a whole refill pass over its shards gave no usable pair "
-                                   f"(epoch {epoch}); see the bad-sample log")
+                raise _NoUsablePairs(f"rank {rank}: a whole refill pass over its shards gave no usable pair "
+                                     f"(epoch {epoch})")
             self.pass_no, self.usable_in_pass = p, 0
         self.consumed += 1
         return p, path, sample
@@ -94,8 +104,7 @@ class _WorkerCursor:
     def check_resampled(self, rank: int, batch: int) -> None:
         """Resampled streams have no passes: give up after far more unusable candidates in a row than a batch."""
         if self.unusable_run > 10_000 + 10 * batch:
-            raise RuntimeError(f"rank {rank}: {self.unusable_run} resampled candidates in a row were "
-                               f"unusable; see the bad-sample log")
+            raise _NoUsablePairs(f"rank {rank}: {self.unusable_run} resampled candidates in a row were unusable")
 
 
 class _PairEpochStream(IterableDataset):
@@ -118,6 +127,7 @@ class _PairEpochStream(IterableDataset):
             owned = list(range(self.start + j, self.end, W))
         recorder, files = Recorder(), ShardFiles()
         cursors: dict[int, _WorkerCursor] = {}
+        k = self.start
         try:
             for k in owned:
                 lw = k % W
@@ -145,8 +155,42 @@ class _PairEpochStream(IterableDataset):
                 meta.update(recorder.drain())
                 batch["_meta"] = meta
                 yield batch
+        except _NoUsablePairs as e:  # to the main process with this worker's records (workers.consume)
+            yield {"_meta": {"k": k, "fatal": str(e), **recorder.drain()}}
         finally:
             files.close()
+
+
+def shard_counts(paths: list[str], manifest=None) -> dict:
+    """{shard name: samples} from the manifest, or counted from the tar headers of shards it does not list."""
+    counts = load_manifest_counts(manifest, paths)
+    missing = [p for p in paths if os.path.basename(p) not in counts]
+    if missing:
+        if counts:
+            log.warning("the shard manifest does not list %d shard(s) (e.g. %s): counting their samples "
+                        "from the tar headers", len(missing), os.path.basename(missing[0]))
+        for p in missing:
+            counts[os.path.basename(p)] = len(index_shard(p).samples)
+    return counts
+
+
+def _check_fits(plan: EpochPlan, epoch: int, counts: dict, world_size: int, shards: str) -> None:
+    if plan.batches_per_epoch(epoch, counts) == 0:
+        per_rank = [sum(counts[os.path.basename(p)] for p in plan.rank_shards(epoch, r)) for r in range(world_size)]
+        raise ShardSetError(f"{shards}: with {len(plan.shards)} shard(s) over {world_size} rank(s), the ranks get "
+                            f"{per_rank} pairs in epoch {epoch}, fewer than pairs_per_rank={plan.batch} on some "
+                            f"rank; use more (smaller) shards or a smaller batch")
+
+
+def check_batch_fits(shards, data_cfg: DataConfig, world_size: int, pairs_per_rank: int, epoch: int = 0) -> None:
+    """What PairLoader checks when it starts, without building one: epoch `epoch` of these shards gives
+    every rank at least one batch of `pairs_per_rank` pairs (else ShardSetError). Reads manifests and
+    tar headers only, so a run can check it before it loads a model."""
+    paths = expand_shards(shards)
+    plan = EpochPlan(tuple(paths), data_cfg.seed, world_size, max(1, data_cfg.num_workers), pairs_per_rank,
+                     data_cfg.shuffle_buffer, data_cfg.resampled)
+    shards_named = paths[0] + (f" (and {len(paths) - 1} more)" if len(paths) > 1 else "")
+    _check_fits(plan, epoch, shard_counts(paths), world_size, shards_named)
 
 
 class PairLoader:
@@ -160,7 +204,7 @@ class PairLoader:
 
     def __init__(self, shards, manifest=None, *, data_cfg: DataConfig, encode_fn: Callable[[dict], dict],
                  collate_text_fn: Callable[[list], dict], rank: int, world_size: int, pairs_per_rank: int,
-                 image_size: int = 224, epoch: int = 0, note_stats=None):
+                 image_size: int = 224, epoch: int = 0, note_stats=None, bad_sample_log: Optional[str] = None):
         if not (0 <= rank < world_size):
             raise ValueError(f"PairLoader: rank {rank} is not in [0, world_size={world_size})")
         if pairs_per_rank <= 0:
@@ -185,35 +229,30 @@ class PairLoader:
         self._logged_shards: set = set()
         self._log_bad = BadSampleLog("bad sample %s: %s [%s]; %s (policy %s)",
                                      {"dropped": "pair dropped", "blanked": "kept with a blank image (has_image False)"},
-                                     (data_cfg.bad_sample_policy,))
+                                     (data_cfg.bad_sample_policy,), path=bad_sample_log)
         # how batches' pixels reached this process: through reused shared slots or the ordinary way
         self.pixel_transport = {"slots": 0, "ordinary": 0}
         self._check_epoch()
 
     # -- setup
     def _counts(self, manifest) -> dict:
-        counts = load_manifest_counts(manifest, self.paths)
-        missing = [p for p in self.paths if os.path.basename(p) not in counts]
-        if missing:
-            if counts:
-                log.warning("the shard manifest does not list %d shard(s) (e.g. %s): counting their samples "
-                            "from the tar headers", len(missing), os.path.basename(missing[0]))
-            for p in missing:
-                counts[os.path.basename(p)] = len(index_shard(p).samples)
-        return counts
+        return shard_counts(self.paths, manifest)
 
     def _check_epoch(self):
         if self._epoch_plan.has_override(self.epoch):
             return  # a resumed remainder may well be shorter than one batch
-        n = self.batches_per_epoch
-        if n == 0:
-            per_rank = [sum(self.counts[os.path.basename(p)] for p in self._epoch_plan.rank_shards(self.epoch, r))
-                        for r in range(self.world_size)]
-            raise ValueError(f"PairLoader: with {len(self.paths)} shard(s) over {self.world_size} rank(s), the "
-                             f"ranks get {per_rank} pairs in epoch {self.epoch}, fewer than pairs_per_rank="
-                             f"{self._epoch_plan.batch} on some rank; use more (smaller) shards or a smaller batch")
+        _check_fits(self._epoch_plan, self.epoch, self.counts, self.world_size, self.describe_shards())
 
     # -- public
+    def describe_shards(self) -> str:
+        """The shard files, named for a message (the first one and how many)."""
+        return self.paths[0] + (f" (and {len(self.paths) - 1} more)" if len(self.paths) > 1 else "")
+
+    def bad_sample_summary(self) -> str:
+        """"dropped: bad_image 3; blanked: ..." of the samples this loader could not use ("" when none)."""
+        return "; ".join(f"{group}: {counts_line(self._stats[group])}" for group in ("dropped", "blanked")
+                         if self._stats.get(group))
+
     @property
     def pairs_per_rank(self) -> int:
         return self._epoch_plan.batch
@@ -249,15 +288,25 @@ class PairLoader:
             slots = PixelSlots.create(self.num_workers, 2 * plan.batch, self.image_size)
         stream = _PairEpochStream(self._source, plan, self.epoch, self.rank, self._batches_done, end,
                                   dict(self._cursors), slots)
-        for batch, meta in consume(stream, self.num_workers, self.data_cfg.worker_start_method, slots,
-                                   self.pixel_transport, PairBatch, self._batches_done, self._stats, self._on_event,
-                                   "PairLoader"):
+        batches = consume(stream, self.num_workers, self.data_cfg.worker_start_method, slots, self.pixel_transport,
+                          PairBatch, self._batches_done, self._stats, self._on_event, "PairLoader")
+        for batch, meta in self._naming_the_log(batches):
             self._cursors[meta["lw"]] = meta["cursor"]
             self._batches_done += 1
             self._stats["batches"] += 1
             if self._batches_done >= end:
                 self._next_epoch()
             yield self.note_stats.annotate(batch) if self.note_stats is not None else batch
+
+    def _naming_the_log(self, batches):
+        """The batches; a NoUsableData from the workers is completed with what was dropped and where it
+        is listed (every record of the failing worker was logged before it was raised)."""
+        try:
+            yield from batches
+        except NoUsableData as e:
+            counted = self.bad_sample_summary() or "no bad sample recorded"
+            raise NoUsableData(f"{self.describe_shards()}: no usable pair: {e} ({counted}; every bad sample is "
+                               f"listed in {self._log_bad.describe()})") from None
 
     def endless(self) -> Iterator[dict]:
         """Batches over epochs without end (for a step-driven training loop)."""
@@ -269,7 +318,8 @@ class PairLoader:
                 yield batch
             empty = empty + 1 if n == 0 else 0
             if empty > 10:
-                raise RuntimeError("PairLoader: ten epochs in a row gave no batch; the shards are too unequal")
+                raise ShardSetError(f"{self.describe_shards()}: ten epochs in a row gave no batch; the shards are "
+                                    f"too unequal for {self._epoch_plan.batch} pairs per rank")
 
     def _next_epoch(self):
         self.epoch += 1

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from typing import Callable, Iterable, Optional
+
+from notellm2.errors import UserError
 
 from notellm2.data_shards.reader.collate import NoteItem, note_text_dict, prepare_image
 from notellm2.data_shards.images import BadImage, open_image
@@ -201,15 +204,39 @@ def new_stats() -> dict:
     return {"batches": 0, "dropped": {}, "blanked": {}, "refill": {}, "shard_problems": 0}
 
 
+class NoUsableData(UserError, RuntimeError):
+    """The shards gave no usable sample where one was needed (every candidate bad): one line naming the
+    shards' problem counts and the bad-sample log that lists them."""
+
+
 class BadSampleLog:
     """Logs each bad sample once per loader (by (where, reason)), in the rank's main process:
-    `template % (where, message, reason, what[action], *extra)`."""
+    `template % (where, message, reason, what[action], *extra)`; with `path`, also one JSON line per
+    sample in that file (the bad-sample log: where, reason, message, action), appended, so that a
+    summary can point at the file that lists them all."""
 
-    def __init__(self, template: str, what: dict, extra: tuple = ()):
-        self.template, self.what, self.extra = template, what, extra
+    def __init__(self, template: str, what: dict, extra: tuple = (), path: Optional[str] = None):
+        self.template, self.what, self.extra, self.path = template, what, extra, path
         self.seen: set = set()
 
     def __call__(self, where: str, reason: str, message: str, action: str) -> None:
         if (where, reason) not in self.seen:
             self.seen.add((where, reason))
-            log.warning(self.template, where, message, reason, self.what[action], *self.extra)
+            log.warning(self.template, where, message, reason, self.what.get(action, action), *self.extra)
+            self.write(where, reason, message, action)
+
+    def write(self, where: str, reason: str, message: str, action: str) -> None:
+        if not self.path:
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"sample": where, "reason": reason, "message": message, "action": action},
+                                ensure_ascii=False) + "\n")
+
+    def describe(self) -> str:
+        return f"the bad-sample log {self.path}" if self.path else "the bad-sample warnings above"
+
+
+def counts_line(counts: dict) -> str:
+    """{"bad_image": 3, "bad_json": 1} -> "bad_image 3, bad_json 1" (largest first)."""
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))

@@ -18,7 +18,13 @@ from typing import Iterable, Optional, Union
 
 import braceexpand
 
+from notellm2.errors import UserError
+
 # ----------------------------------------------------------------------------- shard lists
+
+class ShardListError(UserError, ValueError):
+    """A shard pattern or manifest that cannot be used (names the pattern or the file)."""
+
 
 def expand_shards(shards: Union[str, Iterable[str]]) -> list[str]:
     """Brace patterns (`a-{000000..000003}.tar`), globs, or a list of either -> sorted unique paths.
@@ -27,7 +33,7 @@ def expand_shards(shards: Union[str, Iterable[str]]) -> list[str]:
     """
     patterns = [shards] if isinstance(shards, str) else list(shards)
     if not patterns or any(not isinstance(p, str) or not p.strip() for p in patterns):
-        raise ValueError(f"shards: expected a pattern or a list of paths, got {shards!r}")
+        raise ShardListError(f"shards: expected a pattern or a list of paths, got {shards!r}")
     paths: list[str] = []
     for pattern in patterns:
         for name in braceexpand.braceexpand(pattern.strip()):
@@ -44,7 +50,7 @@ def expand_shards(shards: Union[str, Iterable[str]]) -> list[str]:
     names = [os.path.basename(p) for p in paths]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
-        raise ValueError(f"shards: the same shard name in several folders: {dupes} (names identify shards in the state)")
+        raise ShardListError(f"shards: the same shard name in several folders: {dupes} (names identify shards in the state)")
     return paths
 
 
@@ -59,13 +65,13 @@ def load_manifest_counts(manifest: Union[None, str, dict], paths: list[str]) -> 
     elif isinstance(manifest, dict) and isinstance(manifest.get("shards"), list):
         sources = [("manifest", manifest)]
     else:
-        raise ValueError(f"manifest: expected a path or a mapping with a 'shards' list, got {type(manifest).__name__}")
+        raise ShardListError(f"manifest: expected a path or a mapping with a 'shards' list, got {type(manifest).__name__}")
     counts = {}
     for source, data in sources:
         for i, entry in enumerate(data["shards"]):
             if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or \
                     not isinstance(entry.get("count"), int) or isinstance(entry.get("count"), bool) or entry["count"] < 0:
-                raise ValueError(f"{source}: shards[{i}]: needs 'name' (str) and 'count' (int >= 0), got {entry!r}")
+                raise ShardListError(f"{source}: shards[{i}]: needs 'name' (str) and 'count' (int >= 0), got {entry!r}")
             counts[os.path.basename(entry["name"])] = entry["count"]
     wanted = {os.path.basename(p) for p in paths}
     return {k: v for k, v in counts.items() if k in wanted}
@@ -75,10 +81,10 @@ def _read_manifest(path: str) -> dict:
     try:
         with open(path) as fh:
             data = json.load(fh)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read the shard manifest: {e}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ShardListError(f"{path}: cannot read the shard manifest: {e}") from None
     if not isinstance(data, dict) or not isinstance(data.get("shards"), list):
-        raise ValueError(f"{path}: expected a mapping with a 'shards' list")
+        raise ShardListError(f"{path}: expected a mapping with a 'shards' list")
     return data
 
 
@@ -256,3 +262,33 @@ class ShardFiles:
         for fh in self.files.values():
             fh.close()
         self.files.clear()
+
+
+# ----------------------------------------------------------------------------- shard kinds
+
+class ShardKindError(UserError, ValueError):
+    """Shards of the wrong kind for the verb (pairs where notes are read, or the other way round)."""
+
+
+def shard_kind(path: str) -> Optional[str]:
+    """"pairs" (its first sample has q.json), "notes" (json) or None (empty, damaged, something else)."""
+    ix = index_shard(path)
+    if not ix.samples:
+        return None
+    members = {m[0] for m in ix.samples[0][1]}
+    return "pairs" if "q.json" in members else "notes" if "json" in members else None
+
+
+def check_shard_kind(paths: list[str], want: str, label: str, who: str) -> None:
+    """Refuse, in one line naming `label` (the option or config key), a shard set whose first shard holds
+    the other kind: a notes loader would find every pair sample unusable, a pair loader every note."""
+    for path in paths:
+        kind = shard_kind(path)
+        if kind is None:
+            continue  # empty or damaged: the loader counts it
+        if kind != want:
+            other = {"pairs": "pairs-<split>-*.tar", "notes": "notes-<split>-*.tar"}[want]
+            raise ShardKindError(f"{label}: {path} holds {kind} (its samples have "
+                                 f"{'q.json/t.json' if kind == 'pairs' else 'one json each'}); {who} reads "
+                                 f"{want} shards ({other} of `notellm2 data write-shards`)")
+        return

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from notellm2.data_shards.batch import Batch
 from notellm2.data_shards.reader.pixel_slots import PREFETCH, PixelSlots, pixels_from_slot
-from notellm2.data_shards.reader.samples import merge_counts
+from notellm2.data_shards.reader.samples import NoUsableData, merge_counts
 from notellm2.data_shards.reader.shard_index import _gc_freeze_if_none_frozen
 
 
@@ -54,11 +54,18 @@ def consume(stream: IterableDataset, num_workers: int, start_method: str, slots:
     Each batch gets its pixels back from its slot (`transport` counts which way they came), must be
     batch number `first`, `first + 1`, ... (the DataLoader hands worker results round-robin; anything
     else fails loudly), becomes a checked `kind` (PairBatch, NoteBatch); its worker's counters are
-    merged into `stats` and each of its events goes to `on_event(where, reason, message, action)`."""
+    merged into `stats` and each of its events goes to `on_event(where, reason, message, action)`.
+    A worker's `fatal` message (its samples stopped being usable) ends the stream with `NoUsableData`,
+    after its records went the same way."""
     it = start_workers(stream, num_workers, start_method) if num_workers > 0 else iter(stream)
     expected = first
     for raw in it:
         meta = raw.pop("_meta")
+        if "fatal" in meta:  # a worker whose samples stopped being usable: its records first, then one line
+            merge_counts(stats, meta["counts"])
+            for event in meta["events"]:
+                on_event(*event)
+            raise NoUsableData(meta["fatal"])
         pixels_from_slot(raw, meta, slots, transport)
         if meta["k"] != expected:
             raise RuntimeError(f"{who}: got batch {meta['k']} where batch {expected} was due")

@@ -41,19 +41,22 @@ from notellm2.errors import UserError
 from notellm2.data_shards.mining import pairs_file
 from notellm2.data_shards.writing.note_stats import NOTE_STATS_FILE, compute_note_stats, write_note_stats
 from notellm2.data_shards.catalog.notes import CatalogError, _maybe_pool, default_workers, index_catalog, load_catalog, ordered_imap
-from notellm2.files import atomic_write_text, commit_file, sha256_file, temporary_name
+from notellm2.files import atomic_write, atomic_write_text, commit_file, sha256_file, temporary_name
 from notellm2.data_shards.config import MAX_IMAGE_PIXELS
 from notellm2.data_shards.problems import Problem
+from notellm2.outputs import check_folder_output, make_folder, remove_made, request_differences, reuse_finished
 
 log = logging.getLogger("notellm2.data")
 
 SPLITS = ("train", "val", "test")
 BAD_IMAGE_POLICIES = ("drop_image", "skip_pair")
 MANIFEST = "manifest.json"
+PROBLEM_LOG = "problems.jsonl"  # every missing note and bad image of a run (the manifest keeps the first few)
 FORMAT_VERSION = 1
 _SHARD_RE = re.compile(r"^(pairs|notes)-[A-Za-z0-9_]+-\d{6}\.tar$")
 # Temporary files of a run (a shard or the manifest being written, the image spool).
 _TMP_RE = re.compile(r"^\.((pairs|notes)-[A-Za-z0-9_]+-\d{6}\.tar\.tmp|manifest\.json\.tmp|note_stats\.parquet\.tmp"
+                     r"|problems\.jsonl\.tmp"
                      r"|images\.spool)-\d+$")
 
 
@@ -255,28 +258,64 @@ def _split_rng(seed: int, split: str) -> np.random.Generator:
 
 # ----------------------------------------------------------------------------- main entry
 
-def _prepare_out_dir(out_dir: str, overwrite: bool) -> list[str]:
-    """Create `out_dir`; return the names of shards of an earlier run (those the new run does not
-    rewrite are removed once it is done). A directory with a manifest needs `overwrite`; shards
-    without a manifest are the remains of an interrupted run and are replaced."""
-    os.makedirs(out_dir, exist_ok=True)
+def _prepare_out_dir(out_dir: str) -> tuple[list[str], Optional[str]]:
+    """Create `out_dir`; return (the names of shards of an earlier run, the topmost folder this call
+    created, None when it existed: notellm2.outputs.make_folder). Those shards the new run does not
+    rewrite are removed once it is done; shards without a manifest are the remains of an interrupted
+    run and are replaced. The caller has already decided about a complete earlier set (`_earlier_set`)."""
+    created = make_folder(out_dir)
     names = sorted(os.listdir(out_dir))
     for n in names:
         if _TMP_RE.match(n):  # left by an interrupted run: never a final name
             os.remove(os.path.join(out_dir, n))
     old = [n for n in names if _SHARD_RE.match(n)]
     has_manifest = MANIFEST in names
-    if has_manifest and not overwrite:
-        raise ShardWriteError(f"{out_dir}: holds a complete shard set (manifest.json) from an earlier run; "
-                              f"pass --overwrite to replace it, or choose another directory")
     if old and not has_manifest:
         log.info("write-shards: %s holds %d shards but no manifest (an interrupted run); replacing them",
                  out_dir, len(old))
     if has_manifest:
         os.remove(os.path.join(out_dir, MANIFEST))  # the set is incomplete until the new manifest lands
-    if NOTE_STATS_FILE in names:  # an earlier run's: rewritten below when this run writes a train split
-        os.remove(os.path.join(out_dir, NOTE_STATS_FILE))
-    return old
+    for name in (NOTE_STATS_FILE, PROBLEM_LOG):  # an earlier run's: rewritten below when this run has them
+        if name in names:
+            os.remove(os.path.join(out_dir, name))
+    return old, created
+
+
+def _earlier_set(out_dir: str) -> Optional[dict]:
+    """The manifest of a complete shard set in `out_dir` (None: none there). A manifest that cannot be
+    read is refused: the folder holds something else, or a damaged set that --overwrite replaces."""
+    path = os.path.join(out_dir, MANIFEST)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            manifest = json.load(fh)
+        if not isinstance(manifest, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        return {"unreadable": f"{type(e).__name__}: {e}"}
+    return manifest
+
+
+def _request(version, settings: dict, sources: dict) -> dict:
+    """What decides a shard set's bytes: the settings and the content of every input (not their paths;
+    not the mining manifest either, whose timings differ between two minings of the same pairs)."""
+    return {"version": version, "settings": settings,
+            "sources": {k: ({kk: vv for kk, vv in v.items() if kk != "path"} if isinstance(v, dict) else v)
+                        for k, v in (sources or {}).items() if k != "mining_manifest"}}
+
+
+def _image_digest(notes: dict, with_image: list[str]) -> str:
+    """sha256 over (note id, sha256 of the image file's bytes) of `with_image`, in order: the manifest's
+    `sources.images.sha256` (a file that cannot be read counts as None, as the writer records it)."""
+    h = hashlib.sha256()
+    for nid in with_image:
+        try:
+            raw = sha256_file(notes[nid].image_path)
+        except OSError:
+            raw = None
+        h.update(f"{nid}\t{raw}\n".encode())
+    return h.hexdigest()
 
 
 def write_shards(pairs_dir: str, catalog: str, out_dir: str, image_root: Optional[str] = None,
@@ -285,7 +324,11 @@ def write_shards(pairs_dir: str, catalog: str, out_dir: str, image_root: Optiona
     """Write pair shards and notes shards for the selected splits; return the manifest dict.
 
     `workers` processes re-encode images (default: the cores this process may use; 1 runs in
-    this process). Raises `ShardWriteError` on input it refuses, before touching `out_dir`.
+    this process). Raises `ShardWriteError` on input it refuses, before touching `out_dir`: a pairs
+    file or catalog it cannot read, inputs that give no pair to write at all, an `out_dir` that is a
+    file, or one that holds a complete set of other inputs or settings (unless `overwrite`). When
+    `out_dir` holds a complete set of the same inputs and settings, that set's manifest is returned
+    (with "unchanged": True) and nothing is written.
     """
     from tqdm import tqdm
 
@@ -295,6 +338,7 @@ def write_shards(pairs_dir: str, catalog: str, out_dir: str, image_root: Optiona
     st.splits = tuple(st.splits)
     st.check()
     workers = default_workers() if workers is None else max(1, int(workers))
+    check_folder_output(out_dir)
 
     pairs_path = pairs_file.pairs_path(pairs_dir)
     df = read_pairs(pairs_dir)
@@ -303,12 +347,10 @@ def write_shards(pairs_dir: str, catalog: str, out_dir: str, image_root: Optiona
         notes = index_catalog(load_catalog(catalog, image_root, catalog_format), source=catalog)
     except CatalogError as e:
         raise ShardWriteError(str(e)) from None
-    old_shards = _prepare_out_dir(out_dir, overwrite)
 
-    problems = {k: Problem(k) for k in ("missing_note", "bad_image")}
+    problems = {k: Problem(k, keep_all=True) for k in ("missing_note", "bad_image")}
     counts: dict[str, dict] = {}
     split_pairs: dict[str, list[tuple[str, str, float]]] = {}
-    note_stats = None
     missing_seen: set[str] = set()
     for split in st.splits:
         part = df[df["split"] == split]
@@ -332,6 +374,7 @@ def write_shards(pairs_dir: str, catalog: str, out_dir: str, image_root: Optiona
                 continue
             kept.append((q, t, float(s)))
         split_pairs[split] = kept
+    _refuse_nothing_to_write(split_pairs, counts, problems, pairs_path, catalog)
 
     # The notes of each split: every note the mining assigned to it (note_split.parquet), also
     # those in no pair, when the file is there; else the notes of the split's pairs.
@@ -348,10 +391,43 @@ def write_shards(pairs_dir: str, catalog: str, out_dir: str, image_root: Optiona
                 missing_seen.add(x)
                 problems["missing_note"].add(x, f"in note_split.parquet ({split})")
 
-    # Encode every distinct image once, in a fixed order (sorted note ids).
     needed = sorted({x for pairs in split_pairs.values() for q, t, _ in pairs for x in (q, t)}
                     | {x for ids in split_notes.values() for x in ids})
     with_image = [nid for nid in needed if notes[nid].image_path is not None]
+    mining_manifest = os.path.join(os.path.dirname(pairs_path), "mining_manifest.json")
+    note_split_path = os.path.join(os.path.dirname(pairs_path), pairs_file.NOTE_SPLIT_FILE)
+    settings_dict = {**asdict(st), "splits": list(st.splits)}
+    sources = {
+        "pairs": {"path": pairs_path, "sha256": sha256_file(pairs_path)},
+        "mining_manifest": ({"path": mining_manifest, "sha256": sha256_file(mining_manifest)}
+                            if os.path.isfile(mining_manifest) else None),
+        "note_split": ({"path": note_split_path, "sha256": sha256_file(note_split_path)}
+                       if split_notes_of is not None else None),
+        "catalog": {"path": catalog, "sha256": sha256_file(catalog), "notes": len(notes)},
+    }
+    earlier = _earlier_set(out_dir)
+    if earlier is not None:
+        recorded = ({"manifest.json": f"unreadable ({earlier['unreadable']})"} if "unreadable" in earlier
+                    else _request(earlier.get("version"), earlier.get("settings"), earlier.get("sources")))
+        request = _request(FORMAT_VERSION, settings_dict, sources)
+        if not request_differences({k: v for k, v in recorded.items() if k != "sources"} | {
+                "sources": {k: v for k, v in (recorded.get("sources") or {}).items() if k != "images"}}, request):
+            # all else matches: the images are hashed now (a pass over the files) and the shards checked
+            request["sources"]["images"] = {"read": len(with_image), "sha256": _image_digest(notes, with_image)}
+            if not request_differences(recorded, request) and verify_shards(out_dir):
+                # the same request, but its shards were changed since (`notellm2 data validate --shards`)
+                recorded, request = {**recorded, "shards": "damaged"}, {**request, "shards": "intact"}
+        else:
+            request["sources"]["images"] = (recorded.get("sources") or {}).get("images")
+        if reuse_finished(out_dir, recorded, request, overwrite, "a complete shard set (manifest.json)",
+                          error=ShardWriteError):
+            log.info("write-shards: %s already holds this shard set (same inputs and settings): nothing to do",
+                     out_dir)
+            return {**earlier, "unchanged": True}
+    old_shards, created = _prepare_out_dir(out_dir)
+
+    note_stats = None
+    # Encode every distinct image once, in a fixed order (sorted note ids).
     spool = _ImageSpool(os.path.join(out_dir, f".images.spool-{os.getpid()}"))
     bad_images: set[str] = set()
     image_digest = hashlib.sha256()
@@ -371,15 +447,19 @@ def write_shards(pairs_dir: str, catalog: str, out_dir: str, image_root: Optiona
         for name, p in problems.items():
             if p.count:
                 log.warning("write-shards: %d %s (first: %s)", p.count, name, ", ".join(p.first))
+        if st.bad_image_policy == "skip_pair":
+            for split in st.splits:
+                before = len(split_pairs[split])
+                split_pairs[split] = [p for p in split_pairs[split] if p[0] not in bad_images and p[1] not in bad_images]
+                counts[split]["bad_image_pairs"] = before - len(split_pairs[split])
+            _refuse_nothing_to_write(split_pairs, counts, problems, pairs_path, catalog)
+        else:
+            for split in st.splits:
+                counts[split]["bad_image_pairs"] = sum(1 for q, t, _ in split_pairs[split]
+                                                       if q in bad_images or t in bad_images)
 
         for split in st.splits:
             pairs = split_pairs[split]
-            if st.bad_image_policy == "skip_pair":
-                before = len(pairs)
-                pairs = [p for p in pairs if p[0] not in bad_images and p[1] not in bad_images]
-                counts[split]["bad_image_pairs"] = before - len(pairs)
-            else:
-                counts[split]["bad_image_pairs"] = sum(1 for q, t, _ in pairs if q in bad_images or t in bad_images)
             order = _split_rng(st.seed, split).permutation(len(pairs))
             pairs = [pairs[i] for i in order]
 
@@ -416,9 +496,20 @@ def write_shards(pairs_dir: str, catalog: str, out_dir: str, image_root: Optiona
                                   notes_with_image=n_img)
             if not pairs:
                 log.warning("write-shards: split %s has no pairs to write", split)
-    except BaseException:
+        problem_log = _write_problem_log(out_dir, problems)
+    except BaseException as e:
         for s in sinks:
             s.abort()
+        if isinstance(e, ShardWriteError):  # refused after the folder was touched: leave nothing of this run
+            for s in sinks:
+                for entry in s.entries:
+                    os.remove(os.path.join(out_dir, entry["name"]))
+            for name in (NOTE_STATS_FILE, PROBLEM_LOG):
+                if os.path.exists(os.path.join(out_dir, name)):
+                    os.remove(os.path.join(out_dir, name))
+            spool.close()
+            if created and not os.listdir(out_dir):
+                remove_made(created)
         raise
     finally:
         spool.close()
@@ -431,28 +522,45 @@ def write_shards(pairs_dir: str, catalog: str, out_dir: str, image_root: Optiona
     patterns = {}
     for s in sinks:
         patterns[f"{s.kind}-{s.split}"] = shard_pattern([e["name"] for e in s.entries])
-    mining_manifest = os.path.join(os.path.dirname(pairs_path), "mining_manifest.json")
-    note_split_path = os.path.join(os.path.dirname(pairs_path), pairs_file.NOTE_SPLIT_FILE)
     manifest = {
         "format": "notellm2-shards", "version": FORMAT_VERSION,
-        "settings": {**asdict(st), "splits": list(st.splits)},
-        "sources": {
-            "pairs": {"path": pairs_path, "sha256": sha256_file(pairs_path)},
-            "mining_manifest": ({"path": mining_manifest, "sha256": sha256_file(mining_manifest)}
-                                if os.path.isfile(mining_manifest) else None),
-            "note_split": ({"path": note_split_path, "sha256": sha256_file(note_split_path)}
-                           if split_notes_of is not None else None),
-            "catalog": {"path": catalog, "sha256": sha256_file(catalog), "notes": len(notes)},
-            "images": {"read": len(with_image), "sha256": image_digest.hexdigest()},
-        },
+        "settings": settings_dict,
+        "sources": {**sources, "images": {"read": len(with_image), "sha256": image_digest.hexdigest()}},
         "counts": counts,
         "note_stats": note_stats,
         "problems": {k: p.to_dict() for k, p in problems.items()},
+        **({"problem_log": problem_log} if problem_log else {}),
         "patterns": patterns,
         "shards": entries,
     }
     write_manifest(out_dir, manifest)
     return manifest
+
+
+def _refuse_nothing_to_write(split_pairs: dict, counts: dict, problems: dict, pairs_path: str, catalog: str) -> None:
+    """Zero pairs in every split is never what the user wanted (a catalog of other ids, a pairs file of
+    other splits): refused, naming what dropped them, before a manifest could mark an empty set complete."""
+    if any(split_pairs.values()):
+        return
+    why = "; ".join(f"{split}: {c['pairs_in']} in, {c['missing_note_pairs']} with a note missing from the catalog, "
+                    f"{c['self_pairs']} self, {c['duplicate_pairs']} duplicate, {c['bad_image_pairs']} bad image"
+                    for split, c in counts.items())
+    first = problems["missing_note"].first[:3] or problems["bad_image"].first[:3]
+    raise ShardWriteError(f"{pairs_path}: no pair to write with catalog {catalog} ({why})"
+                          + (f"; first ids: {', '.join(first)}" if first else "")
+                          + "; nothing was written")
+
+
+def _write_problem_log(out_dir: str, problems: dict) -> Optional[str]:
+    """Every missing note and bad image (not only the first few of the manifest), one JSON line each, in
+    the order they were found: PROBLEM_LOG beside the shards. None (and no file) when there are none."""
+    if not any(p.count for p in problems.values()):
+        return None
+    with atomic_write(os.path.join(out_dir, PROBLEM_LOG)) as fh:
+        for kind, p in problems.items():
+            for ident, detail in zip(p.all_ids, p.all_details):
+                fh.write(json.dumps({"kind": kind, "note_id": ident, "detail": detail}, ensure_ascii=False) + "\n")
+    return PROBLEM_LOG
 
 
 def write_manifest(out_dir: str, manifest: dict) -> None:
@@ -466,13 +574,20 @@ def verify_shards(out_dir: str) -> list[str]:
     path = os.path.join(out_dir, MANIFEST)
     if not os.path.isfile(path):
         return [f"{path}: no manifest (the shard set is incomplete or was not written by write-shards)"]
-    with open(path, encoding="utf-8") as fh:
-        try:
+    try:
+        with open(path, encoding="utf-8") as fh:
             manifest = json.load(fh)
-        except json.JSONDecodeError as e:
-            return [f"{path}: not valid JSON ({e})"]
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        return [f"{path}: not valid JSON ({e})"]
     out = []
-    for e in manifest.get("shards", []):
+    entries = manifest.get("shards") if isinstance(manifest, dict) else None
+    if not isinstance(entries, list):
+        return [f"{path}: no 'shards' list (not a write-shards manifest)"]
+    for i, e in enumerate(entries):
+        if not (isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("sha256"), str)
+                and isinstance(e.get("count"), int)):
+            out.append(f"{path}: shards[{i}] is not an entry with name, sha256 and count: {str(e)[:80]}")
+            continue
         p = os.path.join(out_dir, e["name"])
         if not os.path.isfile(p):
             out.append(f"{p}: listed in the manifest but missing")

@@ -10,12 +10,16 @@ plus its module.
 
 Verbs that take a run config use `add_config_args` and `config_from_args`, so that
 `--config file.yaml a.b=c ...` behaves the same everywhere. A user's mistake (`notellm2.errors`)
-becomes one line on stderr and exit code 2, never a traceback.
+becomes one line on stderr and exit code 2, never a traceback; so does a malformed command line
+(`Parser.error`: one line naming the option, not argparse's usage block). Numeric options take their
+range from the option types below (`positive_int`, `fraction`, ...): 0, a negative number, nan or inf
+where they make no sense is refused by the parser, before any work starts (docs/data.md, "Errors").
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import sys
 from typing import Union
@@ -26,6 +30,59 @@ from notellm2.launcher.config import RunConfig, load_config
 from notellm2.errors import one_line, user_error_types
 
 VerbTable = dict[str, Union[str, "VerbTable"]]
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: `notellm2 VERB: error: MESSAGE (see notellm2 VERB --help)`, exit 2.
+    Sub-parsers inherit the class (argparse's add_subparsers uses the parent's type)."""
+
+    def error(self, message: str):
+        line = " ".join(message.split())
+        self.exit(2, f"{self.prog}: error: {line} (see {self.prog} --help)\n")
+
+
+def _number(text: str, kind: type, what: str):
+    try:
+        value = kind(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number")
+    return value
+
+
+def int_at_least(low: int):
+    """An argparse type: an integer >= `low`."""
+    def parse(text: str) -> int:
+        value = _number(text, int, "an integer")
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value}: must be an integer >= {low}")
+        return value
+    parse.__name__ = f"integer >= {low}"  # argparse names the type in 'invalid ... value' messages
+    return parse
+
+
+positive_int = int_at_least(1)
+nonnegative_int = int_at_least(0)
+
+
+def float_in(low: float, high: float = math.inf, low_open: bool = False, high_open: bool = False):
+    """An argparse type: a finite float in [low, high] (an open end excludes its bound)."""
+    def parse(text: str) -> float:
+        value = _number(text, float, "a number")
+        if value < low or (low_open and value == low) or value > high or (high_open and value == high):
+            lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+            raise argparse.ArgumentTypeError(f"{value}: must be in {lo}{low}, {high}{hi}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+finite_float = float_in(-math.inf)
+positive_float = float_in(0.0, low_open=True)
+nonnegative_float = float_in(0.0)
+fraction = float_in(0.0, 1.0, high_open=True)  # [0, 1)
+probability = float_in(0.0, 1.0)  # [0, 1]
 
 VERBS: VerbTable = {
     "config": "notellm2.launcher.cli.config",
@@ -113,7 +170,7 @@ def _add_verbs(sub, table: VerbTable, path: tuple[str, ...]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="notellm2",
         description="Train and evaluate NoteLLM-2 style multimodal note encoders for I2I recommendation.")
     parser.add_argument("--version", action="version", version=f"notellm2 {__version__} ({os.path.dirname(notellm2.__file__)})")
@@ -136,7 +193,10 @@ def _verb_words(argv: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version (0) or a malformed command line (2, one line printed)
+        return e.code if isinstance(e.code, int) else 2
     if not getattr(args, "verb", None) or not hasattr(args, "handler"):
         parser.print_help()
         return 2

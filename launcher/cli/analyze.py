@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import sys
 
+from notellm2.launcher.cli import positive_int
+
 
 def _parse_models(values: list[str]) -> list[tuple[str, str]]:
     """`[NAME=]DIR` -> (name, dir); the name defaults to the directory's base name."""
@@ -19,9 +21,12 @@ def _parse_models(values: list[str]) -> list[tuple[str, str]]:
 def _attention(args) -> int:
     import torch
 
-    from notellm2.launcher.eval.attention import (AttentionAnalysisError, analyze_batches, load_model, pair_batches,
-                                    pair_shard_paths, write_outputs)
+    from notellm2.launcher.eval.attention import (JSON_NAME, AttentionAnalysisError, analyze_batches, load_model,
+                                                  pair_batches, pair_shard_paths, write_outputs)
+    from notellm2.launcher.eval.embed import shards_fingerprint
+    from notellm2.launcher.eval.provenance import model_fingerprint
     from notellm2.modeling.pretrained import ExportError, read_export_config
+    from notellm2.outputs import check_folder_output, recorded_request, reuse_finished
 
     def fail(message: str) -> int:
         print(f"notellm2 analyze attention: {message}", file=sys.stderr)
@@ -41,6 +46,13 @@ def _attention(args) -> int:
         pair_shard_paths(args.shards)
     except AttentionAnalysisError as e:
         return fail(str(e))
+    check_folder_output(args.out)
+    request = {"models": {n: model_fingerprint(p, None) for n, p in models}, "shards": shards_fingerprint(args.shards)[0],
+               "batches": args.batches, "pairs_per_batch": args.batch_size, "seed": args.seed}
+    if reuse_finished(args.out, recorded_request(args.out, JSON_NAME), request, args.overwrite,
+                      "an attention analysis"):
+        print(f"{args.out}: already holds this analysis (same models, shards and settings); nothing to do")
+        return 0
     torch.manual_seed(args.seed)
     reports = []
     for name, path in models:
@@ -58,7 +70,7 @@ def _attention(args) -> int:
         reports.append(report)
         del note_model, tower
     meta = {"models": {n: os.path.abspath(p) for n, p in models}, "shards": args.shards,
-            "batches": args.batches, "pairs_per_batch": args.batch_size, "seed": args.seed}
+            "batches": args.batches, "pairs_per_batch": args.batch_size, "seed": args.seed, "request": request}
     paths = write_outputs(reports, args.out, meta)
     for r in reports:
         image = r.normalised("image")
@@ -81,10 +93,12 @@ def register(sub) -> None:
                    help="one or more directories written by `notellm2 export` (one panel each)")
     a.add_argument("--shards", required=True, help="pairs shards (glob or brace pattern), e.g. pairs-test-*.tar")
     a.add_argument("--out", required=True, help="output folder (attention_flow.csv, .png, .json)")
-    a.add_argument("--batches", type=int, default=4, help="pair batches to average over (default 4)")
-    a.add_argument("--batch-size", type=int, default=8, help="pairs per batch (default 8; the loss sees 2x notes)")
+    a.add_argument("--batches", type=positive_int, default=4, help="pair batches to average over (default 4)")
+    a.add_argument("--batch-size", type=positive_int, default=8, help="pairs per batch (default 8; the loss sees 2x notes)")
     a.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     a.add_argument("--seed", type=int, default=0, help="the reader's shuffle seed (default 0)")
     add_export_load_args(a)
+    a.add_argument("--overwrite", action="store_true",
+                   help="replace an analysis of other models, shards or settings in --out (the same: nothing is done)")
     a.set_defaults(handler=_attention)
     p.set_defaults(handler=lambda args: (p.print_help(), 2)[1])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from notellm2.launcher.cli import add_config_args, add_export_load_args, config_from_args
+from notellm2.launcher.cli import add_config_args, add_export_load_args, config_from_args, nonnegative_int, positive_int
 from notellm2.modeling.names import PROBE_MODES  # torch-free, so `notellm2 --help` imports no torch
 
 # Mirrors of notellm2.launcher.eval.embed.DEFAULT_PART_EVERY / EMBED_DEVICES and notellm2.launcher.eval.evaluate.EMBEDDING_DTYPES
@@ -16,16 +16,6 @@ from notellm2.modeling.names import PROBE_MODES  # torch-free, so `notellm2 --he
 DEFAULT_PART_EVERY = 20
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "float16")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value}: must be > 0")
-    return value
 
 
 def _run(args) -> int:
@@ -39,7 +29,7 @@ def _run(args) -> int:
                          restart=getattr(args, "restart", False), device=getattr(args, "device", "cpu"),
                          dtype=getattr(args, "dtype", "float32"), vision_cache=getattr(args, "vision_cache", None),
                          trust_code=getattr(args, "trust_code", False), tower_path=getattr(args, "tower_path", None),
-                         base=getattr(args, "base", None))
+                         base=getattr(args, "base", None), overwrite=getattr(args, "overwrite", False))
 
 
 def register(sub) -> None:
@@ -53,12 +43,15 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (embeddings.npy, ids.txt, embeddings.json)")
     p.add_argument("--mode", choices=PROBE_MODES, default="both",
                    help="probe: both inputs, the text alone, or the image alone (notes without an image are left out)")
-    p.add_argument("--batch-size", type=_positive_int, default=32, help="notes per batch per rank (default 32)")
-    p.add_argument("--num-workers", type=int, default=1)
-    p.add_argument("--part-every", type=_positive_int, default=DEFAULT_PART_EVERY, metavar="N",
+    p.add_argument("--batch-size", type=positive_int, default=32, help="notes per batch per rank (default 32)")
+    p.add_argument("--num-workers", type=nonnegative_int, default=1, help="loader processes (0: none; default 1)")
+    p.add_argument("--part-every", type=positive_int, default=DEFAULT_PART_EVERY, metavar="N",
                    help=f"each rank writes a part (OUT/parts/rank<R>-<K>.npz) every N batches (default "
                         f"{DEFAULT_PART_EVERY}); a killed run, rerun with the same settings, resumes after the "
                         "finished parts; they are removed once the final files are written")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace finished embeddings of another model, shards or settings in --out (the same "
+                        "ones are left as they are: the command does nothing)")
     p.add_argument("--restart", action="store_true",
                    help="discard the parts in OUT/parts first (a rerun with other settings is refused without it)")
     p.add_argument("--vision-cache", default=None, metavar="DIR",

@@ -6,7 +6,9 @@ TOWER_MODES = ("copy", "relative")  # mirror of notellm2.launcher.export.TOWER_M
 
 def _run(args) -> int:
     from notellm2.launcher.export import export
+    from notellm2.outputs import check_folder_output
 
+    check_folder_output(args.out)  # a file where the export folder goes: one line, before a checkpoint is read
     export(args.run_dir, args.out, step=args.step, overwrite=args.overwrite, trust_code=args.trust_code,
            tower_path=args.tower_path, tower=args.tower)
     return 0

@@ -5,7 +5,7 @@ import contextlib
 import json
 import sys
 
-from notellm2.launcher.cli import add_config_args, config_from_args
+from notellm2.launcher.cli import add_config_args, config_from_args, positive_float, positive_int
 
 
 def _run(args) -> int:
@@ -27,10 +27,10 @@ def _run(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser("plan", help="per-GPU memory plan (parameters, gradients, optimizer, activations) for N nodes x G GPUs")
     add_config_args(p)
-    p.add_argument("--nodes", type=int, default=1, help="number of nodes (default 1)")
-    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs (ranks) per node (default 8)")
-    p.add_argument("--seq-len", type=int, default=None,
+    p.add_argument("--nodes", type=positive_int, default=1, help="number of nodes (default 1)")
+    p.add_argument("--gpus-per-node", type=positive_int, default=8, help="GPUs (ranks) per node (default 8)")
+    p.add_argument("--seq-len", type=positive_int, default=None,
                    help="tokens per note prompt (default: model.max_text_tokens + image tokens + template)")
-    p.add_argument("--gpu-memory-gib", type=float, default=None, help="GPU memory to compare the total against (e.g. 80)")
+    p.add_argument("--gpu-memory-gib", type=positive_float, default=None, help="GPU memory to compare the total against (e.g. 80)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON (bytes)")
     p.set_defaults(handler=_run)

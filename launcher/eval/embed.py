@@ -32,7 +32,8 @@ from notellm2.data_shards.reader import NotesLoader
 from notellm2.launcher.eval.evaluate import EMBEDDING_DTYPES, save_embedding_chunks
 from notellm2.errors import UserError
 from notellm2.modeling.names import PROBE_MODES, probe_unavailable
-from notellm2.files import atomic_write, atomic_write_json
+from notellm2.files import atomic_write, atomic_write_json, sha256_file
+from notellm2.outputs import check_folder_output, missing_top, recorded_request, reuse_finished
 
 
 def probe_encode(prompter, mode: str, note: dict) -> dict:
@@ -46,8 +47,10 @@ def probe_encode(prompter, mode: str, note: dict) -> dict:
 
 
 def notes_loader(prompter, shards, data_cfg: DataConfig, batch_size: int, mode: str, rank: int, world_size: int,
-                 image_size: int, max_notes: int | None = None, skip_batches: int = 0) -> NotesLoader:
-    """The notes loader of probe `mode` (checked against the prompter's variant)."""
+                 image_size: int, max_notes: int | None = None, skip_batches: int = 0,
+                 bad_sample_log: str | None = None) -> NotesLoader:
+    """The notes loader of probe `mode` (checked against the prompter's variant); `bad_sample_log`: the
+    file its bad notes are listed in (NotesLoader)."""
     if mode not in PROBE_MODES:
         raise ValueError(f"embed mode {mode!r}: allowed {', '.join(PROBE_MODES)}")
     why = probe_unavailable(prompter.variant, mode)
@@ -55,7 +58,7 @@ def notes_loader(prompter, shards, data_cfg: DataConfig, batch_size: int, mode: 
         raise ValueError(f"embed --mode {mode}: {why}")
     return NotesLoader(shards, data_cfg, functools.partial(probe_encode, prompter, mode), prompter.collate,
                        rank=rank, world_size=world_size, batch_size=batch_size, image_size=image_size,
-                       max_notes=max_notes, skip_batches=skip_batches)
+                       max_notes=max_notes, skip_batches=skip_batches, bad_sample_log=bad_sample_log)
 
 
 @torch.no_grad()
@@ -152,11 +155,39 @@ def _write_json_atomic(path: str, data: dict) -> None:
     atomic_write_json(path, data, indent=2, sort_keys=True)
 
 
-def write_part(path: str, ids: list[str], vectors: np.ndarray, no_image: int, batches: tuple[int, int]) -> None:
-    """One part, whole or not at all (a temporary file, fsync'ed, then os.replace)."""
+def write_part(path: str, ids: list[str], vectors: np.ndarray, no_image: int, batches: tuple[int, int],
+               bad: dict | None = None) -> None:
+    """One part, whole or not at all (a temporary file, fsync'ed, then os.replace). `bad`: the loader's
+    counts of bad notes in these batches ({"blanked": {reason: n}, "unusable": {...}}), kept as JSON."""
     with atomic_write(path, "wb") as fh:  # a file object: np.savez keeps the name as given
         np.savez(fh, ids=np.array(ids, dtype=str), vectors=np.ascontiguousarray(vectors, np.float32),
-                 no_image=np.int64(no_image), batches=np.array(batches, np.int64))
+                 no_image=np.int64(no_image), batches=np.array(batches, np.int64),
+                 bad=np.array(json.dumps(bad or {}, sort_keys=True)))
+
+
+def part_bad_counts(path: str) -> dict:
+    """The bad-note counts a part recorded ({} for a part written before they were)."""
+    with np.load(path, allow_pickle=False) as z:
+        return json.loads(str(z["bad"])) if "bad" in z.files else {}
+
+
+def _add_counts(into: dict, delta: dict) -> dict:
+    for group, bucket in (delta or {}).items():
+        dst = into.setdefault(group, {})
+        for reason, n in bucket.items():
+            dst[reason] = dst.get(reason, 0) + n
+    return into
+
+
+def _count_delta(now: dict, before: dict) -> dict:
+    """The loader's bad-note counts (blanked, unusable) added since `before`."""
+    out = {}
+    for group in ("blanked", "unusable"):
+        bucket = {r: n - (before.get(group) or {}).get(r, 0) for r, n in (now.get(group) or {}).items()}
+        bucket = {r: n for r, n in bucket.items() if n}
+        if bucket:
+            out[group] = bucket
+    return out
 
 
 def read_part(path: str, batches: tuple[int, int] | None = None) -> tuple[list[str], np.ndarray, int]:
@@ -259,18 +290,25 @@ def assemble_parts(out_dir: str, parts_dir: str, world_size: int, n_parts: int, 
                            f"to the same {parts_dir} (--out on a filesystem all nodes share)")
     ids: list[str] = []
     dim, no_image = 0, 0
+    bad: dict = {}
     for i, path in enumerate(paths):
         k = i % n_parts
         part_ids, vectors, left_out = read_part(path, (k * part_every, min((k + 1) * part_every, n_batches)))
         ids.extend(part_ids)
         no_image += left_out
         dim = dim or int(vectors.shape[1])
+        _add_counts(bad, part_bad_counts(path))
     if len(set(ids)) != len(ids):
         raise RuntimeError(f"embed: {len(ids) - len(set(ids))} notes were embedded twice")
     if meta.get("mode") == "image":
         meta = {**meta, "left_out_no_image": no_image}
     if shards is not None:
         meta = {**meta, **content_hashes_of(out_dir, ids, shards)}
+    extra = [{"sample": name, "reason": "sha256_differs_from_manifest", "action": "read as it is",
+              "message": "the shard's sha256 differs from the manifest.json beside it (damaged or rewritten since "
+                         "write-shards)"} for name in meta.get("shards_differing_from_manifest", [])]
+    log_name = _merge_bad_logs(out_dir, parts_dir, world_size, extra)
+    meta = {**meta, "bad_notes": bad, **({"bad_sample_log": log_name} if log_name else {})}
     chunks = (read_part(p)[1] for p in paths)
     save_embedding_chunks(out_dir, ids, dim, chunks, meta, dtype)
     return len(ids), dim, no_image
@@ -286,12 +324,58 @@ def content_hashes_of(out_dir: str, ids: list[str], shards) -> dict:
     return write_content_hashes(out_dir, hashes_for(ids, known_ids, known, out_dir))
 
 
+BAD_SAMPLE_LOG = "bad_samples.jsonl"
+
+
+def _bad_log(parts_dir: str, rank: int) -> str:
+    return os.path.join(parts_dir, f"bad-rank{rank:05d}.jsonl")
+
+
+def _bad_line(bad: dict) -> str:
+    """{"blanked": {"bad_image": 2}} -> "2 notes embedded with a blank image (bad_image 2)"."""
+    from notellm2.data_shards.reader.samples import counts_line
+
+    words = {"blanked": "embedded with a blank image (text only)", "unusable": "left out (not readable)"}
+    return "; ".join(f"{sum(b.values())} notes {words.get(g, g)} ({counts_line(b)})" for g, b in bad.items() if b)
+
+
+def _merge_bad_logs(out_dir: str, parts_dir: str, world_size: int, extra: list = ()) -> str | None:
+    """Rank 0: `extra` records and every rank's bad-note log (parts/bad-rank*.jsonl) as one
+    OUT/bad_samples.jsonl, each (sample, reason) once (a resumed run may have read a batch twice).
+    None, and no file, when empty."""
+    seen = {(rec["sample"], rec["reason"]) for rec in extra}
+    lines = [json.dumps(rec, ensure_ascii=False) for rec in extra]
+    for r in range(world_size):
+        path = _bad_log(parts_dir, r)
+        if not os.path.exists(path):
+            continue
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    rec = json.loads(line)
+                except ValueError:  # a line cut by a kill
+                    continue
+                key = (rec.get("sample"), rec.get("reason"))
+                if key not in seen:
+                    seen.add(key)
+                    lines.append(json.dumps(rec, ensure_ascii=False))
+    target = os.path.join(out_dir, BAD_SAMPLE_LOG)
+    if not lines:
+        if os.path.exists(target):
+            os.remove(target)
+        return None
+    with atomic_write(target) as fh:
+        fh.write("\n".join(lines) + "\n")
+    return BAD_SAMPLE_LOG
+
+
 def run_embed(note_model, vision_tower, prompter, shards, out_dir: str, data_cfg: DataConfig, batch_size: int,
               mode: str, rank: int, world_size: int, image_size: int, meta: dict,
               part_every: int = DEFAULT_PART_EVERY, fingerprint: dict | None = None, restart: bool = False,
-              dtype: str = "float32") -> int:
+              dtype: str = "float32", made: str | None = None) -> int:
     """Every rank embeds its share into parts (resuming from its finished ones); rank 0 then writes
-    `out_dir` from them. `fingerprint` (parts_fingerprint) is what the parts manifest records."""
+    `out_dir` from them. `fingerprint` (parts_fingerprint) is what the parts manifest records. `made`:
+    the topmost folder of `out_dir` that did not exist before (removed when the run is refused)."""
     from notellm2.launcher.distributed import barrier
 
     t0 = time.time()
@@ -303,37 +387,51 @@ def run_embed(note_model, vision_tower, prompter, shards, out_dir: str, data_cfg
     barrier()  # the parts folder and its manifest exist (and old parts are gone on --restart)
     for stale in glob.glob(os.path.join(parts_dir, f".rank{rank:05d}-*.npz.tmp-*")):  # notellm2.files.temporary_name
         os.remove(stale)  # a part being written when the last run died
-    probe = notes_loader(prompter, shards, data_cfg, batch_size, mode, rank, world_size, image_size)
+    bad_log = _bad_log(parts_dir, rank)
+    probe = notes_loader(prompter, shards, data_cfg, batch_size, mode, rank, world_size, image_size,
+                         bad_sample_log=bad_log)
     n_batches = probe.total_batches
     n_parts = (n_batches + part_every - 1) // part_every
     done_parts = finished_parts(parts_dir, rank, n_parts)
     done = min(done_parts * part_every, n_batches)
+    kept = 0  # this rank's embedded notes, resumed parts included
     if done_parts:
         for k in range(done_parts):  # a part from a run with other code is refused here, not at the end
-            read_part(part_path(parts_dir, rank, k), (k * part_every, min((k + 1) * part_every, n_batches)))
+            kept += len(read_part(part_path(parts_dir, rank, k), (k * part_every, min((k + 1) * part_every,
+                                                                                          n_batches)))[0])
         print(f"rank {rank}: resumed: {done_parts} parts ({done} batches) done, embedding {n_batches - done} of "
               f"{n_batches} batches", flush=True)
     else:
         print(f"rank {rank}: embedding {n_batches} of {n_batches} batches (a part every {part_every})", flush=True)
     loader = notes_loader(prompter, shards, data_cfg, batch_size, mode, rank, world_size, image_size,
-                          skip_batches=done) if done else probe
+                          skip_batches=done, bad_sample_log=bad_log) if done else probe
     k, b = done_parts, done
     ids: list[str] = []
     vectors: list[np.ndarray] = []
     no_image = 0
     embedded = 0
+    counted: dict = {}
+    nonfinite: list[str] = []
     for batch_ids, vecs, left_out in embedded_batches(note_model, vision_tower, loader, mode, rank):
+        bad_rows = ~np.isfinite(vecs).all(axis=1)
+        if bad_rows.any():  # refused below, on every rank together (nothing of them is written)
+            nonfinite.extend(i for i, bad in zip(batch_ids, bad_rows.tolist()) if bad)
         ids.extend(batch_ids)
         vectors.append(vecs)
         no_image += left_out
+        kept += len(batch_ids)
         b += 1
         embedded += 1
         if b % part_every == 0 or b == n_batches:
+            stats = loader.stats()
             write_part(part_path(parts_dir, rank, k), ids, np.concatenate(vectors), no_image,
-                       (k * part_every, b))
+                       (k * part_every, b), bad=_count_delta(stats, counted))
+            counted = stats
             _die_after_part(rank, k)
             k, ids, vectors, no_image = k + 1, [], [], 0
     print(f"rank {rank}: embedded {embedded} batches", flush=True)
+    _refuse_what_cannot_be_right(nonfinite, kept, rank, out_dir, parts_dir, meta, made,
+                                 loader.stats() if b > done else probe.stats())
     barrier()  # every rank's parts are in place
     if rank == 0:
         info = {"mode": mode, "world_size": world_size, **meta}
@@ -344,7 +442,50 @@ def run_embed(note_model, vision_tower, prompter, shards, out_dir: str, data_cfg
               f"in {time.time() - t0:.1f} s -> {os.path.abspath(out_dir)}")
         if mode == "image" and left:
             print(f"left out {left} notes without a usable image (the image probe needs one)")
+        with open(os.path.join(out_dir, "embeddings.json")) as fh:
+            info = json.load(fh)
+        log_path = os.path.join(os.path.abspath(out_dir), info.get("bad_sample_log") or BAD_SAMPLE_LOG)
+        if info.get("bad_notes"):
+            print(f"bad notes: {_bad_line(info['bad_notes'])}; each one is listed in {log_path}")
+        if info.get("shards_differing_from_manifest"):
+            print(f"shards whose sha256 differs from their manifest.json (damaged or rewritten since write-shards): "
+                  f"{len(info['shards_differing_from_manifest'])}, read as they are; listed in {log_path}")
     return 0
+
+
+def _refuse_what_cannot_be_right(nonfinite: list[str], kept: int, rank: int, out_dir: str, parts_dir: str,
+                                 meta: dict, made: str | None, stats: dict) -> None:
+    """Collective, before the final barrier: a NaN or inf vector is never a result, and neither is an
+    output without a single note. When any rank got a non-finite vector, or no rank kept a note, every
+    rank refuses in the same line (naming the first notes and the model, or the bad-note counts) and
+    rank 0 removes the parts and the folders the run made: nothing is written."""
+    from notellm2.launcher.distributed import all_gather_object
+    from notellm2.launcher.distributed import shutdown as end_group
+
+    found = all_gather_object([nonfinite[:5], len(nonfinite), kept, _count_delta(stats, {})])
+    total_bad, total_kept = sum(r[1] for r in found), sum(r[2] for r in found)
+    if total_bad == 0 and total_kept > 0:
+        return
+    if total_bad:
+        first = [i for r in found for i in r[0]][:5]
+        model = meta.get("model", "?")
+        model = f"the export {model}" if model != "untrained" else f"the untrained model of {meta.get('config')}"
+        message = (f"embed: {total_bad} notes got a non-finite (NaN or inf) vector from {model} "
+                   f"(first: {', '.join(first)}); a damaged or diverged model? Nothing was written to {out_dir}")
+    else:
+        bad: dict = {}
+        for r in found:
+            _add_counts(bad, r[3])
+        image_probe = (meta.get("request") or {}).get("mode") == "image"
+        why = _bad_line(bad) or ("no note has an image, which the image probe needs" if image_probe
+                                 else "they hold no note")
+        message = f"embed: no note of the shards could be embedded ({why}); nothing was written to {out_dir}"
+    if rank == 0:
+        remove_parts(parts_dir)
+        if made is not None and not any(files for _, _, files in os.walk(made)):
+            shutil.rmtree(made)
+    end_group()  # every rank is here: end the group before the error leaves the command
+    raise UserError(message)
 
 
 # Ranks wait for each other at the barrier after their parts: rank 0 waits there for the slowest rank's
@@ -422,15 +563,71 @@ def check_embed_cache(path: str | None, tower, label: str = "data.vision_cache")
                         f"has key {live[:16]}; write it again with `notellm2 data cache-vision` for this model")
 
 
+def shards_fingerprint(shards) -> tuple[list, list]:
+    """([name, sha256] of each shard, the names of those whose sha256 differs from the manifest.json
+    beside them that lists them). Each shard is hashed (one read): a shard damaged since write-shards
+    is found, and counted in the summary, even when its samples still decode."""
+    from notellm2.data_shards.reader.shard_index import expand_shards
+
+    listed: dict = {}
+    out, differ = [], []
+    for path in expand_shards(shards):
+        folder = os.path.dirname(path)
+        if folder not in listed:
+            listed[folder] = {}
+            try:
+                with open(os.path.join(folder, "manifest.json")) as fh:
+                    for e in json.load(fh).get("shards", []):
+                        listed[folder][e["name"]] = e["sha256"]
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                pass
+        digest = sha256_file(path)
+        out.append([os.path.basename(path), digest])
+        if listed[folder].get(os.path.basename(path), digest) != digest:
+            differ.append(os.path.basename(path))
+    return out, differ
+
+
+def output_request(model_dir: str | None, cfg, shard_digests: list, mode: str, world_size: int, batch_size: int,
+                   data_cfg: DataConfig, dtype: str) -> dict:
+    """What decides a finished output's files (recorded in embeddings.json as `request`): the model and
+    the shards by content, the probe, the rank layout and batch size (they set the row order), the pixel
+    limit, the vision cache and the storage dtype. Not --part-every, --num-workers or --device."""
+    cache = None
+    if data_cfg.vision_cache:
+        meta = os.path.join(data_cfg.vision_cache, "cache.json")
+        cache = sha256_file(meta) if os.path.isfile(meta) else os.path.abspath(data_cfg.vision_cache)
+    from notellm2.launcher.eval.provenance import model_fingerprint
+
+    return {"model": model_fingerprint(model_dir, cfg), "shards": shard_digests, "mode": mode,
+            "world_size": world_size, "batch_size": batch_size, "max_image_pixels": data_cfg.max_image_pixels,
+            "vision_cache": cache, "dtype": dtype}
+
+
+def check_notes_shards(shards, label: str = "--shards") -> None:
+    """Refuse pairs shards where notes shards are needed (their every sample would be unusable)."""
+    from notellm2.data_shards.reader.shard_index import check_shard_kind, expand_shards
+
+    try:
+        check_shard_kind(expand_shards(shards), "notes", label, "embed")
+    except (FileNotFoundError, ValueError) as e:
+        if isinstance(e, UserError):
+            raise
+        raise UserError(f"{label}: {e}") from None
+
+
 def embed_command(model_dir: str | None, cfg, config_path: str | None, shards: str | None, out_dir: str,
                   mode: str = "both", batch_size: int = 32, num_workers: int = 1,
                   part_every: int = DEFAULT_PART_EVERY, restart: bool = False, device: str = "cpu",
                   dtype: str = "float32", vision_cache: str | None = None, trust_code: bool = False,
-                  tower_path: str | None = None, base: str | None = None) -> int:
-    """`notellm2 embed`: the user's mistakes (a probe the variant lacks, no shards, --device cuda without
-    a GPU, parts left by other settings) are refused before any rank starts or loads a model; then
-    every rank (torchrun / srun, or one process) embeds its share into parts under OUT/parts, resuming
-    from its finished ones, and rank 0 writes `out_dir` from them."""
+                  tower_path: str | None = None, base: str | None = None, overwrite: bool = False) -> int:
+    """`notellm2 embed`: the user's mistakes (a probe the variant lacks, no shards or pairs shards, --device
+    cuda without a GPU, parts left by other settings, an --out that is a file or holds embeddings of
+    another request without `overwrite`) are refused before any rank starts or loads a model; a finished
+    output of the same request is left as it is (return 0). Then every rank (torchrun / srun, or one
+    process) embeds its share into parts under OUT/parts, resuming from its finished ones, and rank 0
+    writes `out_dir` from them. With `base`, only the notes new or changed since that set are embedded
+    (notellm2.launcher.eval.delta)."""
     from notellm2.launcher import distributed
 
     distributed.enable_crash_traces()  # a native crash prints every thread's stack into this rank's log
@@ -442,28 +639,41 @@ def embed_command(model_dir: str | None, cfg, config_path: str | None, shards: s
     why = probe_unavailable(variant, mode)
     if why:
         raise UserError(f"--mode {mode}: {why}; use --mode text or --mode both")
+    shards_given = bool(shards)
     shards = shards or (None if model_dir or cfg is None else cfg.data.notes_shards)
     if not shards:
         raise UserError("no notes shards (--shards, or data.notes_shards in the config)")
     data_cfg = DataConfig(num_workers=num_workers) if model_dir else cfg.data
     if vision_cache:  # --vision-cache: the tower's features instead of pixels (an export has no data config)
         data_cfg = dataclasses.replace(data_cfg, vision_cache=vision_cache)
-    topo = distributed.detect_topology()
-    torch_device = embed_device(topo, device)
-    if os.path.isdir(shards) and not base:  # a `notellm2 data write-notes` folder: its shards
+    check_folder_output(out_dir)
+    if os.path.isdir(shards):  # a `notellm2 data write-notes` folder: its shards (and, for --base, its deletions)
         from notellm2.data_shards.writing.notes_only import read_notes_set
 
-        shards = read_notes_set(shards).shards
+        notes_set = read_notes_set(shards)
+        check_notes_shards(notes_set.shards, "--shards" if shards_given else "data.notes_shards")
+        shards = shards if base else notes_set.shards
+    else:
+        check_notes_shards(shards, "--shards" if shards_given else "data.notes_shards")
+    topo = distributed.detect_topology()
+    torch_device = embed_device(topo, device)
     if base:  # only the new and changed notes (launcher/eval/delta.py)
         from notellm2.launcher.eval.delta import delta_embed
 
         return delta_embed(model_dir, cfg, config_path, shards, base, out_dir, data_cfg, topo, torch_device, mode,
                            batch_size, part_every, restart, dtype)
+    shard_digests, differ = shards_fingerprint(shards)
+    request = output_request(model_dir, cfg, shard_digests, mode, topo.world_size, batch_size, data_cfg, dtype)
+    recorded = recorded_request(out_dir, "embeddings.json")
+    if recorded is not None:
+        if reuse_finished(out_dir, recorded, request, overwrite, "finished embeddings"):
+            if topo.rank == 0:
+                print(f"{out_dir}: already holds these embeddings (same model, shards and settings); nothing to do")
+            return 0
     fingerprint = parts_fingerprint(model_dir, cfg, shards, mode, topo.world_size, batch_size, part_every, data_cfg)
     check_parts(out_dir, fingerprint, restart)
-    from notellm2.launcher.eval.provenance import model_fingerprint
-
-    model_fp = model_fingerprint(model_dir, cfg)
+    made = missing_top(out_dir)  # before any rank creates it
+    model_fp = request["model"]
     if topo.world_size > 1:
         # The shared start-up (the trainer's): under NCCL the rank's CUDA device is set before the group
         # starts, before anything below touches CUDA; DeepSpeed's comm layer is not needed here.
@@ -472,7 +682,8 @@ def embed_command(model_dir: str | None, cfg, config_path: str | None, shards: s
                                                                     trust_code=trust_code, tower_path=tower_path)
     source = {**source, "fingerprint": model_fp}  # launcher/eval/provenance.py
     check_embed_cache(data_cfg.vision_cache, tower, "--vision-cache" if vision_cache else "data.vision_cache")
+    source = {**source, "request": request, **({"shards_differing_from_manifest": differ} if differ else {})}
     rc = run_embed(note_model, tower, prompter, shards, out_dir, data_cfg, batch_size, mode,
                    topo.rank, topo.world_size, image_size, source, part_every=part_every,
-                   fingerprint=fingerprint, restart=restart, dtype=dtype)
+                   fingerprint=fingerprint, restart=restart, dtype=dtype, made=made)
     return rc  # the process group ends in notellm2.launcher.cli.main (notellm2.launcher.distributed.shutdown)

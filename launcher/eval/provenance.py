@@ -45,7 +45,8 @@ def export_fingerprint(export_dir: str) -> str:
     without it (format 1) gets a hash computed here from its own files: every file's relative path
     and SHA-256. That hash covers the weights, the tokenizer and the JSON (which holds the prompt and
     image settings and names the frozen tower), but not the tower's weights, which a format-1 export
-    does not copy: a tower changed in place under the same name is not seen. Format 2 exports
+    does not copy: a tower changed in place under the same name is not seen. Files are hashed by content
+    (`content_digest`), so that two exports of one checkpoint get one fingerprint. Format 2 exports
     (launcher/export.py) always carry the field; the computed hash serves the format-1 ones that still load."""
     from notellm2.modeling.pretrained import EXPORT_META
 
@@ -65,8 +66,35 @@ def export_fingerprint(export_dir: str) -> str:
         dirnames.sort()
         for name in sorted(names):
             path = os.path.join(dirpath, name)
-            h.update(f"{os.path.relpath(path, root)}\t{sha256_file(path)}\n".encode())
+            h.update(f"{os.path.relpath(path, root)}\t{content_digest(path)}\n".encode())
     return "files-sha256:" + h.hexdigest()
+
+
+def content_digest(path: str) -> str:
+    """sha256 of what a file holds rather than its bytes, where two saves of the same content differ: an
+    .npz by its members' names, CRCs and sizes (np.savez stamps the time), a .safetensors by its header
+    (keys sorted) and data (the metadata map is written in a per-process order: seen {'step', 'format'}
+    and {'format', 'step'} for one checkpoint exported twice); any other file by its bytes."""
+    import struct
+    import zipfile
+
+    if path.endswith(".npz") and zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            members = sorted((i.filename, i.CRC, i.file_size) for i in z.infolist())
+        return hashlib.sha256(json.dumps(members).encode()).hexdigest()
+    if not path.endswith(".safetensors"):
+        return sha256_file(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        try:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(size))
+        except (struct.error, ValueError, MemoryError, OverflowError):
+            return sha256_file(path)  # not a readable safetensors: its bytes, whatever they are
+        h.update(json.dumps(header, sort_keys=True).encode())
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def untrained_fingerprint(cfg) -> str:

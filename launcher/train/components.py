@@ -48,6 +48,16 @@ class Components:
         return encode_images(self.vision_tower, batch, cast)
 
 
+BAD_SAMPLES_DIR = "bad_samples"  # in train.output_dir: <loader>-rank<R>.jsonl, one JSON line per bad sample
+
+
+def bad_sample_log(cfg: RunConfig, loader: str, rank: int) -> str:
+    """This rank's bad-sample log of `loader` ("train", "val") in the run folder (BadSampleLog)."""
+    import os
+
+    return os.path.join(cfg.train.output_dir, BAD_SAMPLES_DIR, f"{loader}-rank{rank:05d}.jsonl")
+
+
 def default_components(cfg: RunConfig, rank: int, world_size: int, ds_config: dict) -> Components:
     """The real pieces: NoteModel + frozen vision tower + prompter (modeling) and PairLoader (data_shards).
 
@@ -83,7 +93,7 @@ def default_components(cfg: RunConfig, rank: int, world_size: int, ds_config: di
         return PairLoader(cfg.data.train_shards, None, data_cfg=cfg.data, encode_fn=prompter.encode,
                           collate_text_fn=prompter.collate, rank=rank, world_size=world_size,
                           pairs_per_rank=cfg.data.pairs_per_rank, image_size=cfg.model.vision.image_size,
-                          epoch=epoch, note_stats=note_stats)
+                          epoch=epoch, note_stats=note_stats, bad_sample_log=bad_sample_log(cfg, "train", rank))
 
     make_val_loader = None
     if cfg.data.val_shards:
@@ -93,10 +103,45 @@ def default_components(cfg: RunConfig, rank: int, world_size: int, ds_config: di
             return PairLoader(cfg.data.val_shards, None, data_cfg=val_cfg, encode_fn=prompter.encode,
                               collate_text_fn=prompter.collate, rank=rank, world_size=world_size,
                               pairs_per_rank=cfg.data.pairs_per_rank, image_size=cfg.model.vision.image_size, epoch=0,
-                              note_stats=note_stats)  # the training pairs' statistics: nothing of val leaks in
+                              note_stats=note_stats,  # the training pairs' statistics: nothing of val leaks in
+                              bad_sample_log=bad_sample_log(cfg, "val", rank))
 
     return Components(note_model, tower, prompter, make_loader, make_val_loader=make_val_loader,
                       extra={"hf_ds_config": hf_ds, "vision_cache": vision_cache})
+
+
+def check_inputs(cfg: RunConfig, world_size: int) -> None:
+    """The default components' inputs, checked before a process group starts or a model loads (the
+    trainer calls `factory.preflight`): the shard sets (present, of the right kind, and holding at
+    least one batch per rank in the first epoch) and the LLM's folder (before the vision tower loads).
+    Each failure is one line naming the config key (a UserError)."""
+    from notellm2.data_shards.reader.pair_loader import ShardSetError, check_batch_fits
+    from notellm2.data_shards.reader.shard_index import ShardKindError, check_shard_kind, expand_shards
+    from notellm2.modeling.backbone import check_backbone_dirs
+
+    if not cfg.data.train_shards:
+        raise ConfigError("data.train_shards: empty; point it at pairs-train-*.tar shards (notellm2 data write-shards)")
+    sets = [("data.train_shards", cfg.data.train_shards, "pairs"), ("data.val_shards", cfg.data.val_shards, "pairs")]
+    if cfg.eval.every_steps and cfg.eval.notes_shards:
+        sets.append(("eval.notes_shards", cfg.eval.notes_shards, "notes"))
+    for key, shards, kind in sets:
+        if not shards:
+            continue
+        try:
+            check_shard_kind(expand_shards(shards), kind, key, "training" if key != "eval.notes_shards" else
+                             "the retrieval evaluation")
+        except ShardKindError:
+            raise
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"{key}: {e}") from None
+    try:
+        check_batch_fits(cfg.data.train_shards, cfg.data, world_size, cfg.data.pairs_per_rank)
+    except ShardSetError as e:
+        raise ConfigError(f"data.train_shards and data.pairs_per_rank: {e}") from None
+    check_backbone_dirs(cfg.model.llm)
+
+
+default_components.preflight = check_inputs
 
 
 def _note_stats(cfg: RunConfig):

@@ -258,3 +258,53 @@ def step_scalars(local: StepStats, summed: StepStats, world: int, group_names: l
     for k, v in counters.items():
         scalars[f"data/{k}"] = v
     return scalars
+
+
+# ----------------------------------------------------------------------------- the console's report
+
+class RunReport:
+    """What the console tells about a run: each evaluation's figures as one line, and a final summary
+    (steps, time, the headline metric's last and best values, the samples the data path could not use
+    and where they are listed). The headline metric is checkpoint.keep_best when set, else eval/loss,
+    else the first eval/ figure; "loss" in its name means lower is better (as checkpoint.keep_best)."""
+
+    def __init__(self, best_metric: Optional[str] = None, t0: Optional[float] = None, start_step: int = 0):
+        self.best_metric = best_metric or None
+        self.t0 = time.monotonic() if t0 is None else t0
+        self.start_step = start_step
+        self.evaluations: list[tuple[int, dict]] = []
+
+    def evaluation(self, step: int, figures: dict) -> None:
+        self.evaluations.append((step, {k: float(v) for k, v in figures.items()}))
+
+    def eval_line(self, step: int) -> str:
+        figures = dict(self.evaluations[-1][1]) if self.evaluations else {}
+        return ", ".join(f"{k} {v:.4f}" for k, v in sorted(figures.items())) or "no figures"
+
+    def headline(self) -> Optional[str]:
+        if self.best_metric:
+            return self.best_metric
+        keys = [k for _, f in self.evaluations for k in f]
+        return "eval/loss" if "eval/loss" in keys else (keys[0] if keys else None)
+
+    def summary(self, step: int, max_steps: int, samples_seen: int, counters: dict, bad_sample_dir: str) -> list[str]:
+        elapsed = time.monotonic() - self.t0
+        lines = [f"done: step {step} of {max_steps} ({step - self.start_step} this run) in {_fmt_duration(elapsed)}, "
+                 f"{samples_seen} pairs seen"]
+        key = self.headline()
+        seen = [(s, f[key]) for s, f in self.evaluations if key is not None and key in f]
+        if seen:
+            lower = "loss" in key
+            best = (min if lower else max)(seen, key=lambda sv: sv[1])
+            lines.append(f"{key}: last {seen[-1][1]:.4f} (step {seen[-1][0]}), best {best[1]:.4f} (step {best[0]}; "
+                         f"{'lower' if lower else 'higher'} is better) over {len(seen)} evaluation(s)")
+        else:
+            lines.append("no evaluation ran (eval.every_steps is 0 or larger than the steps run)")
+        bad = {k: v for k, v in (counters or {}).items()
+               if k.split("/")[0] in ("dropped", "blanked") and "/" in k and v}
+        if bad or counters.get("shard_problems"):
+            shown = ", ".join(f"{k} {int(v)}" for k, v in sorted(bad.items()))
+            if counters.get("shard_problems"):
+                shown += (", " if shown else "") + f"damaged shards {int(counters['shard_problems'])}"
+            lines.append(f"bad training samples (all ranks): {shown}; each one is listed in {bad_sample_dir}/")
+        return lines

@@ -14,6 +14,7 @@ through `train(cfg, factory=...)`. Test-only fault hooks: launcher/train/faults.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 import warnings
@@ -24,12 +25,14 @@ import torch
 from notellm2.launcher.train import faults
 from notellm2.launcher.train.checkpoint import Checkpointer, CheckpointError
 from notellm2.launcher.train.chunked import check_chunkable, forward_backward
-from notellm2.launcher.train.components import BatchStream, default_components
+from notellm2.launcher.train.components import BAD_SAMPLES_DIR, BatchStream, default_components
+from notellm2.errors import UserError
 from notellm2.launcher.config import ConfigError, RunConfig, save_resolved
 from notellm2.launcher.distributed import (Topology, Watchdog, all_gather_object, barrier, detect_topology,
                                   enable_crash_traces, init_distributed, is_peer_error)
 from notellm2.launcher.train.engine import activation_dtype, build_ds_config, initialize, learning_rates
-from notellm2.launcher.train.metrics import MetricsWriter, StepStats, Timer, gather_counters, memory_mb, step_scalars
+from notellm2.launcher.train.metrics import (MetricsWriter, RunReport, StepStats, Timer, gather_counters, memory_mb,
+                                            step_scalars)
 from notellm2.launcher.train.optim import clamp_temperature
 from notellm2.launcher.train.preemption import PREEMPTED_EXIT_CODE, Preempted, install_for_training
 from notellm2.launcher.train.validation import TowerMemo, read_val_pairs, retrieval_metrics, validation_loss
@@ -43,6 +46,10 @@ def train(cfg: RunConfig, factory: Optional[Callable] = None, topo: Optional[Top
     # torch 2.13 deprecation notices from inside DeepSpeed, once per collective call: keep the console readable.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed", category=FutureWarning)
     rank, world = topo.rank, topo.world_size
+    factory = factory or default_components
+    preflight = getattr(factory, "preflight", None)
+    if preflight is not None:  # the user's inputs, before a process group starts or a model loads (one line each)
+        preflight(cfg, world)
     timeout = cfg.train.collective_timeout_s
     # The watchdog speaks first; the gloo timeout is the second line of defence.
     init_distributed(topo, timeout_s=int(timeout * 1.5) + 10)
@@ -50,7 +57,7 @@ def train(cfg: RunConfig, factory: Optional[Callable] = None, topo: Optional[Top
     log = (lambda *a: print("[rank 0]", *a, flush=True)) if rank == 0 else (lambda *a: None)
     step = 0
     try:
-        summary = _train(cfg, factory or default_components, topo, watchdog, log, on_step)
+        summary = _train(cfg, factory, topo, watchdog, log, on_step)
         step = summary["step"]
         watchdog.progress(step, "done")
         watchdog.stop()
@@ -66,6 +73,8 @@ def train(cfg: RunConfig, factory: Optional[Callable] = None, topo: Optional[Top
         if not peer_error:
             # Our own failure: say so in the store first, so that the other ranks' messages name us.
             watchdog.mark_failed(f"{type(e).__name__}: {e}")
+        if isinstance(e, UserError) and not peer_error:
+            raise  # the user's input: the CLI prints it as its one line (notellm2.launcher.cli.main)
         print(f"[rank {rank}] {msg}", file=sys.stderr, flush=True)
         if world > 1 and not isinstance(e, (ConfigError, CheckpointError)):
             time.sleep(1.0)  # let a failing peer publish its mark
@@ -123,6 +132,7 @@ def _train(cfg: RunConfig, factory: Callable, topo: Topology, watchdog: Watchdog
     metrics = MetricsWriter(run_dir, enabled=rank == 0, tensorboard=cfg.logging.tensorboard,
                             max_steps=cfg.train.max_steps, start_step=resumed.step)
     timer = Timer()
+    report = RunReport(checkpointer.best_metric, t0=time.monotonic(), start_step=resumed.step)
     cast = activation_dtype(cfg)
     step = resumed.step
     accum = cfg.train.grad_accum_steps
@@ -137,6 +147,7 @@ def _train(cfg: RunConfig, factory: Callable, topo: Topology, watchdog: Watchdog
             faults.at_step_start(rank, step)
             watchdog.progress(step, "data", arm=True)
             t_step = time.perf_counter()
+            lrs = learning_rates(engine, scheduler)  # the rates this step uses (its engine.step advances them)
             stats = StepStats()
             for _ in range(accum):
                 with timer("data_wait"):
@@ -162,8 +173,7 @@ def _train(cfg: RunConfig, factory: Callable, topo: Topology, watchdog: Watchdog
             memory = all_gather_object(memory_mb())
             counters = gather_counters(batches.loader)
             grad_norm = engine.get_global_grad_norm()
-            scalars = step_scalars(stats, summed, world, group_names, learning_rates(engine, scheduler), grad_norm,
-                                   memory, counters)
+            scalars = step_scalars(stats, summed, world, group_names, lrs, grad_norm, memory, counters)
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0:
                 t_eval = time.perf_counter()
                 tick = lambda: watchdog.progress(step, "eval")  # noqa: E731
@@ -172,8 +182,9 @@ def _train(cfg: RunConfig, factory: Callable, topo: Topology, watchdog: Watchdog
                     found.update(retrieval_metrics(engine, comps, cfg, rank, world, tick, val_pairs, memo))
                 scalars.update({f"eval/{k}": v for k, v in found.items()})
                 scalars["perf/eval_s"] = time.perf_counter() - t_eval
-                log(f"step {step}: evaluation took {scalars['perf/eval_s']:.1f} s; tower outputs reused for "
-                    f"{memo.hits} batches so far, {memo.bytes / 2**20:.1f} MiB kept")
+                report.evaluation(step, {f"eval/{k}": v for k, v in found.items()})
+                log(f"step {step}: evaluation: {report.eval_line(step)} ({scalars['perf/eval_s']:.1f} s; tower outputs "
+                    f"reused for {memo.hits} batches so far, {memo.bytes / 2**20:.1f} MiB kept)")
                 if checkpointer.best_metric and checkpointer.best_metric not in scalars:
                     raise ConfigError(f"checkpoint.keep_best: {checkpointer.best_metric!r} is not logged at evaluations; "
                                       f"they log: {', '.join(sorted(k for k in scalars if k.startswith('eval/'))) or 'nothing'}")
@@ -196,8 +207,11 @@ def _train(cfg: RunConfig, factory: Callable, topo: Topology, watchdog: Watchdog
     if checkpointer.last_saved != step and step > 0:
         checkpointer.save(step, batches)
     samples_seen = checkpointer.samples_seen(step)
-    log(f"done: step {step}, {samples_seen} pairs seen")
-    return {"step": step, "samples_seen": samples_seen, "engine": engine, "components": comps}
+    for line in report.summary(step, cfg.train.max_steps, samples_seen, gather_counters(batches.loader),
+                               os.path.join(run_dir, BAD_SAMPLES_DIR)):
+        log(line)
+    return {"step": step, "samples_seen": samples_seen, "engine": engine, "components": comps,
+            "evaluations": report.evaluations}
 
 
 def _stop(step: int, checkpointer: Checkpointer, batches, watchdog: Watchdog, preempt, log) -> None:

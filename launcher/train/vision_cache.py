@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from notellm2.data_shards.reader.shard_index import ShardFiles, expand_shards, index_shard
+from notellm2.outputs import check_folder_output
 from notellm2.data_shards.vision_cache import (CacheWriter, VisionCacheError, cache_bytes, manifest_entries, open_cache)
 from notellm2.launcher.config import ConfigError, RunConfig
 
@@ -196,14 +197,20 @@ def build_vision_cache(cfg: RunConfig, out_dir: Optional[str] = None, shards: Op
     if dup:
         raise VisionCacheError(f"cache-vision: the shard name {dup[0]!r} is in several folders; the cache names the "
                                "shards it covers by file name")
+    check_folder_output(out_dir)
+    if os.path.exists(out_dir) and not overwrite:  # before the tower loads (CacheWriter checks it again)
+        raise VisionCacheError(f"--out: {out_dir!r} exists; pass --overwrite to replace it")
     t0 = time.perf_counter()
+    notes, samples = find_note_images(paths, progress)
+    if not notes:
+        raise VisionCacheError(f"cache-vision: no note of {len(paths)} shard(s) has an image member "
+                               f"(first: {paths[0]}); there is nothing to cache")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if tower is None:
         tower = build_vision_tower(cfg.model.vision)
     tower.to(dev).eval()
     key = tower_key(tower)
     size = cfg.model.vision.image_size
-    notes, samples = find_note_images(paths, progress)
     orientations = ["plain", "flipped"] if flip else ["plain"]
     blank = {"pixel_values": torch.zeros(1, 3, size, size, device=dev)}  # a row without an image, after to_device
     b_tokens, b_pooled = encode_images(tower, blank)

@@ -80,14 +80,14 @@ def test_rung_names_and_filters():
 def test_data_fingerprint_ignores_the_folder_but_not_the_data(tmp_path):
     """The same data built in two folders has one fingerprint (the manifest's recorded paths and the
     mining manifest's hash, which holds an absolute path, are left out); changed pairs change it."""
-    def build(root, mining_sha, pairs=b"PAIRS"):
+    def build(root, mining_sha, pairs=b"PAIRS", **extra):
         os.makedirs(root / "pairs")
         os.makedirs(root / "shards")
         (root / "pairs" / "pairs.parquet").write_bytes(pairs)
         (root / "pairs" / "note_split.parquet").write_bytes(b"SPLIT")
         manifest = {"counts": {"test": {"pairs_written": 3}}, "sources": {
             "catalog": {"path": f"{root}/catalog.jsonl", "sha256": "c0ffee"},
-            "mining_manifest": {"path": f"{root}/pairs/mining_manifest.json", "sha256": mining_sha}}}
+            "mining_manifest": {"path": f"{root}/pairs/mining_manifest.json", "sha256": mining_sha}}, **extra}
         (root / "shards" / "manifest.json").write_text(json.dumps(manifest, indent=2))
         return str(root)
 
@@ -95,3 +95,5 @@ def test_data_fingerprint_ignores_the_folder_but_not_the_data(tmp_path):
     b = ladder.data_fingerprint(build(tmp_path / "b", "hash-of-/b/views"))
     c = ladder.data_fingerprint(build(tmp_path / "c", "hash-of-/c/views", pairs=b"OTHER"))
     assert a == b and a != c
+    # newer write-shards name their problem log in the manifest: the same data keeps its fingerprint
+    assert ladder.data_fingerprint(build(tmp_path / "d", "x", problem_log="problems.jsonl")) == a

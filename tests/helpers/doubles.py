@@ -131,3 +131,16 @@ def components(cfg, rank, world_size, ds_config):
     # Python's hash of a tuple of ints is stable across processes (no str hashing involved).
     return Components(TinyNoteModel(), TinyVision(), None,
                       lambda epoch: SyntheticPairLoader(cfg.data.pairs_per_rank, rank, world_size, epoch, seed=cfg.data.seed))
+
+
+def components_with_val(cfg, rank, world_size, ds_config):
+    """`components` plus a validation loader (two fixed batches), for the evaluations of eval.every_steps."""
+    comps = components(cfg, rank, world_size, ds_config)
+
+    def make_val_loader():
+        for batch in SyntheticPairLoader(cfg.data.pairs_per_rank, rank, world_size, epoch=99, batches=2,
+                                         seed=cfg.data.seed):
+            yield {**batch, "note_id_strs": [str(int(i)) for i in batch["note_ids"]]}
+
+    comps.make_val_loader = make_val_loader
+    return comps

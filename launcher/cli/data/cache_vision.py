@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from notellm2.launcher.cli import add_config_args, config_from_args
+from notellm2.launcher.cli import add_config_args, config_from_args, nonnegative_int, positive_int
 
 
 def register(sub) -> None:
@@ -18,8 +18,8 @@ def register(sub) -> None:
                    help="also store the horizontally flipped orientation (needed by data.random_flip: true)")
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
                    help="stored values: float32 (exact, the default) or float16 (half the bytes, ~3 digits)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per tower call (default 32)")
-    p.add_argument("--num-workers", type=int, default=None,
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per tower call (default 32)")
+    p.add_argument("--num-workers", type=nonnegative_int, default=None,
                    help="processes decoding images (default: data.num_workers of the config)")
     p.add_argument("--device", default=None, help="torch device of the tower (default: cuda if present, else cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing cache folder")
@@ -41,7 +41,8 @@ def _run(args) -> int:
     s = build_vision_cache(cfg, args.out, shards=args.shards, flip=args.flip, dtype=args.dtype,
                            batch_size=args.batch_size, num_workers=args.num_workers, overwrite=args.overwrite,
                            progress=not args.no_progress, device=args.device)
-    print(f"cached {s['notes_with_features']} notes' tower features ({s['bad_images']} bad images recorded) from "
+    bad = f"; their notes are listed in {s['path']}/bad_images.json" if s['bad_images'] else ""
+    print(f"cached {s['notes_with_features']} notes' tower features ({s['bad_images']} bad images recorded{bad}) from "
           f"{len(s['shards'])} shard(s), {'+'.join(s['orientations'])}, {s['dtype']}, "
           f"[{s['num_tokens']} x {s['token_dim']}] + [{s['pooled_dim']}] per image: {s['bytes'] / 2**20:.1f} MiB "
           f"in {s['seconds']:.1f} s (tower {s['tower_seconds']:.1f} s on {s['device']})")

@@ -6,15 +6,22 @@ same-category: a stand-in for real logs, clearly not one.
 """
 from __future__ import annotations
 
+import sys
+
+from notellm2.launcher.cli import positive_int, probability
+
 
 def _run(args) -> int:
     import pandas as pd
 
     from notellm2.data_shards.catalog.synthetic import make_synthetic_views
+    from notellm2.outputs import OutputError
 
+    if not args.out.endswith((".parquet", ".csv")):
+        raise OutputError(f"--out {args.out}: the name must end in .parquet or .csv (the format of the view log)")
     path = make_synthetic_views(args.catalog, args.out, n_users=args.users, sessions_per_user=args.sessions_per_user,
                                 views_per_session=args.views_per_session, p_in_category=args.p_in_category,
-                                seed=args.seed)
+                                seed=args.seed, overwrite=args.overwrite)
     n = len(pd.read_parquet(path) if path.endswith(".parquet") else pd.read_csv(path))
     print(f"wrote {n} simulated view events for {args.users} users to {path}")
     return 0
@@ -24,9 +31,11 @@ def register(sub) -> None:
     p = sub.add_parser("simulate-views", help="simulate a view log (user_id, note_id, timestamp) over a catalog")
     p.add_argument("--catalog", required=True)
     p.add_argument("--out", required=True, help=".parquet or .csv")
-    p.add_argument("--users", type=int, default=2000)
-    p.add_argument("--sessions-per-user", type=int, default=4)
-    p.add_argument("--views-per-session", type=int, default=6)
-    p.add_argument("--p-in-category", type=float, default=0.9)
+    p.add_argument("--users", type=positive_int, default=2000)
+    p.add_argument("--sessions-per-user", type=positive_int, default=4)
+    p.add_argument("--views-per-session", type=positive_int, default=6)
+    p.add_argument("--p-in-category", type=probability, default=0.9)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a view log of other contents at --out (the same contents are left as they are)")
     p.set_defaults(handler=_run)

@@ -9,6 +9,7 @@ import json
 import sys
 
 from notellm2.data_shards.config import MAX_IMAGE_PIXELS
+from notellm2.launcher.cli import positive_int
 
 
 def register(sub) -> None:
@@ -20,9 +21,9 @@ def register(sub) -> None:
                         "(default: the catalog's folder)")
     p.add_argument("--format", choices=["jsonl", "csv"], default=None,
                    help="catalog format (default: from the file extension)")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=positive_int, default=None,
                    help="processes decoding images (default: the cores this process may use)")
-    p.add_argument("--max-pixels", type=int, default=MAX_IMAGE_PIXELS,
+    p.add_argument("--max-pixels", type=positive_int, default=MAX_IMAGE_PIXELS,
                    help="images with more pixels are reported as unreadable")
     p.add_argument("--no-image-decode", action="store_true",
                    help="only check that image files exist (fast), do not decode them")

@@ -61,10 +61,11 @@ def test_write_shards_cli_errors_and_policy_flag(tmp_path, capsys):
             "--no-progress", "--splits", "train", "--bad-image-policy", "skip_pair"]
     assert main(args) == 0
     text = capsys.readouterr().out
-    assert "missing_note: 1 (first: ghost)" in text
+    assert f"missing_note: 1 (first: ghost; every one in {out}/problems.jsonl)" in text
     m = json.load(open(os.path.join(out, "manifest.json")))
     assert m["settings"]["bad_image_policy"] == "skip_pair" and m["settings"]["splits"] == ["train"]
-    assert main(args) == 2 and "pass --overwrite" in capsys.readouterr().err
-    assert main(args + ["--overwrite"]) == 0
+    assert main(args) == 0 and "nothing to do" in capsys.readouterr().err  # the same request: a no-op
+    assert main(args + ["--seed", "1"]) == 2 and "seed 0 there, 1 now" in capsys.readouterr().err
+    assert main(args + ["--seed", "1", "--overwrite"]) == 0
     assert main(args[:-4] + ["--splits", "train,dev", "--overwrite"]) == 2
     assert "splits: got 'dev'" in capsys.readouterr().err

@@ -176,6 +176,12 @@ def test_bad_image_policy(tmp_path, policy):
     }, [("a", "b", 1.0, "train"), ("a", "c", 0.5, "train"), ("c", "d", 0.2, "train"), ("b", "x", 0.1, "train")])
     os.remove(tmp_path / "img" / "c.jpg")  # referenced but missing: also a bad image
     out = str(tmp_path / "s")
+    if policy == "skip_pair":  # every pair touches b or c: nothing to write is refused, nothing left behind
+        with pytest.raises(ShardWriteError, match=r"no pair to write .*\(train: 4 in, 1 with a note missing from "
+                                                  r"the catalog, 0 self, 0 duplicate, 3 bad image"):
+            write_shards(pairs, cat, out, settings=ShardSettings(splits=("train",), bad_image_policy=policy), workers=1)
+        assert not os.path.exists(out)
+        return
     m = write_shards(pairs, cat, out, settings=ShardSettings(splits=("train",), bad_image_policy=policy), workers=1)
     assert m["problems"]["bad_image"]["count"] == 2 and m["problems"]["bad_image"]["first"] == ["b", "c"]
     assert "undecodable" in m["problems"]["bad_image"]["details"][0]
@@ -190,11 +196,11 @@ def test_bad_image_policy(tmp_path, policy):
         assert m["counts"]["train"]["bad_image_pairs"] == 3 and m["counts"]["train"]["pairs_written"] == 3
         notes, _ = _read_set(out, "notes", "train")
         assert {json.loads(s["json"])["note_id"]: "jpg" in s for _, s in notes} == {"a": True, "b": False, "c": False, "d": False}
-    else:
-        assert got == {}  # every pair touches b or c
-        assert m["counts"]["train"]["bad_image_pairs"] == 3 and m["counts"]["train"]["pairs_written"] == 0
-        assert m["patterns"]["pairs-train"] == ""
     assert verify_shards(out) == []
+    # every problem, not only the manifest's first few, is in the problem log the summary points to
+    assert m["problem_log"] == "problems.jsonl"
+    logged = [json.loads(line) for line in open(os.path.join(out, "problems.jsonl"))]
+    assert [(r["kind"], r["note_id"]) for r in logged] == [("missing_note", "x"), ("bad_image", "b"), ("bad_image", "c")]
 
 
 def test_interrupted_run_leaves_no_truncated_shard_and_rerun_recovers(inputs, tmp_path, monkeypatch):
@@ -241,12 +247,16 @@ def test_existing_complete_set_needs_overwrite_and_stale_shards_go(inputs, tmp_p
     out = str(tmp_path / "s")
     write_shards(pairs, cat, out, settings=ShardSettings(shard_size=4, image_size=32), workers=1)
     many = sorted(os.listdir(out))
-    with pytest.raises(ShardWriteError, match="pass --overwrite"):
+    before = {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in many}
+    # the same inputs and settings: nothing is written
+    assert write_shards(pairs, cat, out, settings=ShardSettings(shard_size=4, image_size=32), workers=1)["unchanged"]
+    assert {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in os.listdir(out)} == before
+    with pytest.raises(ShardWriteError, match=r"settings.shard_size 4 there, 400 now.*pass --overwrite"):
         write_shards(pairs, cat, out, settings=ShardSettings(shard_size=400, image_size=32), workers=1)
     m = write_shards(pairs, cat, out, settings=ShardSettings(shard_size=400, image_size=32), workers=1, overwrite=True)
     now = sorted(os.listdir(out))
     assert len(now) < len(many)
-    assert now == sorted([e["name"] for e in m["shards"]] + ["manifest.json", m["note_stats"]["file"]])
+    assert now == sorted([e["name"] for e in m["shards"]] + ["manifest.json", m["note_stats"]["file"], m["problem_log"]])
     assert verify_shards(out) == []
 
 

@@ -78,9 +78,10 @@ def test_window_is_inclusive_at_exactly_seven_days(tmp_path, engine):
             ("u2", "C", 0), ("u2", "D", 7 * DAY + 1)]      # one second more: does not
     pairs, _ = mine(tmp_path, engine, rows, weighting=False)
     assert scores(pairs) == {("A", "B"): 1.0}
-    # A shorter window drops the 7-day pair too.
-    pairs, _ = mine(tmp_path, engine, rows, name="short", weighting=False, window_days=6.5)
-    assert len(pairs) == 0
+    # A shorter window drops the 7-day pair too: no pair at all is refused, and nothing is written.
+    with pytest.raises(MiningError, match="no related pair mined from 4 view events"):
+        mine(tmp_path, engine, rows, name="short", weighting=False, window_days=6.5)
+    assert not (tmp_path / "short_out").exists()
 
 
 def test_order_matters_unless_symmetric(tmp_path, engine):

@@ -132,11 +132,26 @@ def test_a_shard_of_garbage_does_not_stop_the_epoch(tmp_path):
     assert all(s[1:] and int(s[1:]) >= 12 for b in batches for s in b["note_id_strs"])
 
 
-def test_all_bad_data_fails_clearly_instead_of_hanging(tmp_path):
-    write_pair_shards(str(tmp_path), [8], mutate=lambda s, i, smp: {**smp, "q.json": b"nope"})
-    with pytest.raises(RuntimeError, match="no usable pair"):
-        list(pair_loader(str(tmp_path / "pairs-train-*.tar"), num_workers=0, shuffle_buffer=4,
-                         max_image_pixels=10_000_000, bad_sample_policy="drop"))
+@pytest.mark.parametrize("workers", [0, 2])
+def test_all_bad_data_fails_clearly_instead_of_hanging(tmp_path, workers):
+    """Every image garbage: one UserError line (not a worker's traceback), which names the counts and the
+    bad-sample log; the log exists and lists the samples (the line once pointed at a log never written)."""
+    from notellm2.data_shards.reader import NoUsableData
+    from notellm2.errors import UserError
+
+    write_pair_shards(str(tmp_path), [8], mutate=lambda s, i, smp: {**smp, "q.jpg": b"garbage", "t.jpg": b"garbage"})
+    log_path = tmp_path / "logs" / "bad.jsonl"
+    with pytest.raises(NoUsableData, match="no usable pair") as e:
+        list(pair_loader(str(tmp_path / "pairs-train-*.tar"), num_workers=workers, shuffle_buffer=4,
+                         max_image_pixels=10_000_000, bad_sample_policy="drop", bad_sample_log=str(log_path)))
+    assert isinstance(e.value, UserError) and "\n" not in str(e.value)
+    assert "dropped: bad_image" in str(e.value) and str(log_path) in str(e.value)
+    logged = [json.loads(line) for line in open(log_path)]
+    samples = [r["sample"] for r in logged]
+    every = {f"pairs-train-000000.tar/{i:09d}" for i in range(8)}
+    # each sample once; one process sees them all, with workers the log holds what reached the rank first
+    assert len(samples) == len(set(samples)) and (set(samples) == every if workers == 0 else set(samples) <= every)
+    assert samples and {(r["reason"], r["action"]) for r in logged} == {("bad_image", "dropped")}
 
 
 def test_notes_loader_blanks_bad_images_and_flags_unreadable_notes(tmp_path):

@@ -71,13 +71,13 @@ def test_device_cuda_without_cuda_exits_2_before_any_model_loads(setup, tmp_path
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("args,message", [(["--part-every", "0"], "argument --part-every: 0: must be > 0"),
+@pytest.mark.parametrize("args,message", [(["--part-every", "0"], "argument --part-every: 0: must be an integer >= 1"),
                                           (["--dtype", "bfloat16"], "--dtype: invalid choice"),
                                           (["--device", "tpu"], "--device: invalid choice")])
 def test_bad_options_are_refused_by_the_parser(setup, tmp_path, args, message, capsys):
-    with pytest.raises(SystemExit) as e:
-        embed(setup, tmp_path / "out", *args)
-    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert embed(setup, tmp_path / "out", *args) == 2  # the parser's one line (notellm2.launcher.cli.Parser)
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
 
 
 # ----------------------------------------------------------------------------- the loader's skip
@@ -267,3 +267,39 @@ def test_two_ranks_killed_mid_way_resume_from_their_parts_and_equal_an_unbroken_
     assert ids_k == ids_w and len(ids_w) == setup["notes"] == len(set(ids_w))
     assert np.array_equal(emb_k.numpy(), emb_w.numpy())
     assert read_bytes(killed) == read_bytes(whole)
+
+
+# ----------------------------------------------------------------------------- a finished folder's request
+
+def _safetensors(path, metadata_order, value=1.0):
+    """A one-tensor safetensors file whose header lists its metadata in the given key order (the writer's
+    map order differs between processes: two saves of one checkpoint gave {step, format} and {format, step})."""
+    import struct
+
+    data = np.full(4, value, np.float32).tobytes()
+    header = {"__metadata__": {k: {"step": "12", "format": "pt"}[k] for k in metadata_order},
+              "w": {"dtype": "F32", "shape": [4], "data_offsets": [0, len(data)]}}
+    raw = json.dumps(header).encode()
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)) + raw + data)
+
+
+def test_model_fingerprint_is_the_exports_content_not_its_bytes(tmp_path):
+    from notellm2.launcher.eval.provenance import model_fingerprint
+
+    def export(name, order, value=1.0, npz_at=(2020, 1, 1, 0, 0, 0)):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "notellm2_export.json").write_text('{"format": 1}')
+        _safetensors(d / "model.safetensors", order, value)
+        import zipfile
+        with zipfile.ZipFile(d / "reference_embeddings.npz", "w") as z:  # np.savez stamps the time
+            z.writestr(zipfile.ZipInfo("both.npy", date_time=npz_at), b"vectors")
+        return str(d)
+
+    a = model_fingerprint(export("a", ("step", "format")), None)
+    assert model_fingerprint(export("b", ("format", "step"), npz_at=(2021, 2, 2, 0, 0, 0)), None) == a
+    assert model_fingerprint(export("c", ("step", "format"), value=2.0), None) != a  # other weights
+    e = export("d", ("step", "format"))
+    (tmp_path / "d" / "notellm2_export.json").write_text('{"format": 1, "fingerprint": "abc"}')
+    assert model_fingerprint(e, None) == "abc"  # format 2 carries its own
