@@ -1,0 +1,86 @@
+"""scripts/bench_catalog.py, the benchmark catalog's one-command build: a stage is reused only when its
+output exists and its recorded argv and upstream are the same, and a real build on a slice of the
+openclipart packages gives the data, the caches and a summary that agrees with the files."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+from tests.helpers.paths import REPO
+
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+import bench_catalog  # noqa: E402
+
+
+def test_a_changed_stage_reruns_with_everything_downstream_and_nothing_upstream(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_cli(argv):
+        calls.append(argv[1])
+        out = argv[argv.index("--out") + 1]
+        with open(out, "w") as fh:
+            fh.write(" ".join(argv))
+        return 0
+
+    monkeypatch.setattr("notellm2.launcher.cli.main", fake_cli)
+    out = str(tmp_path)
+
+    def chain(users):
+        s = bench_catalog.stage(out, "a", os.path.join(out, "a.txt"), ["data", "first", "--out", os.path.join(out, "a.txt")],
+                                None, log=lambda _: None)
+        s = bench_catalog.stage(out, "b", os.path.join(out, "b.txt"), ["data", "second", "--out", os.path.join(out, "b.txt"),
+                                                                       "--users", str(users)], s, log=lambda _: None)
+        bench_catalog.stage(out, "c", os.path.join(out, "c.txt"), ["data", "third", "--out", os.path.join(out, "c.txt")],
+                            s, log=lambda _: None)
+
+    chain(10)
+    assert calls == ["first", "second", "third"]
+    chain(10)
+    assert calls == ["first", "second", "third"]  # all reused
+    chain(20)
+    assert calls[3:] == ["second", "third"]  # b's argv changed: b and c again, a reused
+    os.remove(os.path.join(out, "c.txt"))  # an interrupted stage (output gone) runs again
+    chain(20)
+    assert calls[5:] == ["third"]
+    os.remove(os.path.join(out, ".stages", "a.json"))  # output without its record: not trusted
+    chain(20)
+    assert calls[6:] == ["first"]  # same argv and parent, so b and c stay valid
+
+
+@pytest.mark.parametrize("tower,size,factory", [("lite0", 224, "efficientnet_lite:build"),
+                                                ("lite2", 260, "efficientnet_lite:build_lite2")])
+def test_the_cache_stage_names_each_tower_as_the_ladder_runs_it(tower, size, factory):
+    """The cache-vision command line parses, and its config is the tower the ladder's runs use (the same
+    TOWERS overrides on configs/demo_cpu.yaml), so their tower keys match. The tower itself runs in the
+    real build (docs/benchmark.md) and in tests/modeling/test_vision.py."""
+    from notellm2.launcher.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(bench_catalog.cache_argv(tower, ["s/pairs-train-*.tar", "s/notes-test-*.tar"], "c"))
+    assert args.shards == ["s/pairs-train-*.tar", "s/notes-test-*.tar"] and args.out == "c"
+    vision = config_from_args(args).model.vision
+    assert (vision.kind, vision.image_size) == ("plugin", size) and vision.factory.endswith(factory)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/usr/share/openclipart/svg"), reason="openclipart packages not installed")
+def test_a_small_real_build_and_its_summary(tmp_path):
+    from notellm2.data_shards.catalog.notes import load_catalog
+    from notellm2.data_shards.mining.pairs_file import read_pairs
+
+    out = str(tmp_path / "bench")
+    argv = [out, "--min-per-category", "300", "--max-per-category", "6", "--users", "40", "--towers", "--no-validate"]
+    assert bench_catalog.main(argv) == 0
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    notes = load_catalog(os.path.join(out, "catalog.jsonl"))
+    # the 3 categories of at least 300 items, 6 notes each; the blanked ones have no text at all
+    assert summary["notes"] == len(notes) == 18 and summary["categories"] == 3
+    assert summary["blanked"] == sum(not (n.title or n.content or n.topics) for n in notes) > 0
+    assert summary["pairs_by_split"] == {s: len(read_pairs(os.path.join(out, "pairs"), split=s)) for s in ("train", "val", "test")}
+    stamps = sorted(os.listdir(os.path.join(out, ".stages")))
+    assert stamps == ["catalog.json", "pairs.json", "shards.json", "views.json"]
+    before = {f: open(os.path.join(out, ".stages", f)).read() for f in stamps}
+    assert bench_catalog.main(argv) == 0  # everything reused: the records are untouched
+    assert {f: open(os.path.join(out, ".stages", f)).read() for f in stamps} == before
