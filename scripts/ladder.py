@@ -195,6 +195,14 @@ def ensure_data(data: str) -> None:
     subprocess.check_call([sys.executable, os.path.join(REPO, "scripts", "bench_catalog.py"), data], cwd=REPO)
 
 
+def ensure_models() -> None:
+    """The configs' pretrained models (artifacts/models: SmolLM2-135M, all-MiniLM-L6-v2; idempotent)."""
+    import subprocess
+
+    subprocess.check_call([sys.executable, os.path.join(REPO, "scripts", "prepare_models.py"), "--out",
+                           os.path.join(REPO, "artifacts", "models")], cwd=REPO)
+
+
 def _experiment_args(r: dict, root: str, data: str) -> dict:
     d = os.path.abspath(data)
     return dict(name=r["name"], root=root, data=d, config=r["config"], split=r["split"], nproc=2, ks=KS,
@@ -276,6 +284,7 @@ def main(argv=None) -> int:
                    args.only)
         return 0
     ensure_data(args.data)
+    ensure_models()
     fp = data_fingerprint(args.data)
     for phase in ("grid", "followers", "test"):
         # recomputed per phase: the followers and the test runs depend on the reports just written

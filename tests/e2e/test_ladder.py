@@ -55,8 +55,10 @@ def test_the_grid_decides_the_followers_and_the_test_runs_and_nothing_runs_twice
     _fake_data(data)
     calls = []
     monkeypatch.setattr(ladder, "run_experiment", _recorder(calls))
+    monkeypatch.setattr(ladder, "ensure_models", lambda: calls.append(("models", None, None)))
     argv = ["--root", str(tmp_path / "work"), "--data", data, "--results", results]
     assert ladder.main(argv) == 0
+    assert calls.pop(0)[0] == "models"  # the configs' models are prepared before the first run
     val = [c[0] for c in calls if c[1] == "val"]
     assert val[:12] == [f"{v}_lr{t}_s0" for v in ladder.TUNED for t in ("5e-05", "1e-04", "2e-04")]
     # followers: basic_mm's best (5e-5) and notellm2's (1e-4); micl keeps 5e-5, late_fusion 1e-4
@@ -72,11 +74,11 @@ def test_the_grid_decides_the_followers_and_the_test_runs_and_nothing_runs_twice
     assert caches["text_only_lr2e-04_s1"] is None and caches["two_tower_lr2e-04_s1"] is None
     n = len(calls)
     assert n == 12 + 4 + 21 + 1
-    assert ladder.main(argv) == 0 and len(calls) == n  # every report kept: nothing runs again
+    assert ladder.main(argv) == 0 and calls.pop()[0] == "models" and len(calls) == n  # every report kept: nothing runs again
     # other data makes every kept report stale
     open(os.path.join(data, "pairs", "pairs.parquet"), "w").write("other pairs")
     assert ladder.main(argv + ["--only", "text_only"]) == 0
-    assert [c[0] for c in calls[n:]] == [f"text_only_lr{t}_s0" for t in ("5e-05", "1e-04", "2e-04")] + \
+    assert [c[0] for c in calls[n + 1:]] == [f"text_only_lr{t}_s0" for t in ("5e-05", "1e-04", "2e-04")] + \
         [f"text_only_lr2e-04_s{s}" for s in (0, 1, 2)]
     table = open(os.path.join(results, "ladder.md")).read()
     assert "| notellm2 | 1e-04 | 0.200 [0.190, 0.210] | 0.400 [0.390, 0.410] | 0.600 [0.590, 0.610] | " \
