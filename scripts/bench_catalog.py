@@ -164,10 +164,36 @@ def summarise(out: str, cat: str, pairs: str, shards: str, caches: dict, args) -
             "blanked_queries": round(float(np.mean([x in blank for x in q])), 4),
             "blanked_targets": round(float(np.mean([x in blank for x in t])), 4),
             "blanked_pool": round(float(np.mean([x in blank for x in task.pool_ids])), 4),
-            "same_category_pairs": round(float(np.mean([category.get(a) == category.get(b) for a, b in zip(q, t)])), 4)}
+            "same_category_pairs": round(float(np.mean([category.get(a) == category.get(b) for a, b in zip(q, t)])), 4),
+            **category_only(q, t, task.pool_ids, category)}
     if args.visual_browsing > 0:
         res["colour_neighbour_test_pairs"] = colour_share(notes, read_pairs(pairs, split="test"), category)
     return res
+
+
+def category_only(queries, targets, pool, category, ks=(1, 5, 10)) -> dict:
+    """What knowing the category and nothing else scores under the paper protocol: pool notes of the
+    query's category first, all tied, the rest after them, all tied; Recall@K and MRR are expectations
+    over random tie-breaking (g notes above the target, e tied with it: R@K = clip((K - g) / (e + 1), 0, 1),
+    RR = the mean of 1 / (g + j + 1) over j = 0..e). Where it is near 1, a model cannot show more than
+    category knowledge; the evaluation's own category-oracle row is the reference once it exists."""
+    import numpy as np
+
+    per_cat: dict = {}
+    for p in pool:
+        per_cat[category.get(p)] = per_cat.get(category.get(p), 0) + 1
+    rec = {k: [] for k in ks}
+    rr, same = [], []
+    for q, t in zip(queries, targets):
+        c = per_cat.get(category.get(q), 0)
+        g, e = (0, c - 1) if category.get(t) == category.get(q) else (c, len(pool) - c - 1)
+        same.append(c)
+        for k in ks:
+            rec[k].append(min(1.0, max(0.0, (k - g) / (e + 1))))
+        rr.append(float(np.mean(1.0 / (g + np.arange(e + 1) + 1))))
+    return {"pool_notes_in_the_query_category_median": float(np.median(same)),
+            "category_only": {**{f"R@{k}": round(float(np.mean(v)), 4) for k, v in rec.items()},
+                              "MRR": round(float(np.mean(rr)), 4)}}
 
 
 def colour_share(notes, test_pairs, category) -> dict:

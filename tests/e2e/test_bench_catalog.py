@@ -84,3 +84,14 @@ def test_a_small_real_build_and_its_summary(tmp_path):
     before = {f: open(os.path.join(out, ".stages", f)).read() for f in stamps}
     assert bench_catalog.main(argv) == 0  # everything reused: the records are untouched
     assert {f: open(os.path.join(out, ".stages", f)).read() for f in stamps} == before
+
+
+def test_category_knowledge_alone_scores_by_the_fair_tie_rule():
+    """Hand-built: pool t1, p1 in category a; t2, p2, p3 in b. Query q1 (a) -> t1 (a): 0 above, 1 tied:
+    R@1 1/2, RR (1 + 1/2) / 2. Query q2 (a) -> t2 (b): the 2 notes of a above, 2 tied: R@1 0, R@5 1,
+    RR (1/3 + 1/4 + 1/5) / 3."""
+    cat = {"q1": "a", "t1": "a", "p1": "a", "q2": "a", "t2": "b", "p2": "b", "p3": "b"}
+    got = bench_catalog.category_only(["q1", "q2"], ["t1", "t2"], ["t1", "p1", "t2", "p2", "p3"], cat)
+    assert got["pool_notes_in_the_query_category_median"] == 2.0
+    assert got["category_only"] == {"R@1": 0.25, "R@5": 1.0, "R@10": 1.0,
+                                    "MRR": round((0.75 + (1 / 3 + 1 / 4 + 1 / 5) / 3) / 2, 4)}
