@@ -58,6 +58,7 @@ RUN = [
     "notellm2 data cache-vision --config run.yaml --shards data/shards/pairs-train-*.tar --shards "
     "data/shards/notes-test-*.tar --flip --out data/shards/vision-cache",
     "notellm2 data note-stats --shards shards_dir",
+    "notellm2 data simulate-views --catalog A/catalog.jsonl --out A/views.parquet --visual-browsing 0.5",
 ]
 
 ALLOWLIST = {
@@ -78,6 +79,9 @@ ALLOWLIST = {
     "notellm2 data import-openclipart --out A/catalog.jsonl":
         "long-running: reads and renders all 8,121 items of /usr/share/openclipart (scripts/demo.sh runs it; "
         "tests/data_shards/openclipart covers the importer on a slice)",
+    "notellm2 data import-openclipart --out A/catalog.jsonl --max-per-category 100 --blank-text-fraction 0.5":
+        "reads all 8,121 items of /usr/share/openclipart (scripts/bench_catalog.py runs it); "
+        "tests/data_shards/catalog/test_shaping.py runs the verb with these options on a small tree",
     "notellm2 export --run-dir A/run --out A/export":
         "needs a DeepSpeed checkpoint of a training run; tests/e2e/test_real_training.py exports one and checks the vectors",
     "notellm2 train --config run.yaml data.vision_cache=data/shards/vision-cache":
