@@ -161,3 +161,14 @@ def test_visual_browsing_walks_to_colour_neighbours_and_zero_keeps_the_old_log(t
     old = make_synthetic_views(syn, str(tmp_path / "old.csv"), n_users=12, seed=3)
     assert hashlib.sha256(open(old, "rb").read()).hexdigest() == \
         "39f8c3159057b129a1c872e8e7d6f229a2a1d7e22b4b32957cf1ec6a282adfc3"
+
+
+def test_simulate_views_refuses_a_visual_probability_outside_0_1(tmp_path, capsys):
+    from notellm2.launcher.cli import main
+
+    cat = _colour_catalog(tmp_path)
+    for bad, msg in ((["--visual-browsing", "1.5"], "--visual-browsing: got 1.5; allowed: a number in [0, 1]"),
+                     (["--visual-neighbours", "0"], "--visual-neighbours: got 0; allowed: an integer > 0")):
+        assert main(["data", "simulate-views", "--catalog", cat, "--out", str(tmp_path / "v.csv"), *bad]) == 2
+        assert capsys.readouterr().err.strip() == f"notellm2 data simulate-views: {msg}"
+    assert not (tmp_path / "v.csv").exists()
