@@ -19,6 +19,15 @@ from notellm2.data_shards.ids import note_id_hash
 GAP = 1e-5  # embed vs NoteEncoder, same device and dtype (tests/launcher/eval/test_serving.py)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Models of width 32: threads only cost here (on a loaded machine 10x: 120 s at 2 threads, 8 s at 1)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     from notellm2.data_shards.writing.shards import ShardSettings, write_shards
