@@ -151,8 +151,9 @@ def summarise(out: str, cat: str, pairs: str, shards: str, caches: dict, args) -
            "pairs_by_split": {}, "paper_protocol": {},
            "images_dropped_by_write_shards": manifest["problems"]["bad_image"]["count"],
            "vision_caches": caches}
+    every = read_pairs(pairs, columns=["query_id", "target_id", "split"])
     for split in ("train", "val", "test"):
-        df = read_pairs(pairs, split=split, columns=["query_id", "target_id"])
+        df = every[every["split"] == split]  # may be empty (a small catalog)
         res["pairs_by_split"][split] = len(df)
         if split == "train" or df.empty:
             continue
@@ -167,7 +168,7 @@ def summarise(out: str, cat: str, pairs: str, shards: str, caches: dict, args) -
             "same_category_pairs": round(float(np.mean([category.get(a) == category.get(b) for a, b in zip(q, t)])), 4),
             **category_only(q, t, task.pool_ids, category)}
     if args.visual_browsing > 0:
-        res["colour_neighbour_test_pairs"] = colour_share(notes, read_pairs(pairs, split="test"), category)
+        res["colour_neighbour_test_pairs"] = colour_share(notes, every[every["split"] == "test"], category)
     return res
 
 
