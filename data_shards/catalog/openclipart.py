@@ -4,6 +4,10 @@ Each clip-art item becomes a note: title (dc:title), content (dc:description), t
 keywords), the pre-rendered PNG as its image, and its leaf folder as its category. Categories with
 fewer than `min_per_category` items are dropped. The result is a JSONL catalog in the documented
 format (docs/data.md).
+
+For the benchmark catalog (docs/benchmark.md) two shapings apply after that filter, both by a hash of
+the note id (data_shards/catalog/shaping.py): at most `max_per_category` notes per category, and the
+text (title, topics, content) of a `blank_text_fraction` of the notes emptied, as in image-only posts.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import os
 import re
 from collections import defaultdict
 
+from notellm2.data_shards.catalog.shaping import blank_text, cap_per_category
 from notellm2.outputs import FileOutput, check_file_output
 
 DEFAULT_ROOT = "/usr/share/openclipart"
@@ -44,9 +49,12 @@ def parse_svg_metadata(svg_text: str) -> dict:
 
 
 def build_openclipart_catalog(out_path: str, root: str = DEFAULT_ROOT, min_per_category: int = 20,
-                              max_items: int | None = None, overwrite: bool = True) -> dict:
-    """Write the catalog JSONL to `out_path`; a file of other contents there is replaced only with
-    `overwrite` (notellm2.outputs.FileOutput: checked before the catalog is read, compared at the end)."""
+                              max_items: int | None = None, max_per_category: int | None = None,
+                              blank_text_fraction: float = 0.0, blank_seed: int = 0, overwrite: bool = True) -> dict:
+    """Write the catalog JSONL to `out_path`; returns {"notes", "categories", "skipped", "capped", "blanked"}:
+    `capped` counts the notes over `max_per_category`, `blanked` those whose text was emptied. A file of
+    other contents there is replaced only with `overwrite` (notellm2.outputs.FileOutput: checked before
+    the catalog is read, compared at the end)."""
     check_file_output(out_path)
     svg_root, png_root = os.path.join(root, "svg"), os.path.join(root, "png")
     if not os.path.isdir(svg_root) or not os.path.isdir(png_root):
@@ -74,10 +82,13 @@ def build_openclipart_catalog(out_path: str, root: str = DEFAULT_ROOT, min_per_c
     kept = {c: items for c, items in by_category.items() if len(items) >= min_per_category}
     skipped["small_category"] = sum(len(v) for c, v in by_category.items() if c not in kept)
     notes = [n for c in sorted(kept) for n in kept[c]]
+    capped = cap_per_category(notes, max_per_category)
+    skipped_by_cap, notes = len(notes) - len(capped), capped
     if max_items:
         notes = notes[:max_items]
+    blanked = blank_text(notes, blank_text_fraction, blank_seed) if blank_text_fraction else 0
     with FileOutput(out_path, overwrite, "a catalog") as out, open(out.tmp, "w", encoding="utf-8") as fh:
         for n in notes:
             fh.write(json.dumps(n, ensure_ascii=False) + "\n")
     return {"notes": len(notes), "categories": len({n["category"] for n in notes}), "skipped": dict(skipped),
-            **({"unchanged": True} if out.unchanged else {})}
+            "capped": skipped_by_cap, "blanked": blanked, **({"unchanged": True} if out.unchanged else {})}

@@ -108,9 +108,63 @@ def make_synthetic_catalog(out_dir: str, n_notes: int = 200, n_categories: int =
     return path
 
 
+VISUAL_NEIGHBOURS = 5
+HIST_LEVELS = 4  # per channel: 4 x 4 x 4 = 64 colour bins
+HIST_SIZE = 64  # images are reduced to at most 64 x 64 before counting
+WHITE = 240  # pixels with every channel at or above this are background (clip art sits on white)
+
+
+def colour_histogram(path: str, max_pixels: int | None = None) -> Optional[np.ndarray]:
+    """The image's colour distribution without its background: reduced to at most 64 x 64 pixels
+    (transparency flattened on white, as the shards do), near-white pixels (every channel >= 240)
+    dropped, the rest counted in 4 x 4 x 4 RGB bins and normalised to sum 1. None when the image
+    cannot be read or is blank (nothing but background)."""
+    from notellm2.data_shards.config import MAX_IMAGE_PIXELS
+    from notellm2.data_shards.images import BadImage, open_image
+
+    try:
+        with open(path, "rb") as fh:
+            img = open_image(fh.read(), max_pixels or MAX_IMAGE_PIXELS)
+    except (OSError, BadImage):
+        return None
+    img.thumbnail((HIST_SIZE, HIST_SIZE), Image.Resampling.BILINEAR)
+    px = np.asarray(img, dtype=np.uint8).reshape(-1, 3)
+    px = px[(px < WHITE).any(axis=1)]
+    if not len(px):
+        return None
+    q = (px.astype(np.int64) * HIST_LEVELS) // 256
+    hist = np.bincount((q[:, 0] * HIST_LEVELS + q[:, 1]) * HIST_LEVELS + q[:, 2], minlength=HIST_LEVELS ** 3)
+    return hist.astype(np.float64) / hist.sum()
+
+
+def visual_neighbour_table(notes, k: int = VISUAL_NEIGHBOURS, progress: bool = False) -> dict:
+    """{category: {note_id: its k nearest note ids of the category by L1 distance of colour histograms}}
+    (ties in catalog order); notes without a histogram are left out."""
+    from tqdm import tqdm
+
+    if k <= 0:
+        raise ValueError(f"visual_neighbours: got {k!r}; allowed: an integer > 0")
+    hists: dict[str, list] = {}
+    for n in tqdm(notes, desc="colour histograms", unit="image", disable=not progress):
+        h = colour_histogram(n.image_path) if n.image_path else None
+        if h is not None:
+            hists.setdefault(n.category or "", []).append((n.note_id, h))
+    table: dict = {}
+    for cat, items in hists.items():
+        ids = [i for i, _ in items]
+        mat = np.stack([h for _, h in items])
+        dist = np.abs(mat[:, None, :] - mat[None, :, :]).sum(axis=2)
+        np.fill_diagonal(dist, np.inf)
+        order = np.argsort(dist, axis=1, kind="stable")
+        table[cat] = {ids[i]: [ids[j] for j in order[i, :min(k, len(ids) - 1)]] for i in range(len(ids))}
+    return table
+
+
 def make_synthetic_views(catalog: str, out_path: str, n_users: int = 50, sessions_per_user: int = 4,
                          views_per_session: int = 6, p_in_category: float = 0.9, seed: int = 0,
-                         session_gap_days: float = 8.0, overwrite: bool = True) -> str:
+                         session_gap_days: float = 8.0, visual_browsing: float = 0.0,
+                         visual_neighbours: int = VISUAL_NEIGHBOURS, progress: bool = False,
+                         overwrite: bool = True) -> str:
     """Write a view log (CSV, or Parquet when `out_path` ends in .parquet) with columns
     ``user_id, note_id, timestamp``; return `out_path`. A file of other contents at `out_path` is
     replaced only with `overwrite` (notellm2.outputs.FileOutput; the same contents are left as they are).
@@ -120,11 +174,20 @@ def make_synthetic_views(catalog: str, out_path: str, n_users: int = 50, session
     probability `p_in_category` and from the whole catalog otherwise. Views within a session are
     20-300 s apart; sessions are `session_gap_days` to that plus one day apart, by default more
     than the miner's default 7-day co-occurrence window, so mined pairs stay within a session.
+
+    `visual_browsing` > 0 makes browsing prefer what looks alike: an in-category view that follows a
+    view of the same category is, with that probability, one of the previous note's
+    `visual_neighbours` nearest notes of the category by colour histogram (`colour_histogram`, a
+    feature independent of any model's vision tower), drawn uniformly; otherwise any note of the
+    category. Notes without a usable image (or with a blank one) have no neighbours and are never
+    chosen that way. With 0 (the default) the log is exactly what it was before the option existed.
     """
     import pandas as pd
 
     from notellm2.data_shards.catalog.notes import CatalogError, load_catalog
 
+    if not 0.0 <= visual_browsing <= 1.0:
+        raise ValueError(f"visual_browsing: got {visual_browsing!r}; allowed: a number in [0, 1]")
     notes = load_catalog(catalog)
     if not notes:
         raise CatalogError(f"{catalog}: the catalog holds no note to view")
@@ -133,6 +196,7 @@ def make_synthetic_views(catalog: str, out_path: str, n_users: int = 50, session
         by_cat.setdefault(n.category or "", []).append(n.note_id)
     cats = sorted(by_cat)
     all_ids = [n.note_id for n in notes]
+    neighbours = visual_neighbour_table(notes, visual_neighbours, progress) if visual_browsing > 0 else {}
     rng = np.random.default_rng(seed)
     rows = []
     for u in range(n_users):
@@ -141,9 +205,17 @@ def make_synthetic_views(catalog: str, out_path: str, n_users: int = 50, session
         for _ in range(sessions_per_user):
             k = int(rng.choice(prefs)) if rng.random() < 0.8 else int(rng.integers(len(cats)))
             pool = by_cat[cats[k]]
+            prev = None
             for _ in range(views_per_session):
-                nid = pool[int(rng.integers(len(pool)))] if rng.random() < p_in_category \
-                    else all_ids[int(rng.integers(len(all_ids)))]
+                if rng.random() < p_in_category:
+                    near = neighbours.get(cats[k], {}).get(prev) if neighbours else None
+                    if near and rng.random() < visual_browsing:
+                        nid = near[int(rng.integers(len(near)))]
+                    else:
+                        nid = pool[int(rng.integers(len(pool)))]
+                else:
+                    nid = all_ids[int(rng.integers(len(all_ids)))]
+                prev = nid
                 rows.append((f"u{u:05d}", nid, t))
                 t += int(rng.integers(20, 301))
             t += int(session_gap_days * 86400) + int(rng.integers(0, 86400))

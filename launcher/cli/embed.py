@@ -6,7 +6,6 @@ writes a part every --part-every batches under OUT/parts; a killed run, rerun wi
 resumes from the finished parts (docs/evaluation.md, "notellm2 embed")."""
 from __future__ import annotations
 
-import argparse
 
 from notellm2.launcher.cli import add_config_args, add_export_load_args, config_from_args, nonnegative_int, positive_int
 from notellm2.modeling.names import PROBE_MODES  # torch-free, so `notellm2 --help` imports no torch

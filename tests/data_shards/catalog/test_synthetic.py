@@ -95,3 +95,81 @@ def test_pairs_are_same_category_and_have_the_pairs_schema(tmp_path):
     counts = df.split.value_counts().to_dict()
     assert set(counts) == {"train", "val", "test"} and counts["train"] > counts["val"]
     assert os.path.isfile(os.path.join(d, "mining_manifest.json"))
+
+
+COLOURS = {"red": (220, 20, 20), "blue": (20, 20, 220), "green": (20, 200, 20), "yellow": (230, 210, 0)}
+
+
+def _colour_catalog(root, per_colour=4):
+    """One category of clip art: squares of four colours on a transparent background (flattened on white)."""
+    import json
+
+    os.makedirs(root / "img")
+    lines = []
+    for colour, rgb in COLOURS.items():
+        for i in range(per_colour):
+            img = Image.new("RGBA", (40, 40), (0, 0, 0, 0))
+            img.paste((*rgb, 255), (5 + i, 5, 30 + i, 30))
+            img.save(root / "img" / f"{colour}{i}.png")
+            lines.append({"note_id": f"{colour}{i}", "title": "", "content": "", "image": f"img/{colour}{i}.png",
+                          "category": "shapes"})
+    (root / "c.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return str(root / "c.jsonl")
+
+
+def test_colour_histograms_ignore_the_white_background(tmp_path):
+    from notellm2.data_shards.catalog.synthetic import HIST_LEVELS, colour_histogram
+
+    cat = _colour_catalog(tmp_path)
+    h = colour_histogram(os.path.join(os.path.dirname(cat), "img", "red0.png"))
+    red_bin = ((220 * HIST_LEVELS // 256) * HIST_LEVELS + 20 * HIST_LEVELS // 256) * HIST_LEVELS + 20 * HIST_LEVELS // 256
+    assert h.shape == (64,) and h[red_bin] == 1.0  # the transparent surround is background, not black
+    Image.new("RGB", (30, 30), (255, 255, 255)).save(tmp_path / "white.png")
+    assert colour_histogram(str(tmp_path / "white.png")) is None
+    assert colour_histogram(str(tmp_path / "missing.png")) is None
+
+
+def test_visual_browsing_walks_to_colour_neighbours_and_zero_keeps_the_old_log(tmp_path):
+    """With --visual-browsing 1 every in-category step of a session goes to one of the previous note's
+    colour-nearest notes (here: its three same-colour siblings); with 0 the log is the one of the code
+    before the option (sha256 of its CSV, from commit 3743ba4's make_synthetic_views)."""
+    import hashlib
+
+    from notellm2.data_shards.catalog.synthetic import visual_neighbour_table
+
+    cat = _colour_catalog(tmp_path)
+    table = visual_neighbour_table(load_catalog(cat), k=3)
+    assert table["shapes"]["red0"] == ["red1", "red2", "red3"]
+
+    def same_colour_steps(visual):
+        p = make_synthetic_views(cat, str(tmp_path / f"v{visual}.csv"), n_users=30, p_in_category=1.0, seed=0,
+                                 visual_browsing=visual, visual_neighbours=3)
+        df = pd.read_csv(p).sort_values(["user_id", "timestamp"], kind="stable")
+        same = total = 0
+        for _, g in df.groupby("user_id"):
+            ids, ts = g.note_id.tolist(), g.timestamp.tolist()
+            for i in range(1, len(ids)):
+                if ts[i] - ts[i - 1] < 3600:
+                    total += 1
+                    same += ids[i].rstrip("0123456789") == ids[i - 1].rstrip("0123456789") and ids[i] != ids[i - 1]
+        return same / total
+
+    assert same_colour_steps(1.0) == 1.0
+    assert same_colour_steps(0.0) < 0.4  # chance: 3 siblings among 16
+
+    syn = make_synthetic_catalog(str(tmp_path / "syn"), n_notes=40, n_categories=4, seed=0)
+    old = make_synthetic_views(syn, str(tmp_path / "old.csv"), n_users=12, seed=3)
+    assert hashlib.sha256(open(old, "rb").read()).hexdigest() == \
+        "39f8c3159057b129a1c872e8e7d6f229a2a1d7e22b4b32957cf1ec6a282adfc3"
+
+
+def test_simulate_views_refuses_a_visual_probability_outside_0_1(tmp_path, capsys):
+    from notellm2.launcher.cli import main
+
+    cat = _colour_catalog(tmp_path)
+    for bad, msg in ((["--visual-browsing", "1.5"], "argument --visual-browsing: 1.5: must be in [0.0, 1.0]"),
+                     (["--visual-neighbours", "0"], "argument --visual-neighbours: 0: must be an integer >= 1")):
+        assert main(["data", "simulate-views", "--catalog", cat, "--out", str(tmp_path / "v.csv"), *bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and msg in err, err
+    assert not (tmp_path / "v.csv").exists()
