@@ -84,7 +84,8 @@ def worker(args) -> None:
 def run(pairs: int, chunk: int, args, shards: str, work: str) -> dict:
     tag = f"p{pairs}-c{chunk}"
     result = os.path.join(work, f"result-{tag}.json")
-    overrides = [f"data.train_shards={shards}", f"train.output_dir={os.path.join(work, tag)}",
+    overrides = [f"data.train_shards={shards}", "data.val_shards=", "data.notes_shards=",
+                 f"train.output_dir={os.path.join(work, tag)}",
                  f"train.max_steps={args.steps}", "checkpoint.every_steps=100000", "checkpoint.resume=none",
                  "train.warmup_steps=1", "logging.tensorboard=false", f"data.pairs_per_rank={pairs}",
                  f"train.chunk_pairs={chunk}", "eval.every_steps=0"]

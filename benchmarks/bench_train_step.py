@@ -105,7 +105,8 @@ def run(nproc: int, args, shards: str, work: str, extra: tuple = (), tag: str = 
     """One torchrun of this file's worker; `extra`: more config overrides, `tag`: names its run (several runs
     in one `work`)."""
     result = os.path.join(work, f"result-{nproc}{tag}.json")
-    overrides = [f"data.train_shards={shards}", f"train.output_dir={os.path.join(work, f'run-{nproc}{tag}')}",
+    overrides = [f"data.train_shards={shards}", "data.val_shards=", "data.notes_shards=",
+                 f"train.output_dir={os.path.join(work, f'run-{nproc}{tag}')}",
                  f"train.max_steps={args.steps}", "checkpoint.every_steps=100000", "checkpoint.resume=none",
                  "train.warmup_steps=1", "logging.tensorboard=false", f"data.pairs_per_rank={args.pairs}", *extra]
     cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", "--nproc-per-node", str(nproc),

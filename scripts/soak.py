@@ -323,7 +323,8 @@ class ExitSoak:
             pairs, chunk = next(self.bench_turn)
             result = os.path.join(run_dir, "result.json")
             ins = self.inputs["bench"]
-            overrides = [f"model.llm.path={ins['llm']}", f"data.train_shards={ins['shards']}",
+            overrides = [f"model.llm.path={ins['llm']}", f"data.train_shards={ins['shards']}", "data.val_shards=",
+                         "data.notes_shards=",
                          f"train.output_dir={os.path.join(run_dir, 'run')}", "train.max_steps=2",
                          "checkpoint.every_steps=100000", "checkpoint.resume=none", "train.warmup_steps=1",
                          "logging.tensorboard=false", f"data.pairs_per_rank={pairs}", f"train.chunk_pairs={chunk}",
@@ -336,7 +337,7 @@ class ExitSoak:
             return (["-m", "notellm2.launcher", "train", "--config", os.path.join(REPO, "configs", "tiny_cpu.yaml"),
                      *self.inputs["train"], f"train.output_dir={out}", "train.max_steps=2",
                      "checkpoint.every_steps=100000", "logging.tensorboard=false"],
-                    "2 steps", "done: step 2,")
+                    "2 steps", "done: step 2 of 2 ")
         out = os.path.join(run_dir, "emb")
         return (["-m", "notellm2.launcher", "embed", "--config", self.inputs["embed"]["config"], "--out", out,
                  "--batch-size", "4"], "tiny", os.path.join(out, "embeddings.npy"))

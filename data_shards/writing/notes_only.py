@@ -31,7 +31,7 @@ from notellm2.data_shards.catalog.notes import (CatalogError, _maybe_pool, defau
                                                 iter_catalog, load_catalog, ordered_imap)
 from notellm2.data_shards.problems import Problem
 from notellm2.data_shards.writing.shards import (MANIFEST, ShardSettings, ShardWriteError, _encode_task,
-                                                 _json_bytes, _prepare_out_dir, _ShardSink, shard_pattern,
+                                                 _earlier_set, _json_bytes, _prepare_out_dir, _ShardSink, shard_pattern,
                                                  write_manifest)
 from notellm2.files import atomic_write_text, sha256_file
 
@@ -116,7 +116,10 @@ def write_notes(catalog: str, out_dir: str, image_root: Optional[str] = None, ca
         if absent:
             raise ShardWriteError(f"{full_catalog}: {len(absent)} notes of {catalog} are not in the full catalog "
                                   f"(first: {', '.join(absent[:3])}); the full catalog must hold every note")
-    old_shards = _prepare_out_dir(out_dir, overwrite)
+    if _earlier_set(out_dir) is not None and not overwrite:
+        raise ShardWriteError(f"{out_dir}: holds a complete shard set (manifest.json) from an earlier run; "
+                              f"pass --overwrite to replace it, or choose another directory")
+    old_shards, _created = _prepare_out_dir(out_dir)
     for stale in (DELETED_FILE, CATALOG_IDS_FILE):
         if os.path.exists(os.path.join(out_dir, stale)):
             os.remove(os.path.join(out_dir, stale))

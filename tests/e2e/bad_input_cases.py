@@ -36,9 +36,6 @@ KINDS = {
     "eval_bootstrap": "eval --bootstrap 0 (bench-eval)",
 }
 
-BENCH_EVAL = "eval's K <= 0, --bootstrap 0 and NaN-embedding refusals land with the bench-eval branch"
-
-
 @dataclass
 class Case:
     name: str
@@ -401,13 +398,23 @@ CASES = [
          ("{d}/none",)),
     Case("eval_k_zero", "eval_k",
          lambda ws, d: ["eval", "--embeddings", ws["emb"], "--pairs", ws["pairs"], "--k", "0", "--bootstrap", "10"],
-         ("--k", "0"), xfail=BENCH_EVAL),
+         ("--k", "0")),
     Case("eval_bootstrap_zero", "eval_bootstrap",
          lambda ws, d: ["eval", "--embeddings", ws["emb"], "--pairs", ws["pairs"], "--k", "5", "--bootstrap", "0"],
-         ("--bootstrap", "0"), xfail=BENCH_EVAL),
+         ("--bootstrap", "0")),
     Case("eval_nan_embeddings", "nonfinite",
-         lambda ws, d: ["eval", "--embeddings", str(d / "emb_nan"), "--pairs", ws["pairs"], "--k", "5",
-                        "--bootstrap", "10"], ("{d}/emb_nan", "finite"), prepare=_nan_embeddings, xfail=BENCH_EVAL),
+         lambda ws, d: ["eval", "--embeddings", str(d / "emb_nan"), "--pairs", ws["mined"], "--k", "5",
+                        "--bootstrap", "10"], ("{d}/emb_nan", "NaN or inf"), prepare=_nan_embeddings),
+    Case("write_notes_missing_catalog", "missing_input",
+         lambda ws, d: ["data", "write-notes", "--catalog", str(d / "nope.jsonl"), "--out", str(d / "notes")],
+         ("{d}/nope.jsonl",)),
+    Case("index_build_missing_embeddings", "missing_input",
+         lambda ws, d: ["index", "build", "--embeddings", str(d / "no_emb"), "--out", str(d / "ix")], ("{d}/no_emb",)),
+    Case("index_build_k_zero", "numeric_option",
+         lambda ws, d: ["index", "build", "--embeddings", ws["emb"], "--out", str(d / "ix"), "--k", "0"], ("--k", "0")),
+    Case("index_update_missing_index", "missing_input",
+         lambda ws, d: ["index", "update", "--index", str(d / "no_index"), "--embeddings", ws["emb"], "--out",
+                        str(d / "ix")], ("{d}/no_index",)),
     Case("neighbors_k_zero", "eval_k",
          lambda ws, d: ["neighbors", "--embeddings", ws["emb"], "--k", "0", "--out", str(d / "r.parquet")],
          ("--k", "0")),
