@@ -45,7 +45,7 @@ from notellm2.codenames import is_builtin_plugin
 from notellm2.compat import without_hf_zero3
 from notellm2.data_shards.config import MAX_IMAGE_PIXELS
 from notellm2.errors import UserError
-from notellm2.files import file_problem, sealed_problem, tree_files
+from notellm2.files import file_problem, read_json_object, sealed_problem, tree_files
 from notellm2.modeling.config import LossConfig, ModelConfig, check_model_and_loss
 from notellm2.modeling.names import PROBE_MODES, probe_unavailable, variant_spec
 from notellm2.schema import ConfigError, build_dataclass
@@ -87,13 +87,7 @@ def read_export_meta(export_dir: str) -> dict:
     meta_path = os.path.join(export_dir, EXPORT_META)
     if not os.path.isfile(meta_path):
         raise ExportError(f"{export_dir}: no {EXPORT_META} (not a notellm2 export directory)")
-    with open(meta_path, "rb") as fh:
-        try:
-            meta = json.loads(fh.read().decode("utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ExportError(f"{meta_path}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict):
-        raise ExportError(f"{meta_path}: not a JSON object")
+    meta = read_json_object(meta_path, ExportError, meta_path)
     fmt = meta.get("format")
     if fmt not in READABLE_FORMATS:
         raise ExportError(f"{meta_path}: format {fmt!r}; this notellm2 reads formats "

@@ -153,6 +153,19 @@ def file_problem(root: str, name: str, expected: dict) -> Optional[str]:
     return None
 
 
+def read_json_object(path: str, error: type, label: str) -> dict:
+    """The JSON object in file `path` (bytes decoded as UTF-8), or `error` with one line that starts with
+    `label`: not decodable, not JSON, or JSON that is not an object. The caller checks the file exists."""
+    with open(path, "rb") as fh:
+        try:
+            obj = json.loads(fh.read().decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise error(f"{label}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise error(f"{label}: not a JSON object")
+    return obj
+
+
 def _canonical(obj) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 

@@ -53,7 +53,7 @@ from notellm2.launcher.config import RunConfig, config_hash, config_to_dict
 from notellm2.launcher.distributed import all_gather_object, barrier
 from notellm2.errors import UserError
 from notellm2.files import (atomic_write_json, atomic_write_text, commit_dir, file_problem, hash_files,
-                            sealed_problem, seal_json, tree_files)
+                            read_json_object, sealed_problem, seal_json, tree_files)
 from notellm2.modeling.lora import resume_mismatch
 
 FORMAT = 2  # 2: JSON rank files, the files' SHA-256 and the manifest's own in manifest.json
@@ -225,13 +225,7 @@ def read_manifest(path: str) -> dict:
     mpath = os.path.join(path, MANIFEST)
     if not os.path.isfile(mpath):
         raise CheckpointError(f"checkpoint {path}: no {MANIFEST} (incomplete save?)")
-    with open(mpath, "rb") as fh:
-        try:
-            manifest = json.loads(fh.read().decode("utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"checkpoint {mpath}: unreadable manifest: {e}") from None
-    if not isinstance(manifest, dict):
-        raise CheckpointError(f"checkpoint {mpath}: unreadable manifest: not a JSON object")
+    manifest = read_json_object(mpath, CheckpointError, f"checkpoint {mpath}: unreadable manifest")
     fmt = manifest.get("format")
     if fmt == FORMAT:
         why = sealed_problem(manifest)
