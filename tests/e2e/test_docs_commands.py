@@ -100,6 +100,11 @@ ALLOWLIST = {
     "notellm2 train --config run.yaml data.vision_cache=data/shards/vision-cache":
         "a training run; tests/data_shards/vision_cache/test_train_with_cache.py trains 2 ranks with and without "
         "a cache written by `notellm2 data cache-vision` and compares every logged scalar",
+    "notellm2 eval --reference category bm25 tower=tower:/work/bench_data/vision_cache/lite0 --pairs "
+    "/work/bench_data/pairs --split test --catalog /work/bench_data/catalog.jsonl --k 1 5 10 --baseline category "
+    "--out docs/ladder/bench/references.test.json":
+        "needs the benchmark catalog and its Lite0 cache (scripts/bench_catalog.py, hours); "
+        "tests/launcher/eval/test_reference.py runs the three reference kinds on hand-built inputs",
     "notellm2 export --run-dir artifacts/demo/run --out artifacts/demo/encoder":
         "needs a DeepSpeed checkpoint of a training run; tests/e2e/test_real_training.py exports one and checks the vectors",
 }
