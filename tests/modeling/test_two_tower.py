@@ -86,7 +86,7 @@ def test_the_trainer_trains_it_and_embed_reads_it(minilm_dir, tmp_path):
                                            shard_size=8, image_size=32, splits=("train",))
     run = tmp_path / "run"
     ov = [f"model.llm.path={minilm_dir}", f"data.train_shards={shard_dir}/{manifest['patterns']['pairs-train']}",
-          "data.pairs_per_rank=4", "data.shuffle_buffer=8", f"train.output_dir={run}",
+          "data.val_shards=", "data.notes_shards=", "data.pairs_per_rank=4", "data.shuffle_buffer=8", f"train.output_dir={run}",
           "train.max_steps=2", "train.warmup_steps=0", "train.lr_llm=1e-3", "checkpoint.every_steps=2",
           "train.collective_timeout_s=120"]
     res = run_command(["-m", "notellm2.launcher", "train", "--config", "configs/minilm_two_tower.yaml", *ov], nproc=2, timeout=300)
