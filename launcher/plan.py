@@ -173,6 +173,9 @@ def llm_arch(cfg: RunConfig) -> LLMArch:
         config.num_hidden_layers = cfg.model.llm.num_layers
         if isinstance(getattr(config, "layer_types", None), (list, tuple)):
             config.layer_types = list(config.layer_types[: cfg.model.llm.num_layers])
+    rows = _embedding_rows(cfg)
+    if rows is not None and rows > int(getattr(config, "vocab_size", 0) or 0):
+        config.vocab_size = rows  # the placeholder rows training adds when the checkpoint has no spare ones
     model = _on_meta(lambda: AutoModel.from_config(config))
     total, largest = count_params(model)
     heads = int(config.num_attention_heads)
@@ -181,6 +184,20 @@ def llm_arch(cfg: RunConfig) -> LLMArch:
     return LLMArch(config.model_type, total, largest, int(config.hidden_size), int(config.num_hidden_layers), heads,
                    kv_heads * head_dim, int(getattr(config, "intermediate_size", 4 * config.hidden_size)),
                    lora=lora_arch(cfg, model))
+
+
+def _embedding_rows(cfg: RunConfig) -> Optional[int]:
+    """The input embedding's rows once training has added the placeholder tokens
+    (notellm2.modeling.backbone.load_llm): the largest placeholder id + 1, read from the LLM's tokenizer;
+    None without tokenizer files (the config's vocab_size is then taken as it is)."""
+    tok_dir = find_shipped(cfg.model.llm.tokenizer_path or cfg.model.llm.path)
+    if not any(os.path.exists(os.path.join(tok_dir, f)) for f in TOKENIZER_FILES):
+        return None
+    from notellm2.modeling.backbone import PLACEHOLDER_TOKENS, load_tokenizer, quiet_transformers
+
+    with quiet_transformers():
+        tok = load_tokenizer(tok_dir)
+    return max(tok.convert_tokens_to_ids(list(PLACEHOLDER_TOKENS))) + 1
 
 
 def lora_arch(cfg: RunConfig, model) -> Optional[LoraArch]:

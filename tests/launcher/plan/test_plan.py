@@ -262,11 +262,12 @@ def test_plan_cli_on_paper_scale_runs_offline_and_prints_the_table():
     assert abs(ratio - 1) < 0.01
 
 
-@pytest.mark.parametrize("variant", ["notellm2", "text_only"])
-def test_plan_json_counts_what_the_real_encoder_holds(tmp_path, capsys, variant):
+@pytest.mark.parametrize("variant,spare", [("notellm2", 8), ("text_only", 8), ("notellm2", 0)])
+def test_plan_json_counts_what_the_real_encoder_holds(tmp_path, capsys, variant, spare):
     """The plan sizes the model from its configs alone; here the real encoder is built as training builds
     it (notellm2.modeling.encoder.build_all) from a tiny Qwen2 (with spare embedding rows, as Qwen2
-    checkpoints have) and a tiny CLIP, and its parameters counted. The model-state bytes are then worked
+    checkpoints have, or without: then training grows the matrix by the placeholder rows, which the
+    plan reads from the tokenizer) and a tiny CLIP, and its parameters counted. The model-state bytes are then worked
     out by hand from those counts: fp32 ZeRO-3 on 8 GPUs keeps 4 (parameters) + 4 (gradients) + 8 (Adam
     m, v) bytes per trainable parameter, an eighth of each on a GPU, and gathers the largest module (the
     embedding) whole in fp32; the frozen tower is replicated in fp32; the loss keeps 3 fp32 copies of
@@ -276,7 +277,7 @@ def test_plan_json_counts_what_the_real_encoder_holds(tmp_path, capsys, variant)
     from tests.helpers.models import make_tiny_clip_dir, make_tiny_llm_dir
     from tests.helpers.paths import TINY_CPU
 
-    overrides = [f"model.llm.path={make_tiny_llm_dir(tmp_path, arch='qwen2', spare_rows=8)}",
+    overrides = [f"model.llm.path={make_tiny_llm_dir(tmp_path, arch='qwen2', spare_rows=spare)}",
                  f"model.vision.path={make_tiny_clip_dir(tmp_path)}", f"model.variant={variant}"]
     cfg = load_config(TINY_CPU, overrides)
     model, tower, _ = build_all(cfg.model, cfg.loss)
