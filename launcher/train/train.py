@@ -110,6 +110,10 @@ def _train(cfg: RunConfig, factory: Callable, topo: Topology, watchdog: Watchdog
     watchdog.progress(0, "initialised")
 
     resumed = checkpointer.resume(engine)
+    # Training mode for every module the engine trains: transformers' from_pretrained hands the LLM back
+    # in eval mode, which left its dropout off and its activation checkpointing skipped (transformers runs
+    # it only while training) until the first validation switched the model to training mode.
+    engine.module.train()
     if resumed.fresh:
         torch.manual_seed(cfg.train.seed + 1000 + rank)
     batches = BatchStream(comps.make_loader, resumed.epoch, resumed.reader_state)

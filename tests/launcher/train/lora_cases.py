@@ -56,7 +56,11 @@ def watched_training(config: str, out_dir: str, overrides: list, export_dir: str
                        os.path.join(out_dir, "initial.pt"))
         return comps
 
+    in_eval_mode = {}
+
     def on_step(step, info):
+        # modules left in eval mode during the step (from_pretrained returns the LLM in eval mode)
+        in_eval_mode[step] = sorted(n for n, m in info["engine"].module.named_modules() if not m.training)
         if step % cfg.checkpoint.every_steps == 0 or step == cfg.train.max_steps:
             live = _gathered(info["engine"].module)
             if rank == 0:
@@ -65,7 +69,7 @@ def watched_training(config: str, out_dir: str, overrides: list, export_dir: str
     summary = train(cfg, factory=factory, on_step=on_step)
     engine, comps = summary["engine"], summary["components"]
     final = _gathered(engine.module)
-    result = {"step": summary["step"], "world": dist.get_world_size()}
+    result = {"step": summary["step"], "world": dist.get_world_size(), "in_eval_mode": in_eval_mode}
     if export_dir:
         vectors = _live_reference_vectors(engine, comps, cfg, os.path.join(out_dir, f"reference-rank{rank}"))
         dist.barrier()

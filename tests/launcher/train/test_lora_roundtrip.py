@@ -40,6 +40,9 @@ def ref(tmp_path_factory):
     r = run_ranks(CASES, nproc=2, timeout=600, kwargs={"config": cfg, "out_dir": out, "overrides": LORA,
                                                        "export_dir": export_dir})
     assert r.returns[0]["step"] == 4
+    # every module the engine trains is in training mode from the first step (dropout on, activation
+    # checkpointing on): transformers loads the LLM in eval mode, and until the fix it stayed so
+    assert all(names == [] for names in r.returns[0]["in_eval_mode"].values()), r.returns[0]["in_eval_mode"]
     return {"tmp": tmp, "inputs": inputs, "run_dir": run_dir, "out": out, "export": export_dir, "config": cfg}
 
 
