@@ -102,7 +102,7 @@ ALLOWLIST = {
         "a cache written by `notellm2 data cache-vision` and compares every logged scalar",
     "notellm2 eval --reference category bm25 tower=tower:/work/bench_data/vision_cache/lite0 --pairs "
     "/work/bench_data/pairs --split test --catalog /work/bench_data/catalog.jsonl --k 1 5 10 --baseline category "
-    "--out docs/ladder/bench/references.test.json":
+    "--out docs/ladder/references/bench.test.json":
         "needs the benchmark catalog and its Lite0 cache (scripts/bench_catalog.py, hours); "
         "tests/launcher/eval/test_reference.py runs the three reference kinds on hand-built inputs",
     "notellm2 export --run-dir artifacts/demo/run --out artifacts/demo/encoder":
