@@ -21,8 +21,10 @@ Ends with one `RESULT {json}` line.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -123,6 +125,7 @@ def main() -> int:
 
     demo_config_or_exit(args.config)
     work = tempfile.mkdtemp(prefix="bench-chunked-")
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # its shards and runs: gigabytes a run
     shards = make_shards(os.path.join(work, "data"), n_pairs=max(256, 2 * max(args.pairs) * args.steps), shard_size=64)
     rows = []
     for pairs in sorted(args.pairs):

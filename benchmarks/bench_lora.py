@@ -20,8 +20,10 @@ Ends with one `RESULT {json}` line.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -54,6 +56,7 @@ def main() -> int:
     p.add_argument("--tiny", action="store_true", help="the tests' tiny models (configs/tiny_cpu.yaml)")
     args = p.parse_args()
     work = tempfile.mkdtemp(prefix="bench-lora-")
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # its shards and runs: gigabytes a run
     models = []
     if args.tiny:
         args.config = os.path.join(REPO, "configs", "tiny_cpu.yaml")

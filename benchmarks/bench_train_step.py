@@ -20,8 +20,10 @@ Ends with `RESULT {json}` lines (one per target).
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -159,6 +161,7 @@ def main() -> int:
 
     cfg = demo_config_or_exit(args.config)
     work = tempfile.mkdtemp(prefix="bench-train-")
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # its shards and runs: gigabytes a run
     shards = make_shards(os.path.join(work, "data"), n_pairs=max(256, 2 * args.pairs * args.steps * 2))
     two = run(2, args, shards, work)
     one = run(1, args, shards, work)
