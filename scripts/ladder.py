@@ -20,6 +20,11 @@ configs/minilm_two_tower.yaml with the same steps, batch, seed and loss):
    `notellm2_lite2`: notellm2 at its chosen learning rate with the larger frozen tower
    (EfficientNet-Lite2, 260 px; not tuned separately). Beside them the zero-shot MiniLM.
 
+4. causes (val, seed 0; issue #26 item 6, why mICL costs recall): `notellm2` at its chosen learning rate
+   with one change each (CAUSES): no visual loss, a 3x heavier visual loss, the connector and heads at
+   1x and at 5x the LLM's rate instead of 2x, and the authors' gate and head initialisation (no bias,
+   Xavier-normal gate, N(0, 0.02) head). Each is paired with the grid's `notellm2` run of that rate on val.
+
 The best learning rate is the one with the highest val MRR on all queries (Recall@10 where the eval
 report has no MRR); ties go to the smaller rate. Evaluation reports K = 1, 5, 10 (the category ceiling
 is not reached there, docs/benchmark.md) and, with the fair eval, MRR and NDCG.
@@ -62,6 +67,17 @@ LRS = (5e-5, 1e-4, 2e-4)
 SEEDS = (0, 1, 2)
 PROBES = ("both", "text", "image")
 KS = (1, 5, 10)
+PHASES = ("grid", "followers", "test", "causes")
+# Item 6's cause tests: tag -> overrides on top of `notellm2` at its chosen rate (lr_new is replaced where given;
+# `{lr}` is the LLM's rate). The visual loss weight is micl_weight_vis / (micl_weight_mm + micl_weight_vis): 0.1 today.
+CAUSES = {
+    "visw0": ["loss.micl_weight_vis=0.0"],
+    "visw3": ["loss.micl_weight_mm=7.0", "loss.micl_weight_vis=3.0"],
+    "newlr1x": ["train.lr_new={lr}"],
+    "newlr5x": ["train.lr_new={lr5}"],
+    "paperinit": ["model.fusion.bias=false", "model.fusion.init=xavier_normal", "model.head.bias=false",
+                  "model.head.init=normal", "model.head.init_std=0.02"],
+}
 SUBSETS = ("all", "text_poor")  # table columns (a subset the eval report lacks shows "-")
 
 
@@ -84,6 +100,17 @@ def rung(variant: str, lr: float, seed: int, split: str, probes=PROBES) -> dict:
         config, ov, tower = DEMO, [f"model.variant={variant}", *seeds, *lrs], "lite0" if sees_images else None
     return dict(name=f"{variant}_lr{lr_tag(lr)}_s{seed}", variant=variant, lr=lr, seed=seed, split=split,
                 config=config, overrides=ov, tower=tower, untrained=False, probes=tuple(probes))
+
+
+def cause_rung(tag: str, lr: float) -> dict:
+    """`notellm2` at `lr`, val, seed 0, with the one change CAUSES[tag]; probes both and image."""
+    r = rung("notellm2", lr, 0, "val", ("both", "image"))
+    extra = [o.format(lr=f"{lr:.1e}", lr5=f"{5 * lr:.1e}") for o in CAUSES[tag]]
+    replaced = {o.split("=", 1)[0] for o in extra}
+    r["overrides"] = [o for o in r["overrides"] if o.split("=", 1)[0] not in replaced] + extra
+    r["name"] = f"notellm2_{tag}_lr{lr_tag(lr)}_s0"
+    r["cause"] = tag
+    return r
 
 
 def baselines() -> list[dict]:
@@ -183,8 +210,10 @@ def phases(seeds, results: str, data_fp: str | None) -> list[tuple[str, list[dic
                     notes.append(f"{v}: test runs pending (learning rate not chosen yet)")
                 continue
             test.append(rung(v, best[v], s, "test"))
+    causes = [cause_rung(tag, best["notellm2"]) for tag in CAUSES] if best.get("notellm2") is not None else []
     return [("grid", grid, []), ("followers", followers, [n for n in notes if "grid of" in n]),
-            ("test", test + baselines(), [n for n in notes if "test runs" in n])]
+            ("test", test + baselines(), [n for n in notes if "test runs" in n]),
+            ("causes", causes, [] if causes else ["causes: pending (notellm2's learning rate not chosen yet)"])]
 
 
 def ensure_data(data: str) -> None:
@@ -215,7 +244,7 @@ def _experiment_args(r: dict, root: str, data: str) -> dict:
 def keep(results: str, r: dict, res: dict, key: str, fp: str) -> None:
     small = {"name": r["name"], "split": r["split"], "config": r["config"], "overrides": r["overrides"],
              "untrained": r["untrained"], "variant": r["variant"], "lr": r["lr"], "seed": r["seed"],
-             "tower": r["tower"], "budget_key": key, "data": fp, "times": res["times"],
+             "tower": r["tower"], "cause": r.get("cause"), "budget_key": key, "data": fp, "times": res["times"],
              "eval": {k: v for k, v in res.items() if k not in ("name", "config", "overrides", "untrained", "split",
                                                                  "variant", "times")}}
     for run in small["eval"].get("runs", []):
@@ -226,11 +255,14 @@ def keep(results: str, r: dict, res: dict, key: str, fp: str) -> None:
     os.replace(path + ".tmp", path)
 
 
-def print_plan(seeds, root: str, data: str, results: str, fp: str | None, only=None, out=print) -> dict:
+def print_plan(seeds, root: str, data: str, results: str, fp: str | None, only=None, out=print,
+               run_phases=PHASES) -> dict:
     """Every rung of every phase with its state (kept / to run / pending) and, for a rung to run, its commands."""
     counts = {"kept": 0, "to_run": 0, "trainings_to_run": 0}
     trainings = set()
     for phase, rs, notes in phases(seeds, results, fp):
+        if phase not in run_phases:
+            continue
         out(f"== {phase}")
         for r in rs:
             if only and not _selected(r, only):
@@ -255,7 +287,7 @@ def print_plan(seeds, root: str, data: str, results: str, fp: str | None, only=N
 
 
 def _selected(r: dict, only) -> bool:
-    return any(o in (r["name"], r["variant"]) for o in only)
+    return any(o in (r["name"], r["variant"], r.get("cause")) for o in only)
 
 
 def main(argv=None) -> int:
@@ -266,7 +298,9 @@ def main(argv=None) -> int:
     ap.add_argument("--results", default=os.path.join(REPO, "docs", "ladder", "bench"),
                     help="where finished reports are kept")
     ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
-    ap.add_argument("--only", nargs="+", help="run names or variants (e.g. notellm2 two_tower)")
+    ap.add_argument("--only", nargs="+", help="run names, variants or cause tags (e.g. notellm2 two_tower visw0)")
+    ap.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES),
+                    help="the phases to run, in the order given (default: all, in order)")
     ap.add_argument("--plan", action="store_true", help="print every rung, its state and its commands; run nothing")
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args(argv)
@@ -282,12 +316,12 @@ def main(argv=None) -> int:
             print(f"[ladder] {args.data} holds no benchmark data yet: it is built first "
                   f"(scripts/bench_catalog.py {args.data}); kept reports cannot be matched to it")
         print_plan(args.seeds, args.root, args.data, args.results, data_fingerprint(args.data) if have_data else None,
-                   args.only)
+                   args.only, run_phases=args.phases)
         return 0
     ensure_data(args.data)
     ensure_models()
     fp = data_fingerprint(args.data)
-    for phase in ("grid", "followers", "test"):
+    for phase in args.phases:
         # recomputed per phase: the followers and the test runs depend on the reports just written
         rs, notes = {p: (r, n) for p, r, n in phases(args.seeds, args.results, fp)}[phase]
         for n in notes:
@@ -346,7 +380,8 @@ def build_table(results: str) -> str:
                if f.endswith(".json") and f.count(".") == 2]
     if not reports:
         return ""
-    val = [r for r in reports if r["split"] == "val"]
+    val = [r for r in reports if r["split"] == "val" and not r.get("cause")]
+    causes = [r for r in reports if r["split"] == "val" and r.get("cause")]
     test = [r for r in reports if r["split"] == "test"]
     head = [f"R@{k}" for k in KS] + ["MRR"]
     lines = ["# The benchmark ladder (generated by scripts/ladder.py; do not edit by hand)", "",
@@ -398,6 +433,16 @@ def build_table(results: str) -> str:
             lines.append(f"| {variant} | {probe} | {g['n']} | {'-' if g['lr'] is None else format(g['lr'], '.0e')} | " +
                          " | ".join(_mean_spread(g[(s, k)]) for s in SUBSETS for k in (*KS, "mrr")) +
                          f" | {_mean_spread(g['wall'], '.0f')} |")
+        lines.append("")
+    if causes:
+        lines += ["## Item 6: cause tests (val, seed 0; `notellm2` at its chosen rate, one change each)", "",
+                  "| run | change | " + " | ".join(f"{s} {h}" for s in SUBSETS for h in head) + " |",
+                  "|---" * (2 + len(SUBSETS) * len(head)) + "|"]
+        for r in sorted(causes, key=lambda r: r["name"]):
+            for run in r["eval"]["runs"]:
+                base = rung("notellm2", r["lr"], 0, "val")["overrides"]
+                change = " ".join(o for o in r["overrides"] if o not in base)
+                lines.append(f"| {run['name']} | {change} | " + " | ".join(c for s in SUBSETS for c in _cells(run, s)) + " |")
         lines.append("")
     return "\n".join(lines)
 

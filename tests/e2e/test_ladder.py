@@ -16,7 +16,9 @@ import ladder  # noqa: E402
 
 # val score (MRR) of each grid run: text_only likes 2e-4, basic_mm 5e-5, notellm2 1e-4, the two-tower 2e-4
 VAL = {("text_only", 2e-4): 0.30, ("basic_mm", 5e-5): 0.35, ("notellm2", 1e-4): 0.40, ("two_tower", 2e-4): 0.25,
-       ("micl", 5e-5): 0.33, ("micl", 1e-4): 0.31, ("late_fusion", 5e-5): 0.20, ("late_fusion", 1e-4): 0.36}
+       ("micl", 5e-5): 0.33, ("micl", 1e-4): 0.31, ("late_fusion", 5e-5): 0.20, ("late_fusion", 1e-4): 0.36,
+       ("notellm2_newlr5x", 1e-4): 0.90}  # a cause test that beats the grid must not become notellm2's chosen rate
+OVERRIDES = {}
 
 
 def _fake_data(root):
@@ -41,6 +43,7 @@ def _recorder(calls):
     def fake(name, root, data, config, split, nproc, ks, untrained, repo, overrides, probes, protocol, catalog,
              vision_cache):
         calls.append((name, split, vision_cache))
+        OVERRIDES[name] = list(overrides)
         assert protocol == "paper" and tuple(ks) == (1, 5, 10) and catalog.endswith("catalog.jsonl")
         variant = name.split("_lr")[0]
         lr = float(name.split("_lr")[1].split("_s")[0]) if "_lr" in name else None
@@ -62,7 +65,7 @@ def test_the_grid_decides_the_followers_and_the_test_runs_and_nothing_runs_twice
     val = [c[0] for c in calls if c[1] == "val"]
     assert val[:12] == [f"{v}_lr{t}_s0" for v in ladder.TUNED for t in ("5e-05", "1e-04", "2e-04")]
     # followers: basic_mm's best (5e-5) and notellm2's (1e-4); micl keeps 5e-5, late_fusion 1e-4
-    assert val[12:] == ["micl_lr5e-05_s0", "micl_lr1e-04_s0", "late_fusion_lr5e-05_s0", "late_fusion_lr1e-04_s0"]
+    assert val[12:16] == ["micl_lr5e-05_s0", "micl_lr1e-04_s0", "late_fusion_lr5e-05_s0", "late_fusion_lr1e-04_s0"]
     test = [c[0] for c in calls if c[1] == "test"]
     chosen = {"notellm2": "1e-04", "text_only": "2e-04", "basic_mm": "5e-05", "micl": "5e-05", "late_fusion": "1e-04",
               "two_tower": "2e-04", "notellm2_lite2": "1e-04"}
@@ -72,8 +75,14 @@ def test_the_grid_decides_the_followers_and_the_test_runs_and_nothing_runs_twice
     assert caches["notellm2_lr1e-04_s1"].endswith("vision_cache/lite0")
     assert caches["notellm2_lite2_lr1e-04_s1"].endswith("vision_cache/lite2")
     assert caches["text_only_lr2e-04_s1"] is None and caches["two_tower_lr2e-04_s1"] is None
+    # item 6's cause tests: notellm2 at its chosen rate on val, one change each, after the test runs
+    causes = [c[0] for c in calls[12 + 4 + 21 + 1:]]
+    assert causes == [f"notellm2_{t}_lr1e-04_s0" for t in ladder.CAUSES]
+    assert OVERRIDES["notellm2_visw0_lr1e-04_s0"][-1] == "loss.micl_weight_vis=0.0"
+    five = OVERRIDES["notellm2_newlr5x_lr1e-04_s0"]
+    assert "train.lr_new=5.0e-04" in five and "train.lr_new=2.0e-04" not in five and "train.lr_llm=1.0e-04" in five
     n = len(calls)
-    assert n == 12 + 4 + 21 + 1
+    assert n == 12 + 4 + 21 + 1 + len(ladder.CAUSES)
     assert ladder.main(argv) == 0 and calls.pop()[0] == "models" and len(calls) == n  # every report kept: nothing runs again
     # other data makes every kept report stale
     open(os.path.join(data, "pairs", "pairs.parquet"), "w").write("other pairs")
@@ -86,6 +95,8 @@ def test_the_grid_decides_the_followers_and_the_test_runs_and_nothing_runs_twice
     assert "| notellm2 | both | 3 | 1e-04 | 0.255 ± 0.005 | 0.510 ± 0.010 | 0.765 ± 0.015 | 0.510 ± 0.010 |" in table
     assert "| notellm2_lite2_lr1e-04_s0:image |" in table and "| minilm_zero_shot | 0.250" in table
     assert "n/a" in table  # the text_poor subset the report calls degenerate
+    assert "| notellm2_newlr5x | 1e-04 |" not in table  # the cause tests have their own section
+    assert "| notellm2_newlr5x_lr1e-04_s0 | train.lr_new=5.0e-04 | " in table.split("## Item 6")[1]
     kept = json.load(open(os.path.join(results, "notellm2_lr1e-04_s0.test.json")))
     assert kept["lr"] == 1e-4 and kept["tower"] == "lite0" and "queries" in kept["eval"]["runs"][0]
 
