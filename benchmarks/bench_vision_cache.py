@@ -29,8 +29,10 @@ Needs artifacts/models/smollm2-135m (scripts/prepare_models.py) and the efficien
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -233,6 +235,7 @@ def main() -> int:
     from notellm2.launcher.train.vision_cache import build_vision_cache
 
     work = tempfile.mkdtemp(prefix="bench-vcache-")
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # shards, cache and runs: each run left ~1 GB in /tmp
     config, overrides, model = prepare(args, work)
     cfg = load_config(config, overrides)
     cache = os.path.join(work, "vision-cache")
