@@ -63,6 +63,7 @@ working memory of the layer being differentiated; keep 10-20% headroom.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -190,14 +191,23 @@ def _embedding_rows(cfg: RunConfig) -> Optional[int]:
     """The input embedding's rows once training has added the placeholder tokens
     (notellm2.modeling.backbone.load_llm): the largest placeholder id + 1, read from the LLM's tokenizer;
     None without tokenizer files (the config's vocab_size is then taken as it is)."""
-    tok_dir = find_shipped(cfg.model.llm.tokenizer_path or cfg.model.llm.path)
+    tok = _tokenizer(find_shipped(cfg.model.llm.tokenizer_path or cfg.model.llm.path))
+    if tok is None:
+        return None
+    from notellm2.modeling.backbone import PLACEHOLDER_TOKENS
+
+    return max(tok.convert_tokens_to_ids(list(PLACEHOLDER_TOKENS))) + 1
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(tok_dir: str):
+    """The tokenizer training uses (placeholders added), loaded once per plan; None without tokenizer files."""
     if not any(os.path.exists(os.path.join(tok_dir, f)) for f in TOKENIZER_FILES):
         return None
-    from notellm2.modeling.backbone import PLACEHOLDER_TOKENS, load_tokenizer, quiet_transformers
+    from notellm2.modeling.backbone import load_tokenizer, quiet_transformers
 
     with quiet_transformers():
-        tok = load_tokenizer(tok_dir)
-    return max(tok.convert_tokens_to_ids(list(PLACEHOLDER_TOKENS))) + 1
+        return load_tokenizer(tok_dir)
 
 
 def lora_arch(cfg: RunConfig, model) -> Optional[LoraArch]:
@@ -408,18 +418,11 @@ def _template_tokens(cfg: RunConfig, prompt: str) -> tuple[int, str]:
 
     pieces = [p for p in _TEMPLATES[cfg.model.prompt_language][prompt] if p not in FIELDS and p not in (IMG, EMB)]
     markers = sum(1 for p in _TEMPLATES[cfg.model.prompt_language][prompt] if p == EMB)
-    tok_dir = cfg.model.llm.tokenizer_path or cfg.model.llm.path
-    tok_dir = find_shipped(tok_dir)
-    has_tokenizer = any(os.path.exists(os.path.join(tok_dir, f)) for f in TOKENIZER_FILES)
+    tok_dir = find_shipped(cfg.model.llm.tokenizer_path or cfg.model.llm.path)
     try:
-        if not has_tokenizer:
+        tok = _tokenizer(tok_dir)
+        if tok is None:
             raise FileNotFoundError(tok_dir)
-        from transformers import AutoTokenizer
-
-        from notellm2.modeling.backbone import quiet_transformers
-
-        with quiet_transformers():
-            tok = AutoTokenizer.from_pretrained(tok_dir)
         n = sum(len(tok(p, add_special_tokens=False)["input_ids"]) for p in pieces)
         return n + markers + 1, "template tokenized"  # + BOS/EOS-like special token
     except Exception:  # noqa: BLE001 - no tokenizer files: estimate
