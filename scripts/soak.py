@@ -24,7 +24,10 @@ Two modes, each run under glibc's heap checks (`LD_PRELOAD=libc_malloc_debug.so.
   all bt' PYTHON CORE`. Stops early after `--max-aborts`. `--switch-interval S` runs every process of the
   soak with `sys.setswitchinterval(S)` (a sitecustomize on PYTHONPATH): a thread that waits for the GIL waits
   up to S instead of 5 ms, which widens the race at exit (docs/training.md "Exit aborts") without touching
-  the code under test, as MALLOC_PERTURB_ does for heap bugs.
+  the code under test, as MALLOC_PERTURB_ does for heap bugs. `--ledger FILE` appends one JSON line per
+  run (time, commit, digest of the teardown's code, kind, status, load average) and ends with the
+  ledger's totals for today's teardown digest, so a soak of 500 runs may be spread over several
+  sittings of the same code and still be counted as one (runs of another digest are listed apart).
 
 A crash is a rank killed by a signal, or glibc/faulthandler output in the log (`malloc(): ...`,
 `free(): ...`, `corrupted ...`, `Fatal Python error`, ...). Configurations (`--configs`, comma
@@ -35,6 +38,7 @@ under --work/logs.
     .venv/bin/python scripts/soak.py --mode plain --steps 2000 --configs default
     .venv/bin/python scripts/soak.py --mode resume --cycles 50 --configs default,no-slots
     .venv/bin/python scripts/soak.py --mode exit --runs 300 --max-aborts 5 --cores 3
+    .venv/bin/python scripts/soak.py --mode exit --runs 510 --cores 3 --ledger docs/soak/exit_ledger.jsonl
 """
 from __future__ import annotations
 
@@ -393,7 +397,7 @@ class ExitSoak:
         else:
             shutil.rmtree(run_dir, ignore_errors=True)
         print(line, flush=True)
-        return {"kind": kind, "status": status, "rc": rc}
+        return {"kind": kind, "status": status, "rc": rc, "wall_s": round(time.monotonic() - t0, 1)}
 
 
 def kill_tree(pid: int) -> None:
@@ -413,18 +417,71 @@ def kill_tree(pid: int) -> None:
     psutil.wait_procs(procs, timeout=10)
 
 
+TEARDOWN_CODE = ("launcher/distributed.py", "launcher/cli/__init__.py")  # notellm2.launcher.distributed, .cli
+STATUS_KEY = {"ok": "ok", "abort": "aborts", "failed": "failed", "timeout": "timeouts"}
+
+
+def teardown_digest() -> str:
+    """A digest of the code that ends a rank (`shutdown()` and the CLI's `finally` that calls it): the
+    ledger counts runs of one digest together."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for rel in TEARDOWN_CODE:
+        with open(os.path.join(REPO, rel), "rb") as fh:
+            h.update(rel.encode() + b"\0" + fh.read())
+    return h.hexdigest()[:16]
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              timeout=30).stdout.strip() or "?"
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
+def ledger_totals(path: str, digest: str) -> dict:
+    """The ledger's runs of `digest` per status, and how many lines belong to other digests."""
+    totals = {"runs": 0, "ok": 0, "aborts": 0, "failed": 0, "timeouts": 0, "sittings": 0, "other_digests": 0}
+    sittings = set()
+    with open(path) as fh:
+        for n, raw in enumerate(fh, 1):
+            if not raw.strip():
+                continue
+            try:
+                rec = json.loads(raw)
+                status = STATUS_KEY[rec["status"]]
+            except (ValueError, KeyError, TypeError) as e:
+                raise SystemExit(f"soak.py: error: {path}: line {n} is not a ledger record ({e})") from None
+            if rec.get("teardown") != digest:
+                totals["other_digests"] += 1
+                continue
+            totals["runs"] += 1
+            totals[status] += 1
+            sittings.add(rec.get("sitting"))
+    totals["sittings"] = len(sittings)
+    return totals
+
+
 def run_exit(work: str, kinds: list[str], runs: int, max_aborts: int, timeout_s: float, cores: int,
-             switch_interval: float = 0.0) -> dict:
+             switch_interval: float = 0.0, ledger: Optional[str] = None) -> dict:
     soak = ExitSoak(work, timeout_s, cores, switch_interval)
     soak.prepare(kinds)
     per_kind = {k: {"runs": 0, "ok": 0, "aborts": 0, "failed": 0, "timeouts": 0} for k in kinds}
+    stamp = {"commit": git_commit(), "teardown": teardown_digest(), "sitting": time.strftime("%Y%m%dT%H%M%S"),
+             "switch_interval": switch_interval or None}
     aborts = 0
     for kind in itertools.islice(itertools.cycle(kinds), runs):
         r = soak.run(kind)
         c = per_kind[kind]
         c["runs"] += 1
-        c[{"ok": "ok", "abort": "aborts", "failed": "failed", "timeout": "timeouts"}[r["status"]]] += 1
+        c[STATUS_KEY[r["status"]]] += 1
         aborts += r["status"] == "abort"
+        if ledger:
+            rec = {"t": time.strftime("%Y-%m-%dT%H:%M:%S"), **stamp, **r, "load1": round(os.getloadavg()[0], 2)}
+            with open(ledger, "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
         if max_aborts and aborts >= max_aborts:
             print(f"[soak] {aborts} aborts: stopping (--max-aborts {max_aborts})", flush=True)
             break
@@ -449,6 +506,8 @@ def main(argv=None) -> int:
     ap.add_argument("--perturb", type=int, default=165, help="MALLOC_PERTURB_ byte")
     ap.add_argument("--timeout-s", type=float, default=300.0, help="per run, on top of the steps' own budget")
     ap.add_argument("--work", default=os.path.join(REPO, "artifacts", "soak"))
+    ap.add_argument("--ledger", default=None, help="exit mode: append a JSON line per run here and print the totals "
+                    "of every run of today's teardown code in it")
     args = ap.parse_args(argv)
     if args.mode == "exit":
         return main_exit(ap, args)
@@ -493,17 +552,29 @@ def main_exit(ap: argparse.ArgumentParser, args) -> int:
     args.work = os.path.abspath(args.work)  # the runs start in folders of their own
     os.makedirs(args.work, exist_ok=True)
     t0 = time.monotonic()
-    per_kind = run_exit(args.work, kinds, args.runs, args.max_aborts, args.timeout_s, args.cores, args.switch_interval)
+    ledger = os.path.abspath(args.ledger) if args.ledger else None
+    if ledger:
+        os.makedirs(os.path.dirname(ledger), exist_ok=True)
+        if os.path.exists(ledger):
+            ledger_totals(ledger, teardown_digest())  # a damaged ledger is refused before hours of runs
+    per_kind = run_exit(args.work, kinds, args.runs, args.max_aborts, args.timeout_s, args.cores, args.switch_interval,
+                        ledger)
     print("[soak] exit aborts per kind:")
     for kind, c in per_kind.items():
         print(f"  {kind:6s} {c['aborts']} abort(s) in {c['runs']} run(s) ({c['failed']} failed before their work was "
               f"done, {c['timeouts']} timed out)")
     aborts = sum(c["aborts"] for c in per_kind.values())
     bad = sum(c["aborts"] + c["failed"] + c["timeouts"] for c in per_kind.values())
+    totals = None
+    if ledger:
+        totals = ledger_totals(ledger, teardown_digest())
+        print(f"[soak] ledger {ledger}, teardown {teardown_digest()}: {totals['aborts']} abort(s) in {totals['runs']} "
+              f"run(s) over {totals['sittings']} sitting(s) ({totals['failed']} failed before their work was done, "
+              f"{totals['timeouts']} timed out; {totals['other_digests']} run(s) of other teardown code not counted)")
     print("RESULT " + json.dumps({"name": "soak_exit", "figure": aborts, "bound": 0, "target": "0 aborts",
                                   "ratio": None, "runs": sum(c["runs"] for c in per_kind.values()),
                                   "not_ok": bad, "per_kind": per_kind, "switch_interval": args.switch_interval or None,
-                                  "wall_s": round(time.monotonic() - t0, 1)}))
+                                  "ledger": totals, "wall_s": round(time.monotonic() - t0, 1)}))
     return 0 if bad == 0 else 1
 
 

@@ -40,6 +40,14 @@ def test_lean_exit_soak_finished_runs_exit_0_without_abort(tmp_path):
     # issue #24: finished 2-rank runs died of SIGABRT at interpreter exit. Two short runs, a tiny `notellm2
     # train` and a tiny `notellm2 embed`, each must exit 0 with no abort output (the full soak, with the
     # benchmark's configuration too and hundreds of runs, is in docs/training.md "Exit aborts").
-    r = _soak(tmp_path, "--mode", "exit", "--runs", "2", "--kinds", "train,embed")
+    # The ledger (a soak spread over sittings) already holds a run of other teardown code, which must not count.
+    ledger = tmp_path / "ledger.jsonl"
+    ledger.write_text(json.dumps({"teardown": "0123456789abcdef", "status": "abort", "kind": "train"}) + "\n")
+    r = _soak(tmp_path, "--mode", "exit", "--runs", "2", "--kinds", "train,embed", "--ledger", str(ledger))
     assert r["runs"] == 2 and r["not_ok"] == 0, r
     assert {k: v["ok"] for k, v in r["per_kind"].items()} == {"train": 1, "embed": 1}, r
+    assert r["ledger"] == {"runs": 2, "ok": 2, "aborts": 0, "failed": 0, "timeouts": 0, "sittings": 1,
+                           "other_digests": 1}, r
+    records = [json.loads(line) for line in ledger.read_text().splitlines()[1:]]
+    assert [(x["kind"], x["status"], x["rc"]) for x in records] == [("train", "ok", 0), ("embed", "ok", 0)], records
+    assert len({x["teardown"] for x in records}) == 1 and records[0]["teardown"] != "0123456789abcdef"
