@@ -38,7 +38,7 @@ under --work/logs.
     .venv/bin/python scripts/soak.py --mode plain --steps 2000 --configs default
     .venv/bin/python scripts/soak.py --mode resume --cycles 50 --configs default,no-slots
     .venv/bin/python scripts/soak.py --mode exit --runs 300 --max-aborts 5 --cores 3
-    .venv/bin/python scripts/soak.py --mode exit --runs 510 --cores 3 --ledger docs/soak/exit_ledger.jsonl
+    .venv/bin/python scripts/soak.py --mode exit --runs 510 --cores 3 --ledger /work/exp/soak/exit_ledger.jsonl
 """
 from __future__ import annotations
 
@@ -465,11 +465,11 @@ def ledger_totals(path: str, digest: str) -> dict:
 
 
 def run_exit(work: str, kinds: list[str], runs: int, max_aborts: int, timeout_s: float, cores: int,
-             switch_interval: float = 0.0, ledger: Optional[str] = None) -> dict:
+             switch_interval: float = 0.0, ledger: Optional[str] = None, digest: Optional[str] = None) -> dict:
     soak = ExitSoak(work, timeout_s, cores, switch_interval)
     soak.prepare(kinds)
     per_kind = {k: {"runs": 0, "ok": 0, "aborts": 0, "failed": 0, "timeouts": 0} for k in kinds}
-    stamp = {"commit": git_commit(), "teardown": teardown_digest(), "sitting": time.strftime("%Y%m%dT%H%M%S"),
+    stamp = {"commit": git_commit(), "teardown": digest or teardown_digest(), "sitting": time.strftime("%Y%m%dT%H%M%S"),
              "switch_interval": switch_interval or None}
     aborts = 0
     for kind in itertools.islice(itertools.cycle(kinds), runs):
@@ -553,12 +553,13 @@ def main_exit(ap: argparse.ArgumentParser, args) -> int:
     os.makedirs(args.work, exist_ok=True)
     t0 = time.monotonic()
     ledger = os.path.abspath(args.ledger) if args.ledger else None
+    digest = teardown_digest()  # read once: the runs this sitting counts are of the code as it was at its start
     if ledger:
         os.makedirs(os.path.dirname(ledger), exist_ok=True)
         if os.path.exists(ledger):
-            ledger_totals(ledger, teardown_digest())  # a damaged ledger is refused before hours of runs
+            ledger_totals(ledger, digest)  # a damaged ledger is refused before hours of runs
     per_kind = run_exit(args.work, kinds, args.runs, args.max_aborts, args.timeout_s, args.cores, args.switch_interval,
-                        ledger)
+                        ledger, digest)
     print("[soak] exit aborts per kind:")
     for kind, c in per_kind.items():
         print(f"  {kind:6s} {c['aborts']} abort(s) in {c['runs']} run(s) ({c['failed']} failed before their work was "
@@ -567,8 +568,8 @@ def main_exit(ap: argparse.ArgumentParser, args) -> int:
     bad = sum(c["aborts"] + c["failed"] + c["timeouts"] for c in per_kind.values())
     totals = None
     if ledger:
-        totals = ledger_totals(ledger, teardown_digest())
-        print(f"[soak] ledger {ledger}, teardown {teardown_digest()}: {totals['aborts']} abort(s) in {totals['runs']} "
+        totals = ledger_totals(ledger, digest)
+        print(f"[soak] ledger {ledger}, teardown {digest}: {totals['aborts']} abort(s) in {totals['runs']} "
               f"run(s) over {totals['sittings']} sitting(s) ({totals['failed']} failed before their work was done, "
               f"{totals['timeouts']} timed out; {totals['other_digests']} run(s) of other teardown code not counted)")
     print("RESULT " + json.dumps({"name": "soak_exit", "figure": aborts, "bound": 0, "target": "0 aborts",
