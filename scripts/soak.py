@@ -465,11 +465,11 @@ def ledger_totals(path: str, digest: str) -> dict:
 
 
 def run_exit(work: str, kinds: list[str], runs: int, max_aborts: int, timeout_s: float, cores: int,
-             switch_interval: float = 0.0, ledger: Optional[str] = None, digest: Optional[str] = None) -> dict:
+             switch_interval: float, ledger: Optional[str], digest: str) -> dict:
     soak = ExitSoak(work, timeout_s, cores, switch_interval)
     soak.prepare(kinds)
     per_kind = {k: {"runs": 0, "ok": 0, "aborts": 0, "failed": 0, "timeouts": 0} for k in kinds}
-    stamp = {"commit": git_commit(), "teardown": digest or teardown_digest(), "sitting": time.strftime("%Y%m%dT%H%M%S"),
+    stamp = {"commit": git_commit(), "teardown": digest, "sitting": time.strftime("%Y%m%dT%H%M%S"),
              "switch_interval": switch_interval or None}
     aborts = 0
     for kind in itertools.islice(itertools.cycle(kinds), runs):
