@@ -39,13 +39,18 @@ TOWERS = {
 
 
 def _stamp(argv: list[str], parent: str | None) -> str:
+    """The record's key: the argv and the upstream stamp, with this checkout's path written as `<repo>` (the
+    config is read from the checkout that runs the script, and a worktree elsewhere builds the same data)."""
+    argv = [a.replace(REPO + os.sep, "<repo>" + os.sep) for a in argv]
     return hashlib.sha256(json.dumps([argv, parent]).encode()).hexdigest()[:16]
 
 
 def stage(out: str, name: str, output: str, argv: list[str], parent: str | None, log=print,
-          stdout_to_output: bool = False) -> str:
+          stdout_to_output: bool = False, folder: str | None = None) -> str:
     """Run `notellm2 *argv` unless `output` exists with the same record; returns this stage's stamp.
-    `stdout_to_output`: the verb's standard output is the output file (written once it succeeded)."""
+    `stdout_to_output`: the verb's standard output is the output file (written once it succeeded).
+    `folder`: the folder the verb writes, when `output` is a file inside it (a cache's cache.json); a rerun
+    removes the folder, not only that file, since the verb refuses a folder that exists."""
     import contextlib
     import io
 
@@ -56,6 +61,8 @@ def stage(out: str, name: str, output: str, argv: list[str], parent: str | None,
     if os.path.exists(output) and os.path.exists(record) and json.load(open(record)).get("stamp") == stamp:
         log(f"[bench] {name}: reused ({output})")
         return stamp
+    if folder is not None and os.path.isdir(folder):
+        shutil.rmtree(folder)
     if os.path.isdir(output):
         shutil.rmtree(output)
     elif os.path.exists(output):
@@ -110,7 +117,7 @@ def build(out: str, args) -> dict:
     caches = {}
     for tower in args.towers:
         cache = os.path.join(out, "vision_cache", tower)
-        stage(out, f"cache_{tower}", os.path.join(cache, "cache.json"), cache_argv(tower, sets, cache), s)
+        stage(out, f"cache_{tower}", os.path.join(cache, "cache.json"), cache_argv(tower, sets, cache), s, folder=cache)
         caches[tower] = cache
     summary = summarise(out, cat, pairs, shards, caches, args)
     with open(os.path.join(out, "summary.json.tmp"), "w") as fh:

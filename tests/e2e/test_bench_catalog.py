@@ -50,6 +50,43 @@ def test_a_changed_stage_reruns_with_everything_downstream_and_nothing_upstream(
     assert calls[6:] == ["first"]  # same argv and parent, so b and c stay valid
 
 
+def test_a_rerun_of_a_folder_stage_replaces_the_folder(tmp_path, monkeypatch):
+    """The cache stage's output is DIR/cache.json and cache-vision refuses a DIR that exists: a rerun (here a
+    changed argv) removes DIR, so the verb runs; it used to remove only cache.json and the record, which left
+    an 80-minute cache unreadable and the rerun refused."""
+    def fake_cache_vision(argv):
+        out = argv[argv.index("--out") + 1]
+        if os.path.exists(out):
+            return 2  # what cache-vision does: "--out exists; pass --overwrite"
+        os.makedirs(out)
+        for name in ("tokens.npy", "cache.json"):
+            with open(os.path.join(out, name), "w") as fh:
+                fh.write(" ".join(argv))
+        return 0
+
+    monkeypatch.setattr("notellm2.launcher.cli.main", fake_cache_vision)
+    out, cache = str(tmp_path), str(tmp_path / "vision_cache" / "lite0")
+
+    def run(size):
+        return bench_catalog.stage(out, "cache", os.path.join(cache, "cache.json"),
+                                   ["data", "cache-vision", "--out", cache, "--size", size], None, log=lambda _: None,
+                                   folder=cache)
+
+    run("224")
+    run("260")  # a changed argv: the old folder goes, the verb writes a new one
+    assert open(os.path.join(cache, "tokens.npy")).read().endswith("--size 260")
+
+
+def test_a_stage_record_does_not_depend_on_where_the_checkout_is(monkeypatch):
+    """A worktree of the repository elsewhere runs the same stages: the config path inside the argv differs
+    only by the checkout's folder, so the record stays valid (a changed stamp reruns the stage)."""
+    here = bench_catalog._stamp(["data", "cache-vision", "--config", bench_catalog.DEMO_CONFIG], "p")
+    monkeypatch.setattr(bench_catalog, "REPO", "/elsewhere/wt")
+    there = bench_catalog._stamp(["data", "cache-vision", "--config", "/elsewhere/wt/configs/demo_cpu.yaml"], "p")
+    assert here == there
+    assert there != bench_catalog._stamp(["data", "cache-vision", "--config", "/elsewhere/wt/configs/other.yaml"], "p")
+
+
 @pytest.mark.parametrize("tower,size,factory", [("lite0", 224, "efficientnet_lite:build"),
                                                 ("lite2", 260, "efficientnet_lite:build_lite2")])
 def test_the_cache_stage_names_each_tower_as_the_ladder_runs_it(tower, size, factory):
