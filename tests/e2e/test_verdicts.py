@@ -69,3 +69,12 @@ def test_the_rule_scores_complete_comparisons_and_holds_back_incomplete_ones(tmp
     assert "pending: notellm2 seeds [0, 1, 2], text_only seeds [0, 1]" in line and "[" not in line.split("|")[6]
     assert rows[("C6", "notellm2", "text_only", "text_rich")]["verdict"] == "pending"
     assert rows[("C5", "notellm2_lite2", "notellm2", "all")]["verdict"] == "pending"
+    # the comparisons written after the verdicts: the same paired figures, labelled as not pre-registered
+    after = {(r["check"], r["subset"]): r for r in verdicts.evaluate_checks(
+        *verdicts.load_tests(str(results)), *verdicts.load_references(str(refs)), checks=verdicts.AFTER)}
+    a2 = after[("A2", "text_poor")]  # notellm2 (1) vs the tower (1/4): +0.75 in every seed
+    assert [round(a2["seeds"][s][0], 3) for s in (0, 1, 2)] == [0.75] * 3
+    assert after[("A5", "text_rich")]["verdict"] == "pending"  # text_only lacks seed 2
+    section = text.split("## After the verdicts")[1]
+    assert "| A2 | trained vs the tower alone | notellm2 vs | frozen tower features | text_poor | +0.750" in section
+    assert "**reported (not pre-registered)**" in section and "confirmed" not in section
