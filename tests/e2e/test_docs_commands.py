@@ -105,6 +105,13 @@ ALLOWLIST = {
     "--out docs/ladder/references/bench.test.json":
         "needs the benchmark catalog and its Lite0 cache (scripts/bench_catalog.py, hours); "
         "tests/launcher/eval/test_reference.py runs the three reference kinds on hand-built inputs",
+    "notellm2 eval --embeddings notellm2_lr1e-04=$B/notellm2_lr1e-04_s0/emb_val visw0=$B/notellm2_visw0_lr1e-04_s0/emb_val "
+    "visw3=$B/notellm2_visw3_lr1e-04_s0/emb_val newlr1x=$B/notellm2_newlr1x_lr1e-04_s0/emb_val "
+    "newlr5x=$B/notellm2_newlr5x_lr1e-04_s0/emb_val paperinit=$B/notellm2_paperinit_lr1e-04_s0/emb_val --pairs "
+    "/work/bench_data/pairs --split val --protocol paper --k 1 5 10 --catalog /work/bench_data/catalog.jsonl "
+    "--baseline notellm2_lr1e-04 --out docs/ladder/references/causes.val.json":
+        "needs six trained runs' val embeddings of the benchmark ladder (scripts/ladder.py, about 40 minutes of training); "
+        "the README's stage chain runs `eval` on real embeddings, tests/launcher/eval runs --baseline on hand-built ones",
     "notellm2 export --run-dir artifacts/demo/run --out artifacts/demo/encoder":
         "needs a DeepSpeed checkpoint of a training run; tests/e2e/test_real_training.py exports one and checks the vectors",
 }
