@@ -94,10 +94,16 @@ def run_training(repo: str, label: str, work: str, inputs: list[str], steps: int
 
 
 def read_steps(path: str) -> dict[int, dict]:
+    """{step: its record} of a run's metrics.jsonl (one line per step); a damaged line stops with file and line."""
     out = {}
     with open(path) as fh:
-        for line in fh:
-            rec = json.loads(line)
+        for i, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{path}:{i}: not JSON ({e.msg})") from None
             out[int(rec["step"])] = rec
     return out
 

@@ -24,11 +24,12 @@ METRICS = (("loss/vis", "visual loss"), ("loss/mm", "note loss"), ("model/gate_m
            ("model/logit_scale", "temperature (logit scale)"))
 
 
-def _metrics_file(run_dir: str) -> str:
-    for cand in (os.path.join(run_dir, "run", "metrics.jsonl"), os.path.join(run_dir, "metrics.jsonl")):
+def _run_file(run_dir: str, name: str) -> str | None:
+    """RUN_DIR/run/NAME (a ladder rung) or RUN_DIR/NAME (a training's output folder), whichever exists."""
+    for cand in (os.path.join(run_dir, "run", name), os.path.join(run_dir, name)):
         if os.path.isfile(cand):
             return cand
-    raise SystemExit(f"run_dynamics: {run_dir!r} has no metrics.jsonl (looked in RUN_DIR/run and RUN_DIR)")
+    return None
 
 
 def _chance(run_dir: str, world: int) -> float | None:
@@ -36,32 +37,25 @@ def _chance(run_dir: str, world: int) -> float | None:
     step but the anchor itself (docs/training.md, the loss)."""
     import yaml
 
-    for cand in (os.path.join(run_dir, "run", "config.resolved.yaml"), os.path.join(run_dir, "config.resolved.yaml")):
-        if os.path.isfile(cand):
-            with open(cand) as fh:
-                cfg = yaml.safe_load(fh) or {}
-            per_rank = (cfg.get("data") or {}).get("pairs_per_rank")
-            if per_rank and world:
-                return math.log(2 * int(per_rank) * world - 1)
-    return None
+    path = _run_file(run_dir, "config.resolved.yaml")
+    if path is None or not world:
+        return None
+    with open(path) as fh:
+        per_rank = ((yaml.safe_load(fh) or {}).get("data") or {}).get("pairs_per_rank")
+    return math.log(2 * int(per_rank) * world - 1) if per_rank else None
 
 
 def dynamics(run_dir: str, window: int = 10) -> dict:
     """{metric: (first-window mean, last-window mean) or None} plus steps and chance, for one run."""
-    path = _metrics_file(run_dir)
-    rows = []
-    with open(path) as fh:
-        for i, line in enumerate(fh, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"run_dynamics: {path}:{i}: not JSON ({e.msg})") from None
-    steps = [r for r in rows if "step" in r and "loss/total" in r]
-    if not steps:
+    from compare_scalars import read_steps  # this folder's reader of metrics.jsonl (one record per step)
+
+    path = _run_file(run_dir, "metrics.jsonl")
+    if path is None:
+        raise SystemExit(f"run_dynamics: {run_dir!r} has no metrics.jsonl (looked in RUN_DIR/run and RUN_DIR)")
+    by_step = read_steps(path)
+    if not by_step:
         raise SystemExit(f"run_dynamics: {path} holds no training step")
+    steps = [by_step[k] for k in sorted(by_step)]
     world = sum(1 for k in steps[0] if k.startswith("memory/rank") and k.endswith("_mb"))  # one per rank
     out = {"run": os.path.basename(os.path.normpath(run_dir)), "steps": int(steps[-1]["step"]),
            "chance": _chance(run_dir, world), "window": window}

@@ -27,7 +27,6 @@ def _run(tmp_path, name, rows, per_rank=8):
 def test_first_and_last_windows_and_the_chance_level(tmp_path, capsys):
     rows = [{"step": s, "loss/total": 4.0 - s / 10, "loss/vis": 3.0 + (s > 3), "model/logit_scale": 20.0 + s,
              "memory/rank0_mb": 1.0, "memory/rank1_mb": 1.0} for s in range(1, 7)]
-    rows.insert(3, {"step": 3, "eval/val_loss": 9.0})  # an eval row has no loss/total: not a training step
     run = _run(tmp_path, "a", rows)
     got = run_dynamics.dynamics(run, window=2)
     assert got["steps"] == 6 and got["loss/vis"] == (3.0, 4.0)
