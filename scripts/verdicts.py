@@ -92,9 +92,9 @@ def paired_mrr(base: dict, run: dict, settings: dict, subset: str) -> tuple[floa
     return cell["mrr"]["diff"], cell["mrr"]["ci"], cell["n"]
 
 
-def verdict(cis: list[list[float]], direction: int) -> str:
+def verdict(cis: list[list[float]], direction: int, no_claim: str = "control (no claim)") -> str:
     if direction == 0:
-        return "control (no claim)"
+        return no_claim
     above = sum(lo > 0 for lo, _ in cis)
     below = sum(hi < 0 for _, hi in cis)
     agree, against = (above, below) if direction > 0 else (below, above)
@@ -106,7 +106,8 @@ def verdict(cis: list[list[float]], direction: int) -> str:
 
 
 def evaluate_checks(tests: dict, settings: dict, refs: dict, ref_settings: dict, seeds=SEEDS,
-                    checks=CHECKS) -> list[dict]:
+                    checks=CHECKS, no_claim: str = "control (no claim)") -> list[dict]:
+    """Each of `checks` scored by the rule; a row with no claimed direction is labelled `no_claim`."""
     rows = []
     for check, claim, run_v, base_v, subset, direction in checks:
         row = {"check": check, "claim": claim, "run": run_v, "comparison": base_v, "subset": subset,
@@ -123,7 +124,7 @@ def evaluate_checks(tests: dict, settings: dict, refs: dict, ref_settings: dict,
             base = refs[base_v] if base_v in refs else tests[(base_v, s)]
             row["seeds"][s] = paired_mrr(base, tests[(run_v, s)], settings[(run_v, s)], subset)
         scored = [v for v in row["seeds"].values() if v is not None]
-        row["verdict"] = verdict([v[1] for v in scored], direction) if len(scored) == len(seeds) else "n/a (empty subset)"
+        row["verdict"] = verdict([v[1] for v in scored], direction, no_claim) if len(scored) == len(seeds) else "n/a (empty subset)"
         rows.append(row)
     return rows
 
@@ -169,10 +170,7 @@ def main(argv=None) -> int:
     tests, settings = load_tests(args.results)
     refs, ref_settings = load_references(args.references)
     rows = evaluate_checks(tests, settings, refs, ref_settings)
-    after = evaluate_checks(tests, settings, refs, ref_settings, checks=AFTER)
-    for r in after:
-        if r["verdict"] not in ("pending", "n/a (empty subset)"):
-            r["verdict"] = AFTER_LABEL
+    after = evaluate_checks(tests, settings, refs, ref_settings, checks=AFTER, no_claim=AFTER_LABEL)
     text = to_markdown(rows, after=after)
     print(text, end="")
     if args.out:

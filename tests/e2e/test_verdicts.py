@@ -71,9 +71,10 @@ def test_the_rule_scores_complete_comparisons_and_holds_back_incomplete_ones(tmp
     assert rows[("C5", "notellm2_lite2", "notellm2", "all")]["verdict"] == "pending"
     # the comparisons written after the verdicts: the same paired figures, labelled as not pre-registered
     after = {(r["check"], r["subset"]): r for r in verdicts.evaluate_checks(
-        *verdicts.load_tests(str(results)), *verdicts.load_references(str(refs)), checks=verdicts.AFTER)}
+        *verdicts.load_tests(str(results)), *verdicts.load_references(str(refs)), checks=verdicts.AFTER, no_claim=verdicts.AFTER_LABEL)}
     a2 = after[("A2", "text_poor")]  # notellm2 (1) vs the tower (1/4): +0.75 in every seed
     assert [round(a2["seeds"][s][0], 3) for s in (0, 1, 2)] == [0.75] * 3
+    assert a2["verdict"] == verdicts.AFTER_LABEL
     assert after[("A5", "text_rich")]["verdict"] == "pending"  # text_only lacks seed 2
     section = text.split("## After the verdicts")[1]
     assert "| A2 | trained vs the tower alone | notellm2 vs | frozen tower features | text_poor | +0.750" in section
