@@ -159,9 +159,8 @@ def test_stuck_rank_ends_job_and_is_named(tmp_path):
     timeout behind it (1.5 x 8 + 10 = 22 s) nor the test's, ends the job after 8 s without progress (by the
     watchdog's own clock), naming rank 1, with the watchdog's exit code.
 
-    Both ranks run a watchdog with the same limit, and the first to fire ends its rank. Usually that is rank
-    0's. Rank 1's last progress (step 1's metrics) is older than rank 0's (step 2's forward), so its watchdog
-    can fire first. Then rank 0 sees its peer's socket close ("a collective failed ... Connection closed by
+    Both ranks run a watchdog with the same limit, and the first to fire ends its rank. Rank 1's last
+    progress (step 1's metrics) is older than rank 0's (step 2's forward), so its watchdog can fire first. Then rank 0 sees its peer's socket close ("a collective failed ... Connection closed by
     peer") before or while its own watchdog speaks. This happened once in the suite of 79b4adb. Either order
     is correct; what must never appear is gloo's own timeout."""
     r = train_double(str(tmp_path / "hang"), "train.max_steps=4", "train.collective_timeout_s=8",
